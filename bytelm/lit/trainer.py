@@ -1,0 +1,94 @@
+"""Build a Lightning Trainer from a typed Config: precision by device, logger, checkpoints, strategy."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+
+from bytelm.config import Config, config_to_dict, wandb_offline_default
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``auto`` -> bf16-mixed on CUDA, 32-true elsewhere (these CPUs have no native bf16: ~5x slower)."""
+    if precision != "auto":
+        return precision
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def build_logger(cfg: Config) -> Any:
+    kind = cfg.logger.kind
+    out = Path(cfg.trainer.out_dir)
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(out), name="csv")
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(out), name="tb")
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_offline_default()
+        logger = WandbLogger(
+            project=cfg.logger.project, name=cfg.name, group=cfg.logger.group, tags=list(cfg.logger.tags),
+            save_dir=str(out), offline=os.environ.get("WANDB_MODE") == "offline",
+        )
+        logger.log_hyperparams(config_to_dict(cfg))
+        return logger
+    raise ValueError(f"unknown logger.kind {kind!r}; choose wandb, csv, tensorboard or none")
+
+
+def build_strategy(cfg: Config) -> Any:
+    name = cfg.strategy.name
+    if name == "single":
+        return "auto"
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        from bytelm.lit.strategies import make_strategy
+    except ImportError as e:  # pragma: no cover - the module ships with bytelm
+        raise ValueError(f"strategy {name!r} needs bytelm.lit.strategies: {e}") from e
+    return make_strategy(cfg)
+
+
+def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: Any) -> L.Trainer:
+    t = cfg.trainer
+    out = Path(t.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = ModelCheckpoint(
+        dirpath=str(out / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max", save_last=True,
+    )
+    cbs: list[Any] = [ckpt]
+    if t.progress:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every // 2)))
+    logger = build_logger(cfg)
+    if logger:
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    cbs.extend(callbacks or [])
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps,
+        val_check_interval=t.val_every, check_val_every_n_epoch=None, log_every_n_steps=t.log_every,
+        gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
+        accumulate_grad_batches=t.accumulate, logger=logger, callbacks=cbs,
+        enable_progress_bar=t.progress, default_root_dir=str(out), use_distributed_sampler=False,
+        strategy=build_strategy(cfg), num_sanity_val_steps=0, max_time=t.max_time,
+        enable_model_summary=t.progress,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)

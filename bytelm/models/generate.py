@@ -1,0 +1,164 @@
+"""KV-cached byte generation for every bytelm model.
+
+A model takes part by offering ``new_cache()`` and ``forward(ids, cache=cache)`` that returns the logits of the
+new positions only (flat: a list of per-layer ``KVCache``; hierarchical: a ``HierCache`` that also decides word
+boundaries online, exactly as the offline splitter would). ``use_cache=False`` reruns the full forward over
+everything so far at every step: slow, but the reference the cached path is tested against.
+
+Sampling never picks PAD or BOS nor the padded vocabulary columns (ids >= 259); EOS ends generation.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+
+def _filter_logits(
+    logits: torch.Tensor,  # (V,) raw model logits
+    *,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allow_eos: bool = True,
+) -> torch.Tensor:  # (VOCAB_SIZE,) fp32, -inf where an id may not be sampled
+    x = logits[:VOCAB_SIZE].float().clone()
+    x[PAD_ID] = -torch.inf
+    x[BOS_ID] = -torch.inf
+    if not allow_eos:
+        x[EOS_ID] = -torch.inf
+    if top_k > 0 and top_k < x.numel():
+        kth = torch.topk(x, top_k).values[-1]
+        x = torch.where(x < kth, -torch.inf, x)
+    if top_p < 1.0:
+        srt, order = torch.sort(x, descending=True)
+        probs = torch.softmax(srt, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this id already reaches top_p
+        drop[0] = False
+        x[order[drop]] = -torch.inf
+    return x
+
+
+def sample_next(
+    logits: torch.Tensor,  # (V,)
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    allow_eos: bool = True,
+) -> int:
+    """One id from ``logits``; ``temperature == 0`` is greedy. Top-k then top-p (nucleus) filtering."""
+    if temperature <= 0:
+        return int(_filter_logits(logits, allow_eos=allow_eos).argmax())
+    x = _filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p, allow_eos=allow_eos)
+    return int(torch.multinomial(torch.softmax(x, -1).cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def iter_generate(
+    model: nn.Module,
+    prompt_ids: list[int],
+    *,
+    max_new_bytes: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    use_cache: bool = True,
+    min_new_bytes: int = 0,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(next_id, logits)`` per generated id, ``logits`` (V,) being the row it was sampled from.
+    Stops after ``max_new_bytes`` or before EOS (EOS is masked for the first ``min_new_bytes``)."""
+    if not prompt_ids:
+        prompt_ids = [BOS_ID]
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        ids = list(prompt_ids)
+        cache = model.new_cache() if use_cache else None  # type: ignore[operator]
+        step = torch.tensor([ids], device=device)  # (1, P)
+        for i in range(max_new_bytes):
+            logits = model(step, cache=cache).logits[0, -1]  # (V,)
+            nxt = sample_next(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                allow_eos=i >= min_new_bytes,
+            )
+            if nxt == EOS_ID:
+                return
+            yield nxt, logits
+            ids.append(nxt)
+            step = torch.tensor([[nxt]], device=device) if use_cache else torch.tensor([ids], device=device)
+    finally:
+        model.train(was_training)
+
+
+def _iter_bytes(model: nn.Module, prompt: bytes, stop_bytes: bytes | None, bos: bool, **kw) -> Iterator[int]:
+    out = bytearray()
+    for b, _ in iter_generate(model, ([BOS_ID] if bos else []) + list(prompt), **kw):
+        out.append(b)
+        yield b
+        if stop_bytes and out.endswith(stop_bytes):
+            return
+
+
+def generate(
+    model: nn.Module,
+    prompt: bytes,
+    max_new_bytes: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_bytes: bytes | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    *,
+    bos: bool = False,
+    min_new_bytes: int = 0,
+) -> bytes:
+    """Continue ``prompt`` by up to ``max_new_bytes`` bytes; returns the new bytes only.
+
+    ``temperature=0`` is greedy. ``stop_bytes``: a byte sequence that ends generation once the output ends
+    with it (it is included in the output). ``seed`` makes sampling deterministic. ``bos`` prepends BOS to the
+    prompt (an empty prompt always gets one)."""
+    return bytes(
+        _iter_bytes(
+            model, prompt, stop_bytes, bos, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, use_cache=use_cache, min_new_bytes=min_new_bytes,
+        )
+    )
+
+
+def stream(
+    model: nn.Module,
+    prompt: bytes,
+    max_new_bytes: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_bytes: bytes | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    *,
+    bos: bool = False,
+    min_new_bytes: int = 0,
+) -> Iterator[str]:
+    """Like ``generate`` but yields text as soon as whole UTF-8 characters exist. Invalid bytes come out as
+    U+FFFD, so ``''.join(stream(...)) == generate(...).decode('utf-8', errors='replace')``."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for b in _iter_bytes(
+        model, prompt, stop_bytes, bos, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, use_cache=use_cache, min_new_bytes=min_new_bytes,
+    ):
+        piece = dec.decode(bytes([b]))
+        if piece:
+            yield piece
+    tail = dec.decode(b"", final=True)
+    if tail:
+        yield tail

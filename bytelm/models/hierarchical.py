@@ -1,0 +1,453 @@
+"""HAT-style hierarchical byte LM: byte encoder -> word pooling -> latent backbone -> byte decoder.
+
+DESIGN.md §2. Bytes are split into words (rule-based splitter; the boundary source is pluggable through
+``cfg.chunker``); a few narrow causal layers encode every byte; one vector per word is pooled; a wide causal
+backbone runs over word vectors (most parameters and FLOPs); a few narrow layers decode every byte from the
+encoder's byte activations plus exactly one word vector: the backbone output of the *previous* word.
+
+Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_generate.py):
+
+- **Specials are words of their own.** BOS/EOS/PAD (ids >= 256) each form a one-byte word, and the byte after
+  a special starts a new word, whatever ``word_start`` says. So a PAD run at the end of a row is a run of
+  one-byte words after every real word; the stacks are causal, so it cannot affect anything before it.
+- **When does a byte see a word?** A word is known to be complete only when the first *complete character*
+  of the next word exists (DESIGN.md §2: incomplete UTF-8 stays in the current word while generating). For a
+  word ``w`` whose successor starts at ``s`` with a character of ``c`` bytes (``c`` from the lead byte), the
+  word is *ready* at ``r_w = s + c - 1`` (running max over words, so words become ready in order). Byte ``t``
+  receives the backbone output of the latest word with ``r_w <= t`` in its own document, or the learned
+  first-word vector when there is none. For ASCII ``c = 1`` and this is exactly "bytes of word w get the
+  output of word w-1". For a word that starts with a multi-byte character, its first ``c - 1`` bytes still
+  get the older vector: handing them the newer one would tell position ``s`` that the *next* bytes complete
+  a character that starts a word, a leak from the future that would also make cached generation disagree
+  with the full forward. The last word of a document is ready at the next document's start (never used).
+- **Pooling query positions.** The learned query sits at the word's first byte and keys at their byte
+  positions, so RoPE sees the within-word offset (0, 1, 2, ...) and the pooled vector does not depend on
+  where the word is in the row (packed documents give the same result as alone). Because the query is one
+  shared vector, the scores are per-byte quantities and the within-word softmax is a segment softmax
+  (scatter max / index_add): O(T * D), no (W, max_word_len) padding.
+- **The decoder's one key.** Cross-attending to exactly one key has softmax weight 1, so it reduces to a linear
+  map of that key; we apply ``Linear(d_model, d_byte)`` to the word vector and add it to the residual stream
+  (first decoder layer, or every layer with ``decoder_cross='all'``, one projection per layer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bytelm.data.bytes import PAD_ID
+from bytelm.models.config import ModelConfig, ModelOutput
+from bytelm.models.layers import Block, KVCache, RMSNorm, apply_rope, init_linear_, rope_cos_sin
+
+log = logging.getLogger(__name__)
+
+_NEVER = 1 << 40  # ready time of a word whose end is not in the row
+_ANCHOR_WINDOW = 512  # cached decoding re-splits at most this far back before the current word
+
+
+# ----------------------------------------------------------------------------------------------- splitting
+
+
+def _regex_word_ends(data: bytes, max_word_bytes: int | None = 100) -> np.ndarray:
+    """Stand-in for ``bytelm.data.words.word_ends`` if that module is missing: an optional single space + a
+    run of letters/digits/non-ASCII bytes + trailing ASCII punctuation, or a space+punctuation run, or one
+    other byte. Prefix-stable and compositional, like the real splitter."""
+    import re
+
+    pat = re.compile(rb" ?[A-Za-z0-9\x80-\xff]+[!-/:-@\[-`{-~]*| ?[!-/:-@\[-`{-~]+|[\s\S]", re.DOTALL)
+    ends: list[int] = []
+    for m in pat.finditer(data):
+        a, b = m.span()
+        while max_word_bytes is not None and b - a > max_word_bytes:
+            a += max_word_bytes
+            ends.append(a)
+        ends.append(b)
+    return np.asarray(ends, dtype=np.int64)
+
+
+def _word_ends_fn() -> Callable[..., np.ndarray]:
+    try:
+        from bytelm.data.words import word_ends
+    except ImportError:  # pragma: no cover - only if bytelm/data/words.py is missing
+        log.warning("bytelm.data.words not available; using a regex stand-in splitter")
+        return _regex_word_ends
+    return word_ends
+
+
+def split_word_starts(
+    ids: Sequence[int] | np.ndarray,
+    max_word_bytes: int | None = 100,
+    doc_ids: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """(n,) bool word starts of one row of ids. Specials (>= 256) are one-id words; each run of bytes
+    between specials (and document changes) is split by the rule-based splitter. Position 0 is a start."""
+    a = np.asarray(ids, dtype=np.int64)
+    out = np.zeros(len(a), dtype=bool)
+    if len(a) == 0:
+        return out
+    word_ends = _word_ends_fn()
+    special = a >= 256
+    cuts = special.copy()
+    cuts[1:] |= special[:-1]  # a run also ends after a special
+    if doc_ids is not None:
+        d = np.asarray(doc_ids)
+        cuts[1:] |= d[1:] != d[:-1]
+    cuts[0] = True
+    bounds = np.concatenate([np.flatnonzero(cuts), [len(a)]])
+    out[bounds[:-1]] = True
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):  # runs of bytes
+        if a[lo] < 256 and hi - lo > 1:
+            ends = np.asarray(word_ends(a[lo:hi].astype(np.uint8).tobytes(), max_word_bytes), dtype=np.int64)
+            out[lo + ends[:-1]] = True
+    return out
+
+
+def utf8_char_len(ids: torch.Tensor) -> torch.Tensor:
+    """Length (1-4) of the UTF-8 character a lead byte announces; 1 for ASCII, continuation bytes, invalid
+    leads and specials. Same shape as ``ids``. Used for ready times: a function of the lead byte only, so it
+    is a stopping time (decided when the byte arrives), which keeps the model causal."""
+    ln = torch.ones_like(ids)
+    ln = torch.where((ids >= 0xC2) & (ids <= 0xDF), 2, ln)
+    ln = torch.where((ids >= 0xE0) & (ids <= 0xEF), 3, ln)
+    return torch.where((ids >= 0xF0) & (ids <= 0xF4), 4, ln)
+
+
+_CHAR_LEN = utf8_char_len(torch.arange(257)).tolist()  # lookup for the cached path (index 256 = specials)
+
+
+@dataclass
+class WordLayout:
+    """Where the words of a batch are. W = max words in a row; padded word slots sit after real ones."""
+
+    word_start: torch.Tensor  # (B, T) bool, specials and document starts forced
+    word_id: torch.Tensor  # (B, T) long, word index of each byte
+    offset: torch.Tensor  # (B, T) long, byte offset inside its word
+    start: torch.Tensor  # (B, W) long, first byte of each word (T for padded slots)
+    end: torch.Tensor  # (B, W) long, exclusive end (T for padded slots)
+    word_doc: torch.Tensor | None  # (B, W) doc id of each word (-1 for padded slots)
+    ctx_idx: torch.Tensor  # (B, T) long: 0 = first-word vector, k >= 1 = backbone output of word k-1
+    n_words: torch.Tensor  # (B,) long
+
+
+def layout_words(
+    ids: torch.Tensor,  # (B, T)
+    word_start: torch.Tensor,  # (B, T) bool
+    doc_ids: torch.Tensor | None = None,  # (B, T)
+) -> WordLayout:
+    """Vectorised word bookkeeping for the training path (one host sync for W)."""
+    B, T = ids.shape
+    dev = ids.device
+    pos = torch.arange(T, device=dev).expand(B, T)  # (B, T)
+    special = ids >= 256
+    doc_start = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    doc_start[:, 0] = True
+    if doc_ids is not None:
+        doc_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    ws = word_start.bool() | special | doc_start
+    ws[:, 1:] |= special[:, :-1]
+    word_id = ws.long().cumsum(1) - 1  # (B, T)
+    n_words = ws.sum(1)  # (B,)
+    W = int(n_words.max())
+    # first byte of each word; non-start bytes write into a scratch column W that is dropped
+    start = torch.full((B, W + 1), T, dtype=torch.long, device=dev)
+    start.scatter_(1, torch.where(ws, word_id, W), pos)
+    start = start[:, :W].contiguous()  # (B, W)
+    nxt = torch.cat([start[:, 1:], torch.full((B, 1), T, dtype=torch.long, device=dev)], 1)  # (B, W)
+    offset = pos - start.gather(1, word_id)  # (B, T)
+    # ready time r_w = s_{w+1} + c(s_{w+1}) - 1 (see the module docstring); last word of a doc: s_{w+1}
+    clen = torch.cat([utf8_char_len(ids), torch.ones(B, 1, dtype=torch.long, device=dev)], 1)  # (B, T+1)
+    ready = nxt + clen.gather(1, nxt) - 1
+    nxt_is_doc_start = torch.cat([doc_start, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1).gather(1, nxt)
+    ready = torch.where(nxt_is_doc_start, nxt, ready)
+    ready = torch.where(nxt >= T, _NEVER, ready)
+    ready = torch.cummax(ready, 1).values.contiguous()  # (B, W) non-decreasing
+    ctx_word = torch.searchsorted(ready, pos.contiguous(), right=True) - 1  # (B, T) latest ready word
+    doc_first_word = torch.cummax(torch.where(doc_start, word_id, 0), 1).values  # (B, T)
+    ctx_idx = torch.where(ctx_word >= doc_first_word, ctx_word + 1, 0)
+    word_doc = None
+    if doc_ids is not None:
+        word_doc = doc_ids.gather(1, start.clamp(max=T - 1))
+        word_doc = torch.where(start < T, word_doc, -1)
+    return WordLayout(ws, word_id, offset, start, nxt, word_doc, ctx_idx, n_words)
+
+
+# ----------------------------------------------------------------------------------------------- pooling
+
+
+class QueryPooling(nn.Module):
+    """HAT pooling: one shared learned query (backbone width) attends to the bytes of its word only.
+
+    RoPE with the query at the word's first byte and keys at byte positions is the same as rotating each key
+    by its within-word offset and leaving the query unrotated (only the difference of positions enters)."""
+
+    def __init__(self, d_byte: int, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.norm = RMSNorm(d_byte)
+        self.query = nn.Parameter(torch.zeros(d_model))
+        self.wk = nn.Linear(d_byte, d_model, bias=False)
+        self.wv = nn.Linear(d_byte, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # (B, T, d_byte) encoder output
+        word_id: torch.Tensor,  # (B, T) long
+        offset: torch.Tensor,  # (B, T) long within-word offset
+        n_slots: int,  # W
+        rope_theta: float = 10000.0,
+    ) -> torch.Tensor:  # (B, W, d_model)
+        B, T, _ = h.shape
+        H, hd = self.n_heads, self.head_dim
+        x = self.norm(h)
+        k = self.wk(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        v = self.wv(x).view(B, T, H, hd)  # (B, T, H, hd)
+        cos, sin = rope_cos_sin(offset, hd, rope_theta)  # (B, 1, T, hd/2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, T, H, hd)
+        q = self.query.view(H, hd).to(k.dtype)
+        s = (k * q).sum(-1).float().reshape(B * T, H) / math.sqrt(hd)  # (B*T, H) scores, fp32 softmax
+        idx = (word_id + torch.arange(B, device=h.device).unsqueeze(1) * n_slots).reshape(B * T)  # (B*T,)
+        m = torch.full((B * n_slots, H), -torch.inf, device=h.device)
+        m = m.scatter_reduce(0, idx.unsqueeze(1).expand(-1, H), s.detach(), "amax", include_self=True)
+        e = torch.exp(s - m[idx])  # (B*T, H)
+        den = torch.zeros(B * n_slots, H, device=h.device).index_add(0, idx, e)  # (B*W, H)
+        num = torch.zeros(B * n_slots, H, hd, device=h.device)
+        num = num.index_add(0, idx, e.unsqueeze(-1) * v.reshape(B * T, H, hd).float())  # (B*W, H, hd)
+        pooled = (num / den.clamp_min(1e-30).unsqueeze(-1)).to(h.dtype).view(B, n_slots, H * hd)
+        return self.out(pooled)  # (B, W, d_model)
+
+
+class LastPooling(nn.Module):
+    """Bolmo-style pooling: the last byte's encoder state, projected to backbone width."""
+
+    def __init__(self, d_byte: int, d_model: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(d_byte)
+        self.proj = nn.Linear(d_byte, d_model, bias=False)
+
+    def forward(self, h: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        # h: (B, T, d_byte); end: (B, W) exclusive word ends -> (B, W, d_model)
+        last = (end - 1).clamp(0, h.shape[1] - 1)
+        return self.proj(self.norm(h.gather(1, last.unsqueeze(-1).expand(-1, -1, h.shape[-1]))))
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class HierCache:
+    """Incremental-decoding state (batch 1, one document). Words are decided online by re-splitting the bytes
+    from the oldest not-yet-ready word on; a word goes to the backbone once it is ready (same rule as
+    ``layout_words``), so the cached path reproduces the full forward."""
+
+    enc: list[KVCache]
+    backbone: list[KVCache]
+    dec: list[KVCache]
+    ids: list[int] = field(default_factory=list)
+    pend_start: int = 0  # first byte of the oldest word not yet given to the backbone
+    anchor: int = 0  # start of the rule word (before the size cap) holding pend_start; re-splits start here
+    buf: torch.Tensor | None = None  # (1, n, d_byte) encoder outputs of bytes pend_start..
+    n_ready: int = 0  # words given to the backbone
+    r_max: int = -1  # running max of ready times
+    ctx: torch.Tensor | None = None  # (1, d_model) latest context word vector (None = first-word vector)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class HierarchicalByteLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.pooling not in ("query", "last"):
+            raise ValueError(f"model.pooling must be 'query' or 'last', got {cfg.pooling!r}")
+        if cfg.decoder_cross not in ("first", "all"):
+            raise ValueError(f"model.decoder_cross must be 'first' or 'all', got {cfg.decoder_cross!r}")
+        if cfg.chunker != "words":
+            raise ValueError(f"model.chunker {cfg.chunker!r} is not supported by the hierarchical model yet")
+        self.cfg = cfg
+        D, d = cfg.d_model, cfg.d_byte
+        be = cfg.attn_backend
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.encoder = nn.ModuleList([Block(d, cfg.n_heads_byte, cfg.mlp_ratio, be) for _ in range(cfg.encoder_layers)])
+        self.pool: nn.Module = (
+            QueryPooling(d, D, cfg.n_heads) if cfg.pooling == "query" else LastPooling(d, D)
+        )
+        self.backbone = nn.ModuleList([Block(D, cfg.n_heads, cfg.mlp_ratio, be) for _ in range(cfg.n_layers)])
+        self.backbone_norm = RMSNorm(D)
+        self.first_word = nn.Parameter(torch.zeros(D))  # context of the bytes before any ready word of a doc
+        n_inj = cfg.decoder_layers if cfg.decoder_cross == "all" else 1
+        self.ctx_proj = nn.ModuleList([nn.Linear(D, d, bias=False) for _ in range(n_inj)])
+        self.decoder = nn.ModuleList([Block(d, cfg.n_heads_byte, cfg.mlp_ratio, be) for _ in range(cfg.decoder_layers)])
+        self.norm = RMSNorm(d)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_weights(self) -> None:
+        """Separate from construction (meta-device / sharded builds init after sharding). Residual output
+        projections of each stack are scaled by 1/sqrt(2 * its depth)."""
+        std = self.cfg.init_std
+        init_linear_(self, std=std)
+        n_byte = max(1, self.cfg.encoder_layers + self.cfg.decoder_layers)
+        for stack, depth in ((self.encoder, n_byte), (self.decoder, n_byte), (self.backbone, self.cfg.n_layers)):
+            init_linear_(stack, std=std, out_std=std / math.sqrt(2 * max(1, depth)))
+        nn.init.normal_(self.first_word, std=std)
+        if isinstance(self.pool, QueryPooling):
+            nn.init.normal_(self.pool.query, std=std)
+
+    def new_cache(self) -> HierCache:
+        return HierCache(
+            enc=[KVCache() for _ in self.encoder],
+            backbone=[KVCache() for _ in self.backbone],
+            dec=[KVCache() for _ in self.decoder],
+        )
+
+    def word_starts_row(
+        self, ids: Sequence[int] | np.ndarray, doc_ids: np.ndarray | None = None, capped: bool = True
+    ) -> np.ndarray:
+        """Boundary source for one row, (n,) bool (pluggable by ``cfg.chunker``; 'words' = rule-based
+        splitter). ``capped=False`` gives the rule's words before the size cap cuts long ones."""
+        return split_word_starts(ids, self.cfg.max_word_bytes if capped else None, doc_ids)
+
+    # -- stacks ----------------------------------------------------------------------------------------
+
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, cos, sin, caches=None, inject=None, **kw):
+        """Run a stack; ``inject[i]`` (if given) is added before block i (decoder context)."""
+        for i, blk in enumerate(blocks):
+            if inject is not None and i < len(inject):
+                x = x + inject[i]
+            c = caches[i] if caches is not None else None
+            if self.cfg.activation_checkpointing and self.training and c is None:
+                x = checkpoint(lambda x_, b=blk: b(x_, cos, sin, **kw), x, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, cache=c, **kw)
+        return x
+
+    def _pool(self, h: torch.Tensor, lay_word_id, lay_offset, lay_end, W: int) -> torch.Tensor:
+        if isinstance(self.pool, QueryPooling):
+            return self.pool(h, lay_word_id, lay_offset, W, self.cfg.rope_theta)
+        return self.pool(h, lay_end)
+
+    def _byte_rope(self, pos: torch.Tensor):
+        return rope_cos_sin(pos, self.cfg.d_byte // self.cfg.n_heads_byte, self.cfg.rope_theta)
+
+    def _word_rope(self, pos: torch.Tensor):
+        return rope_cos_sin(pos, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) byte ids
+        *,
+        word_start: torch.Tensor | None = None,  # (B, T) bool, True at the first byte of each word
+        doc_ids: torch.Tensor | None = None,  # (B, T) packed-document index
+        cache: HierCache | None = None,
+        **_: object,
+    ) -> ModelOutput:
+        if cache is not None:
+            return self._forward_cached(input_ids, cache)
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if word_start is None:
+            rows = input_ids.cpu().numpy()
+            docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
+            word_start = torch.from_numpy(np.stack([self.word_starts_row(r, d) for r, d in zip(rows, docs)]))
+            word_start = word_start.to(dev)
+        lay = layout_words(input_ids, word_start, doc_ids)
+        W = lay.start.shape[1]
+
+        cos, sin = self._byte_rope(torch.arange(T, device=dev))
+        win = self.cfg.encoder_window
+        h = self._run(self.encoder, self.embed(input_ids), cos, sin, doc_ids=doc_ids, window=win)  # (B, T, d)
+
+        words = self._pool(h, lay.word_id, lay.offset, lay.end, W)  # (B, W, D)
+        wcos, wsin = self._word_rope(torch.arange(W, device=dev))
+        z = self.backbone_norm(self._run(self.backbone, words, wcos, wsin, doc_ids=lay.word_doc))  # (B, W, D)
+
+        table = torch.cat([self.first_word.to(z.dtype).expand(B, 1, -1), z], 1)  # (B, W+1, D)
+        idx = lay.ctx_idx.unsqueeze(-1).expand(-1, -1, self.cfg.d_byte)  # (B, T, d)
+        inject = [p(table).gather(1, idx) for p in self.ctx_proj]  # each (B, T, d)
+        y = self._run(self.decoder, h, cos, sin, inject=inject, doc_ids=doc_ids)  # (B, T, d)
+        logits = self.lm_head(self.norm(y))  # (B, T, V)
+
+        real = input_ids != PAD_ID
+        bpw = real.sum() / (lay.word_start & real).sum().clamp_min(1)
+        return ModelOutput(logits=logits, metrics={"bytes_per_word": bpw.detach()})
+
+    @torch.no_grad()
+    def _forward_cached(self, new_ids: torch.Tensor, cache: HierCache) -> ModelOutput:
+        """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their logits (1, n, V)."""
+        if new_ids.shape[0] != 1:
+            raise ValueError("cached hierarchical decoding supports batch size 1")
+        dev = new_ids.device
+        n = new_ids.shape[1]
+        p0 = cache.length
+        cache.ids.extend(int(i) for i in new_ids[0].tolist())
+        pos = torch.arange(p0, p0 + n, device=dev)
+        cos, sin = self._byte_rope(pos)
+        h = self._run(self.encoder, self.embed(new_ids), cos, sin, caches=cache.enc, window=self.cfg.encoder_window)
+        cache.buf = h if cache.buf is None else torch.cat([cache.buf, h], 1)  # (1, len - pend_start, d)
+
+        # which words became ready: re-split from the start of the rule word (before the size cap) that holds
+        # the oldest unready word, and apply the ready rule of layout_words (running max included)
+        base = cache.anchor
+        capped = np.flatnonzero(self.word_starts_row(cache.ids[base:])) + base
+        starts = [cache.pend_start] + [int(x) for x in capped if x > cache.pend_start]
+        last = p0 + n - 1
+        ready_at: list[int] = []
+        for s_next in starts[1:]:
+            r = max(cache.r_max, s_next + _CHAR_LEN[min(cache.ids[s_next], 256)] - 1)
+            if r > last:
+                break
+            ready_at.append(r)
+            cache.r_max = r
+        k = len(ready_at)
+
+        prev = self.first_word.view(1, -1) if cache.ctx is None else cache.ctx  # (1, D)
+        table = prev.unsqueeze(0)  # (1, 1, D)
+        if k:
+            span = starts[k] - cache.pend_start  # bytes of the k ready words
+            ws = torch.zeros(span, dtype=torch.bool, device=dev)
+            ws[torch.tensor(starts[:k], device=dev) - cache.pend_start] = True
+            word_id = (ws.long().cumsum(0) - 1).unsqueeze(0)  # (1, span)
+            st = torch.tensor(starts[: k + 1], device=dev) - cache.pend_start  # (k+1,)
+            offset = torch.arange(span, device=dev).unsqueeze(0) - st[word_id]  # (1, span)
+            words = self._pool(cache.buf[:, :span], word_id, offset, st[1:].unsqueeze(0), k)  # (1, k, D)
+            wcos, wsin = self._word_rope(torch.arange(cache.n_ready, cache.n_ready + k, device=dev))
+            z = self.backbone_norm(self._run(self.backbone, words, wcos, wsin, caches=cache.backbone))
+            table = torch.cat([table, z], 1)  # (1, k+1, D)
+            cache.buf = cache.buf[:, span:]
+            cache.pend_start = starts[k]
+            rule = np.flatnonzero(self.word_starts_row(cache.ids[base:], capped=False)) + base
+            cache.anchor = int(rule[rule <= cache.pend_start].max())
+            if cache.pend_start - cache.anchor > _ANCHOR_WINDOW:  # bound the re-split (as words.py does)
+                cache.anchor = cache.pend_start
+            cache.n_ready += k
+            cache.ctx = z[:, -1]
+        sel = (torch.tensor(ready_at, dtype=torch.long, device=dev).view(1, -1) <= pos.view(-1, 1)).sum(1)  # (n,)
+        inject = [p(table)[:, sel] for p in self.ctx_proj]  # each (1, n, d)
+        y = self._run(self.decoder, h, cos, sin, caches=cache.dec, inject=inject)
+        return ModelOutput(logits=self.lm_head(self.norm(y)))
+
+
+def _check_shapes() -> None:  # pragma: no cover - handy when editing: python -m bytelm.models.hierarchical
+    cfg = ModelConfig(arch="hierarchical", d_model=64, n_layers=2, n_heads=4, d_byte=32, n_heads_byte=2)
+    m = HierarchicalByteLM(cfg)
+    m.init_weights()
+    out = m(torch.tensor([list(b"hello world, this is a test")]))
+    print(out.logits.shape, {k: float(v) for k, v in out.metrics.items()})
+    print(F.cross_entropy(out.logits[0, :-1], torch.tensor(list(b"ello world, this is a test"))).item())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _check_shapes()

@@ -1,0 +1,164 @@
+"""Transformer building blocks shared by every bytelm model: RMSNorm, RoPE, SwiGLU, attention, Block.
+
+Pure torch. Llama-style: pre-norm, no biases, rotary positions, SwiGLU MLP. Attention goes through the single
+entry point in ``attention.py`` so the backend (SDPA / flash / flex) is a config choice, not a code path here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bytelm.models.attention import attend
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain and no bias (Llama, T5)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for arbitrary integer positions.
+
+    positions: (T,) or (B, T). Returns cos, sin of shape (B|1, 1, T, head_dim // 2), ready to broadcast over
+    heads. Positions are explicit (not ``arange``) because the hierarchical pooling places a word query at its
+    word index and the keys at byte positions, and KV-cached decoding continues from an offset.
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32) / half))
+    pos = positions.to(torch.float32)
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    angles = pos.unsqueeze(-1) * inv_freq  # (B, T, half)
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dim. x: (B, H, T, hd)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float, multiple_of: int = 32) -> int:
+    """Hidden width of the SwiGLU MLP, rounded up to a multiple for efficient kernels."""
+    hidden = int(dim * mlp_ratio)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer for the positions processed so far. k, v: (B, H, S, hd)."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else int(self.k.shape[2])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None or self.v is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with RoPE and an optional KV cache."""
+
+    def __init__(self, dim: int, n_heads: int, backend: str = "sdpa") -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"width {dim} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.backend = backend
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        causal: bool = True,
+        doc_ids: torch.Tensor | None = None,  # (B, T) document index per position (packed batches)
+        key_bias: torch.Tensor | None = None,  # (B, S) additive bias per key (MrT5 soft deletion)
+        key_mask: torch.Tensor | None = None,  # (B, S) True = key may be attended (padding mask)
+        window: int = 0,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
+        q_offset = 0
+        if cache is not None:
+            q_offset = cache.length
+            k, v = cache.append(k, v)
+        out = attend(
+            q, k, v, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_bias=key_bias,
+            key_mask=key_mask, window=window, backend=self.backend,
+        )  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 8 / 3, backend: str = "sdpa") -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim)
+        self.attn = SelfAttention(dim, n_heads, backend)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kwargs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def init_linear_(module: nn.Module, std: float = 0.02, out_std: float | None = None) -> None:
+    """Normal(0, std) init for every Linear/Embedding; residual output projections (``wo``, ``w_down``)
+    get ``out_std`` (GPT-2 / Llama practice: std / sqrt(2 * n_layers)) so the residual stream stays O(1)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            s = out_std if (out_std is not None and name.split(".")[-1] in ("wo", "w_down")) else std
+            nn.init.normal_(m.weight, mean=0.0, std=s)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, RMSNorm):
+            m.reset_parameters()

@@ -1,0 +1,329 @@
+"""MrT5: a ByT5-style byte encoder-decoder with a learned delete gate in the encoder (DESIGN.md §2).
+
+Architecture (pure torch, Llama-style parts from ``layers.py``):
+- shared byte embedding (``vocab_size`` x ``d_byte``);
+- encoder: ``encoder_layers`` bidirectional pre-norm blocks, then an RMSNorm;
+- delete gate (:class:`~bytelm.models.gates.DeleteGate`) on the *input* of encoder block ``gate.layer``;
+  that block and every later one see the deletion: in training as a per-key additive bias ``G`` on the
+  attention scores (soft deletion), at inference by compacting the kept positions (hard deletion), so blocks
+  ``gate.layer..`` really run on a shorter sequence;
+- decoder: ``decoder_layers`` causal blocks (self-attention with a KV cache, cross-attention to the encoder
+  output with the same gate bias / compacted mask, SwiGLU MLP), then an RMSNorm and the LM head.
+
+Positions: RoPE instead of T5's bucketed relative bias (one position scheme for every bytelm model; RoPE is
+relative too). After hard deletion the kept bytes keep their *original* positions, so relative distances
+between kept bytes are the same as under soft deletion. Cross-attention has no positional term (as in T5).
+
+Objective: **prefix-LM** (not T5 span corruption). Each training row of bytes ``x_0..x_{T-1}`` (targets
+``x_1..x_T``, the flat LM's convention) is split at ``s = round(prefix_frac * T)``: the encoder reads the
+prefix ``x_0..x_{s-1}``, the decoder reads ``[BOS, x_s, .., x_{T-1}]`` and predicts the continuation
+``x_s..x_T``. Why: it uses the byte-LM data pipeline unchanged (same rows, same targets), its loss is a
+plain next-byte CE whose bits-per-byte are directly comparable with the flat and hierarchical models on the
+continuation bytes, and it is exactly the generation task (continue a prefix). Span corruption would need
+its own noising pipeline and its loss (sentinel spans) is not comparable as bpb.
+
+Rows are one stream: packed-document ids are ignored (feed unpacked rows). ``PAD`` (256) marks padding: padded
+prefix bytes are masked keys (and forced to ``G = k``), ``PAD`` or ``-100`` targets are ignored by the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from bytelm.models.attention import attend
+from bytelm.models.config import ModelConfig, ModelOutput
+from bytelm.models.gates import DeleteGate, PIController, gate_stats, masked_mean
+from bytelm.models.gates import hard_delete as _hard_delete
+from bytelm.models.layers import (
+    Block,
+    KVCache,
+    RMSNorm,
+    SelfAttention,
+    SwiGLU,
+    init_linear_,
+    rope_cos_sin,
+    swiglu_hidden,
+)
+
+IGNORE_INDEX = -100
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from decoder queries to encoder keys/values; no positions (as in T5)."""
+
+    def __init__(self, dim: int, n_heads: int, backend: str = "sdpa") -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"width {dim} is not divisible by n_heads={n_heads}")
+        self.n_heads, self.head_dim, self.backend = n_heads, dim // n_heads, backend
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoder output, (B, H, S, hd) each; computed once per generation."""
+        B, S, _ = memory.shape
+        k, v = self.wkv(memory).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D)
+        kv: tuple[torch.Tensor, torch.Tensor],
+        key_bias: torch.Tensor | None,  # (B, S) gate values (soft deletion)
+        key_mask: torch.Tensor | None,  # (B, S) True = real key
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        out = attend(q, kv[0], kv[1], causal=False, key_bias=key_bias, key_mask=key_mask, backend=self.backend)
+        return self.wo(out.transpose(1, 2).reshape(B, T, D))
+
+
+class DecoderBlock(nn.Module):
+    """x + self_attn(norm(x)) [causal, cached]; x + cross_attn(norm(x), encoder); x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, backend: str) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim)
+        self.attn = SelfAttention(dim, n_heads, backend)
+        self.cross_norm = RMSNorm(dim)
+        self.cross = CrossAttention(dim, n_heads, backend)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        key_bias: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, causal=True, cache=cache)
+        x = x + self.cross(self.cross_norm(x), kv, key_bias, key_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class EncoderOutput:
+    """What the decoder needs from the encoder, plus the gate for metrics."""
+
+    memory: torch.Tensor  # (B, S, D) normed encoder states; S < T after hard deletion
+    key_mask: torch.Tensor  # (B, S) True = real key for cross-attention
+    key_bias: torch.Tensor | None  # (B, S) soft-deletion bias G; None under hard deletion / no gate
+    pad_mask: torch.Tensor  # (B, T) True = real prefix byte
+    gate: torch.Tensor | None = None  # (B, T) G over the whole prefix (before any compaction)
+    kept_idx: torch.Tensor | None = None  # (B, S) original positions of the memory rows (hard deletion)
+    hard: bool = False
+
+
+@dataclass
+class DecoderCache:
+    """Decoder state for KV-cached generation: self-attention KV per layer, cross-attention KV per layer."""
+
+    self_kv: list[KVCache]
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.self_kv[0].length if self.self_kv else 0
+
+
+class MrT5(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        g = cfg.gate
+        if not 0 <= g.layer < cfg.encoder_layers:
+            raise ValueError(f"gate.layer={g.layer} must index an encoder block (encoder_layers={cfg.encoder_layers})")
+        if not 0.0 < cfg.prefix_frac <= 1.0:
+            raise ValueError(f"prefix_frac={cfg.prefix_frac} must be in (0, 1]")
+        d, h = cfg.d_byte, cfg.n_heads_byte
+        self.head_dim = d // h
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.encoder = nn.ModuleList([Block(d, h, cfg.mlp_ratio, cfg.attn_backend) for _ in range(cfg.encoder_layers)])
+        self.enc_norm = RMSNorm(d)
+        self.gate: DeleteGate | None = DeleteGate(d, g.k, g.bias_init) if cfg.gate_enabled else None
+        self.controller = PIController(g.target_ratio, g.kp, g.ki)
+        self.decoder = nn.ModuleList(
+            [DecoderBlock(d, h, cfg.mlp_ratio, cfg.attn_backend) for _ in range(cfg.decoder_layers)]
+        )
+        self.dec_norm = RMSNorm(d)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_weights(self) -> None:
+        cfg = self.cfg
+        n = cfg.encoder_layers + cfg.decoder_layers
+        init_linear_(self, std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * n))
+        if self.gate is not None:
+            self.gate.reset_parameters()  # xavier w, b = bias_init (init_linear_ would give N(0, std), b = 0)
+        self.controller.reset()
+
+    # ------------------------------------------------------------------ encoder
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, cos, sin, **kw) -> torch.Tensor:
+        if self.cfg.activation_checkpointing and self.training:
+            return checkpoint(lambda x_: blk(x_, cos, sin, **kw), x, use_reentrant=False)
+        return blk(x, cos, sin, **kw)
+
+    def encode(
+        self,
+        prefix_ids: torch.Tensor,  # (B, T) byte ids, PAD = padding
+        *,
+        hard_delete: bool | None = None,
+    ) -> EncoderOutput:
+        """Run the encoder. ``hard_delete`` None = soft in training, ``gate.hard_eval`` otherwise."""
+        hard = self._use_hard(hard_delete)
+        B, T = prefix_ids.shape
+        pad_mask = prefix_ids != PAD_ID  # (B, T)
+        pos = torch.arange(T, device=prefix_ids.device)
+        cos, sin = self._rope(pos)
+        x = self.embed(prefix_ids)  # (B, T, D)
+        key_mask, key_bias = pad_mask, None
+        G, kept_idx = None, None
+        for i, blk in enumerate(self.encoder):
+            if i == self.cfg.gate.layer and self.gate is not None:
+                G = self.gate(x, pad_mask)  # (B, T)
+                if hard:
+                    x, key_mask, kept_idx = _hard_delete(x, G, self.cfg.gate.tau_del, pad_mask)  # (B, T', D)
+                    cos, sin = self._rope(kept_idx)  # kept bytes keep their original positions
+                else:
+                    key_bias = G
+            x = self._run_block(blk, x, cos, sin, causal=False, key_bias=key_bias, key_mask=key_mask)
+        return EncoderOutput(
+            memory=self.enc_norm(x), key_mask=key_mask, key_bias=key_bias, pad_mask=pad_mask, gate=G,
+            kept_idx=kept_idx, hard=hard and G is not None,
+        )
+
+    def _use_hard(self, hard_delete: bool | None) -> bool:
+        if self.gate is None:
+            return False
+        if hard_delete is None:
+            return (not self.training) and self.cfg.gate.hard_eval
+        return hard_delete
+
+    # ------------------------------------------------------------------ decoder
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(self_kv=[KVCache() for _ in self.decoder], cross_kv=[None for _ in self.decoder])
+
+    def decode(
+        self,
+        dec_ids: torch.Tensor,  # (B, t) decoder input ids (BOS first)
+        enc: EncoderOutput,
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:  # (B, t, V) logits
+        """Decoder forward. With ``cache`` it continues from ``cache.length`` and stores self-attention
+        keys/values and the (once-computed) cross-attention keys/values of the encoder output."""
+        _, t = dec_ids.shape
+        offset = cache.length if cache is not None else 0
+        cos, sin = self._rope(torch.arange(offset, offset + t, device=dec_ids.device))
+        x = self.embed(dec_ids)  # (B, t, D)
+        for i, layer in enumerate(self.decoder):
+            blk = cast(DecoderBlock, layer)
+            kv = cache.cross_kv[i] if cache is not None else None
+            if kv is None:
+                kv = blk.cross.kv(enc.memory)
+                if cache is not None:
+                    cache.cross_kv[i] = kv
+            if cache is None and self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(
+                    lambda x_, b=blk, kv_=kv: b(x_, cos, sin, kv_, enc.key_bias, enc.key_mask), x,
+                    use_reentrant=False,
+                )
+            else:
+                x = blk(x, cos, sin, kv, enc.key_bias, enc.key_mask, cache.self_kv[i] if cache else None)
+        return self.lm_head(self.dec_norm(x))
+
+    # ------------------------------------------------------------------ training / eval entry point
+
+    def split(self, T: int, prefix_len: int | None = None) -> int:
+        """Prefix length ``s`` for a row of ``T`` bytes (1 <= s <= T)."""
+        s = prefix_len if prefix_len is not None else round(self.cfg.prefix_frac * T)
+        return min(max(1, s), T)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) byte ids
+        *,
+        targets: torch.Tensor | None = None,  # (B, T) next bytes (input_ids shifted by one), flat-LM convention
+        hard_delete: bool | None = None,
+        prefix_len: int | None = None,
+        **_: object,
+    ) -> ModelOutput:
+        """Prefix-LM step. ``logits`` (B, T-s+1, V) predict ``x_s..x_T`` = ``targets[:, s-1:]``; ``loss`` is
+        their CE (PAD / -100 targets ignored); ``aux_loss`` = alpha * mean(G) in training (gate on)."""
+        B, T = input_ids.shape
+        s = self.split(T, prefix_len)
+        enc = self.encode(input_ids[:, :s], hard_delete=hard_delete)
+        bos = torch.full((B, 1), BOS_ID, dtype=input_ids.dtype, device=input_ids.device)
+        dec_in = torch.cat([bos, input_ids[:, s:]], dim=1)  # (B, T-s+1)
+        logits = self.decode(dec_in, enc)  # (B, T-s+1, V)
+
+        metrics: dict[str, torch.Tensor | float] = {
+            "prefix_len": float(s),
+            "encoder_len": float(enc.memory.shape[1]),
+        }
+        loss = aux = None
+        if targets is not None:
+            tgt = targets[:, s - 1 :]
+            tgt = tgt.masked_fill(tgt == PAD_ID, IGNORE_INDEX)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX)
+        if enc.gate is not None:
+            G = enc.gate
+            alpha = self.controller.alpha.clone()  # value set by the previous step
+            stats = gate_stats(G, self.cfg.gate.tau_del, enc.pad_mask, alpha)
+            metrics.update(stats)
+            if self.training:
+                aux = alpha * masked_mean(G, enc.pad_mask)
+                self.controller.update(stats["deletion_ratio"])  # used from the next step
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, metrics=metrics)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix_ids: torch.Tensor,  # (B, T)
+        max_new_bytes: int,
+        *,
+        eos_id: int = EOS_ID,
+        hard_delete: bool = True,
+    ) -> torch.Tensor:  # (B, n) generated byte ids (PAD after a row's EOS)
+        """Greedy continuation of ``prefix_ids`` with the decoder's KV cache (encoder runs once)."""
+        enc = self.encode(prefix_ids, hard_delete=hard_delete)
+        cache = self.new_cache()
+        B = prefix_ids.shape[0]
+        tok = torch.full((B, 1), BOS_ID, dtype=torch.long, device=prefix_ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=prefix_ids.device)
+        out: list[torch.Tensor] = []
+        for _ in range(max_new_bytes):
+            logits = self.decode(tok, enc, cache)[:, -1].float()  # (B, V)
+            logits[:, VOCAB_SIZE:] = float("-inf")  # padded vocab rows
+            logits[:, PAD_ID] = logits[:, BOS_ID] = float("-inf")
+            nxt = logits.argmax(dim=-1)
+            nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
+            out.append(nxt)
+            done = done | (nxt == eos_id)
+            if bool(done.all()):
+                break
+            tok = nxt.unsqueeze(1)
+        if not out:
+            return torch.empty(B, 0, dtype=torch.long, device=prefix_ids.device)
+        return torch.stack(out, dim=1)
+

@@ -1,0 +1,84 @@
+"""Training entry point: ``python -m bytelm.train experiment=NAME key=value ...`` (or ``bytelm-train``).
+
+Hydra composes ``conf/`` into the typed ``bytelm.config.Config``; ``--help`` lists the config groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from bytelm.config import CONF_DIR, Config, register_configs, to_config
+
+log = logging.getLogger("bytelm.train")
+
+
+def steps_for_flops(cfg: Config) -> int:
+    """max_steps that spend ``trainer.flops_budget`` training FLOPs (equal-compute comparisons)."""
+    from bytelm.models.flops import flops_per_byte
+
+    per_byte = flops_per_byte(cfg.model, cfg.data.seq_len)
+    bytes_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate
+    return max(1, int(cfg.trainer.flops_budget / (per_byte * bytes_per_step)))
+
+
+def resolve_ckpt_path(cfg: Config) -> str | None:
+    """``ckpt_path=last`` resumes from the newest valid checkpoint in the run folder (None if there is none)."""
+    if cfg.ckpt_path in (None, ""):
+        return None
+    if cfg.ckpt_path != "last":
+        if not Path(cfg.ckpt_path).exists():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+        return cfg.ckpt_path
+    from bytelm.checkpoint import latest_valid_checkpoint
+
+    found = latest_valid_checkpoint(Path(cfg.trainer.out_dir) / "checkpoints")
+    return str(found) if found else None
+
+
+def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: Any) -> dict[str, Any]:
+    """Train (and validate) one run; returns final metrics and the checkpoint folder."""
+    from bytelm.lit.data import ByteDataModule
+    from bytelm.lit.module import ByteLMModule
+    from bytelm.lit.trainer import build_trainer
+
+    if cfg.trainer.flops_budget > 0:
+        cfg.trainer.max_steps = steps_for_flops(cfg)
+        log.info("flops_budget %.3g -> max_steps %d", cfg.trainer.flops_budget, cfg.trainer.max_steps)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    module = ByteLMModule(cfg)
+    data = ByteDataModule(cfg)
+    trainer = build_trainer(cfg, callbacks=callbacks, **trainer_overrides)
+    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return {"metrics": metrics, "out_dir": cfg.trainer.out_dir, "global_step": trainer.global_step,
+            "trainer": trainer, "module": module}
+
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(dcfg: DictConfig) -> float | None:
+    cfg = to_config(dcfg)
+    result = run(cfg)
+    bpb = result["metrics"].get("val/bpb")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[bytelm] {cfg.name}: step {result['global_step']}, val bpb {bpb}, checkpoints in "
+              f"{Path(cfg.trainer.out_dir) / 'checkpoints'}")
+    return bpb
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
