@@ -140,7 +140,8 @@ def test_byte_kl_matches_loop_and_is_zero_for_equal_distributions():
     for b in range(2):
         for j in range(5):
             if mask[b, j]:
-                terms.append(sum(math.exp(t[b, j, c]) * (t[b, j, c] - s[b, j, c]) for c in range(256) if t[b, j, c] > -math.inf))
+                row = [(float(t[b, j, c]), float(s[b, j, c])) for c in range(256)]
+                terms.append(sum(math.exp(tc) * (tc - sc) for tc, sc in row if tc > -math.inf))
     assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
     same = torch.cat([t, torch.zeros(2, 5, 64)], -1)
     same = torch.cat([same, torch.zeros(2, 1, 320)], 1)
