@@ -67,7 +67,12 @@ def test_alm_chunk_loss_matches_loop():
     valid = torch.rand(3, 7, generator=g) > 0.3
     for tau in (1.0, 5.0, 100.0):
         got = alm_chunk_loss(lt, ls, valid, tau=tau)
-        terms = [ref_binary_ce(lt[b, k].item(), ls[b, k].item(), tau) for b in range(3) for k in range(7) if valid[b, k]]
+        terms = [
+            ref_binary_ce(lt[b, k].item(), ls[b, k].item(), tau)
+            for b in range(3)
+            for k in range(7)
+            if valid[b, k]
+        ]
         assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
         # a global count replaces the local one
         got_g = alm_chunk_loss(lt, ls, valid, tau=tau, num_valid=100.0)
@@ -127,7 +132,9 @@ def make_case(seed: int = 0):
     for b, toks in enumerate(ex):
         attn[b, : len(toks)] = True
     n_bytes = torch.tensor([len(t) for t in texts])
-    enc = TeacherEncoding(texts, torch.zeros(B, L, dtype=torch.long), attn, spans, content, exact_m, n_bytes, n_bytes)
+    enc = TeacherEncoding(
+        texts, torch.zeros(B, L, dtype=torch.long), attn, spans, content, exact_m, n_bytes, n_bytes
+    )
     tok_lp = -torch.rand(B, L, generator=g, dtype=torch.float64) * 5
     has = attn.clone()
     has[:, 0] = False
@@ -155,21 +162,22 @@ def ref_alm(ex, out: TeacherOutput, byte_ids, logits, mode, tau, threshold=0.1):
             if t:
                 chunks.append(([i], pos, pos + len(t)))
                 pos += len(t)
-        rows = []
+        rows: list[tuple[float, float, bool, float, float]] = []
         for toks_i, s, e in chunks:
             t_lp = min(sum(float(out.token_logprobs[b, i]) for i in toks_i), 0.0)
             s_lp = min(sum(float(logp[j, text[j]]) for j in range(s, e)), 0.0)
             ok = all(bool(out.logprob_mask[b, i]) for i in toks_i)
             t_sp = float(out.next_space_logprobs[b, toks_i[-1]])
             s_sp = math.log(sum(math.exp(float(logp[e, c])) for c in (32, 10, 9, EOS_ID)))
-            rows.append([t_lp, s_lp, ok, t_sp, s_sp])
+            rows.append((t_lp, s_lp, ok, t_sp, s_sp))
         if mode == "debiased":
-            merged, cur = [], None
+            merged: list[tuple[float, float, bool, float, float]] = []
+            cur: tuple[float, float, bool, float, float] | None = None
             for r in rows:
                 if cur is None:
-                    cur = list(r)
+                    cur = r
                 else:
-                    cur = [cur[0] + r[0], cur[1] + r[1], cur[2] and r[2], r[3], r[4]]
+                    cur = (cur[0] + r[0], cur[1] + r[1], cur[2] and r[2], r[3], r[4])
                 if math.exp(r[3]) > threshold:
                     merged.append(cur)
                     cur = None

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from bytelm.distill.byteprobs import ByteTrie, byte_kl, byte_kl_naive
+from bytelm.distill.byteprobs import ByteTrie, byte_kl, byte_kl_naive, exact_byte_logprobs
 from bytelm.distill.teacher import TeacherEncoding, TeacherOutput, token_bytes_table
 
 
@@ -160,3 +160,59 @@ def test_byte_kl_naive_end_to_end_grad():
     assert torch.isfinite(loss) and loss.item() > 0
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert (logits.grad[..., 256:] == 0).all()  # only the 256 byte columns take part
+
+
+# ------------------------------------------------------------------------------ exact (Phan et al.) method
+
+
+def max_munch(table: list[bytes | None], data: bytes) -> list[int]:
+    """Greedy longest-match tokenization (canonical for the toy LM below)."""
+    by_bytes = {tb: v for v, tb in enumerate(table) if tb}
+    out, i = [], 0
+    while i < len(data):
+        n = max(k for k in range(1, len(data) - i + 1) if data[i : i + k] in by_bytes)
+        out.append(by_bytes[data[i : i + n]])
+        i += n
+    return out
+
+
+def test_exact_byte_logprobs_matches_enumeration():
+    """A toy LM that draws a string s with prob pi(s) and emits max_munch(s) + EOS is supported on canonical
+    tokenizations, so the cover sum must equal the true byte marginal, enumerated over all strings."""
+    rng = random.Random(5)
+    table = tiny_table(6, size=30)  # ids 0 and last are specials; id 0 serves as EOS
+    alpha = sorted({tb[:1] for tb in table if tb})
+    strings = sorted({b"".join(rng.choice(alpha) for _ in range(rng.randint(1, 7))) for _ in range(40)})
+    pi = torch.rand(len(strings), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    pi /= pi.sum()
+    toks = [max_munch(table, s) for s in strings]
+    V = len(table)
+
+    def score(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        logw, dists = [], []
+        for q in seqs:
+            k = len(q)
+            match = [j for j, t in enumerate(toks) if t[:k] == q]
+            mass = float(sum(pi[j] for j in match))
+            nxt = torch.zeros(V, dtype=torch.float64)
+            for j in match:
+                nxt[toks[j][k] if len(toks[j]) > k else 0] += pi[j]
+            logw.append(math.log(mass) if mass > 0 else -math.inf)
+            dists.append(
+                (nxt / mass).log() if mass > 0 else torch.full((V,), -math.log(V), dtype=torch.float64)
+            )
+        return torch.tensor(logw, dtype=torch.float64), torch.stack(dists)
+
+    trie = ByteTrie(table)
+    for x in strings[:8]:
+        got = (
+            exact_byte_logprobs(x, trie, lambda d, i: max_munch(table, d[:i]), score, batch_size=3)
+            .double()
+            .exp()
+        )
+        for n in range(len(x)):
+            num = torch.zeros(256, dtype=torch.float64)
+            for j, s in enumerate(strings):
+                if s.startswith(x[:n]) and len(s) > n:
+                    num[s[n]] += pi[j]
+            assert torch.allclose(got[n], num / num.sum(), atol=1e-6), (x, n)

@@ -122,6 +122,7 @@ def alm_loss(
     then append). Chunk ends whose student row does not exist (end >= T) are invalid in the debiasing modes.
     Returns (loss, stats) with stats = number of valid chunks and mean chunk length in bytes.
     """
+    alignment = alignment.to(student_logits.device)  # no-op when already there
     C = alignment.num_chunks
     t_tok = torch.where(
         teacher.logprob_mask, teacher.token_logprobs, torch.zeros_like(teacher.token_logprobs)

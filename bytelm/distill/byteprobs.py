@@ -20,24 +20,33 @@ On the device: sort each used probability row by that order, take prefix sums (f
 deep prefixes are small differences of numbers near 1), and read ``M`` of each child as ``cum[hi] - cum[lo]``;
 a scatter writes the children's masses into a (M, 256) table. No Python loop runs per byte.
 
-Exact alternative (Phan et al., "Exact Byte-Level Probabilities from Tokenized Language Models"; not
-implemented here). It computes ``P(next byte = b | bytes)`` with the *cover* set of the prefix: all token
-sequences whose last token straddles the end of the prefix (their bytes start with the prefix and overrun it)
-and whose tokens before it are the canonical tokenization of the rest. Then
-``P(b | x) = sum_{c in cover(x)} p(c) * [c's bytes continue with b] + p(canon(x)) * M_next(b)`` normalised by the
-same sum over all b, where ``M_next(b)`` is the next-token mass of tokens starting with b after the canonical
-tokenization of the whole prefix. Each cover needs a teacher forward on a different token prefix, about one
-forward per byte, so it is an evaluation tool, not a training loss; its reference code is SentencePiece-only.
+Exact alternative for evaluation (Phan et al., "Exact Byte-Level Probabilities from Tokenized Language
+Models"; their reference code is SentencePiece-only): ``exact_byte_logprobs``. If the teacher only gives mass
+to canonical tokenizations tau(.), every continuation of ``x = bytes[:n]`` is tokenized as
+``tau(x[:i]) + [t] + ...`` where ``t`` is the *cover* token that starts at some ``i <= n`` and runs past ``n``.
+Hence
+
+    P(next byte = b | x)  ∝  sum_{i <= n} P(tau(x[:i])) * M_i(x[i:n] + b),
+
+with ``P(tau(x[:i]))`` the teacher's probability of the canonical tokenization of the first ``i`` bytes and
+``M_i`` the prefix mass (as above) of its next-token distribution; the ``i = n`` term is "the canonical
+tokenization times the next-token mass of tokens starting with b". It costs one teacher forward per split point
+``i`` (about one per byte), so it is an evaluation tool, not a training loss. We do not prune covers that
+would be non-canonical (the paper's "invalid encodings"; the teacher gives them little mass anyway). A Hugging
+Face tokenizer takes text, not bytes, so with a ``Teacher`` a split point inside a UTF-8 character is used only
+where the text's own tokenization has a boundary (its tokens so far serve as ``tau(x[:i])``); other covers
+starting inside a character are missing. The result is exact under the paper's assumptions for tokenizers
+whose canonical tokenization is prefix-consistent (e.g. longest-match), which the tests check by enumeration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from bytelm.distill.teacher import TeacherOutput
+from bytelm.distill.teacher import Teacher, TeacherOutput
 
 
 class ByteTrie:
@@ -104,6 +113,8 @@ class ByteTrie:
             return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
 
         self.vocab_size = V
+        self._table = list(table)
+        self._prefix_nodes: dict[bytes, int] | None = None
         self.order = as_long(np.asarray(ids, dtype=np.int64))
         self.node_lo, self.node_hi = as_long(node_lo), as_long(node_hi)
         self.child_first = as_long(np.cumsum(counts) - counts)
@@ -129,18 +140,17 @@ class ByteTrie:
         return self
 
     # --------------------------------------------------------------------------------------------- queries
-    def byte_logprobs(
+    def byte_masses(
         self,
         next_logprobs: torch.Tensor,
         rows: torch.Tensor,
         nodes: torch.Tensor,
-        renormalize: bool = True,
         dtype: torch.dtype = torch.float64,
-    ) -> torch.Tensor:
-        """Naive within-token next-byte log-probs for M queries.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unnormalised masses for M queries: ``M(q + b)`` (M, 256) and ``M(q)`` (M,), in ``dtype``.
 
-        next_logprobs (R, V) teacher next-token log-probs; rows (M,) which row each query uses; nodes (M,) trie
-        node of the prefix emitted inside the token. Returns (M, 256) fp32 log-probs (-inf for impossible bytes).
+        next_logprobs (R, V) next-token log-probs; rows (M,) the row each query uses; nodes (M,) trie node of
+        the prefix ``q``.
         """
         M = rows.shape[0]
         used, row_of = torch.unique(rows, return_inverse=True)  # only rows that are queried
@@ -155,11 +165,34 @@ class ByteTrie:
         mass = cum[r, self.edge_hi[e]] - cum[r, self.edge_lo[e]]  # (E,)
         out = torch.zeros(M, 256, dtype=dtype, device=rows.device)
         out.index_put_((q, self.edge_byte[e]), mass.clamp(min=0.0), accumulate=True)
-        if renormalize:
-            denom = out.sum(-1, keepdim=True)
-        else:
-            denom = (cum[row_of, self.node_hi[nodes]] - cum[row_of, self.node_lo[nodes]])[:, None]
+        total = (cum[row_of, self.node_hi[nodes]] - cum[row_of, self.node_lo[nodes]]).clamp(min=0.0)  # (M,)
+        return out, total
+
+    def byte_logprobs(
+        self,
+        next_logprobs: torch.Tensor,
+        rows: torch.Tensor,
+        nodes: torch.Tensor,
+        renormalize: bool = True,
+        dtype: torch.dtype = torch.float64,
+    ) -> torch.Tensor:
+        """Naive within-token next-byte log-probs for M queries.
+
+        next_logprobs (R, V) teacher next-token log-probs; rows (M,) which row each query uses; nodes (M,) trie
+        node of the prefix emitted inside the token. Returns (M, 256) fp32 log-probs (-inf for impossible bytes).
+        """
+        out, total = self.byte_masses(next_logprobs, rows, nodes, dtype)
+        denom = out.sum(-1, keepdim=True) if renormalize else total[:, None]
         return (out.log() - denom.log()).float()  # (M, 256)
+
+    def node_of(self, prefix: bytes) -> int | None:
+        """Trie node of a byte string that some token strictly extends, else None (CPU dict, built lazily)."""
+        if self._prefix_nodes is None:
+            ptr, nodes = self.token_ptr.tolist(), self.token_nodes.tolist()
+            self._prefix_nodes = {
+                tb[:d]: nodes[ptr[v] + d] for v, tb in enumerate(self._table) if tb for d in range(len(tb))
+            }
+        return self._prefix_nodes.get(prefix)
 
     def teacher_byte_logprobs(
         self, teacher: TeacherOutput, n_student_bytes: int | None = None, renormalize: bool = True
@@ -176,6 +209,8 @@ class ByteTrie:
         B, L, V = teacher.next_logprobs.shape
         N = int(n_student_bytes if n_student_bytes is not None else int(enc.n_bytes.max()))
         dev = teacher.next_logprobs.device
+        if self.order.device != dev:
+            self.to(dev)  # in place, once
         spans = enc.spans.to(dev)
         ends = spans[..., 1].contiguous()  # (B, L) non-decreasing over positions
         j = torch.arange(N, device=dev).expand(B, N).contiguous()  # (B, N)
@@ -240,3 +275,79 @@ def byte_kl_naive(
     N = min(student_logits.shape[1], int(teacher.encoding.n_bytes.max()))
     t_lp, mask = trie.teacher_byte_logprobs(teacher, N, renormalize)
     return byte_kl(t_lp, mask, student_logits, num_valid)
+
+
+ScoreFn = Callable[[list[list[int]]], tuple[torch.Tensor, torch.Tensor]]
+PrefixFn = Callable[[bytes, int], "list[int] | None"]
+
+
+def exact_byte_logprobs(
+    text: bytes, trie: ByteTrie, prefix_tokens: PrefixFn, score: ScoreFn, batch_size: int = 32
+) -> torch.Tensor:
+    """Cover-sum next-byte log-probs of one text (module docstring): (N, 256), row n = P(byte n | text[:n]).
+
+    prefix_tokens(text, i) -> canonical token ids of ``text[:i]``, or None to allow no cover starting at i;
+    score(list of id lists) -> (log P(sequence) (S,), next-token log-probs after it (S, V)). Split points are
+    scored ``batch_size`` at a time and folded into running log-sums (memory O(N * 256)). A row with no cover
+    at all is -inf everywhere.
+    """
+    N = len(text)
+    maxlen = int(trie.token_len.max()) if trie.token_len.numel() else 0
+    splits = [(i, q) for i in range(N) if (q := prefix_tokens(text, i)) is not None]
+    acc = torch.full((N, 256), float("-inf"), dtype=torch.float64)  # running log sum over covers
+    for k in range(0, len(splits), batch_size):
+        part = splits[k : k + batch_size]
+        logw, dists = score([q for _, q in part])  # (S,), (S, V)
+        rows, nodes, pos = [], [], []
+        for r, (i, _) in enumerate(part):
+            for n in range(i, min(N, i + maxlen)):
+                node = trie.node_of(text[i:n])
+                if node is None:  # no token extends text[i:n]: longer prefixes cannot either
+                    break
+                rows.append(r)
+                nodes.append(node)
+                pos.append(n)
+        if not rows:
+            continue
+        dev = dists.device
+        rows_t = torch.tensor(rows, device=dev)
+        masses, _ = trie.byte_masses(dists, rows_t, torch.tensor(nodes, device=dev))  # (M, 256)
+        terms = (masses.log() + logw.to(masses)[rows_t][:, None]).cpu()  # (M, 256)
+        pos_t = torch.tensor(pos)
+        for n in torch.unique(pos_t).tolist():
+            acc[n] = torch.logsumexp(torch.cat([acc[n][None], terms[pos_t == n]]), dim=0)
+    total = torch.logsumexp(acc, dim=-1, keepdim=True)  # (N, 1)
+    return torch.where(torch.isfinite(total), acc - total, acc).float()
+
+
+def teacher_prefix_tokens(teacher: Teacher, text: bytes) -> PrefixFn:
+    """Canonical prefixes for a Hugging Face teacher: at a token boundary of the text's own tokenization, its
+    tokens so far (this also covers boundaries inside a UTF-8 character, which the text-only tokenizer cannot
+    tokenize on their own); at any other character start, the tokenization of the prefix; else no cover."""
+    full = teacher.tokenize_bytes(text)
+    bounds: dict[int, list[int]] = {0: []}
+    pos = 0
+    for k, v in enumerate(full):
+        tb = teacher.table[v] if 0 <= v < len(teacher.table) else None
+        if tb is None or not text.startswith(tb, pos):
+            break  # invalid UTF-8 or a lossy token: boundaries after it are unknown
+        pos += len(tb)
+        bounds[pos] = full[: k + 1]
+
+    def prefix(data: bytes, i: int) -> list[int] | None:
+        if i in bounds:
+            return bounds[i]
+        if (data[i] & 0xC0) != 0x80:  # a character start: the tokenizer can take the prefix as text
+            return teacher.tokenize_bytes(data[:i])
+        return None
+
+    return prefix
+
+
+def exact_byte_logprobs_teacher(
+    teacher: Teacher, trie: ByteTrie, text: bytes, batch_size: int = 32
+) -> torch.Tensor:
+    """``exact_byte_logprobs`` with a ``Teacher``: its tokenizer and forward (evaluation only, ~1 forward/byte)."""
+    return exact_byte_logprobs(
+        text, trie, teacher_prefix_tokens(teacher, text), teacher.score_sequences, batch_size
+    )

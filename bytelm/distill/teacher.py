@@ -6,12 +6,15 @@ teacher once, and returns everything the losses need: per-token log-probs of the
 log-probability that the next token starts a new word (ALM debiasing), full next-token rows on request (byte
 distributions) and hidden states (latent alignment).
 
-Byte spans. Fast tokenizers report *character* offsets; we convert them to byte offsets of the original input.
-Tokens that split one UTF-8 character (byte-level BPE pieces such as ``ĠðŁĺ`` + ``Ģ`` for an emoji, or
+Byte spans. When the tokens' vocabulary bytes concatenate to the input (lossless tokenization: byte-level BPE on
+valid UTF-8, the usual case), the spans are their cumulative byte lengths. Otherwise the spans come from the
+fast tokenizer's *character* offsets (``return_offsets_mapping``) converted to byte offsets of the original
+input. Tokens that split one UTF-8 character (byte-level BPE pieces such as ``ĠðŁĺ`` + ``Ģ`` for an emoji, or
 ``<0xNN>`` byte-fallback tokens) share the character's offsets; inside such a group each piece gets as many
-bytes as its vocabulary bytes have, the last piece takes the rest. Bytes skipped by trimmed offsets (a leading
-space reported outside the token) are absorbed into the following token, so the spans of the text tokens are
-contiguous from byte 0. Special tokens (the start token we prepend, or any added special token) get empty spans.
+bytes as its vocabulary bytes have, the last piece takes the rest. Bytes skipped by trimmed offsets are absorbed
+into the following token, so the spans of the text tokens are contiguous from byte 0. Special tokens (the start
+token we prepend, or any added special token) get empty spans. A SentencePiece dummy prefix space (detected by
+probing the tokenizer) is matched against a virtual leading space and then cut off the first token's span.
 
 Invalid UTF-8. The input is decoded with ``surrogateescape`` (one lone surrogate per invalid byte, so the
 character -> byte map stays exact) and each such byte is given to the tokenizer as U+FFFD. Tokens that cover a
@@ -154,11 +157,11 @@ def token_bytes_table(tokenizer: Any, vocab_size: int | None = None) -> list[byt
 def space_token_mask(table: Sequence[bytes | None], specials: set[int]) -> torch.Tensor:
     """(V,) bool: tokens that start a new word (first byte space/newline/tab) or are special (tokenkit's
     ``space+tab+newline+special``). Their total probability is the debiasing term of ALM."""
-    mask = torch.zeros(len(table), dtype=torch.bool)
-    for i, tb in enumerate(table):
-        if i in specials or (tb is not None and len(tb) > 0 and tb[0] in SPACE_BYTES):
-            mask[i] = True
-    return mask
+    flags = [
+        i in specials or (tb is not None and len(tb) > 0 and tb[0] in SPACE_BYTES)
+        for i, tb in enumerate(table)
+    ]
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------- text -> str + map
@@ -188,40 +191,62 @@ def byte_spans(
     char_offsets: Sequence[tuple[int, int]],
     char_to_byte: np.ndarray,
     table: Sequence[bytes | None],
+    dummy_prefix: bool = False,
+    offsets_only: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Byte spans (n, 2) in ``data`` of text tokens and their exactness flags (n,).
+    """Byte spans (n, 2) in ``data`` of the tokens and their exactness flags (n,).
 
-    Spans are contiguous from byte 0 (gaps go to the following token); special tokens (``table[id] is None``)
-    get empty spans. ``exact[i]`` is True when the token's vocabulary bytes equal ``data[start:end]``, or equal
-    it with one extra leading space for the first text token (SentencePiece's dummy prefix).
+    The tokens are matched against ``target = data`` (or ``b" " + data`` when the tokenizer adds a
+    SentencePiece dummy prefix space; that space is then cut off the first token's span). When the tokens'
+    vocabulary bytes concatenate to a prefix of the target (lossless tokenization: always the case for
+    byte-level BPE on valid UTF-8), the spans are their cumulative lengths and every text token is exact.
+    Otherwise (invalid UTF-8 shown as U+FFFD, lossy normalisers) the spans come from the character offsets:
+    contiguous from byte 0, gaps absorbed by the following token, pieces of a split character sized by their
+    vocabulary bytes; a token is exact when its bytes equal the target span. Special tokens
+    (``table[id] is None``) get empty spans and are never exact. ``offsets_only`` skips the lossless shortcut
+    (tests use it to check that both ways agree).
     """
     n = len(token_ids)
+    shift = 1 if dummy_prefix else 0
+    target = b" " * shift + data
+    tbs = [table[i] if 0 <= i < len(table) else None for i in token_ids]
     spans = np.zeros((n, 2), dtype=np.int64)
     exact = np.zeros(n, dtype=bool)
-    pos = 0
-    first_text = True
-    byte_off = [(int(char_to_byte[s]), int(char_to_byte[e])) for s, e in char_offsets]
-    for k in range(n):
-        tb = table[token_ids[k]] if 0 <= token_ids[k] < len(table) else None
-        bs, be = byte_off[k]
-        start = pos
-        if tb is None and be <= bs:  # special token added by us or the tokenizer: no bytes
-            spans[k] = (start, start)
-            continue
-        # a piece of a split character: the next token overlaps this one's character span
-        splits_char = k + 1 < n and byte_off[k + 1][0] < be and byte_off[k + 1][1] > byte_off[k + 1][0]
-        if splits_char and tb is not None:
-            end = min(be, start + len(tb))
-        else:
-            end = be
-        end = max(end, start)
-        spans[k] = (start, end)
-        pos = end
-        if tb is not None:
-            got = data[start:end]
-            exact[k] = tb == got or (first_text and tb == b" " + got and len(got) > 0)
-        first_text = False
+    if (
+        not offsets_only
+        and target.startswith(b"".join(tb for tb in tbs if tb))
+        and not any(tb is None and e > s for tb, (s, e) in zip(tbs, char_offsets, strict=True))
+    ):
+        lengths = np.array([len(tb) if tb is not None else 0 for tb in tbs], dtype=np.int64)
+        spans[:, 1] = np.cumsum(lengths)
+        spans[:, 0] = spans[:, 1] - lengths
+        exact[:] = [tb is not None for tb in tbs]
+    else:
+        byte_off = [(int(char_to_byte[a]) + shift, int(char_to_byte[b]) + shift) for a, b in char_offsets]
+        pos = 0
+        for k in range(n):
+            tb = tbs[k]
+            bs, be = byte_off[k]
+            start = pos
+            if tb is None and be <= bs:  # special token added by us or the tokenizer: no bytes
+                spans[k] = (start, start)
+                continue
+            # a piece of a split character: the next token overlaps this one's character span
+            splits_char = k + 1 < n and byte_off[k + 1][0] < be and byte_off[k + 1][1] > byte_off[k + 1][0]
+            end = min(be, start + len(tb)) if splits_char and tb is not None else be
+            end = max(end, start)
+            spans[k] = (start, end)
+            pos = end
+            exact[k] = tb is not None and tb == target[start:end]
+    if shift:
+        spans = np.maximum(spans - shift, 0)
     return spans, exact
+
+
+def has_dummy_prefix(tokenizer: Any, table: Sequence[bytes | None]) -> bool:
+    """True when the tokenizer prepends a space to the text (SentencePiece ``add_dummy_prefix``)."""
+    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return b"".join(table[i] or b"" for i in ids if 0 <= i < len(table)) == b" a"
 
 
 # ---------------------------------------------------------------------------------------------- containers
@@ -263,8 +288,9 @@ class TeacherOutput:
     token_logprobs (B, L): log p(ids[i] | ids[<i]); 0 where undefined. logprob_mask (B, L): content, exact and
     predicted (i >= 1) -- the tokens ALM can use. next_space_logprobs (B, L): log P(token i+1 starts with a
     space/newline/tab or is special | ids[<=i]). next_logprobs (B, L, V) fp32: log p(token i+1 = v | ids[<=i]),
-    only when requested. hidden_states: {k: (B, L, D)}, k = number of blocks applied (0 = embeddings), -1 =
-    the final (normed) hidden state.
+    only when requested. hidden_states: {k: (B, L, D)} in Hugging Face's convention: k = number of blocks
+    applied (0 = embeddings; Bolmo's stage 1 uses k = 4), except that k = num_layers (or -1) is the final
+    hidden state *after* the model's last norm.
     """
 
     encoding: TeacherEncoding
@@ -295,6 +321,7 @@ class Teacher:
         self.table = token_bytes_table(tokenizer, vocab)[:vocab]
         self.space_mask = space_token_mask(self.table, self.specials)
         self.start_id = self._resolve_start(start_token)
+        self.dummy_prefix = has_dummy_prefix(tokenizer, self.table)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.start_id
 
@@ -335,7 +362,7 @@ class Teacher:
             offs = [(0, 0), *[tuple(o) for o in offs]]
             if max_tokens is not None:
                 ids, offs = ids[:max_tokens], offs[:max_tokens]
-            spans, exact = byte_spans(data, ids, offs, c2b, self.table)
+            spans, exact = byte_spans(data, ids, offs, c2b, self.table, self.dummy_prefix)
             content = np.array(
                 [0 <= i < len(self.table) and self.table[i] is not None for i in ids], dtype=bool
             )
@@ -394,6 +421,27 @@ class Teacher:
             next_logprobs=logp if next_logprobs else None,
             hidden_states=hidden,
         )
+
+    def tokenize_bytes(self, data: bytes) -> list[int]:
+        """Canonical token ids of a byte string (no start token; invalid UTF-8 shows up as U+FFFD)."""
+        text, _ = prepare_text(data)
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    @torch.no_grad()
+    def score_sequences(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log P(seq) after the start token (S,) and the next-token log-probs after each sequence (S, V)."""
+        S, L = len(seqs), 1 + max((len(q) for q in seqs), default=0)
+        ids = torch.full((S, L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(S, L, dtype=torch.long)
+        for k, q in enumerate(seqs):
+            ids[k, : len(q) + 1] = torch.tensor([self.start_id, *q], dtype=torch.long)
+            attn[k, : len(q) + 1] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        logp = torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)  # (S, L, V)
+        tok = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * attn[:, 1:]  # (S, L-1)
+        last = attn.sum(1) - 1  # (S,) position of each sequence's last token
+        return tok.sum(1), logp[torch.arange(S, device=ids.device), last]
 
     def __call__(
         self,
