@@ -64,9 +64,12 @@ class ModelOutput:
     ``logits`` (B, T, V) predict ``targets``; a model whose objective is not plain next-byte prediction
     (e.g. MrT5's prefix-LM) sets ``loss`` itself. ``aux_loss`` is added to the training loss (gate
     regulariser); ``metrics`` are scalars logged every step (words per byte, deletion ratio, ...).
+    ``hidden`` holds optional internal tensors for auxiliary objectives (the hierarchical model: ``words``
+    (B, W, d_model) backbone outputs, ``word_start`` / ``word_end`` (B, W) their input positions).
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)

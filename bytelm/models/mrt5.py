@@ -12,7 +12,10 @@ Architecture (pure torch, Llama-style parts from ``layers.py``):
 
 Positions: RoPE instead of T5's bucketed relative bias (one position scheme for every bytelm model; RoPE is
 relative too). After hard deletion the kept bytes keep their *original* positions, so relative distances
-between kept bytes are the same as under soft deletion. Cross-attention has no positional term (as in T5).
+between kept bytes are the same as under soft deletion. Unlike T5, cross-attention is positional too: the
+decoder continues the row's positions (its input ``i`` sits at ``s - 1 + i``) and encoder keys sit at their
+prefix positions, so the prefix-LM sees one sequence split in two (copying / phase alignment is a fixed
+relative offset). Batched generation should left-pad prefixes so every row's last byte sits at ``s - 1``.
 
 Objective: **prefix-LM** (not T5 span corruption). Each training row of bytes ``x_0..x_{T-1}`` (targets
 ``x_1..x_T``, the flat LM's convention) is split at ``s = round(prefix_frac * T)``: the encoder reads the
@@ -21,6 +24,14 @@ prefix ``x_0..x_{s-1}``, the decoder reads ``[BOS, x_s, .., x_{T-1}]`` and predi
 plain next-byte CE whose bits-per-byte are directly comparable with the flat and hierarchical models on the
 continuation bytes, and it is exactly the generation task (continue a prefix). Span corruption would need
 its own noising pipeline and its loss (sentinel spans) is not comparable as bpb.
+
+Training note (measured on tiny models): softmax is shift-invariant, so under soft deletion the task loss
+exerts no force on the common level of ``G`` (only on differences between positions), while ``alpha >= 0`` can
+only push toward deletion. From scratch, with Adam and a task that barely needs the encoder (repetitive
+text), the ratio overshoots the target (0.65-0.97 for delta = 0.5 within a few hundred steps) and gates
+saturated at ``k`` get almost no gradient back. The paper starts from a pretrained ByT5; do the same (train
+with the gate off or ``alpha`` held at 0 first), or use a lower learning rate. The controller itself is
+tested in closed loop on a task whose loss values kept bytes (tests/test_gates.py).
 
 Rows are one stream: packed-document ids are ignored (feed unpacked rows). ``PAD`` (256) marks padding: padded
 prefix bytes are masked keys (and forced to ``G = k``), ``PAD`` or ``-100`` targets are ignored by the loss.
@@ -48,6 +59,7 @@ from bytelm.models.layers import (
     RMSNorm,
     SelfAttention,
     SwiGLU,
+    apply_rope,
     init_linear_,
     rope_cos_sin,
     swiglu_hidden,
@@ -57,7 +69,9 @@ IGNORE_INDEX = -100
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from decoder queries to encoder keys/values; no positions (as in T5)."""
+    """Multi-head attention from decoder queries to encoder keys/values, with RoPE on both sides: queries at
+    their absolute row positions (``s - 1 + i``), keys at their original prefix positions (also after hard
+    deletion), so the cross-attention sees the relative distance, as one flat sequence would."""
 
     def __init__(self, dim: int, n_heads: int, backend: str = "sdpa") -> None:
         super().__init__()
@@ -68,21 +82,27 @@ class CrossAttention(nn.Module):
         self.wkv = nn.Linear(dim, 2 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the encoder output, (B, H, S, hd) each; computed once per generation."""
+    def kv(
+        self, memory: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated to the memory positions) and values of the encoder output, (B, H, S, hd) each;
+        computed once per generation."""
         B, S, _ = memory.shape
         k, v = self.wkv(memory).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return k, v
+        return apply_rope(k, cos, sin), v
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, D)
+        cos: torch.Tensor,  # rotary tables of the query positions
+        sin: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         key_bias: torch.Tensor | None,  # (B, S) gate values (soft deletion)
         key_mask: torch.Tensor | None,  # (B, S) True = real key
     ) -> torch.Tensor:
         B, T, D = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q = apply_rope(q, cos, sin)
         out = attend(q, kv[0], kv[1], causal=False, key_bias=key_bias, key_mask=key_mask, backend=self.backend)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
@@ -110,7 +130,7 @@ class DecoderBlock(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, causal=True, cache=cache)
-        x = x + self.cross(self.cross_norm(x), kv, key_bias, key_mask)
+        x = x + self.cross(self.cross_norm(x), cos, sin, kv, key_bias, key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -119,6 +139,7 @@ class EncoderOutput:
     """What the decoder needs from the encoder, plus the gate for metrics."""
 
     memory: torch.Tensor  # (B, S, D) normed encoder states; S < T after hard deletion
+    positions: torch.Tensor  # (S,) or (B, S) original prefix positions of the memory rows
     key_mask: torch.Tensor  # (B, S) True = real key for cross-attention
     key_bias: torch.Tensor | None  # (B, S) soft-deletion bias G; None under hard deletion / no gate
     pad_mask: torch.Tensor  # (B, T) True = real prefix byte
@@ -126,13 +147,20 @@ class EncoderOutput:
     kept_idx: torch.Tensor | None = None  # (B, S) original positions of the memory rows (hard deletion)
     hard: bool = False
 
+    @property
+    def prefix_len(self) -> int:
+        """T, the prefix length before deletion; the decoder's first position is T - 1."""
+        return int(self.pad_mask.shape[1])
+
 
 @dataclass
 class DecoderCache:
-    """Decoder state for KV-cached generation: self-attention KV per layer, cross-attention KV per layer."""
+    """Generation state: the encoder output (set by the first ``forward(prompt, cache=...)``), decoder
+    self-attention KV per layer, cross-attention KV per layer (computed once from the encoder output)."""
 
     self_kv: list[KVCache]
     cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    enc: EncoderOutput | None = None
 
     @property
     def length(self) -> int:
@@ -191,7 +219,7 @@ class MrT5(nn.Module):
         hard = self._use_hard(hard_delete)
         B, T = prefix_ids.shape
         pad_mask = prefix_ids != PAD_ID  # (B, T)
-        pos = torch.arange(T, device=prefix_ids.device)
+        pos = torch.arange(T, device=prefix_ids.device)  # (T,), (B, T') after hard deletion
         cos, sin = self._rope(pos)
         x = self.embed(prefix_ids)  # (B, T, D)
         key_mask, key_bias = pad_mask, None
@@ -201,12 +229,13 @@ class MrT5(nn.Module):
                 G = self.gate(x, pad_mask)  # (B, T)
                 if hard:
                     x, key_mask, kept_idx = _hard_delete(x, G, self.cfg.gate.tau_del, pad_mask)  # (B, T', D)
-                    cos, sin = self._rope(kept_idx)  # kept bytes keep their original positions
+                    pos = kept_idx  # kept bytes keep their original positions
+                    cos, sin = self._rope(pos)
                 else:
                     key_bias = G
             x = self._run_block(blk, x, cos, sin, causal=False, key_bias=key_bias, key_mask=key_mask)
         return EncoderOutput(
-            memory=self.enc_norm(x), key_mask=key_mask, key_bias=key_bias, pad_mask=pad_mask, gate=G,
+            memory=self.enc_norm(x), positions=pos, key_mask=key_mask, key_bias=key_bias, pad_mask=pad_mask, gate=G,
             kept_idx=kept_idx, hard=hard and G is not None,
         )
 
@@ -228,17 +257,19 @@ class MrT5(nn.Module):
         enc: EncoderOutput,
         cache: DecoderCache | None = None,
     ) -> torch.Tensor:  # (B, t, V) logits
-        """Decoder forward. With ``cache`` it continues from ``cache.length`` and stores self-attention
-        keys/values and the (once-computed) cross-attention keys/values of the encoder output."""
+        """Decoder forward. Decoder input ``i`` sits at row position ``T - 1 + i`` (``T`` = prefix length:
+        BOS stands in for the last prefix byte, as in the flat LM's input). With ``cache`` it continues from
+        ``cache.length`` and stores self-attention keys/values and the (once-computed) cross-attention
+        keys/values of the encoder output."""
         _, t = dec_ids.shape
-        offset = cache.length if cache is not None else 0
-        cos, sin = self._rope(torch.arange(offset, offset + t, device=dec_ids.device))
+        start = enc.prefix_len - 1 + (cache.length if cache is not None else 0)
+        cos, sin = self._rope(torch.arange(start, start + t, device=dec_ids.device))
         x = self.embed(dec_ids)  # (B, t, D)
         for i, layer in enumerate(self.decoder):
             blk = cast(DecoderBlock, layer)
             kv = cache.cross_kv[i] if cache is not None else None
             if kv is None:
-                kv = blk.cross.kv(enc.memory)
+                kv = blk.cross.kv(enc.memory, *self._rope(enc.positions))
                 if cache is not None:
                     cache.cross_kv[i] = kv
             if cache is None and self.cfg.activation_checkpointing and self.training:
@@ -264,10 +295,18 @@ class MrT5(nn.Module):
         targets: torch.Tensor | None = None,  # (B, T) next bytes (input_ids shifted by one), flat-LM convention
         hard_delete: bool | None = None,
         prefix_len: int | None = None,
+        cache: DecoderCache | None = None,
         **_: object,
     ) -> ModelOutput:
         """Prefix-LM step. ``logits`` (B, T-s+1, V) predict ``x_s..x_T`` = ``targets[:, s-1:]``; ``loss`` is
-        their CE (PAD / -100 targets ignored); ``aux_loss`` = alpha * mean(G) in training (gate on)."""
+        their CE (PAD / -100 targets ignored); ``aux_loss`` = alpha * mean(G) in training (gate on).
+
+        With ``cache`` (the ``bytelm.models.generate`` protocol): the first call encodes ``input_ids`` as the
+        whole prompt and returns the logits (B, 1, V) of the first continuation byte (decoder fed BOS); later
+        calls feed new bytes to the decoder and return their logits. The uncached reference for a prompt of
+        ``P`` bytes plus ``n`` generated ones is ``forward(prompt + generated, prefix_len=P)``."""
+        if cache is not None:
+            return self._forward_cached(input_ids, cache, hard_delete)
         B, T = input_ids.shape
         s = self.split(T, prefix_len)
         enc = self.encode(input_ids[:, :s], hard_delete=hard_delete)
@@ -295,6 +334,14 @@ class MrT5(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, metrics=metrics)
 
     # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def _forward_cached(self, ids: torch.Tensor, cache: DecoderCache, hard_delete: bool | None) -> ModelOutput:
+        if cache.enc is None:
+            cache.enc = self.encode(ids, hard_delete=hard_delete)
+            ids = torch.full((ids.shape[0], 1), BOS_ID, dtype=ids.dtype, device=ids.device)
+        metrics: dict[str, torch.Tensor | float] = {"encoder_len": float(cache.enc.memory.shape[1])}
+        return ModelOutput(logits=self.decode(ids, cache.enc, cache), metrics=metrics)
 
     @torch.no_grad()
     def generate(
