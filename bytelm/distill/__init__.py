@@ -1,1 +1,22 @@
+"""Cross-tokenizer distillation: subword teachers into byte students (DESIGN.md §5, docs/distill.md).
 
+``teacher`` loads a frozen Hugging Face LM and gives byte spans of its tokens; ``align`` cuts chunks common to
+both tilings; ``alm`` is the ALM loss; ``byteprobs`` the teacher's next-byte distribution and the byte KL;
+``latent`` the word-level latent alignment; ``objective`` turns them into ``ByteLMModule.extra_loss`` from
+``cfg.distill``. Importing this package does not import transformers.
+"""
+
+from __future__ import annotations
+
+from bytelm.distill.align import ChunkAlignment, align_chunks, last_token_in_units
+from bytelm.distill.alm import alm_loss
+from bytelm.distill.byteprobs import ByteTrie, byte_kl, byte_kl_naive
+from bytelm.distill.latent import LatentAlignment
+from bytelm.distill.objective import DistillObjective, attach_objective, build_objective, text_segments
+from bytelm.distill.teacher import Teacher, TeacherEncoding, TeacherOutput, load_teacher
+
+__all__ = [
+    "ByteTrie", "ChunkAlignment", "DistillObjective", "LatentAlignment", "Teacher", "TeacherEncoding",
+    "TeacherOutput", "align_chunks", "alm_loss", "attach_objective", "build_objective", "byte_kl",
+    "byte_kl_naive", "last_token_in_units", "load_teacher", "text_segments",
+]

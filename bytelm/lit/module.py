@@ -6,8 +6,9 @@ own ``loss``, an ``aux_loss`` and ``metrics``), so the flat, hierarchical and Mr
 
 from __future__ import annotations
 
+import logging
 import math
-import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,12 @@ from bytelm.config import Config, config_from_dict, config_to_dict
 from bytelm.data.packed import IGNORE
 from bytelm.lit.metrics import bits_per_byte, byte_nll_sum, z_loss
 from bytelm.lit.schedule import lr_multiplier
-from bytelm.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossWarning(RuntimeWarning):
+    """A training step produced a NaN/inf loss and was skipped."""
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -27,7 +33,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or "embed" in name or name.endswith(".bias") or "norm" in name:
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions hold a flat slice: use the full shape
+        if ndim < 2 or "embed" in name or name.endswith(".bias") or "norm" in name:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -46,13 +53,17 @@ class ByteLMModule(L.LightningModule):
         self.extra_loss: Any = None  # optional callable(batch, out) -> (loss, metrics): distillation hooks in
         self._val_nll = 0.0
         self._val_bytes = 0
-        self._t_last: float | None = None
         self.bad_steps = 0
+        self._drop_grads = False
 
     def configure_model(self) -> None:
-        """Built here (not in __init__) so sharded strategies can construct it under their init context."""
+        """Built here (not in __init__) so sharded strategies can construct it under their init context:
+        ZeRO-3 partitions it as it is built, FSDP2 shards every Block then the root (bytelm.lit.strategies)."""
         if self.model is None:
-            self.model = build_model(self.cfg.model)
+            from bytelm.lit.strategies import build_model_for
+
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            self.model = build_model_for(self.cfg, strategy)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         assert self.model is not None, "configure_model() was not called"
@@ -86,15 +97,8 @@ class ByteLMModule(L.LightningModule):
             logs.update({f"train/{k}": v for k, v in em.items()})
         for k, v in out.metrics.items():
             logs[f"train/{k}"] = v
-        if not torch.isfinite(loss):
-            self.bad_steps += 1
-            self.print(f"warning: non-finite loss at step {self.global_step}; step skipped ({self.bad_steps} so far)")
-            return None
-        now = time.perf_counter()
-        if self._t_last is not None:
-            n_bytes = batch["input_ids"].numel() * self.trainer.world_size
-            logs["perf/bytes_per_s"] = n_bytes / max(now - self._t_last, 1e-9)
-        self._t_last = now
+        if self.cfg.trainer.skip_nonfinite and self._nonfinite(loss):
+            return self._skip_step(loss)
         logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", ce, prog_bar=True, on_step=True, on_epoch=False, logger=False)
@@ -116,17 +120,64 @@ class ByteLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         t = torch.tensor([self._val_nll, float(self._val_bytes)], device=self.device, dtype=torch.float64)
         if self.trainer.world_size > 1:
-            t = self.all_gather(t).sum(0)
+            gathered = self.all_gather(t)
+            assert isinstance(gathered, torch.Tensor)
+            t = gathered.sum(0)
         bpb = bits_per_byte(float(t[0]), int(t[1]))
         self.log("val/bpb", bpb, prog_bar=True, sync_dist=False, rank_zero_only=True)
-        self._t_last = None  # validation time is not training throughput
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """True on every rank when the loss is NaN/inf on any rank (all ranks must skip together)."""
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        return bad
+
+    def _skip_step(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Count and report a non-finite loss and skip its optimizer step.
+
+        One process: return None; Lightning then skips backward, every gradient stays None and the optimizer
+        changes nothing. Several processes: Lightning refuses None (the ranks' collectives must match), so the
+        loss goes through backward on every rank and ``on_before_optimizer_step`` drops the gradients
+        (DeepSpeed keeps its own gradient buffers: its overflow check skips the step on NaN/inf gradients).
+        """
+        self.bad_steps += 1
+        msg = f"non-finite loss at step {self.global_step}; optimizer step skipped ({self.bad_steps} so far)"
+        log.warning(msg)
+        if self.trainer.is_global_zero:
+            warnings.warn(msg, NonFiniteLossWarning, stacklevel=2)
+        self.log("train/bad_steps", float(self.bad_steps), on_step=True, on_epoch=False)
+        limit = self.cfg.trainer.max_bad_steps
+        if limit > 0 and self.bad_steps >= limit:
+            raise FloatingPointError(f"{self.bad_steps} non-finite losses (trainer.max_bad_steps={limit}): stopping")
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if self.trainer.world_size == 1 and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return None
+        self._drop_grads = True
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_grads:  # a skipped step (see _skip_step): no gradient, so no update
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self._drop_grads = False
 
     def configure_optimizers(self):
         assert self.model is not None
         o = self.cfg.optim
-        opt = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        )
+        groups = param_groups(self.model, o.weight_decay)
+        if isinstance(self.extra_loss, torch.nn.Module):  # e.g. distillation's latent projection trains too
+            for g, extra in zip(groups, param_groups(self.extra_loss, o.weight_decay), strict=True):
+                g["params"] = g["params"] + extra["params"]
+        opt: torch.optim.Optimizer
+        if self._cpu_adam_wanted():  # ZeRO-Offload on GPU machines: DeepSpeed's vectorised CPU Adam
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.cfg.trainer.max_steps
 
         def fn(step: int) -> float:
@@ -137,6 +188,13 @@ class ByteLMModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _cpu_adam_wanted(self) -> bool:
+        if not (self.cfg.strategy.offload_optimizer and torch.cuda.is_available() and self._trainer is not None):
+            return False
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bytelm_config"] = config_to_dict(self.cfg)

@@ -40,12 +40,18 @@ def build_logger(cfg: Config) -> Any:
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        wandb_offline_default()
-        logger = WandbLogger(
-            project=cfg.logger.project, name=cfg.name, group=cfg.logger.group, tags=list(cfg.logger.tags),
-            save_dir=str(out), offline=os.environ.get("WANDB_MODE") == "offline",
+        lc = cfg.logger
+        if lc.offline is None:
+            wandb_offline_default()
+            offline = os.environ.get("WANDB_MODE") == "offline"
+        else:
+            offline = lc.offline
+        logger = WandbLogger(  # W&B logs from rank 0 only (Lightning loggers are rank-zero)
+            project=lc.project, name=lc.run_name or cfg.name, group=lc.group, tags=list(lc.tags),
+            save_dir=str(out), offline=offline,
         )
-        logger.log_hyperparams(config_to_dict(cfg))
+        if lc.log_config:
+            logger.log_hyperparams(config_to_dict(cfg))  # the full resolved config (rank 0 only)
         return logger
     raise ValueError(f"unknown logger.kind {kind!r}; choose wandb, csv, tensorboard or none")
 
@@ -55,9 +61,15 @@ def build_strategy(cfg: Config) -> Any:
     if name == "single":
         return "auto"
     if name == "ddp":
+        from datetime import timedelta
+
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend="nccl" if torch.cuda.is_available() else "gloo")
+        return DDPStrategy(
+            process_group_backend="nccl" if torch.cuda.is_available() else "gloo",
+            find_unused_parameters=cfg.strategy.find_unused_parameters,
+            timeout=timedelta(minutes=cfg.strategy.timeout_min),
+        )
     try:
         from bytelm.lit.strategies import make_strategy
     except ImportError as e:  # pragma: no cover - the module ships with bytelm
@@ -65,15 +77,34 @@ def build_strategy(cfg: Config) -> Any:
     return make_strategy(cfg)
 
 
+def on_slurm() -> bool:
+    """A Slurm job step launched with srun (not an interactive allocation)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect()
+
+
 def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: Any) -> L.Trainer:
     t = cfg.trainer
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = ModelCheckpoint(
+    from bytelm.lit.callbacks import RequeueOnSignal, ThroughputMonitor
+    from bytelm.lit.strategies import AtomicCheckpointIO
+
+    ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first
         dirpath=str(out / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max", save_last=True,
+        every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max",
+        save_last=t.save_last,
     )
-    cbs: list[Any] = [ckpt]
+    cbs: list[Any] = [ckpt, ThroughputMonitor()]
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if on_slurm():
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        # bytelm's RequeueOnSignal replaces Lightning's handler (which checkpoints inside the signal handler)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        if t.requeue_on_signal:
+            cbs.append(RequeueOnSignal(out / "checkpoints"))
     if t.progress:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every // 2)))
     logger = build_logger(cfg)
@@ -88,7 +119,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
         accumulate_grad_batches=t.accumulate, logger=logger, callbacks=cbs,
         enable_progress_bar=t.progress, default_root_dir=str(out), use_distributed_sampler=False,
         strategy=build_strategy(cfg), num_sanity_val_steps=0, max_time=t.max_time,
-        enable_model_summary=t.progress,
+        enable_model_summary=t.progress, plugins=plugins,
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)

@@ -9,6 +9,13 @@ Backends:
 
 When the requested backend cannot serve a call (not installed, no CUDA, unsupported feature), the call falls
 back to SDPA and one log line per (backend, reason) says so. Results agree across backends (tested).
+
+``null_key=True`` turns the softmax into softmax1 (``exp(s_j) / (1 + sum_k exp(s_k))``, "attention off by
+one"): an extra key with score 0 and value 0 that every query sees and no mask removes. MrT5 needs it where
+the delete gate's bias ``G`` enters the scores: a plain softmax is invariant to a uniform shift of ``G``, so
+the loss could not tell "delete everything a bit more"; with the null key a lower ``G`` moves attention mass
+onto the null key (the output shrinks), so the task loss pushes back. Served by SDPA (the other backends fall
+back).
 """
 
 from __future__ import annotations
@@ -91,11 +98,16 @@ def build_mask(
     return allowed
 
 
-def _sdpa(q, k, v, *, causal, q_offset, doc_ids, key_bias, key_mask, window):
+def _sdpa(q, k, v, *, causal, q_offset, doc_ids, key_bias, key_mask, window, null_key=False):
     tq, tk = q.shape[2], k.shape[2]
+    if null_key:
+        return _sdpa_null_key(q, k, v, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_bias=key_bias,
+                              key_mask=key_mask, window=window)
     simple = doc_ids is None and key_bias is None and key_mask is None and window == 0
     if simple and (not causal or (q_offset == 0 and tq == tk)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if simple and tq == 1 and q_offset == tk - 1:  # one cached decoding step: every key is in the past
+        return F.scaled_dot_product_attention(q, k, v)
     allowed = build_mask(
         tq, tk, device=q.device, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_mask=key_mask,
         window=window,
@@ -107,6 +119,25 @@ def _sdpa(q, k, v, *, causal, q_offset, doc_ids, key_bias, key_mask, window):
         base = bias if bias is not None else torch.zeros((), dtype=q.dtype, device=q.device)
         bias = torch.where(allowed, base, torch.tensor(NEG_INF, dtype=q.dtype, device=q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _sdpa_null_key(q, k, v, *, causal, q_offset, doc_ids, key_bias, key_mask, window):
+    """softmax1 through SDPA: append one all-zero key and value (score ``q . 0 = 0``, bias 0, never masked,
+    no position: zero stays zero under RoPE) after the ``Tk`` real keys."""
+    B, H, tq, hd = q.shape
+    tk = k.shape[2]
+    zero = q.new_zeros(B, H, 1, hd)
+    k1 = torch.cat([k, zero.to(k.dtype)], dim=2)
+    v1 = torch.cat([v, zero.to(v.dtype)], dim=2)
+    allowed = build_mask(
+        tq, tk, device=q.device, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_mask=key_mask,
+        window=window,
+    )  # (B|1, 1, Tq, Tk) or None
+    bias = key_bias.to(q.dtype).view(-1, 1, 1, tk) if key_bias is not None else q.new_zeros(1, 1, 1, tk)
+    if allowed is not None:
+        bias = torch.where(allowed, bias, torch.tensor(NEG_INF, dtype=q.dtype, device=q.device))
+    bias = F.pad(bias, (0, 1), value=0.0)  # the null key: score 0 for every query
+    return F.scaled_dot_product_attention(q, k1, v1, attn_mask=bias)
 
 
 def _flash(q, k, v, *, causal, doc_ids, window):
@@ -164,10 +195,13 @@ def attend(
     key_mask: torch.Tensor | None = None,  # (B, Tk) bool, False = padding
     window: int = 0,
     backend: str | Backend = Backend.SDPA,
+    null_key: bool = False,  # softmax1: an extra key with score 0 and value 0 (MrT5)
 ) -> torch.Tensor:  # (B, H, Tq, hd)
     """Scaled dot-product attention with the features bytelm's models need, on the chosen backend."""
     b = parse_backend(backend) if isinstance(backend, str) else backend
-    if b is Backend.FLASH:
+    if null_key and b is not Backend.SDPA:
+        _fallback(b.value, "null key (softmax1)")
+    elif b is Backend.FLASH:
         if not flash_available():
             _fallback("flash", "flash-attn not installed or no CUDA")
         elif q.dtype not in (torch.float16, torch.bfloat16):
@@ -189,4 +223,4 @@ def attend(
             return _flex(q, k, v, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_mask=key_mask,
                          window=window)
     return _sdpa(q, k, v, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_bias=key_bias,
-                 key_mask=key_mask, window=window)
+                 key_mask=key_mask, window=window, null_key=null_key)

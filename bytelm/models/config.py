@@ -25,6 +25,7 @@ class GateConfig:
     kp: float = 0.5
     ki: float = 1e-5
     hard_eval: bool = False  # use hard deletion in validation (inference always may)
+    softmax1: bool = True  # null key (softmax1) in the layers the gate bias reaches (also with the gate off)
 
 
 @dataclass

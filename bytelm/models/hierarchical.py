@@ -361,7 +361,7 @@ class HierarchicalByteLM(nn.Module):
         if word_start is None:
             rows = input_ids.cpu().numpy()
             docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
-            word_start = torch.from_numpy(np.stack([self.word_starts_row(r, d) for r, d in zip(rows, docs)]))
+            word_start = torch.from_numpy(np.stack([self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]))
             word_start = word_start.to(dev)
         lay = layout_words(input_ids, word_start, doc_ids)
         W = lay.start.shape[1]
@@ -382,7 +382,8 @@ class HierarchicalByteLM(nn.Module):
 
         real = input_ids != PAD_ID
         bpw = real.sum() / (lay.word_start & real).sum().clamp_min(1)
-        return ModelOutput(logits=logits, metrics={"bytes_per_word": bpw.detach()})
+        hidden = {"words": z, "word_start": lay.start, "word_end": lay.end}  # for distillation (bytelm.distill)
+        return ModelOutput(logits=logits, metrics={"bytes_per_word": bpw.detach()}, hidden=hidden)
 
     @torch.no_grad()
     def _forward_cached(self, new_ids: torch.Tensor, cache: HierCache) -> ModelOutput:

@@ -119,6 +119,7 @@ class SelfAttention(nn.Module):
         key_mask: torch.Tensor | None = None,  # (B, S) True = key may be attended (padding mask)
         window: int = 0,
         cache: KVCache | None = None,
+        null_key: bool = False,  # softmax1 (attention.attend): MrT5's layers that see the gate bias
     ) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -129,7 +130,7 @@ class SelfAttention(nn.Module):
             k, v = cache.append(k, v)
         out = attend(
             q, k, v, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_bias=key_bias,
-            key_mask=key_mask, window=window, backend=self.backend,
+            key_mask=key_mask, window=window, backend=self.backend, null_key=null_key,
         )  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 

@@ -73,11 +73,12 @@ class CrossAttention(nn.Module):
     their absolute row positions (``s - 1 + i``), keys at their original prefix positions (also after hard
     deletion), so the cross-attention sees the relative distance, as one flat sequence would."""
 
-    def __init__(self, dim: int, n_heads: int, backend: str = "sdpa") -> None:
+    def __init__(self, dim: int, n_heads: int, backend: str = "sdpa", null_key: bool = False) -> None:
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"width {dim} is not divisible by n_heads={n_heads}")
         self.n_heads, self.head_dim, self.backend = n_heads, dim // n_heads, backend
+        self.null_key = null_key  # softmax1
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wkv = nn.Linear(dim, 2 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
@@ -103,19 +104,22 @@ class CrossAttention(nn.Module):
         B, T, D = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         q = apply_rope(q, cos, sin)
-        out = attend(q, kv[0], kv[1], causal=False, key_bias=key_bias, key_mask=key_mask, backend=self.backend)
+        out = attend(
+            q, kv[0], kv[1], causal=False, key_bias=key_bias, key_mask=key_mask, backend=self.backend,
+            null_key=self.null_key,
+        )
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 
 class DecoderBlock(nn.Module):
     """x + self_attn(norm(x)) [causal, cached]; x + cross_attn(norm(x), encoder); x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, backend: str) -> None:
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, backend: str, null_key: bool = False) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim)
         self.attn = SelfAttention(dim, n_heads, backend)
         self.cross_norm = RMSNorm(dim)
-        self.cross = CrossAttention(dim, n_heads, backend)
+        self.cross = CrossAttention(dim, n_heads, backend, null_key)
         self.mlp_norm = RMSNorm(dim)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
 
@@ -184,7 +188,7 @@ class MrT5(nn.Module):
         self.gate: DeleteGate | None = DeleteGate(d, g.k, g.bias_init) if cfg.gate_enabled else None
         self.controller = PIController(g.target_ratio, g.kp, g.ki)
         self.decoder = nn.ModuleList(
-            [DecoderBlock(d, h, cfg.mlp_ratio, cfg.attn_backend) for _ in range(cfg.decoder_layers)]
+            [DecoderBlock(d, h, cfg.mlp_ratio, cfg.attn_backend, g.softmax1) for _ in range(cfg.decoder_layers)]
         )
         self.dec_norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -233,7 +237,10 @@ class MrT5(nn.Module):
                     cos, sin = self._rope(pos)
                 else:
                     key_bias = G
-            x = self._run_block(blk, x, cos, sin, causal=False, key_bias=key_bias, key_mask=key_mask)
+            null_key = self.cfg.gate.softmax1 and i >= self.cfg.gate.layer
+            x = self._run_block(
+                blk, x, cos, sin, causal=False, key_bias=key_bias, key_mask=key_mask, null_key=null_key
+            )
         return EncoderOutput(
             memory=self.enc_norm(x), positions=pos, key_mask=key_mask, key_bias=key_bias, pad_mask=pad_mask, gate=G,
             kept_idx=kept_idx, hard=hard and G is not None,
@@ -323,6 +330,10 @@ class MrT5(nn.Module):
             tgt = targets[:, s - 1 :]
             tgt = tgt.masked_fill(tgt == PAD_ID, IGNORE_INDEX)
             loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX)
+            if not self.training:  # validation sums NLL over the continuation bytes (val/bpb)
+                n = (tgt != IGNORE_INDEX).sum()
+                metrics["nll_sum"] = loss.detach() * n
+                metrics["n_bytes"] = n
         if enc.gate is not None:
             G = enc.gate
             alpha = self.controller.alpha.clone()  # value set by the previous step
