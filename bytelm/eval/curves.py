@@ -1,0 +1,148 @@
+"""Training curves of a run, read back from its folder: validation bpb against training FLOPs and wall-clock.
+
+The CSV logger (``logger=csv``) writes ``<out_dir>/csv/version_*/metrics.csv`` (a resumed run adds a version;
+later versions win for the same step). From it:
+
+- ``val/bpb`` at each validation step;
+- training FLOPs at step ``s`` = ``s * bytes_per_step * flops_per_byte`` with ``bytes_per_step`` =
+  ``batch_size * seq_len * accumulate * world`` and ``bytelm.models.flops.flops_per_byte`` (for the
+  hierarchical model with the bytes per word logged in training, else measured at evaluation, else 4.5). For an
+  architecture the formula does not cover (MrT5), ``6 * non-embedding parameters`` per byte, flagged
+  ``flops_exact=False``;
+- wall-clock of training at step ``s``: the sum of the logged step times (``perf/step_s``, or bytes per step /
+  ``perf/bytes_per_s``), each carried forward over the unlogged steps until the next log. Validation and
+  checkpointing time are not included (they are not training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Curve:
+    steps: list[int] = field(default_factory=list)  # validation steps
+    bpb: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)  # training FLOPs spent at each step
+    wall_s: list[float] = field(default_factory=list)  # estimated training seconds at each step ([] = unknown)
+    flops_per_byte: float = 0.0
+    flops_exact: bool = True
+    total_steps: int = 0
+    total_flops: float = 0.0
+    total_wall_s: float | None = None
+    source: str = ""  # the CSV files read, or why there is no curve
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run folder of a checkpoint (``<run>/checkpoints/x.ckpt`` -> ``<run>``) or of a run folder itself."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    return p.parent if p.name == "checkpoints" else p
+
+
+def _version(p: Path) -> int:
+    m = re.search(r"version_(\d+)", str(p))
+    return int(m.group(1)) if m else -1
+
+
+def read_metrics(run_dir: Path) -> tuple[dict[int, dict[str, float]], list[Path]]:
+    """``{step: {metric: value}}`` merged over every ``csv/version_*/metrics.csv`` (later versions win)."""
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"), key=_version)
+    rows: dict[int, dict[str, float]] = {}
+    for f in files:
+        with open(f, newline="") as fh:
+            for r in csv.DictReader(fh):
+                try:
+                    step = int(float(r.get("step") or "nan"))
+                except ValueError:
+                    continue
+                vals = rows.setdefault(step, {})
+                for k, v in r.items():
+                    if k in ("step", "epoch") or v in (None, ""):
+                        continue
+                    with contextlib.suppress(ValueError):
+                        vals[k] = float(v)
+    return rows, files
+
+
+def _world(cfg: Any) -> int:
+    dev = cfg.trainer.devices
+    n = dev if isinstance(dev, int) and dev > 0 else len(dev) if isinstance(dev, list | tuple) else 1
+    return max(1, n) * max(1, int(cfg.trainer.num_nodes))
+
+
+def _flops_per_byte(cfg: Any, model: Any, bytes_per_word: float | None) -> tuple[float, bool]:
+    try:
+        from bytelm.models.flops import flops_per_byte
+
+        if cfg.model.arch == "hierarchical" and bytes_per_word:
+            return float(flops_per_byte(cfg.model, cfg.data.seq_len, bytes_per_word)), True
+        return float(flops_per_byte(cfg.model, cfg.data.seq_len)), True
+    except (ImportError, ValueError) as e:
+        log.info("flops_per_byte unavailable for %s (%s): using 6 * non-embedding parameters", cfg.model.arch, e)
+    n = 0
+    if model is not None:
+        import torch
+
+        emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in emb)
+    return 6.0 * n, False
+
+
+def training_curve(ckpt_path: str | Path, cfg: Any, model: Any = None, bytes_per_word: float | None = None,
+                   global_step: int | None = None) -> Curve:
+    """The run's validation curve against FLOPs and wall-clock (empty ``steps`` when it has no CSV log)."""
+    run_dir = run_dir_of(ckpt_path)
+    rows, files = read_metrics(run_dir)
+    logged_bpw = [v["train/bytes_per_word"] for v in rows.values() if "train/bytes_per_word" in v]
+    bpw = sum(logged_bpw) / len(logged_bpw) if logged_bpw else bytes_per_word
+    fpb, exact = _flops_per_byte(cfg, model, bpw)
+    t = cfg.trainer
+    per_step_bytes = cfg.data.batch_size * cfg.data.seq_len * max(1, t.accumulate) * _world(cfg)
+    curve = Curve(flops_per_byte=fpb, flops_exact=exact, source=", ".join(str(f) for f in files))
+    last = max(rows) if rows else 0
+    curve.total_steps = max(last + 1 if rows else 0, global_step or 0)  # CSV steps count from 0
+    curve.total_flops = fpb * per_step_bytes * curve.total_steps
+    if not files:
+        curve.source = f"no CSV log under {run_dir}/csv (train with logger=csv for curves)"
+        return curve
+    # wall-clock: per-step seconds from the latest logged value, carried forward (back-filled before the first)
+    acc = max(1, t.accumulate)
+
+    def step_seconds(v: dict[str, float]) -> float | None:
+        if v.get("perf/step_s"):
+            return v["perf/step_s"] * acc
+        if v.get("perf/bytes_per_s"):
+            return per_step_bytes / v["perf/bytes_per_s"]
+        return None
+
+    logged = [x for x in (step_seconds(rows[k]) for k in sorted(rows)) if x is not None and math.isfinite(x)]
+    have_time = bool(logged)
+    elapsed: dict[int, float] = {}
+    t_sum, cur = 0.0, (logged[0] if logged else 0.0)
+    for s in range(0, last + 1):
+        got = step_seconds(rows.get(s, {}))
+        if got is not None and math.isfinite(got):
+            cur = got
+        t_sum += cur
+        elapsed[s] = t_sum
+    for s in sorted(rows):
+        if "val/bpb" in rows[s]:
+            curve.steps.append(s)
+            curve.bpb.append(rows[s]["val/bpb"])
+            # validation runs after step s's optimizer update: s + 1 steps of training are done
+            curve.flops.append(fpb * per_step_bytes * (s + 1))
+            if have_time:
+                curve.wall_s.append(elapsed[s])
+    curve.total_wall_s = elapsed.get(last) if have_time else None
+    return curve

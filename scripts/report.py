@@ -1,0 +1,348 @@
+"""Evaluate a set of bytelm checkpoints (and the SmolLM2 subword teacher as a reference row) and write
+``docs/results.md`` with tables and PNG plots under ``docs/img/``.
+
+  python scripts/report.py --run flat=runs/demo/flat_tiny --run hierarchical=runs/demo/hat_tiny \\
+      --teacher --max-bytes 65536 --out docs/results.md
+
+Per run: every task of ``bytelm-eval`` (held-out English and multilingual bpb, bytes/s, bytes per word / kept
+ratio, robustness to noise, CUTE-style tasks), and its training curve read from the run folder's CSV log
+(validation bpb vs training FLOPs and vs wall-clock). Speed ratios come from ``out/bench_*.json`` when the
+benchmark scripts have written them. Each row's ``bytelm-eval`` command is printed and written next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bytelm.cli.eval import _csv
+from bytelm.eval import plots
+from bytelm.eval.curves import Curve, training_curve
+from bytelm.eval.multilingual import SPLITS, resolve_split
+from bytelm.eval.scoring import ByteScorer, load_scorer
+from bytelm.eval.suite import TASK_NAMES, EvalOptions, reproduce_command, run_suite
+
+log = logging.getLogger("report")
+
+
+def parse_run(s: str) -> tuple[str, str]:
+    if "=" in s:
+        name, spec = s.split("=", 1)
+        return name.strip(), spec.strip()
+    p = Path(s)
+    return (p.parent.parent.name if p.is_file() else p.name), s
+
+
+def f4(x: Any) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def human(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "—"
+    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suf}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Numbers of a JSON document by dotted key; list items are named by their ``setting``/``name``."""
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            label = v.get("setting") or v.get("name") if isinstance(v, dict) else None
+            out.update(flatten(v, f"{prefix}[{label or i}]"))
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        out[prefix] = float(obj)
+    return out
+
+
+def speed_ratios(paths: list[Path]) -> dict[str, dict[str, float]]:
+    """``{file name: {key: ratio}}`` for the keys of ``bench_*.json`` that are side-by-side ratios."""
+    res = {}
+    for p in paths:
+        try:
+            flat = flatten(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("skipping %s: %s", p, e)
+            continue
+        keys = {k: v for k, v in flat.items() if "speedup" in k.rsplit(".", 1)[-1] or "_vs_" in k}
+        keys = {k: v for k, v in keys.items() if not k.startswith("args.")}
+        if keys:
+            res[p.name] = keys
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+def main_rows(results: dict[str, dict[str, Any]], curves: dict[str, Curve]) -> list[list[str]]:
+    rows = []
+    for name, r in results.items():
+        m, c = r["model"], curves.get(name)
+        e = r.get("bpb", {})
+        rob, cute, ml = r.get("robustness"), r.get("cute"), r.get("multilingual")
+        rows.append([
+            f"**{name}**", m["kind"], human(m["params"]),
+            str(c.total_steps) if c and c.total_steps else "—",
+            (human(c.total_flops) + ("" if c.flops_exact else " ≈")) if c and c.total_flops else "—",
+            f"{c.total_wall_s:,.0f} s" if c and c.total_wall_s else "—",
+            f4(e.get("bpb")), f4(ml["pooled_bpb"]) if ml else "—", f4(r.get("overall_bpb")),
+            f"{e['bytes_per_s']:,.0f}" if "bytes_per_s" in e else "—",
+            f"{e['bytes_per_word']:.2f}" if "bytes_per_word" in e else "—",
+            f"{e['kept_ratio']:.3f}" if "kept_ratio" in e else "—",
+            f"{rob['mean_delta']:+.3f} ({100 * rob['mean_rel']:+.1f}%)" if rob else "—",
+            f"{cute['acc']:.3f} / {cute['acc_norm']:.3f}" if cute else "—",
+        ])
+    return rows
+
+
+def main_table(results: dict[str, dict[str, Any]], curves: dict[str, Curve]) -> list[str]:
+    return table(["model", "type", "params", "train steps", "train FLOPs", "train time", "English bpb",
+                  "multilingual bpb", "overall bpb", "eval bytes/s", "bytes/word", "kept ratio",
+                  "noise Δbpb (mean)", "CUTE acc / acc_norm"], main_rows(results, curves))
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme: Path, out: Path, results: dict[str, dict[str, Any]], curves: dict[str, Curve],
+                  images: dict[str, Path]) -> bool:
+    """Replace the block between ``README_START`` and ``README_END`` in ``readme`` with the main table and the
+    bpb-vs-FLOPs plot. Returns False (and changes nothing) when the markers are missing."""
+    text = readme.read_text() if readme.is_file() else ""
+    if README_START not in text or README_END not in text:
+        log.warning("%s has no %s ... %s block: README not updated", readme, README_START, README_END)
+        return False
+    block = [README_START, "", *main_table(results, curves), ""]
+    if "bpb_vs_flops" in images:
+        block.append(f"![validation bpb vs training FLOPs]({os.path.relpath(images['bpb_vs_flops'], readme.parent)})")
+    block += ["", f"Full results, commands and plots: [{os.path.relpath(out, readme.parent)}]"
+              f"({os.path.relpath(out, readme.parent)}).", "", README_END]
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + "\n".join(block) + rest.split(README_END, 1)[1])
+    return True
+
+
+def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[str, dict[str, Any]],
+                   curves: dict[str, Curve], images: dict[str, Path], ratios: dict[str, dict[str, float]],
+                   notes: list[str]) -> str:
+    out = Path(args.out)
+    rel = {k: os.path.relpath(v, out.parent) for k, v in images.items()}
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    L = ["# bytelm results", "",
+         f"Generated by `scripts/report.py` on {dt.date.today().isoformat()} (commit `{commit}`, torch "
+         f"{torch.__version__}, {dev}, {torch.get_num_threads()} threads). Every number below is measured, by "
+         "the command printed next to it. Regenerate this page with:", "",
+         "```", shlex.join(["python", "scripts/report.py", *sys.argv[1:]]) if args.argv is None
+         else shlex.join(["python", "scripts/report.py", *args.argv]), "```", "",
+         f"Sets: held-out English = the canonical Shakespeare validation works (Hamlet, Twelfth Night, both "
+         f"editions, Sonnets), multilingual = the `chatterbot-corpus` dialogs; at most {opts.max_bytes:,} bytes "
+         f"per set (an equal share from each document). bpb = bits per text byte. See docs/eval.md for "
+         "definitions.", "", "## Main table", ""]
+    L += main_table(results, curves)
+    L += ["", "`≈`: FLOPs from 6 × non-embedding parameters (no exact formula for this architecture). Train time "
+          "is the sum of logged step times (no validation, no checkpointing). eval bytes/s: forward only, "
+          f"batch {args.batch_size}, on the device above.", ""]
+    for key, title in (("bpb_vs_flops", "bpb vs training FLOPs"), ("bpb_vs_wall", "bpb vs training time")):
+        if key in rel:
+            L.append(f"![{title}]({rel[key]})")
+    L += ["", "### Reproduce each row", ""]
+    L += [f"- **{n}**: `{r['command']}`" for n, r in results.items()]
+    ml = {n: r["multilingual"] for n, r in results.items() if "multilingual" in r}
+    if ml:
+        langs = list(next(iter(ml.values()))["languages"])
+        split = next(iter(ml.values()))["split"]
+        which = ("the held-out 10% of dialogs (canonical validation split)" if split == "validation" else
+                 "all dialogs (no compared model trained on the corpus)")
+        L += ["", "## Multilingual bits per byte", "", f"Per language of `chatterbot-corpus`, {which}; bytes "
+              "evaluated in the last column.", ""]
+        rows = [[lang, *[f4(v["languages"].get(lang, {}).get("bpb")) for v in ml.values()],
+                 f"{next(iter(ml.values()))['languages'][lang]['bytes']:,}"] for lang in langs]
+        rows.append(["**pooled**", *[f"**{f4(v['pooled_bpb'])}**" for v in ml.values()], ""])
+        rows.append(["mean over languages", *[f4(v["macro_bpb"]) for v in ml.values()], ""])
+        L += table(["language", *ml, "bytes"], rows)
+        scripts = list(next(iter(ml.values()))["scripts"])
+        L += ["", "Pooled by writing system:", ""]
+        L += table(["script", *ml], [[sc, *[f4(v["scripts"].get(sc)) for v in ml.values()]] for sc in scripts])
+        if "multilingual" in rel:
+            L += ["", f"![bpb per language]({rel['multilingual']})"]
+    rob = {n: r["robustness"] for n, r in results.items() if "robustness" in r}
+    if rob:
+        conds = list(next(iter(rob.values()))["conditions"])
+        L += ["", "## Robustness to noise", "", "bpb of the held-out English text after seeded noise "
+              "(`kind@fraction of bytes`), as the change vs clean text: Δbpb (relative). Noise touches ASCII "
+              "bytes only (docs/eval.md).", ""]
+        rows = [["clean", *[f4(v["clean_bpb"]) for v in rob.values()]]]
+        rows += [[c, *[f"{v['conditions'][c]['delta']:+.3f} ({100 * v['conditions'][c]['rel']:+.1f}%)"
+                       for v in rob.values()]] for c in conds]
+        rows.append(["**mean**", *[f"**{v['mean_delta']:+.3f} ({100 * v['mean_rel']:+.1f}%)**" for v in rob.values()]])
+        L += table(["condition", *rob], rows)
+        if "robustness" in rel:
+            L += ["", f"![robustness]({rel['robustness']})"]
+    cute = {n: r["cute"] for n, r in results.items() if "cute" in r}
+    if cute:
+        tasks = list(next(iter(cute.values()))["tasks"])
+        L += ["", "## Character-level tasks (CUTE-style)", "",
+              f"{opts.cute_items} seeded items per task (seed {opts.seed}, {opts.cute_shots} solved examples each, "
+              "4 candidates: chance 0.25), scored by log-likelihood ranking: acc (sum) / acc_norm (per byte).", ""]
+        rows = [[t, *[f"{v['tasks'][t]['acc']:.2f} / {v['tasks'][t]['acc_norm']:.2f}" for v in cute.values()]]
+                for t in tasks]
+        rows.append(["**mean**", *[f"**{v['acc']:.3f} / {v['acc_norm']:.3f}**" for v in cute.values()]])
+        L += table(["task", *cute], rows)
+        if "cute" in rel:
+            L += ["", f"![CUTE-style accuracy]({rel['cute']})"]
+    L += ["", "## Speed (side-by-side benchmarks)", ""]
+    if ratios:
+        for fname, kv in ratios.items():
+            L += [f"From `out/{fname}` (written by `scripts/{fname.replace('.json', '.py')}`):", ""]
+            L += table(["ratio", "value"], [[k, f"{v:.3g}"] for k, v in kv.items()]) + [""]
+        if "speed" in rel:
+            L += [f"![speed ratios]({rel['speed']})", ""]
+    else:
+        L += ["No `out/bench_*.json` found: run `make bench`, then this script again.", ""]
+    curve_notes = [f"- {n}: {c.source}" for n, c in curves.items()]
+    if curve_notes or notes:
+        L += ["## Notes", "", *notes]
+        if curve_notes:
+            L += ["", "Training logs read:", "", *curve_notes]
+    return "\n".join(L) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", default=[], metavar="NAME=CKPT",
+                   help="a model to evaluate: checkpoint, run folder or exported folder (repeatable)")
+    p.add_argument("--teacher", nargs="?", const="teacher", default=None, metavar="SPEC",
+                   help="add the subword teacher as a reference row (default SmolLM2-135M; or a .gguf / HF folder)")
+    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="bytes per evaluated set (0 = all)")
+    p.add_argument("--teacher-max-bytes", type=int, default=None,
+                   help="bytes per set for the teacher (default --max-bytes; the teacher is slow on CPU)")
+    p.add_argument("--tasks", type=_csv, default=d.tasks, help=f"subset of {','.join(TASK_NAMES)}")
+    p.add_argument("--languages", type=_csv, default=(), help="multilingual subset (default: all)")
+    p.add_argument("--multilingual-split", choices=SPLITS, default=d.ml_split,
+                   help="chatterbot dialogs: validation, all, or auto (validation if any run trained on them)")
+    p.add_argument("--cute-items", type=int, default=d.cute_items)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--bench", default="out", help="folder with bench_*.json")
+    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--img-dir", default=None, help="plots folder (default: <out folder>/img)")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help=f"also put the main table and plot between {README_START} and {README_END} in PATH")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.run and not args.teacher:
+        sys.exit("report.py: give at least one --run NAME=CKPT (or --teacher)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = EvalOptions(tasks=tuple(args.tasks), max_bytes=args.max_bytes, seed=args.seed,
+                       cute_items=args.cute_items, languages=tuple(args.languages), ml_split=args.multilingual_split)
+    results: dict[str, dict[str, Any]] = {}
+    curves: dict[str, Curve] = {}
+    notes: list[str] = []
+    scorers = {name: (spec, load_scorer(spec, device=args.device, batch_size=args.batch_size, name=name))
+               for name, spec in map(parse_run, args.run)}
+    # one multilingual split for every row: held-out dialogs as soon as one model trained on the corpus
+    opts = replace(opts, ml_split=resolve_split(opts.ml_split, [getattr(s, "cfg", None) for _, s in scorers.values()]))
+    for name, (spec, scorer) in scorers.items():
+        res = run_suite(scorer, opts)
+        res["command"] = reproduce_command(spec, opts, ["--name", name])
+        results[name] = res
+        print(f"[{name}] {res['command']}", flush=True)
+        if isinstance(scorer, ByteScorer) and scorer.cfg is not None:
+            curves[name] = training_curve(spec, scorer.cfg, scorer.model, res.get("bpb", {}).get("bytes_per_word"))
+    del scorers
+    if args.teacher:
+        t_opts = replace(opts, max_bytes=args.teacher_max_bytes if args.teacher_max_bytes is not None else opts.max_bytes)
+        try:
+            teacher = load_scorer(args.teacher, device=args.device)
+        except Exception as e:  # noqa: BLE001 - any failure to load the teacher skips its row, with the reason
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            log.warning("teacher row skipped: %s", reason)
+            notes.append(f"- Teacher reference row skipped: could not load `{args.teacher}` ({reason}).")
+        else:
+            res = run_suite(teacher, t_opts)
+            res["command"] = reproduce_command(args.teacher, t_opts)
+            results[teacher.name] = res
+            print(f"[{teacher.name}] {res['command']}", flush=True)
+            if t_opts.max_bytes != opts.max_bytes:
+                notes.append(f"- The teacher row used at most {t_opts.max_bytes:,} bytes per set (the byte models "
+                             f"{opts.max_bytes:,}): the first bytes of the same documents.")
+    out = Path(args.out)
+    img = Path(args.img_dir) if args.img_dir else out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    kinds = {n: r["model"]["kind"] for n, r in results.items()}
+    images: dict[str, Path] = {}
+    with_curves = {n: c for n, c in curves.items() if c.steps}
+    if with_curves:
+        images["bpb_vs_flops"] = plots.plot_curves(with_curves, kinds, "flops", img / "bpb_vs_flops.png")
+        if any(c.wall_s for c in with_curves.values()):
+            images["bpb_vs_wall"] = plots.plot_curves(with_curves, kinds, "wall", img / "bpb_vs_wall.png")
+    rob = {n: r["robustness"] for n, r in results.items() if "robustness" in r}
+    if rob:
+        conds = list(next(iter(rob.values()))["conditions"])
+        images["robustness"] = plots.plot_grouped_bars(
+            conds, {n: [v["conditions"][c]["delta"] for c in conds] for n, v in rob.items()}, kinds,
+            img / "robustness.png", "Δ bpb vs clean text", "Degradation under noise (lower is more robust)", 0.0)
+    ml = {n: r["multilingual"] for n, r in results.items() if "multilingual" in r}
+    if ml:
+        langs = list(next(iter(ml.values()))["languages"])
+        images["multilingual"] = plots.plot_grouped_bars(
+            langs, {n: [v["languages"][x]["bpb"] for x in langs] for n, v in ml.items()}, kinds,
+            img / "multilingual.png", "bits per byte", "bpb per language (chatterbot-corpus)", horizontal=True)
+    cute = {n: r["cute"] for n, r in results.items() if "cute" in r}
+    if cute:
+        tasks = list(next(iter(cute.values()))["tasks"])
+        images["cute"] = plots.plot_grouped_bars(
+            tasks, {n: [v["tasks"][t]["acc"] for t in tasks] for n, v in cute.items()}, kinds,
+            img / "cute.png", "accuracy (log-likelihood ranking)", "CUTE-style character tasks (dotted: chance)", 0.25)
+    ratios = speed_ratios(sorted(Path(args.bench).glob("bench_*.json")))
+    if ratios:
+        images["speed"] = plots.plot_ratios({f"{f.replace('.json', '')}: {k}": v for f, kv in ratios.items()
+                                             for k, v in kv.items()}, img / "speed.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(write_markdown(args, opts, results, curves, images, ratios, notes))
+    raw = {"results": results, "curves": {n: vars(c) for n, c in curves.items()}, "speed_ratios": ratios}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print(f"wrote {out}, {out.with_suffix('.json')} and {len(images)} plots under {img}")
+    if args.readme and update_readme(Path(args.readme), out, results, curves, images):
+        print(f"updated the results block of {args.readme}")
+    return raw
+
+
+if __name__ == "__main__":
+    main()
