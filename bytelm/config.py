@@ -23,7 +23,7 @@ class SourceConfig:
     """One corpus (docs/data.md). ``data.source`` picks the reader; a mixture lists several of these."""
 
     source: str = "shakespeare"  # shakespeare | chatterbot | files | hub | prepared (| mixture: see DataConfig)
-    label: str = ""  # validation report group ("" = the source's own: shakespeare, chatterbot/<lang>, files, ...)
+    label: str = ""  # validation report group ("" = the source's own: shakespeare, files, ...; chatterbot keeps languages)
     paths: list[str] = field(default_factory=list)  # files, globs or folders (files); prepared folders (prepared)
     val_paths: list[str] = field(default_factory=list)  # files: validation files ([] = hold out val_fraction)
     format: str = "auto"  # files: auto (by extension) | txt | jsonl | parquet

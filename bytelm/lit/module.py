@@ -137,9 +137,9 @@ class ByteLMModule(L.LightningModule):
         """Count and report a non-finite loss and skip its optimizer step.
 
         One process: return None; Lightning then skips backward, every gradient stays None and the optimizer
-        changes nothing. Several processes: Lightning refuses None (the ranks' collectives must match), so the
-        loss goes through backward on every rank and ``on_before_optimizer_step`` drops the gradients
-        (DeepSpeed keeps its own gradient buffers: its overflow check skips the step on NaN/inf gradients).
+        changes nothing. Several processes: Lightning refuses None (the ranks' collectives must match), so every
+        rank backpropagates ``loss * NaN`` and ``on_before_optimizer_step`` drops the gradients (DeepSpeed keeps
+        its own gradient buffers: there its check for NaN/inf gradients skips the step).
         """
         self.bad_steps += 1
         msg = f"non-finite loss at step {self.global_step}; optimizer step skipped ({self.bad_steps} so far)"
@@ -155,7 +155,7 @@ class ByteLMModule(L.LightningModule):
         if self.trainer.world_size == 1 and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
             return None
         self._drop_grads = True
-        return loss
+        return loss * float("nan")  # NaN gradients everywhere: DeepSpeed's overflow check then skips the step
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._drop_grads:  # a skipped step (see _skip_step): no gradient, so no update

@@ -88,7 +88,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     t = cfg.trainer
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from bytelm.lit.callbacks import RequeueOnSignal, ThroughputMonitor
+    from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, ThroughputMonitor
     from bytelm.lit.strategies import AtomicCheckpointIO
 
     ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first
@@ -97,6 +97,8 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
         save_last=t.save_last,
     )
     cbs: list[Any] = [ckpt, ThroughputMonitor()]
+    if t.save_last:
+        cbs.append(SaveLastOnEnd(out / "checkpoints"))
     plugins: list[Any] = [AtomicCheckpointIO()]
     if on_slurm():
         from lightning.pytorch.plugins.environments import SLURMEnvironment

@@ -1,0 +1,221 @@
+"""Training callbacks: throughput and MFU, and checkpoint-and-requeue on Slurm's warning signal.
+
+- ``ThroughputMonitor`` logs ``perf/bytes_per_s``, ``perf/words_per_s`` (hierarchical models: the batch's
+  ``word_start``), ``perf/step_s`` and ``perf/mfu``: model FLOPs per byte from
+  ``bytelm.models.flops.flops_per_byte`` times bytes/s, over the device's peak from ``PEAK_TFLOPS`` times the
+  number of devices (None, so not logged, on CPUs and unknown GPUs).
+- ``SaveLastOnEnd``: the run's final state is in ``checkpoints/last.ckpt`` even when ``max_steps`` is not a
+  multiple of ``ckpt_every``.
+- ``RequeueOnSignal``: Slurm sends SIGUSR1 90 s before the time limit (``--signal=SIGUSR1@90``). The handler
+  only sets a flag; at the next step boundary all ranks agree on it, write ``checkpoints/last.ckpt``, rank 0
+  runs ``scontrol requeue`` and the run stops cleanly. The requeued job resumes with ``ckpt_path=last``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets. Matched by substring of
+# torch.cuda.get_device_name(), most specific first.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),  # SXM / NVL
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 80.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "tf32": 82.6, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("MI300X", {"bf16": 1307.0, "fp16": 1307.0, "tf32": 653.0, "fp32": 163.4}),
+]
+
+
+def precision_key(precision: str) -> str:
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def device_peak_flops(device: torch.device | str, precision: str = "bf16-mixed") -> float | None:
+    """Peak FLOP/s of one device at ``precision``; None on CPU or for a GPU not in the table."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device), precision)
+
+
+def peak_flops_for_name(name: str, precision: str = "bf16-mixed") -> float | None:
+    key = precision_key(precision)
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern.lower() in name.lower():
+            tf = peaks.get(key)
+            return None if tf is None else tf * 1e12
+    return None
+
+
+def mfu(flops_per_byte: float, bytes_per_s: float, peak_flops_total: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices used."""
+    if not peak_flops_total or peak_flops_total <= 0:
+        return None
+    return flops_per_byte * bytes_per_s / peak_flops_total
+
+
+class ThroughputMonitor(L.Callback):
+    """bytes/s, words/s and MFU of the training steps (validation time excluded), logged every step."""
+
+    def __init__(self, window: int = 1) -> None:
+        self.window = max(1, window)
+        self._t0: float | None = None
+        self._flops_per_byte: float | None = None
+        self._peak_total: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cfg = getattr(pl_module, "cfg", None)
+        if cfg is not None:
+            try:
+                from bytelm.models.flops import flops_per_byte
+
+                self._flops_per_byte = float(flops_per_byte(cfg.model, cfg.data.seq_len))
+            except (ImportError, ValueError) as e:  # an architecture the formula does not cover
+                log.info("MFU not reported: %s", e)
+        peak = device_peak_flops(trainer.strategy.root_device, str(trainer.precision))
+        self._peak_total = None if peak is None else peak * trainer.world_size
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = None  # validation time is not training throughput
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._t0 is None:
+            return
+        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt = max(now - self._t0, 1e-9)
+        self._t0 = now
+        world = trainer.world_size
+        logs: dict[str, float] = {"perf/step_s": dt}
+        n_bytes = int(batch["input_ids"].numel()) * world
+        logs["perf/bytes_per_s"] = n_bytes / dt
+        if isinstance(batch, dict) and batch.get("word_start") is not None:
+            n_words = int(batch["word_start"].sum()) * world
+            logs["perf/words_per_s"] = n_words / dt
+        if self._flops_per_byte is not None:
+            u = mfu(self._flops_per_byte, logs["perf/bytes_per_s"], self._peak_total)
+            if u is not None:
+                logs["perf/mfu"] = u
+        pl_module.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.last = logs
+
+
+class SaveLastOnEnd(L.Callback):
+    """At the end of training, write ``last.ckpt`` unless the ModelCheckpoint already saved this step."""
+
+    def __init__(self, ckpt_dir: str | Path) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if trainer.global_step == 0 or trainer.interrupted:
+            return
+        callbacks: list[Any] = list(getattr(trainer, "callbacks", []))
+        done = {getattr(c, "_last_global_step_saved", -1) for c in callbacks if isinstance(c, ModelCheckpoint)}
+        done |= {c.saved_step for c in callbacks if isinstance(c, RequeueOnSignal)}
+        if trainer.global_step in done:
+            return
+        trainer.save_checkpoint(str(self.ckpt_dir / "last.ckpt"))
+
+
+def slurm_job_id() -> str | None:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class RequeueOnSignal(L.Callback):
+    """SIGUSR1 (Slurm's time-limit warning) -> checkpoint at the next step boundary, requeue, stop."""
+
+    def __init__(self, ckpt_dir: str | Path, signum: int = signal.SIGUSR1, requeue: bool = True) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.signum = signum
+        self.requeue = requeue
+        self._flag = False
+        self._previous: Any = None
+        self.saved: Path | None = None
+        self.saved_step = -1
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self._flag = True  # act at the step boundary: never checkpoint from inside a step or a collective
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._previous = signal.signal(self.signum, self._handler)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        flag = self._flag
+        if trainer.world_size > 1:
+            flag = bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+        if not flag:
+            return
+        path = self.ckpt_dir / "last.ckpt"
+        trainer.save_checkpoint(str(path))
+        self.saved, self.saved_step = path, trainer.global_step
+        log.warning("signal %d: checkpoint %s at step %d", self.signum, path, trainer.global_step)
+        if trainer.is_global_zero:
+            print(f"[bytelm] signal {self.signum}: saved {path} at step {trainer.global_step}", flush=True)
+            if self.requeue:
+                self._requeue()
+        trainer.should_stop = True
+        self._flag = False
+
+    @staticmethod
+    def _requeue() -> None:
+        job = slurm_job_id()
+        if job is None:
+            log.warning("no SLURM_JOB_ID: not requeueing")
+            return
+        try:
+            rc = subprocess.call(["scontrol", "requeue", job])
+        except FileNotFoundError:
+            log.warning("scontrol not found: cannot requeue job %s", job)
+            return
+        if rc == 0:
+            log.warning("requeued Slurm job %s", job)
+        else:
+            log.warning("scontrol requeue %s failed with exit code %d", job, rc)
