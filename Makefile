@@ -28,8 +28,11 @@ demo: setup  ## train hierarchical + flat byte models on CPU, compare bpb, gener
 test: setup  ## the CPU test suite (what CI runs)
 	$(PY) -m pytest -q -x --durations=15
 
-test-slow: setup  ## slow tests (longer training runs)
+test-slow: setup  ## slow tests (longer training runs, heavier multi-process runs)
 	$(PY) -m pytest -q -m slow
+
+test-distributed: setup  ## only the multi-process strategy tests (gloo on CPU)
+	$(PY) -m pytest -q -m "distributed and not gpu"
 
 lint: setup  ## ruff + mypy
 	$(VENV)/bin/ruff check bytelm tests scripts
