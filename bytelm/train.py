@@ -88,6 +88,12 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:  # datasets otherwise waits 5 s at exit for its threads
+        import datasets.config
+
+        datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    except ImportError:  # pragma: no cover
+        pass
     _hydra_main()
 
 

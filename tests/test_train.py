@@ -74,3 +74,16 @@ def test_missing_checkpoint_path_is_clear(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_model(tmp_path / "nope.ckpt")
+
+
+def test_validation_reports_bpb_per_language_group(tmp_path):
+    """A mixture with the multilingual corpus logs val/bpb per validation group and their byte-weighted total."""
+    cfg = load_config(["experiment=flat_tiny", "debug=cpu", "data=mixture", f"trainer.out_dir={tmp_path}",
+                       "trainer.max_steps=2", "trainer.val_every=2", "data.val_max_bytes=512"])
+    res = run(cfg)
+    per_group = {k: v for k, v in res["metrics"].items() if k.startswith("val/bpb/")}
+    assert len(per_group) >= 3, per_group  # Shakespeare + several chatterbot languages
+    assert all(0 < v < 12 for v in per_group.values())
+    assert 0 < res["metrics"]["val/bpb"] < 12
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "val/bpb" in ckpt["bytelm_metrics"]

@@ -51,8 +51,7 @@ class ByteLMModule(L.LightningModule):
         self.save_hyperparameters({"cfg": config_to_dict(self.cfg)})
         self.model: torch.nn.Module | None = None
         self.extra_loss: Any = None  # optional callable(batch, out) -> (loss, metrics): distillation hooks in
-        self._val_nll = 0.0
-        self._val_bytes = 0
+        self._val_sums: dict[int, list[float]] = {}
         self.bad_steps = 0
         self._drop_grads = False
 
@@ -105,26 +104,55 @@ class ByteLMModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_nll, self._val_bytes = 0.0, 0
+        # per validation group (Shakespeare, each chatterbot language, ...): [nll nats, bytes]
+        self._val_sums: dict[int, list[float]] = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)
-        if out.loss is not None and "nll_sum" in out.metrics:  # models with their own objective
-            self._val_nll += float(out.metrics["nll_sum"])
-            self._val_bytes += int(out.metrics["n_bytes"])
+        groups = batch.get("group")
+        gids = [0] if groups is None else sorted({int(g) for g in groups.tolist()})
+        if out.loss is not None and "nll_sum" in out.metrics:  # models with their own objective (MrT5)
+            # one sum per batch: a batch that mixes groups counts towards the total only (key -1)
+            acc = self._val_sums.setdefault(gids[0] if len(gids) == 1 else -1, [0.0, 0.0])
+            acc[0] += float(out.metrics["nll_sum"])
+            acc[1] += float(out.metrics["n_bytes"])
             return
-        s, n = byte_nll_sum(out.logits, batch["targets"])
-        self._val_nll += float(s)
-        self._val_bytes += int(n)
+        for g in gids:
+            targets = batch["targets"]
+            if groups is not None:  # only this group's rows count towards its sums
+                targets = targets.masked_fill((groups != g).unsqueeze(1), IGNORE)
+            s, n = byte_nll_sum(out.logits, targets)
+            acc = self._val_sums.setdefault(g, [0.0, 0.0])
+            acc[0] += float(s)
+            acc[1] += float(n)
+
+    def _group_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return list(getattr(dm, "val_group_names", []) or [])
 
     def on_validation_epoch_end(self) -> None:
-        t = torch.tensor([self._val_nll, float(self._val_bytes)], device=self.device, dtype=torch.float64)
+        names = self._group_names()
+        n_groups = max(len(names), 1 + max(self._val_sums, default=0))
+        t = torch.zeros(n_groups + 1, 2, device=self.device, dtype=torch.float64)  # last row: mixed batches
+        for g, (s, n) in self._val_sums.items():
+            t[g, 0], t[g, 1] = s, n
         if self.trainer.world_size > 1:
             gathered = self.all_gather(t)
             assert isinstance(gathered, torch.Tensor)
             t = gathered.sum(0)
-        bpb = bits_per_byte(float(t[0]), int(t[1]))
-        self.log("val/bpb", bpb, prog_bar=True, sync_dist=False, rank_zero_only=True)
+        total = t.sum(0)
+        self.log("val/bpb", bits_per_byte(float(total[0]), int(total[1])), prog_bar=True, sync_dist=False,
+                 rank_zero_only=True)
+        if len(names) > 1:  # per group and per report set (e.g. per script), averaged over bytes
+            dm = getattr(self.trainer, "datamodule", None)
+            reports: dict[str, list[int]] = dict(getattr(dm, "val_report_groups", {}) or {})
+            for i, name in enumerate(names):
+                reports.setdefault(name, [i])
+            for name, idx in reports.items():
+                s = t[idx].sum(0)
+                if s[1] > 0:
+                    self.log(f"val/bpb/{name}", bits_per_byte(float(s[0]), int(s[1])), sync_dist=False,
+                             rank_zero_only=True)
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """True on every rank when the loss is NaN/inf on any rank (all ranks must skip together)."""
@@ -199,6 +227,10 @@ class ByteLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bytelm_config"] = config_to_dict(self.cfg)
         checkpoint["bytelm_bad_steps"] = self.bad_steps
+        if self._trainer is not None:  # latest logged metrics (val/bpb, ...) for model cards and reports
+            checkpoint["bytelm_metrics"] = {
+                k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.bad_steps = int(checkpoint.get("bytelm_bad_steps", 0))

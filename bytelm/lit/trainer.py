@@ -96,7 +96,9 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
         every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max",
         save_last=t.save_last,
     )
-    cbs: list[Any] = [ckpt, ThroughputMonitor()]
+    from bytelm.lit.data import DataStatsCallback
+
+    cbs: list[Any] = [ckpt, ThroughputMonitor(), DataStatsCallback(every=max(1, t.log_every))]
     if t.save_last:
         cbs.append(SaveLastOnEnd(out / "checkpoints"))
     plugins: list[Any] = [AtomicCheckpointIO()]
