@@ -19,7 +19,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -126,15 +125,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _rss_now_kb() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _proc_status_kb(key: str) -> int:
+    """VmRSS (now) / VmHWM (peak) of this process in KB. Not ru_maxrss: Linux carries that over fork+exec,
+    so a spawned child would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
 
 
 def _rss_child(a: argparse.Namespace, name: str, batch: dict[str, torch.Tensor], q: Any) -> None:
@@ -142,16 +140,16 @@ def _rss_child(a: argparse.Namespace, name: str, batch: dict[str, torch.Tensor],
     before the model existed (MB)."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    before = _rss_now_kb()
+    before = _proc_status_kb("VmRSS")
     torch.manual_seed(a.seed)
     model = build_model(configs(a)[name])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(2):
         train_step(model, opt, batch, torch.device("cpu"), amp=False)
-    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KB on Linux
+    q.put((_proc_status_kb("VmHWM") - before) / 1024)
 
 
-def peak_memory_mb(a, name, batch, device) -> float:
+def peak_memory_mb(a, name, batch, device) -> float | None:
     if device.type == "cuda":
         torch.manual_seed(a.seed)
         model = build_model(configs(a)[name]).to(device)
@@ -161,6 +159,8 @@ def peak_memory_mb(a, name, batch, device) -> float:
         for _ in range(2):
             train_step(model, opt, batch, device, amp=True)
         return torch.cuda.max_memory_allocated() / 2**20
+    if not Path("/proc/self/status").exists():
+        return None
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=_rss_child, args=(a, name, batch, q))

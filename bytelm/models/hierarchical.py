@@ -28,6 +28,12 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
 - **The decoder's one key.** Cross-attending to exactly one key has softmax weight 1, so it reduces to a linear
   map of that key; we apply ``Linear(d_model, d_byte)`` to the word vector and add it to the residual stream
   (first decoder layer, or every layer with ``decoder_cross='all'``, one projection per layer).
+- **Cached decoding** (``new_cache()``, ``forward(ids, cache=...)``, batch 1, one document) decides words
+  online: after each new byte it re-splits the bytes from the start of the current rule word with the same
+  splitter and applies the same ready rule, pools a word and runs one backbone step once the word is ready.
+  It equals the full forward (tested to 1e-4) as long as the splitter is prefix-stable once a character is
+  complete and splitting from a word start gives the words of the whole text, the properties HAT's online
+  splitting relies on (``bytelm.data.words.OnlineWordSplitter`` documents the rare exceptions).
 """
 
 from __future__ import annotations
