@@ -51,25 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_checkpoint(path: str, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Accepts a raw state dict, ``{"state_dict": ...}`` (Lightning, ``model.`` prefix stripped) or
-    ``{"model": ...}``; a ``{"config": {"model": {...}}}`` or ``{"model_config": {...}}`` entry overrides
-    the CLI model config."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    sd = obj
-    if isinstance(obj, dict):
-        sd = obj.get("state_dict", obj.get("model", obj))
-        mc = obj.get("model_config")
-        if mc is None and isinstance(obj.get("config"), dict):
-            mc = obj["config"].get("model")
-        if isinstance(mc, ModelConfig):
-            cfg = mc
-        elif isinstance(mc, dict):
-            mc = dict(mc)
-            gate = GateConfig(**mc.pop("gate", {}))
-            cfg = ModelConfig(**{**mc, "gate": gate})
-    sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
-    return cfg, sd
+def load_checkpoint(path: str) -> MrT5:
+    """A trained MrT5 from a bytelm checkpoint (Lightning ``.ckpt``, run folder's ``last.ckpt``, sharded folder
+    or consolidated ``.safetensors``) via :func:`bytelm.checkpoint.load_model`: weights, config (gate, softmax1)
+    and the controller state come from the checkpoint, the CLI model flags are ignored."""
+    from bytelm.checkpoint import load_model
+
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints" / "last.ckpt").exists():
+        p = p / "checkpoints" / "last.ckpt"
+    model, _ = load_model(p)
+    if not isinstance(model, MrT5):
+        raise SystemExit(f"{path} holds a {type(model).__name__}, not an MrT5")
+    return model
 
 
 def make_input(args: argparse.Namespace, vocab_bytes: int = 256) -> torch.Tensor:
@@ -88,13 +82,14 @@ def make_input(args: argparse.Namespace, vocab_bytes: int = 256) -> torch.Tensor
 def gate_raw_scores(model: MrT5, x: torch.Tensor, enc_len: int) -> torch.Tensor:
     """``RMSNorm(h) @ w`` (no bias) on the real gate input, (B, enc_len)."""
     assert model.gate is not None
-    seen: dict[str, torch.Tensor] = {}
-    hook = model.gate.register_forward_pre_hook(lambda _m, a: seen.setdefault("h", a[0]))
+    seen: dict[str, tuple] = {}
+    hook = model.gate.register_forward_pre_hook(lambda _m, a: seen.setdefault("args", a))
     try:
         model.encode(x[:, :enc_len], hard_delete=False)
     finally:
         hook.remove()
-    return model.gate.scores(seen["h"]) - model.gate.proj.bias
+    h, pad_mask = seen["args"][0], (seen["args"][1] if len(seen["args"]) > 1 else None)
+    return model.gate.scores(h, pad_mask) - model.gate.proj.bias
 
 
 def bias_for_ratio(raw: torch.Tensor, ratio: float, k: float, tau: float) -> float:
@@ -116,18 +111,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(
-        arch="mrt5", d_byte=args.d_byte, n_heads_byte=args.heads, encoder_layers=args.encoder_layers,
-        decoder_layers=args.decoder_layers, gate=GateConfig(layer=args.gate_layer),
-    )
-    sd = None
     if args.ckpt:
-        cfg, sd = load_checkpoint(args.ckpt, cfg)
-    model = build_model(cfg)
-    assert isinstance(model, MrT5)
-    if sd is not None:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        print(f"loaded {args.ckpt}: {len(missing)} missing, {len(unexpected)} unexpected keys")
+        model = load_checkpoint(args.ckpt)
+        cfg = model.cfg
+        print(f"loaded {args.ckpt}: d_byte={cfg.d_byte}, encoder {cfg.encoder_layers} (gate at {cfg.gate.layer}), "
+              f"decoder {cfg.decoder_layers}, softmax1={cfg.gate.softmax1}")
+    else:
+        cfg = ModelConfig(
+            arch="mrt5", d_byte=args.d_byte, n_heads_byte=args.heads, encoder_layers=args.encoder_layers,
+            decoder_layers=args.decoder_layers, gate=GateConfig(layer=args.gate_layer),
+        )
+        built = build_model(cfg)
+        assert isinstance(built, MrT5)
+        model = built
     model.eval()
     x = make_input(args)
     enc_len = args.enc_len
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     for r in (float(v) for v in args.ratios.split(",") if v.strip()):
         rows.append((f"forced {r:.0%}", r, bias_for_ratio(raw, r, k, tau)))
-    if sd is not None:
+    if args.ckpt:
         rows.append(("learned (ckpt)", None, None))
 
     def run(bias: float | str | None) -> tuple[float, float, dict[str, float]]:

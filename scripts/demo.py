@@ -2,7 +2,7 @@
 Shakespeare corpus (CPU, a few minutes), compare validation bits-per-byte, generate a sample, export the
 hierarchical model to a Hugging Face folder and generate from that folder through ``transformers``.
 
-Every number printed is measured in this run. ``--steps`` scales the whole demo (default 300 steps of the
+Every number printed is measured in this run. ``--steps`` scales the whole demo (default 400 steps of the
 hierarchical model; the flat model gets the same training FLOPs).
 """
 
@@ -38,7 +38,7 @@ def train(experiment: str, out: Path, extra: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="training steps of the hierarchical model")
+    p.add_argument("--steps", type=int, default=400, help="training steps of the hierarchical model")
     p.add_argument("--out", default="runs/demo", help="output folder (checkpoints, HF export, results.json)")
     p.add_argument("--val-bytes", type=int, default=131072, help="validation bytes evaluated per model")
     p.add_argument("--skip-export", action="store_true")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
     from bytelm.cli.eval import evaluate_bpb
     from bytelm.models.flops import flops_per_byte
     from bytelm.models.generate import generate

@@ -169,3 +169,39 @@ def test_pi_controller_drives_toy_run_to_target(delta):
     print(f"delta={delta}: deletion ratio over the last 50 of 300 steps = {final:.3f}")
     assert abs(final - delta) < 0.05, (final, delta)
     assert float(ctl.alpha) > 0 or final >= delta
+
+
+def test_centered_gate_ignores_the_component_shared_by_a_row():
+    """``center=True``: the gate reads ``h - mean_t h`` over the row's real positions, so adding one vector to
+    every real position of a row changes nothing, padding does not enter the mean, and the formula is the
+    uncentred gate applied to the centred input."""
+    torch.manual_seed(0)
+    D = 16
+    gate = DeleteGate(D, center=True)
+    plain = DeleteGate(D)
+    plain.load_state_dict(gate.state_dict())
+    h = torch.randn(2, 9, D)
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[1, 6:] = False
+    G = gate(h, pad)
+    shifted = h + 25.0 * torch.randn(2, 1, D)  # a large shared component per row
+    shifted[1, 6:] = torch.randn(3, D) * 100  # padding content is irrelevant
+    torch.testing.assert_close(gate(shifted, pad), G, atol=1e-4, rtol=1e-4)
+    mu = torch.stack([h[0].mean(0), h[1, :6].mean(0)]).unsqueeze(1)  # (2, 1, D)
+    torch.testing.assert_close(G, plain(h - mu, pad), atol=1e-5, rtol=1e-5)
+    assert (G[1, 6:] == gate.k).all()
+    # an uncentred gate is dominated by the shared component: nearly one value per row
+    big = plain(shifted, pad)
+    assert float(big[0].std()) < 0.2 * float(G[0].std())
+
+
+def test_two_sided_controller():
+    """``alpha_min < 0``: a ratio above delta drives alpha negative (rewarding kept bytes); the paper's
+    controller (alpha_min = 0) stops at 0."""
+    paper, two = PIController(0.5), PIController(0.5, alpha_min=-1.0)
+    for _ in range(30):
+        a_paper, a_two = float(paper.update(0.9)), float(two.update(0.9))
+    assert a_paper == 0.0
+    # p -> kp * err = -0.2 geometrically, i = 30 * ki * err
+    expect = -0.2 * (1 - 0.9**30) + 30 * 1e-5 * -0.4
+    assert a_two == pytest.approx(expect, abs=1e-6)

@@ -26,6 +26,9 @@ class GateConfig:
     ki: float = 1e-5
     hard_eval: bool = False  # use hard deletion in validation (inference always may)
     softmax1: bool = True  # null key (softmax1) in the layers the gate bias reaches (also with the gate off)
+    # from-scratch recipe (docs/mrt5.md); the defaults are the paper's gate and controller
+    center: bool = False  # gate reads h minus its mean over the row's real positions
+    alpha_min: float = 0.0  # lower clamp of alpha; < 0 makes the PI controller two-sided
 
 
 @dataclass

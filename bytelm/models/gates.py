@@ -11,6 +11,17 @@ Formulas (DESIGN.md §2, after "MrT5: Dynamic Token Merging for Efficient Byte-l
 - hard deletion (inference): keep positions with ``G > tau_del`` and compact them (:func:`hard_delete`);
 - regulariser ``alpha * mean(G)`` over real positions, with ``alpha`` from :class:`PIController`.
 
+Two options for training from scratch (docs/mrt5.md; both off by default = the paper's gate):
+
+- ``center=True``: the gate reads ``h - mean_t(h)`` (mean over the row's real positions) instead of ``h``.
+  A freshly trained residual stream is dominated by a component shared by every position, so a random ``w``
+  gives every byte nearly the same ``G`` and the deletion ratio jumps between 0 and 1 as their common level
+  crosses ``tau_del``; the regulariser's gradient also rotates that shared component onto ``-w`` (all gates
+  fall together). Centering removes the shared part: ``RMSNorm(h - mean) @ w`` has a spread of about
+  ``|w|`` within every row, so the ratio is a smooth function of ``b`` and the controller can hold it.
+- ``PIController(alpha_min < 0)``: a two-sided controller; the paper's ``alpha >= 0`` can only push toward
+  deletion, so an overshoot is undone only by the task loss (weak when the encoder is barely needed).
+
 Mask convention: every ``pad_mask`` here is True where the position holds a real byte (False = padding),
 the same convention as ``attend``'s ``key_mask``.
 """
@@ -28,12 +39,13 @@ from bytelm.models.layers import RMSNorm
 class DeleteGate(nn.Module):
     """``G = k * sigmoid(-(RMSNorm(h) @ w + b))``; (B, T, D) -> (B, T), padding forced to ``k``."""
 
-    def __init__(self, dim: int, k: float = -30.0, bias_init: float = 1.0) -> None:
+    def __init__(self, dim: int, k: float = -30.0, bias_init: float = 1.0, center: bool = False) -> None:
         super().__init__()
         if k >= 0:
             raise ValueError(f"gate scale k must be negative (got {k})")
         self.k = k
         self.bias_init = bias_init
+        self.center = center
         self.norm = RMSNorm(dim)
         self.proj = nn.Linear(dim, 1, bias=True)
         self.reset_parameters()
@@ -43,12 +55,19 @@ class DeleteGate(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.constant_(self.proj.bias, self.bias_init)
 
-    def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """The pre-sigmoid logit ``RMSNorm(h) @ w + b``: (B, T, D) -> (B, T)."""
+    def scores(self, h: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pre-sigmoid logit ``RMSNorm(h) @ w + b`` (``h`` centred over the row's real positions when
+        ``center``): (B, T, D) -> (B, T)."""
+        if self.center:
+            if pad_mask is None:
+                h = h - h.mean(dim=1, keepdim=True)
+            else:
+                m = pad_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+                h = h - (h * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
         return self.proj(self.norm(h)).squeeze(-1)
 
     def forward(self, h: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.k * torch.sigmoid(-self.scores(h).float())  # (B, T), fp32: it becomes an attention bias
+        g = self.k * torch.sigmoid(-self.scores(h, pad_mask).float())  # (B, T), fp32: it becomes an attention bias
         if pad_mask is not None:
             g = torch.where(pad_mask.bool(), g, torch.full_like(g, self.k))
         return g
@@ -93,8 +112,10 @@ class PIController(nn.Module):
 
     Each training step, from that step's deletion ratio ``r``::
 
-        err = delta - r;  p = 0.9 p + 0.1 kp err;  i = i + ki err;  alpha = max(0, p + i)
+        err = delta - r;  p = 0.9 p + 0.1 kp err;  i = i + ki err;  alpha = max(alpha_min, p + i)
 
+    ``alpha_min = 0`` is the paper's controller (the regulariser only ever pushes toward deletion); a negative
+    ``alpha_min`` makes it two-sided (a ratio above ``delta`` gives a negative ``alpha`` that rewards keeping).
     The new ``alpha`` is used from the *next* step (the current step's regulariser uses the value before the
     update); everything starts at 0. State lives in fp32 buffers (kept fp32 even if the model is cast to
     bf16), so it is part of ``model.state_dict()`` and checkpoints resume it exactly; under DDP the buffers
@@ -107,9 +128,9 @@ class PIController(nn.Module):
     alpha: torch.Tensor
     steps: torch.Tensor
 
-    def __init__(self, target: float = 0.5, kp: float = 0.5, ki: float = 1e-5) -> None:
+    def __init__(self, target: float = 0.5, kp: float = 0.5, ki: float = 1e-5, alpha_min: float = 0.0) -> None:
         super().__init__()
-        self.target, self.kp, self.ki = target, kp, ki
+        self.target, self.kp, self.ki, self.alpha_min = target, kp, ki, alpha_min
         self.register_buffer("p", torch.zeros((), dtype=torch.float32))
         self.register_buffer("i", torch.zeros((), dtype=torch.float32))
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
@@ -130,7 +151,7 @@ class PIController(nn.Module):
         err = self.target - r
         self.p.mul_(0.9).add_(0.1 * self.kp * err)
         self.i.add_(self.ki * err)
-        self.alpha.copy_(torch.clamp(self.p + self.i, min=0.0))
+        self.alpha.copy_(torch.clamp(self.p + self.i, min=self.alpha_min))
         self.steps.add_(1)
         return self.alpha.clone()
 
@@ -139,7 +160,7 @@ class PIController(nn.Module):
             b.zero_()
 
     def extra_repr(self) -> str:
-        return f"target={self.target}, kp={self.kp}, ki={self.ki}"
+        return f"target={self.target}, kp={self.kp}, ki={self.ki}, alpha_min={self.alpha_min}"
 
 
 @torch.no_grad()

@@ -25,13 +25,18 @@ plain next-byte CE whose bits-per-byte are directly comparable with the flat and
 continuation bytes, and it is exactly the generation task (continue a prefix). Span corruption would need
 its own noising pipeline and its loss (sentinel spans) is not comparable as bpb.
 
-Training note (measured on tiny models): softmax is shift-invariant, so under soft deletion the task loss
-exerts no force on the common level of ``G`` (only on differences between positions), while ``alpha >= 0`` can
-only push toward deletion. From scratch, with Adam and a task that barely needs the encoder (repetitive
-text), the ratio overshoots the target (0.65-0.97 for delta = 0.5 within a few hundred steps) and gates
-saturated at ``k`` get almost no gradient back. The paper starts from a pretrained ByT5; do the same (train
-with the gate off or ``alpha`` held at 0 first), or use a lower learning rate. The controller itself is
-tested in closed loop on a task whose loss values kept bytes (tests/test_gates.py).
+softmax1: the encoder blocks from ``gate.layer`` on and the decoder's cross-attention (the layers the gate bias
+reaches) use softmax1, an always-present null key with score 0 and value 0 (``attend(null_key=True)``), as the
+paper does: a plain softmax is invariant to a uniform shift of ``G``, so the task loss could not resist
+"delete a bit more everywhere"; with the null key, lower ``G`` moves attention onto the null key and the
+loss pushes back. ``gate.softmax1`` applies with ``gate_enabled=False`` too, so the gate-off twin is the
+same network. With softmax1 the paper's ``b = +1`` start (``G`` near -8) already gives almost all attention to
+the null key (a scaled-dot-product score is O(1), not T5's large unscaled scores), so the experiments start
+at ``b = +3`` (``G`` near -1.4).
+
+From scratch (no pretrained ByT5 to start from), the experiments also centre the gate input over the row
+(``gate.center``) and use a two-sided controller (``gate.alpha_min < 0``): see ``gates.py`` and docs/mrt5.md
+for the measurements that led there.
 
 Rows are one stream: packed-document ids are ignored (feed unpacked rows). ``PAD`` (256) marks padding: padded
 prefix bytes are masked keys (and forced to ``G = k``), ``PAD`` or ``-100`` targets are ignored by the loss.
@@ -39,6 +44,7 @@ prefix bytes are masked keys (and forced to ``G = k``), ``PAD`` or ``-100`` targ
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import cast
@@ -66,6 +72,7 @@ from bytelm.models.layers import (
 )
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 class CrossAttention(nn.Module):
@@ -176,8 +183,12 @@ class MrT5(nn.Module):
         super().__init__()
         self.cfg = cfg
         g = cfg.gate
-        if not 0 <= g.layer < cfg.encoder_layers:
+        if g.layer < 0:
             raise ValueError(f"gate.layer={g.layer} must index an encoder block (encoder_layers={cfg.encoder_layers})")
+        self.gate_layer = min(g.layer, cfg.encoder_layers - 1)
+        if self.gate_layer != g.layer:  # e.g. debug=cpu shrinks the encoder to one block
+            log.warning("gate.layer=%d but only %d encoder blocks: the gate reads the input of block %d",
+                        g.layer, cfg.encoder_layers, self.gate_layer)
         if not 0.0 < cfg.prefix_frac <= 1.0:
             raise ValueError(f"prefix_frac={cfg.prefix_frac} must be in (0, 1]")
         d, h = cfg.d_byte, cfg.n_heads_byte
@@ -185,8 +196,8 @@ class MrT5(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.encoder = nn.ModuleList([Block(d, h, cfg.mlp_ratio, cfg.attn_backend) for _ in range(cfg.encoder_layers)])
         self.enc_norm = RMSNorm(d)
-        self.gate: DeleteGate | None = DeleteGate(d, g.k, g.bias_init) if cfg.gate_enabled else None
-        self.controller = PIController(g.target_ratio, g.kp, g.ki)
+        self.gate: DeleteGate | None = DeleteGate(d, g.k, g.bias_init, g.center) if cfg.gate_enabled else None
+        self.controller = PIController(g.target_ratio, g.kp, g.ki, g.alpha_min)
         self.decoder = nn.ModuleList(
             [DecoderBlock(d, h, cfg.mlp_ratio, cfg.attn_backend, g.softmax1) for _ in range(cfg.decoder_layers)]
         )
@@ -229,7 +240,7 @@ class MrT5(nn.Module):
         key_mask, key_bias = pad_mask, None
         G, kept_idx = None, None
         for i, blk in enumerate(self.encoder):
-            if i == self.cfg.gate.layer and self.gate is not None:
+            if i == self.gate_layer and self.gate is not None:
                 G = self.gate(x, pad_mask)  # (B, T)
                 if hard:
                     x, key_mask, kept_idx = _hard_delete(x, G, self.cfg.gate.tau_del, pad_mask)  # (B, T', D)
@@ -237,7 +248,7 @@ class MrT5(nn.Module):
                     cos, sin = self._rope(pos)
                 else:
                     key_bias = G
-            null_key = self.cfg.gate.softmax1 and i >= self.cfg.gate.layer
+            null_key = self.cfg.gate.softmax1 and i >= self.gate_layer
             x = self._run_block(
                 blk, x, cos, sin, causal=False, key_bias=key_bias, key_mask=key_mask, null_key=null_key
             )
