@@ -51,7 +51,7 @@ class ByteLMModule(L.LightningModule):
         self.save_hyperparameters({"cfg": config_to_dict(self.cfg)})
         self.model: torch.nn.Module | None = None
         self.extra_loss: Any = None  # optional callable(batch, out) -> (loss, metrics): distillation hooks in
-        self._val_sums: dict[int, list[float]] = {}
+        self._val_sums: dict[int, list[float]] = {}  # validation group -> [nll nats, bytes]
         self.bad_steps = 0
         self._drop_grads = False
 
@@ -105,7 +105,7 @@ class ByteLMModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # per validation group (Shakespeare, each chatterbot language, ...): [nll nats, bytes]
-        self._val_sums: dict[int, list[float]] = {}
+        self._val_sums = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)
@@ -149,10 +149,10 @@ class ByteLMModule(L.LightningModule):
             for i, name in enumerate(names):
                 reports.setdefault(name, [i])
             for name, idx in reports.items():
-                s = t[idx].sum(0)
-                if s[1] > 0:
-                    self.log(f"val/bpb/{name}", bits_per_byte(float(s[0]), int(s[1])), sync_dist=False,
-                             rank_zero_only=True)
+                group_sum = t[idx].sum(0)  # (2,) nats, bytes
+                if group_sum[1] > 0:
+                    bpb = bits_per_byte(float(group_sum[0]), int(group_sum[1]))
+                    self.log(f"val/bpb/{name}", bpb, sync_dist=False, rank_zero_only=True)
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """True on every rank when the loss is NaN/inf on any rank (all ranks must skip together)."""
