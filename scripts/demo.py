@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -26,7 +27,11 @@ def train(experiment: str, out: Path, extra: list[str]) -> dict:
     from bytelm.config import load_config
     from bytelm.train import run
 
-    cfg = load_config([f"experiment={experiment}", f"trainer.out_dir={out / experiment}", "logger=csv", *extra])
+    overrides = [f"experiment={experiment}", f"trainer.out_dir={out / experiment}", "logger=csv", *extra]
+    cfg = load_config(overrides)
+    (out / experiment).mkdir(parents=True, exist_ok=True)
+    # the same run from the command line (scripts/report.py prints it next to the run's results)
+    (out / experiment / "command.txt").write_text(shlex.join(["python", "-m", "bytelm.train", *overrides]) + "\n")
     t0 = time.perf_counter()
     res = run(cfg)
     wall = time.perf_counter() - t0

@@ -44,6 +44,28 @@ def parse_run(s: str) -> tuple[str, str]:
     return (p.parent.parent.name if p.is_file() else p.name), s
 
 
+def train_command(spec: str) -> str | None:
+    """The command that trained a run, from its folder: Hydra's ``hydra/.hydra/overrides.yaml`` (written by
+    ``python -m bytelm.train``) or a ``command.txt`` (written by scripts/demo.py); None if neither is there."""
+    import yaml
+
+    p = Path(spec)
+    for d in (p, p.parent, p.parent.parent):
+        ov = d / "hydra" / ".hydra" / "overrides.yaml"
+        if ov.is_file():
+            try:
+                items = [str(x) for x in (yaml.safe_load(ov.read_text()) or [])]
+            except (OSError, yaml.YAMLError) as e:
+                log.warning("cannot read %s: %s", ov, e)
+                return None
+            cwd = str(Path.cwd()) + os.sep
+            return shlex.join(["python", "-m", "bytelm.train", *(x.replace(cwd, "") for x in items)])
+        cmd = d / "command.txt"
+        if cmd.is_file():
+            return cmd.read_text().strip()
+    return None
+
+
 def f4(x: Any) -> str:
     return "—" if x is None else f"{x:.4f}"
 
@@ -172,7 +194,9 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
         if key in rel:
             L.append(f"![{title}]({rel[key]})")
     L += ["", "### Reproduce each row", ""]
-    L += [f"- **{n}**: `{r['command']}`" for n, r in results.items()]
+    for n, r in results.items():
+        L.append(f"- **{n}**" + (f": trained by `{r['train_command']}`; evaluated by" if r.get("train_command")
+                                 else ":") + f" `{r['command']}`")
     ml = {n: r["multilingual"] for n, r in results.items() if "multilingual" in r}
     if ml:
         langs = list(next(iter(ml.values()))["languages"])
@@ -281,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (spec, scorer) in scorers.items():
         res = run_suite(scorer, opts)
         res["command"] = reproduce_command(spec, opts, ["--name", name])
+        res["train_command"] = train_command(spec)
         results[name] = res
         print(f"[{name}] {res['command']}", flush=True)
         if isinstance(scorer, ByteScorer) and scorer.cfg is not None:

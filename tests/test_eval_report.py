@@ -84,6 +84,26 @@ def test_report_on_two_tiny_checkpoints(tiny_runs, tmp_path, capsys):
     assert c["total_steps"] == 2 and c["flops"][1] == pytest.approx(2 * c["flops"][0]) and c["flops_exact"]
 
 
+def test_train_command_from_run_folder(tmp_path, monkeypatch):
+    """The training command next to each row comes from Hydra's overrides.yaml (cwd prefix dropped) or the
+    demo's command.txt, found from a checkpoint path or a run folder; None when neither exists."""
+    report = _report_module()
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "a"
+    (run / "hydra" / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "hydra" / ".hydra" / "overrides.yaml").write_text(
+        f"- experiment=hat_tiny\n- trainer.out_dir={tmp_path}/runs/a\n- model.gate.ki=0.01\n")
+    want = "python -m bytelm.train experiment=hat_tiny trainer.out_dir=runs/a model.gate.ki=0.01"
+    assert report.train_command(str(run / "checkpoints" / "last.ckpt")) == want
+    assert report.train_command(str(run)) == want
+    demo = tmp_path / "runs" / "demo" / "flat_tiny"
+    demo.mkdir(parents=True)
+    (demo / "command.txt").write_text("python -m bytelm.train experiment=flat_tiny\n")
+    assert report.train_command(str(demo)) == "python -m bytelm.train experiment=flat_tiny"
+    assert report.train_command(str(tmp_path / "elsewhere.ckpt")) is None
+
+
 def test_cli_json_and_text(tiny_runs, capsys):
     from bytelm.cli.eval import main
 

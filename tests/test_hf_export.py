@@ -21,16 +21,20 @@ from bytelm.models import build_model
 from bytelm.models.config import ModelConfig
 from bytelm.models.generate import generate
 
-ARCHS = ["flat", "hierarchical", "mrt5"]
+ARCHS = ["flat", "hierarchical", "hierarchical_gate", "mrt5"]  # hierarchical_gate: chunker=gate
 PROMPT = b"To be, or not to be: "
 
 
 def tiny_config(arch: str) -> ModelConfig:
+    gated = arch == "hierarchical_gate"
     cfg = ModelConfig(
-        arch=arch, d_model=64, n_layers=2, n_heads=2, d_byte=32, n_heads_byte=2, encoder_layers=2,
-        decoder_layers=1, max_seq_len=256, tie_embeddings=arch == "hierarchical",
+        arch="hierarchical" if gated else arch, d_model=64, n_layers=2, n_heads=2, d_byte=32, n_heads_byte=2,
+        encoder_layers=2, decoder_layers=1, max_seq_len=256, tie_embeddings=arch.startswith("hierarchical"),
+        chunker="gate" if gated else "words",
     )
     cfg.gate.layer = 1
+    if gated:  # about half the bytes close a chunk at init; causal centring on
+        cfg.gate.bias_init, cfg.gate.center = 0.0, True
     return cfg
 
 

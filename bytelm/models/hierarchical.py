@@ -28,6 +28,13 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
 - **The decoder's one key.** Cross-attending to exactly one key has softmax weight 1, so it reduces to a linear
   map of that key; we apply ``Linear(d_model, d_byte)`` to the word vector and add it to the residual stream
   (first decoder layer, or every layer with ``decoder_cross='all'``, one projection per layer).
+- **Learned chunks** (``chunker='gate'``, ``bytelm/models/chunking.py``): the MrT5 delete gate reads the
+  encoder output (minus its running mean with ``gate.center``); a kept byte closes its chunk, and the chunk
+  is ready *at* that byte (the decision used bytes up to it only), so ``layout_words(closed=...)`` skips the
+  lookahead for it. The task loss reaches the gate through a straight-through factor on each chunk vector
+  (value 1, gradient of the closing byte's keep probability); the regulariser ``alpha * mean(G)`` with the PI
+  controller holds the deletion ratio at ``gate.target_ratio`` and trains the gate only (detached input).
+  Cached decoding applies the same rules byte by byte.
 - **Cached decoding** (``new_cache()``, ``forward(ids, cache=...)``, batch 1, one document) decides words
   online: after each new byte it re-splits the bytes from the start of the current rule word with the same
   splitter and applies the same ready rule, pools a word and runs one backbone step once the word is ready.
@@ -50,7 +57,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bytelm.data.bytes import PAD_ID
+from bytelm.models.chunking import causal_center, gate_closed, keep_scale
 from bytelm.models.config import ModelConfig, ModelOutput
+from bytelm.models.gates import DeleteGate, PIController, gate_stats, masked_mean
 from bytelm.models.layers import Block, KVCache, RMSNorm, apply_rope, init_linear_, rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -147,8 +156,12 @@ def layout_words(
     ids: torch.Tensor,  # (B, T)
     word_start: torch.Tensor,  # (B, T) bool
     doc_ids: torch.Tensor | None = None,  # (B, T)
+    closed: torch.Tensor | None = None,  # (B, T) bool: a word is known to end at this byte when it arrives
 ) -> WordLayout:
-    """Vectorised word bookkeeping for the training path (one host sync for W)."""
+    """Vectorised word bookkeeping for the training path (one host sync for W).
+
+    ``closed`` (learned chunker): a word whose last byte is closed is ready at that byte itself (the gate
+    decided the end from the bytes up to it); other words keep the lookahead rule of the module docstring."""
     B, T = ids.shape
     dev = ids.device
     pos = torch.arange(T, device=dev).expand(B, T)  # (B, T)
@@ -174,6 +187,9 @@ def layout_words(
     nxt_is_doc_start = torch.cat([doc_start, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1).gather(1, nxt)
     ready = torch.where(nxt_is_doc_start, nxt, ready)
     ready = torch.where(nxt >= T, _NEVER, ready)
+    if closed is not None:
+        last_byte = (nxt - 1).clamp(0, T - 1)  # (B, W)
+        ready = torch.where((nxt <= T) & (start < T) & closed.gather(1, last_byte), last_byte, ready)
     ready = torch.cummax(ready, 1).values.contiguous()  # (B, W) non-decreasing
     ctx_word = torch.searchsorted(ready, pos.contiguous(), right=True) - 1  # (B, T) latest ready word
     doc_first_word = torch.cummax(torch.where(doc_start, word_id, 0), 1).values  # (B, T)
@@ -264,6 +280,7 @@ class HierCache:
     n_ready: int = 0  # words given to the backbone
     r_max: int = -1  # running max of ready times
     ctx: torch.Tensor | None = None  # (1, d_model) latest context word vector (None = first-word vector)
+    hsum: torch.Tensor | None = None  # (1, 1, d_byte) running sum of encoder outputs (gate.center, chunker=gate)
 
     @property
     def length(self) -> int:
@@ -277,8 +294,8 @@ class HierarchicalByteLM(nn.Module):
             raise ValueError(f"model.pooling must be 'query' or 'last', got {cfg.pooling!r}")
         if cfg.decoder_cross not in ("first", "all"):
             raise ValueError(f"model.decoder_cross must be 'first' or 'all', got {cfg.decoder_cross!r}")
-        if cfg.chunker != "words":
-            raise ValueError(f"model.chunker {cfg.chunker!r} is not supported by the hierarchical model yet")
+        if cfg.chunker not in ("words", "gate"):
+            raise ValueError(f"model.chunker must be 'words' or 'gate', got {cfg.chunker!r}")
         self.cfg = cfg
         D, d = cfg.d_model, cfg.d_byte
         be = cfg.attn_backend
@@ -297,6 +314,10 @@ class HierarchicalByteLM(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # learned chunker: the MrT5 delete gate on the encoder output decides which bytes close a chunk
+        g = cfg.gate
+        self.gate = DeleteGate(d, g.k, g.bias_init) if cfg.chunker == "gate" else None
+        self.controller = PIController(g.target_ratio, g.kp, g.ki, g.alpha_min) if self.gate is not None else None
 
     def init_weights(self) -> None:
         """Separate from construction (meta-device / sharded builds init after sharding). Residual output
@@ -309,6 +330,9 @@ class HierarchicalByteLM(nn.Module):
         nn.init.normal_(self.first_word, std=std)
         if isinstance(self.pool, QueryPooling):
             nn.init.normal_(self.pool.query, std=std)
+        if self.gate is not None and self.controller is not None:
+            self.gate.reset_parameters()  # xavier w, b = bias_init (init_linear_ gave N(0, std) and b = 0)
+            self.controller.reset()
 
     def new_cache(self) -> HierCache:
         return HierCache(
@@ -364,19 +388,26 @@ class HierarchicalByteLM(nn.Module):
             return self._forward_cached(input_ids, cache)
         B, T = input_ids.shape
         dev = input_ids.device
-        if word_start is None:
-            rows = input_ids.cpu().numpy()
-            docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
-            word_start = torch.from_numpy(np.stack([self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]))
-            word_start = word_start.to(dev)
-        lay = layout_words(input_ids, word_start, doc_ids)
-        W = lay.start.shape[1]
-
         cos, sin = self._byte_rope(torch.arange(T, device=dev))
         win = self.cfg.encoder_window
         h = self._run(self.encoder, self.embed(input_ids), cos, sin, doc_ids=doc_ids, window=win)  # (B, T, d)
 
+        G = closed = hg = None
+        if self.gate is not None:  # learned chunks (a given word_start is ignored)
+            hg = causal_center(h, doc_ids) if self.cfg.gate.center else h  # running mean: stays causal
+            G = self.gate(hg, input_ids < 256)  # (B, T); specials get k but always close a chunk of their own
+            closed, word_start = gate_closed(input_ids, G, self.cfg.gate.tau_del, self.cfg.max_word_bytes, doc_ids)
+        elif word_start is None:
+            rows = input_ids.cpu().numpy()
+            docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
+            word_start = torch.from_numpy(np.stack([self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]))
+            word_start = word_start.to(dev)
+        lay = layout_words(input_ids, word_start, doc_ids, closed)
+        W = lay.start.shape[1]
+
         words = self._pool(h, lay.word_id, lay.offset, lay.end, W)  # (B, W, D)
+        if G is not None and self.training and torch.is_grad_enabled():
+            words = words * keep_scale(G, self.cfg.gate.k, self.cfg.gate.tau_del < G, lay.end).to(words.dtype)
         wcos, wsin = self._word_rope(torch.arange(W, device=dev))
         z = self.backbone_norm(self._run(self.backbone, words, wcos, wsin, doc_ids=lay.word_doc))  # (B, W, D)
 
@@ -388,8 +419,20 @@ class HierarchicalByteLM(nn.Module):
 
         real = input_ids != PAD_ID
         bpw = real.sum() / (lay.word_start & real).sum().clamp_min(1)
+        metrics: dict[str, torch.Tensor | float] = {"bytes_per_word": bpw.detach()}
+        aux = None
+        if G is not None and self.gate is not None and self.controller is not None:
+            byte_mask = input_ids < 256
+            alpha = self.controller.alpha.clone()  # value set by the previous step
+            metrics.update(gate_stats(G, self.cfg.gate.tau_del, byte_mask, alpha))
+            if self.training:
+                # the regulariser trains the gate only (its input detached; same value as G): through the encoder
+                # it shifts every byte's gate together and the ratio swings (docs/mrt5.md, measured)
+                assert hg is not None
+                aux = alpha * masked_mean(self.gate(hg.detach(), byte_mask), byte_mask)
+                self.controller.update(metrics["deletion_ratio"])  # used from the next step
         hidden = {"words": z, "word_start": lay.start, "word_end": lay.end}  # for distillation (bytelm.distill)
-        return ModelOutput(logits=logits, metrics={"bytes_per_word": bpw.detach()}, hidden=hidden)
+        return ModelOutput(logits=logits, aux_loss=aux, metrics=metrics, hidden=hidden)
 
     @torch.no_grad()
     def _forward_cached(self, new_ids: torch.Tensor, cache: HierCache) -> ModelOutput:
@@ -404,6 +447,8 @@ class HierarchicalByteLM(nn.Module):
         cos, sin = self._byte_rope(pos)
         h = self._run(self.encoder, self.embed(new_ids), cos, sin, caches=cache.enc, window=self.cfg.encoder_window)
         cache.buf = h if cache.buf is None else torch.cat([cache.buf, h], 1)  # (1, len - pend_start, d)
+        if self.gate is not None:
+            return self._decode_cached(h, cos, sin, pos, cache, *self._gate_chunks_cached(new_ids, h, cache))
 
         # which words became ready: re-split from the start of the rule word (before the size cap) that holds
         # the oldest unready word, and apply the ready rule of layout_words (running max included)
@@ -418,33 +463,76 @@ class HierarchicalByteLM(nn.Module):
                 break
             ready_at.append(r)
             cache.r_max = r
-        k = len(ready_at)
+        if ready_at:  # move the re-split anchor to the rule word holding the new oldest unready word
+            new_pend = starts[len(ready_at)]
+            rule = np.flatnonzero(self.word_starts_row(cache.ids[base:], capped=False)) + base
+            cache.anchor = int(rule[rule <= new_pend].max())
+            if new_pend - cache.anchor > _ANCHOR_WINDOW:  # bound the re-split (as words.py does)
+                cache.anchor = new_pend
+        return self._decode_cached(h, cos, sin, pos, cache, starts, ready_at)
 
+    def _gate_chunks_cached(self, new_ids: torch.Tensor, h: torch.Tensor, cache: HierCache) -> tuple[list[int], list[int]]:
+        """Chunk starts (oldest pending first, then one per closed chunk) and ready times for the new bytes, by
+        the rules of ``bytelm.models.chunking.gate_closed`` applied online."""
+        assert self.gate is not None
+        hg = h
+        if self.cfg.gate.center:  # running mean over the document, as causal_center in the full forward
+            n = h.shape[1]
+            cs = h.float().cumsum(1) + (cache.hsum if cache.hsum is not None else 0.0)  # (1, n, d)
+            cache.hsum = cs[:, -1:]
+            cnt = torch.arange(cache.length - n + 1, cache.length + 1, device=h.device, dtype=cs.dtype)
+            hg = (h.float() - cs / cnt.view(1, -1, 1)).to(h.dtype)
+        G = self.gate(hg, new_ids < 256)[0].tolist()  # (n,)
+        tau, cap = self.cfg.gate.tau_del, self.cfg.max_word_bytes
+        p0 = cache.length - new_ids.shape[1]
+        starts, ready_at = [cache.pend_start], []
+        cur = cache.pend_start
+        for j, tok in enumerate(new_ids[0].tolist()):
+            t = p0 + j
+            if tok >= 256 and cur < t:  # a special closes the open chunk before it (known when it arrives)
+                starts.append(t)
+                ready_at.append(t)
+                cur = t
+            if tok >= 256 or G[j] > tau or (cap and t - cur + 1 >= cap):
+                starts.append(t + 1)
+                ready_at.append(t)
+                cur = t + 1
+        return starts, ready_at
+
+    def _decode_cached(self, h: torch.Tensor, cos, sin, pos: torch.Tensor, cache: HierCache, starts: list[int],
+                       ready_at: list[int]) -> ModelOutput:
+        """Pool the chunks that became ready (``starts[:k+1]`` bound them), run the backbone on them and decode
+        the new bytes; each byte sees the latest chunk with ready time <= its position."""
+        dev = h.device
+        k = len(ready_at)
         prev = self.first_word.view(1, -1) if cache.ctx is None else cache.ctx  # (1, D)
         table = prev.unsqueeze(0)  # (1, 1, D)
         if k:
-            span = starts[k] - cache.pend_start  # bytes of the k ready words
-            ws = torch.zeros(span, dtype=torch.bool, device=dev)
-            ws[torch.tensor(starts[:k], device=dev) - cache.pend_start] = True
-            word_id = (ws.long().cumsum(0) - 1).unsqueeze(0)  # (1, span)
-            st = torch.tensor(starts[: k + 1], device=dev) - cache.pend_start  # (k+1,)
-            offset = torch.arange(span, device=dev).unsqueeze(0) - st[word_id]  # (1, span)
-            words = self._pool(cache.buf[:, :span], word_id, offset, st[1:].unsqueeze(0), k)  # (1, k, D)
+            words = self._pool_span(cache, starts, k)  # (1, k, D)
             wcos, wsin = self._word_rope(torch.arange(cache.n_ready, cache.n_ready + k, device=dev))
             z = self.backbone_norm(self._run(self.backbone, words, wcos, wsin, caches=cache.backbone))
             table = torch.cat([table, z], 1)  # (1, k+1, D)
-            cache.buf = cache.buf[:, span:]
+            assert cache.buf is not None
+            cache.buf = cache.buf[:, starts[k] - cache.pend_start :]
             cache.pend_start = starts[k]
-            rule = np.flatnonzero(self.word_starts_row(cache.ids[base:], capped=False)) + base
-            cache.anchor = int(rule[rule <= cache.pend_start].max())
-            if cache.pend_start - cache.anchor > _ANCHOR_WINDOW:  # bound the re-split (as words.py does)
-                cache.anchor = cache.pend_start
             cache.n_ready += k
             cache.ctx = z[:, -1]
         sel = (torch.tensor(ready_at, dtype=torch.long, device=dev).view(1, -1) <= pos.view(-1, 1)).sum(1)  # (n,)
         inject = [p(table)[:, sel] for p in self.ctx_proj]  # each (1, n, d)
         y = self._run(self.decoder, h, cos, sin, caches=cache.dec, inject=inject)
         return ModelOutput(logits=self.lm_head(self.norm(y)))
+
+    def _pool_span(self, cache: HierCache, starts: list[int], k: int) -> torch.Tensor:
+        """Pool the ``k`` words ``[starts[i], starts[i+1])`` from the buffered encoder outputs -> (1, k, D)."""
+        assert cache.buf is not None
+        dev = cache.buf.device
+        span = starts[k] - cache.pend_start
+        ws = torch.zeros(span, dtype=torch.bool, device=dev)
+        ws[torch.tensor(starts[:k], device=dev) - cache.pend_start] = True
+        word_id = (ws.long().cumsum(0) - 1).unsqueeze(0)  # (1, span)
+        st = torch.tensor(starts[: k + 1], device=dev) - cache.pend_start  # (k+1,)
+        offset = torch.arange(span, device=dev).unsqueeze(0) - st[word_id]  # (1, span)
+        return self._pool(cache.buf[:, :span], word_id, offset, st[1:].unsqueeze(0), k)
 
 
 def _check_shapes() -> None:  # pragma: no cover - handy when editing: python -m bytelm.models.hierarchical
