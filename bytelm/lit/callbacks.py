@@ -2,7 +2,7 @@
 
 - ``ThroughputMonitor`` logs ``perf/bytes_per_s``, ``perf/words_per_s`` (hierarchical models: the batch's
   ``word_start``), ``perf/step_s`` and ``perf/mfu``: model FLOPs per byte from
-  ``bytelm.models.flops.flops_per_byte`` times bytes/s, over the device's peak from ``PEAK_TFLOPS`` times the
+  ``bytelm.models.flops.flops_per_byte`` times bytes/s, over the device's peak from ``PEAK_TFLOPS`` (bytelm.models.flops) times the
   number of devices (None, so not logged, on CPUs and unknown GPUs).
 - ``SaveLastOnEnd``: the run's final state is in ``checkpoints/last.ckpt`` even when ``max_steps`` is not a
   multiple of ``ckpt_every``.
@@ -24,57 +24,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from bytelm.models.flops import PEAK_TFLOPS, device_peak_flops, mfu, peak_flops_for_name, precision_key
+
 log = logging.getLogger(__name__)
 
-# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets. Matched by substring of
-# torch.cuda.get_device_name(), most specific first.
-PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("GH200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),  # SXM / NVL
-    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 80.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
-    ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
-    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "tf32": 82.6, "fp32": 82.6}),
-    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
-    ("V100", {"fp16": 125.0, "fp32": 15.7}),
-    ("MI300X", {"bf16": 1307.0, "fp16": 1307.0, "tf32": 653.0, "fp32": 163.4}),
-]
+# the peak table and MFU live with the FLOP formulas (model-side, no Lightning); re-exported for callers
 
-
-def precision_key(precision: str) -> str:
-    if precision.startswith("bf16"):
-        return "bf16"
-    if precision.startswith("16"):
-        return "fp16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
-
-
-def device_peak_flops(device: torch.device | str, precision: str = "bf16-mixed") -> float | None:
-    """Peak FLOP/s of one device at ``precision``; None on CPU or for a GPU not in the table."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device), precision)
-
-
-def peak_flops_for_name(name: str, precision: str = "bf16-mixed") -> float | None:
-    key = precision_key(precision)
-    for pattern, peaks in PEAK_TFLOPS:
-        if pattern.lower() in name.lower():
-            tf = peaks.get(key)
-            return None if tf is None else tf * 1e12
-    return None
-
-
-def mfu(flops_per_byte: float, bytes_per_s: float, peak_flops_total: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices used."""
-    if not peak_flops_total or peak_flops_total <= 0:
-        return None
-    return flops_per_byte * bytes_per_s / peak_flops_total
+__all__ = ["PEAK_TFLOPS", "ThroughputMonitor", "device_peak_flops", "mfu", "peak_flops_for_name", "precision_key"]
 
 
 class ThroughputMonitor(L.Callback):
