@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from bytelm.data.cache import fetch_package
-from bytelm.data.words import split_online, split_words, word_ends
+from bytelm.data.words import split_words, word_ends
+from bytelm.data.words_online import split_online
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

