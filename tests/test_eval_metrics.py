@@ -160,10 +160,26 @@ def test_teacher_continuation_logprobs_hand_computed():
 # ------------------------------------------------------------------------------------------- helpers
 def test_take_bytes_equal_shares_and_char_boundaries():
     texts = [b"a" * 100, b"b" * 10, "é".encode() * 50]
-    got = take_bytes(texts, 61)  # shares of 20, 5, 1; the short text is taken whole; é is not cut
+    got = take_bytes(texts, 61, min_share=1)  # shares of 20, 5, 1; the short text is taken whole; é is not cut
     assert [len(t) for t in got] == [26, 10, 24]
     assert got[2].decode("utf-8")  # still valid UTF-8
     assert take_bytes(texts, 0) == texts
+
+
+def test_take_bytes_many_short_texts_are_taken_whole():
+    """2,000 dialogs of ~100 bytes and a 5,000-byte budget: shares would be 2-byte fragments, so whole texts
+    are taken, spread evenly over the list, in order; only the last one is cut."""
+    texts = [f"dialog {i:04d}: ".encode() + b"x" * (80 + i % 40) for i in range(2000)]
+    got = take_bytes(texts, 5000)
+    assert sum(len(t) for t in got) == 5000
+    whole = [t for t in got if t in texts]
+    assert len(whole) == len(got) - 1 and got[-1] == texts[int(got[-1][7:11])][: len(got[-1])]
+    idx = [int(t[7:11]) for t in got]
+    assert idx == sorted(idx) and idx[0] == 0 and idx[-1] > 1900  # spread over the whole list, in order
+    assert set(range(0, 2000, 45)) <= set(idx) and len(idx) <= 47  # a stride of 45, then a gap or two filled
+    # few long texts keep the equal-share rule
+    long_texts = [b"a" * 10_000, b"b" * 10_000]
+    assert [len(t) for t in take_bytes(long_texts, 4000)] == [2000, 2000]
     assert utf8_cut("aé".encode(), 2) == 1 and utf8_cut(b"abc", 2) == 2
 
 

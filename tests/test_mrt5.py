@@ -343,6 +343,13 @@ def test_validation_metrics_sum_continuation_nll():
     torch.testing.assert_close(out.metrics["nll_sum"], nll)
     m.train()
     assert "nll_sum" not in m(x, targets=y).metrics  # not logged every training step
+    # a continuation that is all padding (the short last tile of an eval corpus): zero, not NaN
+    m.eval()
+    y_pad = y.clone()
+    y_pad[:, s - 1 :] = PAD_ID
+    with torch.no_grad():
+        out = m(x, targets=y_pad)
+    assert float(out.metrics["nll_sum"]) == 0.0 and int(out.metrics["n_bytes"]) == 0 and float(out.loss) == 0.0
 
 
 def test_gate_layer_past_the_encoder_is_clamped_with_a_warning(caplog):

@@ -1,7 +1,8 @@
 """Bits-per-byte evaluations: held-out English, each language of the multilingual corpus, and noised text.
 
 Every set is cut to at most ``max_bytes`` bytes by ``take_bytes``: an equal share from the start of each
-document (so the English set mixes Hamlet, Twelfth Night and the Sonnets, both editions), cuts at UTF-8
+document (so the English set mixes Hamlet, Twelfth Night and the Sonnets, both editions), or, for a set of
+many short documents (the dialogs of one language), whole documents evenly spaced over the set; cuts at UTF-8
 character boundaries. ``max_bytes=0`` takes everything. All numbers are bits per *text byte*: BOS/EOS
 predictions are not counted.
 
@@ -22,25 +23,62 @@ from bytelm.eval.scoring import ByteScorer, CorpusResult, Scorer, utf8_cut
 REPORTED_METRICS = ("bytes_per_word", "kept_ratio")  # model metrics worth a column
 
 
-def take_bytes(texts: Sequence[bytes], max_bytes: int) -> list[bytes]:
-    """At most ``max_bytes`` bytes in all, an equal share from the start of each text (a text shorter than
-    its share gives the rest to the others); 0 = all."""
+MIN_SHARE = 512  # below this share per text, whole texts are taken instead (see take_bytes)
+
+
+def take_bytes(texts: Sequence[bytes], max_bytes: int, min_share: int = MIN_SHARE) -> list[bytes]:
+    """At most ``max_bytes`` bytes in all; 0 = all.
+
+    Few long texts (the held-out works): an equal share from the start of each (a text shorter than its share
+    gives the rest to the others), so every text is represented. Many short texts (2,026 English dialogs):
+    equal shares would be fragments of a few bytes with no context, so when the share would fall below
+    ``min_share`` whole texts are taken instead, evenly spaced over the list and kept in their order, the
+    last one cut to fill the budget. Cuts never split a UTF-8 character."""
     texts = [t for t in texts if t]
     if max_bytes <= 0 or sum(len(t) for t in texts) <= max_bytes:
         return list(texts)
-    quota = [0] * len(texts)
-    left, open_ = max_bytes, list(range(len(texts)))
-    while left > 0 and open_:  # water filling: short texts are taken whole, the rest share what is left
+    quota = _water_fill([len(t) for t in texts], max_bytes)
+    cut = [i for i, q in enumerate(quota) if q < len(texts[i])]
+    if cut and min(quota[i] for i in cut) < min_share:
+        quota = _evenly_spaced_whole([len(t) for t in texts], max_bytes)
+    return [t[: utf8_cut(t, q)] for t, q in zip(texts, quota, strict=True) if q > 0]
+
+
+def _water_fill(lens: list[int], budget: int) -> list[int]:
+    """Equal shares of ``budget``; short texts are taken whole and the others share what is left."""
+    quota = [0] * len(lens)
+    left, open_ = budget, list(range(len(lens)))
+    while left > 0 and open_:
         share = max(1, left // len(open_))
         still = []
         for i in open_:
-            give = min(share, len(texts[i]) - quota[i], left)
+            give = min(share, lens[i] - quota[i], left)
             quota[i] += give
             left -= give
-            if quota[i] < len(texts[i]):
+            if quota[i] < lens[i]:
                 still.append(i)
         open_ = still
-    return [t[: utf8_cut(t, q)] for t, q in zip(texts, quota, strict=True) if q > 0]
+    return quota
+
+
+def _evenly_spaced_whole(lens: list[int], budget: int) -> list[int]:
+    """Whole texts at evenly spaced positions (a stride over the list, then the gaps), until ``budget``."""
+    n = len(lens)
+    order: list[int] = []
+    seen: set[int] = set()
+    stride = max(1, int(sum(lens) / budget))  # at least budget / mean length texts in the first pass
+    for start in range(stride):
+        for i in range(start, n, stride):
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+    quota, left = [0] * n, budget
+    for i in order:
+        if left <= 0:
+            break
+        quota[i] = min(lens[i], left)
+        left -= quota[i]
+    return quota
 
 
 def english_texts() -> list[bytes]:

@@ -340,10 +340,14 @@ class MrT5(nn.Module):
         if targets is not None:
             tgt = targets[:, s - 1 :]
             tgt = tgt.masked_fill(tgt == PAD_ID, IGNORE_INDEX)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX)
+            # summed, then divided: a batch whose continuation is all padding (a short last tile) gives loss 0
+            # and nll_sum 0 instead of the NaN of a mean over no targets
+            nll = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
+                                  reduction="sum")
+            n = (tgt != IGNORE_INDEX).sum()
+            loss = nll / n.clamp(min=1)
             if not self.training:  # validation sums NLL over the continuation bytes (val/bpb)
-                n = (tgt != IGNORE_INDEX).sum()
-                metrics["nll_sum"] = loss.detach() * n
+                metrics["nll_sum"] = nll.detach()
                 metrics["n_bytes"] = n
         if enc.gate is not None:
             G = enc.gate
