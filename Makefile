@@ -7,7 +7,7 @@ STAMP := $(VENV)/.bytelm-installed
 export DS_BUILD_OPS := 0
 export WANDB_SILENT := true
 
-.PHONY: setup demo test test-slow test-distributed lint bench gpu-check clean help
+.PHONY: setup demo test test-slow test-distributed lint bench results gpu-check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -42,6 +42,9 @@ bench: setup  ## CPU benchmarks (ratios measured side by side), JSON under out/
 	$(PY) scripts/bench_models.py
 	$(PY) scripts/bench_splitter.py
 	$(PY) scripts/bench_mrt5.py
+
+results: setup  ## train every compared model and regenerate docs/results.md, its plots and the README table (~45 min CPU)
+	bash scripts/make_results.sh
 
 gpu-check:  ## on a CUDA machine: GPU extras, gpu tests, benchmarks with MFU (results in $$OUT)
 	bash scripts/gpu_check.sh

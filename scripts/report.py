@@ -234,10 +234,17 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
         L += ["", "## Character-level tasks (CUTE-style)", "",
               f"{opts.cute_items} seeded items per task (seed {opts.seed}, {opts.cute_shots} solved examples each, "
               "4 candidates: chance 0.25), scored by log-likelihood ranking: acc (sum) / acc_norm (per byte).", ""]
-        rows = [[t, *[f"{v['tasks'][t]['acc']:.2f} / {v['tasks'][t]['acc_norm']:.2f}" for v in cute.values()]]
-                for t in tasks]
-        rows.append(["**mean**", *[f"**{v['acc']:.3f} / {v['acc_norm']:.3f}**" for v in cute.values()]])
-        L += table(["task", *cute], rows)
+        from bytelm.eval.cute import generate_suite, majority_baseline
+
+        prior = majority_baseline(generate_suite(tasks, n_per_task=opts.cute_items, seed=opts.seed,
+                                                 shots=opts.cute_shots))
+        rows = [[t, *[f"{v['tasks'][t]['acc']:.2f} / {v['tasks'][t]['acc_norm']:.2f}" for v in cute.values()],
+                 f"{prior[t]:.2f}"] for t in tasks]
+        rows.append(["**mean**", *[f"**{v['acc']:.3f} / {v['acc_norm']:.3f}**" for v in cute.values()],
+                     f"{sum(prior.values()) / len(prior):.3f}"])
+        L += table(["task", *cute, "majority answer"], rows)
+        L += ["", "*majority answer*: always giving the task's most common right answer (the answer prior). For "
+              "`count` most letters occur once, so it is well above chance; compare the models with it there."]
         if "cute" in rel:
             L += ["", f"![CUTE-style accuracy]({rel['cute']})"]
     L += ["", "## Speed (side-by-side benchmarks)", ""]
@@ -249,6 +256,12 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
             L += [f"![speed ratios]({rel['speed']})", ""]
     else:
         L += ["No `out/bench_*.json` found: run `make bench`, then this script again.", ""]
+    above = sorted({lang for v in ml.values() for lang, x in v["languages"].items() if x["bpb"] > 8.0})
+    if above:
+        notes.append(f"- bpb above 8 (a uniform guess over bytes) on {len(above)} languages ({', '.join(above[:6])}"
+                     f"{', ...' if len(above) > 6 else ''}): a model trained on English only has learned to rule "
+                     "out bytes >= 0x80, so it pays more than 8 bits for each byte of another script. Train on "
+                     "`data=mixture` (or `data=chatterbot`) for multilingual numbers.")
     curve_notes = [f"- {n}: {c.source}" for n, c in curves.items()]
     if curve_notes or notes:
         L += ["## Notes", "", *notes]

@@ -65,7 +65,7 @@ def test_report_on_two_tiny_checkpoints(tiny_runs, tmp_path, capsys):
     md = out.read_text()
     for needle in ("## Main table", "**flat**", "**hierarchical**", "## Multilingual", "japanese",
                    "## Robustness", "swap@0.05", "space@0.15", "## Character-level", "Teacher reference row skipped",
-                   "missing.gguf", "bytelm-eval", "make bench"):
+                   "missing.gguf", "bytelm-eval", "make bench", "majority answer"):
         assert needle in md, needle
     for img in ("bpb_vs_flops", "bpb_vs_wall", "robustness", "multilingual", "cute"):
         p = out.parent / "img" / f"{img}.png"

@@ -176,6 +176,21 @@ def generate_suite(
     return [it for t in tasks for it in generate_items(t, n_per_task, seed, vocab, shots, n_candidates)]
 
 
+def majority_baseline(items: Sequence[Item]) -> dict[str, float]:
+    """Per task, the accuracy of always answering the task's most common right answer (the text of the right
+    candidate). A model that only learned the answer prior scores this: for ``count`` most letters occur once,
+    so " 1" is right far more often than chance (0.25)."""
+    by_task: dict[str, list[str]] = {}
+    for it in items:
+        by_task.setdefault(it.task, []).append(it.candidates[it.answer])
+    out = {}
+    for task, answers in by_task.items():
+        top = max(set(answers), key=lambda a: (answers.count(a), a))
+        # the baseline picks `top` whenever it is among the candidates; it is right when it is the answer
+        out[task] = answers.count(top) / len(answers)
+    return out
+
+
 def score_items(scorer: Any, items: Sequence[Item]) -> dict[str, Any]:
     """Accuracy of log-likelihood ranking per task: ``{"tasks": {task: {acc, acc_norm, n, chance}}, "acc",
     "acc_norm"}`` (the last two: means over tasks)."""
