@@ -184,7 +184,8 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
          else shlex.join(["python", "scripts/report.py", *args.argv]), "```", "",
          f"Sets: held-out English = the canonical Shakespeare validation works (Hamlet, Twelfth Night, both "
          f"editions, Sonnets), multilingual = the `chatterbot-corpus` dialogs; at most {opts.max_bytes:,} bytes "
-         f"per set (an equal share from each document). bpb = bits per text byte. See docs/eval.md for "
+         f"per set (an equal share from each document; whole documents, evenly spaced, when the share would be "
+         f"under 512 bytes). bpb = bits per text byte. See docs/eval.md for "
          "definitions.", "", "## Main table", ""]
     L += main_table(results, curves)
     L += ["", "`≈`: FLOPs from 6 × non-embedding parameters (no exact formula for this architecture). Train time "
