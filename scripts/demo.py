@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         from bytelm.hf.export import export_checkpoint, generate_from_folder
 
         folder = export_checkpoint(hat["ckpt"], out / "hf_hat_tiny")
-        text = generate_from_folder(folder, "ROMEO:\n", max_new_tokens=120)
+        # sampled like the bytelm sample above (greedy decoding of a tiny model loops on "the the the")
+        text = generate_from_folder(folder, "ROMEO:\n", max_new_tokens=120, temperature=0.7, top_k=40, seed=0)
         print(f"exported to {folder}\n"
-              f"AutoModelForCausalLM.from_pretrained('{folder}', trust_remote_code=True).generate(...):\n{text}\n")
+              f"AutoModelForCausalLM.from_pretrained('{folder}', trust_remote_code=True).generate(do_sample=True, "
+              f"temperature=0.7, top_k=40):\nROMEO:\n{text}\n")
         result["export"] = str(folder)
         result["hf_sample"] = text
     (out / "results.json").write_text(json.dumps(result, indent=2))
