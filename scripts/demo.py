@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-export", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import lightning.pytorch  # noqa: F401 - sets its loggers to INFO on import: quiet them after it
+
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import torch

@@ -15,6 +15,11 @@ from bytelm.config import Config, config_to_dict, wandb_offline_default
 
 log = logging.getLogger(__name__)
 
+# Lightning gives its "lightning" logger a handler of its own and still lets records propagate, so with any
+# root handler (every bytelm CLI configures one) each line printed twice; its own handler is enough.
+if logging.getLogger("lightning").handlers:
+    logging.getLogger("lightning").propagate = False
+
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     """``auto`` -> bf16-mixed on CUDA, 32-true elsewhere (these CPUs have no native bf16: ~5x slower)."""
