@@ -21,6 +21,16 @@ except ImportError:  # pragma: no cover
     pass
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module of tiny tensors: more threads only add spin-wait overhead when the
+    2 cores are shared with other jobs. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make any experiment a seconds-long CPU run writing under tmp_path."""

@@ -13,13 +13,7 @@ from bytelm.models.config import GateConfig
 from bytelm.models.generate import iter_generate
 from bytelm.models.hierarchical import HierarchicalByteLM, layout_words
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXT = "Hi, wörld! 中文字 don't  stop\n\tcafé 🙂 HTTPServer camelCase 3.14 $5 «x» and more words here".encode()

@@ -9,13 +9,7 @@ import torch
 
 from bytelm.models.gates import DeleteGate, PIController, deleted_mask, gate_stats, hard_delete, masked_mean
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gate_formula_matches_independent_computation():

@@ -14,13 +14,7 @@ from bytelm.models import ModelConfig, ModelOutput, build_model
 from bytelm.models.generate import generate, iter_generate, sample_next, stream
 from bytelm.models.hierarchical import split_word_starts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch: str, **kw) -> nn.Module:

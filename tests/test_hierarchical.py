@@ -10,14 +10,7 @@ from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
 from bytelm.models import ModelConfig, build_model
 from bytelm.models.hierarchical import HierarchicalByteLM, layout_words, split_word_starts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids spin-wait overhead when the 2 cores are shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXT = "Hi, wörld! 中文字 don't  stop\n\tcafé 🙂 HTTPServer camelCase 3.14 $5 «x»".encode()
