@@ -64,14 +64,8 @@ def _water_fill(lens: list[int], budget: int) -> list[int]:
 def _evenly_spaced_whole(lens: list[int], budget: int) -> list[int]:
     """Whole texts at evenly spaced positions (a stride over the list, then the gaps), until ``budget``."""
     n = len(lens)
-    order: list[int] = []
-    seen: set[int] = set()
     stride = max(1, int(sum(lens) / budget))  # at least budget / mean length texts in the first pass
-    for start in range(stride):
-        for i in range(start, n, stride):
-            if i not in seen:
-                seen.add(i)
-                order.append(i)
+    order = [i for start in range(stride) for i in range(start, n, stride)]  # each index once
     quota, left = [0] * n, budget
     for i in order:
         if left <= 0:

@@ -19,6 +19,16 @@ from __future__ import annotations
 import torch
 
 
+def doc_starts(doc_ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True at the first position of each packed document (position 0 always); ``like`` (B, T)
+    gives the shape and device when ``doc_ids`` is None (one document per row)."""
+    out = torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device)
+    out[:, 0] = True
+    if doc_ids is not None:
+        out[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return out
+
+
 def causal_center(h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``h_t`` minus the mean of ``h`` over positions ``<= t`` of its document: (B, T, D) -> (B, T, D).
 
@@ -26,20 +36,13 @@ def causal_center(h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch
     component every byte shares, so an uncentred gate moves all bytes together and the deletion ratio jumps
     between 0 and 1. The row mean would leak later bytes into a byte's chunk decision; the running mean does
     not, and the cached path keeps it as a running sum."""
-    B, T, _ = h.shape
     hf = h.float()
     cs = hf.cumsum(1)  # (B, T, D)
-    pos = torch.arange(T, device=h.device).expand(B, T)
-    if doc_ids is None:
-        first = torch.zeros_like(pos)
-    else:
-        new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        first = torch.cummax(torch.where(new_doc, pos, torch.zeros_like(pos)), 1).values  # (B, T) doc start
+    count = run_lengths(doc_starts(doc_ids, h))  # (B, T) positions of the document so far
+    first = torch.arange(h.shape[1], device=h.device) - count + 1  # (B, T) start of the document
     before = torch.where((first > 0).unsqueeze(-1), cs.gather(1, (first - 1).clamp(min=0).unsqueeze(-1).expand_as(cs)),
                          torch.zeros_like(cs))  # (B, T, D) sum of the earlier documents
-    mean = (cs - before) / (pos - first + 1).unsqueeze(-1).to(hf.dtype)
-    return (hf - mean).to(h.dtype)
+    return (hf - (cs - before) / count.unsqueeze(-1).to(hf.dtype)).to(h.dtype)
 
 
 def run_lengths(starts: torch.Tensor) -> torch.Tensor:
@@ -68,9 +71,7 @@ def gate_closed(
     chunk starts they imply (after each closed byte, at specials, at document starts)."""
     special = ids >= 256
     closed = (tau_del < G) | special
-    doc_start = torch.zeros_like(special)
-    if doc_ids is not None:
-        doc_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    doc_start = doc_starts(doc_ids, ids)
     ws = _starts(closed, special, doc_start)
     if max_len is not None and max_len > 0 and int(run_lengths(ws).max()) > max_len:
         closed = _cap(closed, special, doc_start, max_len)
@@ -85,9 +86,9 @@ def _cap(closed: torch.Tensor, special: torch.Tensor, doc_start: torch.Tensor, m
     B, T = closed.shape
     length = torch.zeros(B, dtype=torch.long, device=closed.device)
     for t in range(T):
-        start = special[:, t] | doc_start[:, t] | (closed[:, t - 1] if t > 0 else torch.ones_like(special[:, 0]))
+        start = special[:, t] | doc_start[:, t]  # doc_start[:, 0] is True
         if t > 0:
-            start |= special[:, t - 1]
+            start |= closed[:, t - 1] | special[:, t - 1]
         length = torch.where(start, 1, length + 1)
         closed[:, t] |= length >= max_len
     return closed

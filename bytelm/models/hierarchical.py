@@ -57,7 +57,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bytelm.data.bytes import PAD_ID
-from bytelm.models.chunking import causal_center, gate_closed, keep_scale
+from bytelm.models.chunking import causal_center, doc_starts, gate_closed, keep_scale
 from bytelm.models.config import ModelConfig, ModelOutput
 from bytelm.models.gates import DeleteGate, PIController, gate_stats, masked_mean
 from bytelm.models.layers import Block, KVCache, RMSNorm, apply_rope, init_linear_, rope_cos_sin
@@ -166,10 +166,7 @@ def layout_words(
     dev = ids.device
     pos = torch.arange(T, device=dev).expand(B, T)  # (B, T)
     special = ids >= 256
-    doc_start = torch.zeros(B, T, dtype=torch.bool, device=dev)
-    doc_start[:, 0] = True
-    if doc_ids is not None:
-        doc_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    doc_start = doc_starts(doc_ids, ids)  # (B, T)
     ws = word_start.bool() | special | doc_start
     ws[:, 1:] |= special[:, :-1]
     word_id = ws.long().cumsum(1) - 1  # (B, T)
