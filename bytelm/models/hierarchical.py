@@ -36,8 +36,9 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
   controller holds the deletion ratio at ``gate.target_ratio`` and trains the gate only (detached input).
   Cached decoding applies the same rules byte by byte.
 - **Cached decoding** (``new_cache()``, ``forward(ids, cache=...)``, batch 1, one document) decides words
-  online: after each new byte it re-splits the bytes from the start of the current rule word with the same
-  splitter and applies the same ready rule, pools a word and runs one backbone step once the word is ready.
+  online: after each new byte it re-splits the complete characters from the start of the current rule word
+  with the same splitter (bytes of an unfinished UTF-8 character wait, so the size cap never cuts inside a
+  character the full forward keeps whole) and applies the same ready rule, pools a word and runs one backbone step once the word is ready.
   It equals the full forward (tested to 1e-4) as long as the splitter is prefix-stable once a character is
   complete and splitting from a word start gives the words of the whole text, the properties HAT's online
   splitting relies on (``bytelm.data.words_online.OnlineWordSplitter`` documents the rare exceptions).
@@ -45,6 +46,7 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -136,6 +138,21 @@ def utf8_char_len(ids: torch.Tensor) -> torch.Tensor:
 
 
 _CHAR_LEN = utf8_char_len(torch.arange(257)).tolist()  # lookup for the cached path (index 256 = specials)
+
+
+def pending_utf8(ids: Sequence[int]) -> int:
+    """Number of bytes (0-3) at the end of ``ids`` that begin a UTF-8 character later bytes may still complete,
+    as an incremental UTF-8 decoder holds them back (an invalid sequence is not pending: its bytes are final)."""
+    for j in range(1, min(4, len(ids)) + 1):
+        b = ids[-j]
+        if b >= 256:  # a special: no byte after it is pending unless it is a lead found before this one
+            return 0
+        if 0x80 <= b < 0xC0:  # continuation byte: look further back for its lead
+            continue
+        dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        dec.decode(bytes(ids[-j:]))
+        return len(dec.getstate()[0])
+    return 0
 
 
 @dataclass
@@ -449,8 +466,11 @@ class HierarchicalByteLM(nn.Module):
 
         # which words became ready: re-split from the start of the rule word (before the size cap) that holds
         # the oldest unready word, and apply the ready rule of layout_words (running max included)
+        # only complete characters are split (DESIGN.md §2: incomplete UTF-8 stays in the current word): the size
+        # cap must never cut inside a character that later bytes complete, which the full forward never does
         base = cache.anchor
-        capped = np.flatnonzero(self.word_starts_row(cache.ids[base:])) + base
+        done = cache.length - pending_utf8(cache.ids)
+        capped = np.flatnonzero(self.word_starts_row(cache.ids[base:done])) + base
         starts = [cache.pend_start] + [int(x) for x in capped if x > cache.pend_start]
         last = p0 + n - 1
         ready_at: list[int] = []
@@ -462,7 +482,7 @@ class HierarchicalByteLM(nn.Module):
             cache.r_max = r
         if ready_at:  # move the re-split anchor to the rule word holding the new oldest unready word
             new_pend = starts[len(ready_at)]
-            rule = np.flatnonzero(self.word_starts_row(cache.ids[base:], capped=False)) + base
+            rule = np.flatnonzero(self.word_starts_row(cache.ids[base:done], capped=False)) + base
             cache.anchor = int(rule[rule <= new_pend].max())
             if new_pend - cache.anchor > _ANCHOR_WINDOW:  # bound the re-split (as words_online.py does)
                 cache.anchor = new_pend
