@@ -161,7 +161,7 @@ def test_loss_decreases(pooling: str) -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 1.5, losses
+    assert losses[-1] < 0.8 * losses[0], losses  # a wide margin: ~5.8 -> ~3 nats here
 
 
 def test_activation_checkpointing_same_result() -> None:
