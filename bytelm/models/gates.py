@@ -107,6 +107,17 @@ def hard_delete(
     return h_kept, key_mask, order
 
 
+def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks of the default process group (``x`` itself on one process). Plain
+    ``torch.distributed``, so the model code stays free of Lightning; works under DDP, ZeRO and FSDP2 alike."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 class PIController(nn.Module):
     """PI controller for the gate regulariser weight ``alpha`` (MrT5).
 
@@ -118,9 +129,15 @@ class PIController(nn.Module):
     ``alpha_min`` makes it two-sided (a ratio above ``delta`` gives a negative ``alpha`` that rewards keeping).
     The new ``alpha`` is used from the *next* step (the current step's regulariser uses the value before the
     update); everything starts at 0. State lives in fp32 buffers (kept fp32 even if the model is cast to
-    bf16), so it is part of ``model.state_dict()`` and checkpoints resume it exactly; under DDP the buffers
-    are broadcast from rank 0 each step, so every rank uses the same ``alpha``. Updates are tensor ops (no
+    bf16), so it is part of ``model.state_dict()`` and checkpoints resume it exactly. Updates are tensor ops (no
     host sync).
+
+    Several processes: the models call :meth:`observe`, which sums the deleted and real position counts over
+    the ranks of the default process group (one ``all_reduce`` of two numbers, when ``torch.distributed`` is
+    initialised with more than one rank) before updating, so ``r`` is the deletion ratio of the *global* batch
+    and every rank holds the same state and ``alpha`` under every strategy (DDP broadcasts buffers from rank 0,
+    ZeRO and FSDP2 do not: the controller must not rely on that). Every rank calls it once per training
+    forward, so the collectives match.
     """
 
     p: torch.Tensor
@@ -154,6 +171,15 @@ class PIController(nn.Module):
         self.alpha.copy_(torch.clamp(self.p + self.i, min=self.alpha_min))
         self.steps.add_(1)
         return self.alpha.clone()
+
+    @torch.no_grad()
+    def observe(self, G: torch.Tensor, tau_del: float, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance one step with the deletion ratio of the global batch: ``G`` (B, T) gate values of this rank's
+        batch, ``pad_mask`` (B, T) True = real position. Returns the new ``alpha``."""
+        valid = torch.ones_like(G, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        counts = torch.stack([deleted_mask(G, tau_del, valid).sum(), valid.sum()]).float()  # (2,) deleted, real
+        counts = all_ranks_sum(counts)
+        return self.update(counts[0] / counts[1].clamp(min=1.0))
 
     def reset(self) -> None:
         for b in (self.p, self.i, self.alpha, self.steps):

@@ -444,7 +444,7 @@ class HierarchicalByteLM(nn.Module):
                 # it shifts every byte's gate together and the ratio swings (docs/mrt5.md, measured)
                 assert hg is not None
                 aux = alpha * masked_mean(self.gate(hg.detach(), byte_mask), byte_mask)
-                self.controller.update(metrics["deletion_ratio"])  # used from the next step
+                self.controller.observe(G, self.cfg.gate.tau_del, byte_mask)  # global ratio, used from the next step
         hidden = {"words": z, "word_start": lay.start, "word_end": lay.end}  # for distillation (bytelm.distill)
         return ModelOutput(logits=logits, aux_loss=aux, metrics=metrics, hidden=hidden)
 

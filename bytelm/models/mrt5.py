@@ -356,7 +356,7 @@ class MrT5(nn.Module):
             metrics.update(stats)
             if self.training:
                 aux = alpha * masked_mean(G, enc.pad_mask)
-                self.controller.update(stats["deletion_ratio"])  # used from the next step
+                self.controller.observe(G, self.cfg.gate.tau_del, enc.pad_mask)  # global ratio, used next step
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, metrics=metrics)
 
     # ------------------------------------------------------------------ generation
