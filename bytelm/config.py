@@ -88,6 +88,12 @@ class TrainerConfig:
     skip_nonfinite: bool = True  # a NaN/inf loss skips the optimizer step (counted, warned) instead of failing
     max_bad_steps: int = 100  # stop the run after this many skipped steps (0 = never)
     requeue_on_signal: bool = True  # on Slurm: SIGUSR1 -> checkpoint at the step boundary, requeue, exit
+    # a collective (all-reduce, all-gather, barrier, ...) that waits longer than this raises instead of hanging,
+    # under every strategy (the process-group timeout); replaces strategy.timeout_min
+    collective_timeout_s: float = 1800.0
+    # SIGTERM / SIGINT: stop at the next step boundary with checkpoints/last.ckpt; a run still alive this many
+    # seconds after the signal (stuck in a collective, a rank gone) exits at once, as does a second signal
+    stop_grace_s: float = 60.0
 
 
 @dataclass
@@ -116,7 +122,7 @@ class StrategyConfig:
     reduce_bucket_size: int = 200_000_000
     overlap_comm: bool = True  # DeepSpeed: overlap gradient reduction with backward (GPU)
     find_unused_parameters: bool = False  # DDP
-    timeout_min: int = 30  # collective timeout (minutes)
+    timeout_min: int | None = None  # deprecated: trainer.collective_timeout_s (if set, it wins, with a warning)
 
 
 @dataclass

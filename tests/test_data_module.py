@@ -70,3 +70,44 @@ def test_streaming_training_resumes_byte_exact(tmp_path):
     assert len(seen["a"]) == 5 and len(seen["b"]) == 3
     for x, y in zip(seen["a"][2:], seen["b"], strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("experiment", ["hat_tiny", "mrt5_tiny"])
+def test_validation_split_is_even_over_ranks_and_sums_to_one_process(experiment, monkeypatch):
+    """A validation split that does not divide over 2 or 3 ranks: every rank runs the same number of batches
+    (padding rows carry no targets) and the ranks' summed bpb equals one process's to 1e-6."""
+    from bytelm.lit.metrics import bits_per_byte
+    from bytelm.lit.module import ByteLMModule
+
+    torch.manual_seed(0)
+    cfg = load_config([f"experiment={experiment}", "debug=cpu", "data.val_max_bytes=2200", "data.batch_size=1"])
+    dm = ByteDataModule(cfg)
+    dm.setup("validate")
+    module = ByteLMModule(cfg)
+    module.configure_model()
+    module.eval()
+
+    def sums(rank: int, world: int) -> tuple[float, float, int, int]:
+        monkeypatch.setattr(dm, "_world", lambda: (rank, world))
+        module.on_validation_epoch_start()
+        batches = rows = 0
+        with torch.no_grad():
+            for i, b in enumerate(dm.val_dataloader()):
+                module.validation_step(b, i)
+                batches += 1
+                rows += int((~b["padding"]).sum())
+                assert (b["targets"][b["padding"]] == -100).all()
+        s = sum(v[0] for v in module._val_sums.values())
+        n = sum(v[1] for v in module._val_sums.values())
+        return s, n, batches, rows
+
+    s1, n1, _, rows1 = sums(0, 1)
+    single = bits_per_byte(s1, int(n1))
+    for world in (2, 3):
+        assert rows1 % world, (rows1, world)  # the split really is uneven
+        per_rank = [sums(r, world) for r in range(world)]
+        assert len({p[2] for p in per_rank}) == 1, per_rank  # the same number of batches on every rank
+        assert sum(p[3] for p in per_rank) == rows1  # every real row exactly once
+        assert sum(p[1] for p in per_rank) == n1
+        got = bits_per_byte(sum(p[0] for p in per_rank), int(sum(p[1] for p in per_rank)))
+        assert abs(got - single) < 1e-6, (world, got, single)

@@ -343,6 +343,32 @@ class GroupedTiles(Dataset):
         return row
 
 
+class RankShard(Dataset):
+    """Rank ``rank``'s rows of ``ds`` (``rank, rank + world, ...``), padded to ``ceil(len(ds) / world)`` rows so
+    that every rank runs the same number of batches: under ZeRO-3 and FSDP2 every forward is a collective, so
+    uneven shards would hang or crash the ranks that finish first. A padding row repeats a real row with every
+    target set to ``IGNORE`` (``padding`` True): it is computed and counts no byte, so the sums over ranks equal
+    one process's sums over ``ds``."""
+
+    def __init__(self, ds: Dataset, rank: int = 0, world: int = 1) -> None:
+        n = len(ds)  # type: ignore[arg-type]
+        self.ds, self.idx = ds, list(range(rank, n, world))
+        self.n = -(-n // world)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < len(self.idx):
+            row = self.ds[self.idx[i]]
+            row["padding"] = torch.tensor(False)
+            return row
+        row = self.ds[self.idx[-1] if self.idx else 0]
+        row["targets"] = torch.full_like(row["targets"], IGNORE)
+        row["padding"] = torch.tensor(True)
+        return row
+
+
 class ResumableSampler(Sampler[int]):
     """Yields sample indices ``start*world + rank, (start+1)*world + rank, ...``: disjoint across ranks and
     resumable from any position by giving ``start`` (samples already consumed by this rank)."""

@@ -11,7 +11,10 @@ Training rows come from one of two paths, both resumable exactly: the training l
   (``bytelm.data.stream.PackedStream``).
 
 Validation rows tile each report group (Shakespeare, a chatterbot language, a file source, ...) up to
-``data.val_max_bytes``; each row carries ``group`` (index into ``val_group_names``). ``stats`` counts unusual
+``data.val_max_bytes``; each row carries ``group`` (index into ``val_group_names``). Rank ``r`` of ``N`` takes
+rows ``r, r + N, ...``, padded to ``ceil(rows / N)`` with rows whose targets are all ignored (``RankShard``),
+so every rank runs the same number of validation batches (ZeRO-3 / FSDP2 forwards are collectives) and the
+summed bpb equals one process's. ``stats`` counts unusual
 input (empty documents, invalid UTF-8, skipped records, ...) for logging (``DataStatsCallback``).
 """
 
@@ -31,6 +34,7 @@ from bytelm.data.packed import (
     MixtureWindows,
     PackedCorpus,
     RandomWindows,
+    RankShard,
     ResumableSampler,
     TiledWindows,
 )
@@ -115,9 +119,8 @@ class ByteDataModule(L.LightningDataModule):
         assert self.val_groups is not None, "call setup() first"
         d = self.cfg.data
         ds = GroupedTiles([TiledWindows(c, d.seq_len, d.val_max_bytes) for c in self.val_groups.values()])
-        rank, world = self._world()
-        idx = list(range(rank, len(ds), world))
-        return DataLoader(ds, batch_size=d.batch_size, sampler=idx, num_workers=0)
+        rank, world = self._world()  # every rank the same number of rows (padding rows count no byte)
+        return DataLoader(RankShard(ds, rank, world), batch_size=d.batch_size, num_workers=0)
 
     @property
     def stats(self) -> dict[str, int]:

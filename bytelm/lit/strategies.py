@@ -58,6 +58,17 @@ def use_deepspeed_cpu_accelerator() -> None:
     os.environ.setdefault("DS_BUILD_OPS", "0")
 
 
+def collective_timeout(cfg: Config) -> timedelta:
+    """The process-group timeout of every strategy: ``trainer.collective_timeout_s`` (or the deprecated
+    ``strategy.timeout_min`` when a config still sets it)."""
+    if cfg.strategy.timeout_min is not None:
+        log.warning("strategy.timeout_min is deprecated: use trainer.collective_timeout_s (seconds)")
+        return timedelta(minutes=cfg.strategy.timeout_min)
+    if cfg.trainer.collective_timeout_s <= 0:
+        raise ValueError(f"trainer.collective_timeout_s must be > 0, got {cfg.trainer.collective_timeout_s}")
+    return timedelta(seconds=cfg.trainer.collective_timeout_s)
+
+
 # ---------------------------------------------------------------------------------------------- atomic saves
 
 
@@ -165,7 +176,7 @@ def _deepspeed_strategy(cfg: Config, stage: int) -> DeepSpeedStrategy:
         contiguous_gradients=gpu,
         logging_batch_size_per_gpu=cfg.data.batch_size,
         process_group_backend="nccl" if gpu else "gloo",
-        timeout=timedelta(minutes=s.timeout_min),
+        timeout=collective_timeout(cfg),
     )
     assert isinstance(strategy.config, dict)
     # bytelm passes a torch optimizer (configure_optimizers); with optimizer offload on CPU-only machines
@@ -194,7 +205,7 @@ def _fsdp2_strategy(cfg: Config) -> ModelParallelStrategy:
     return FSDP2Strategy(
         data_parallel_size="auto", tensor_parallel_size="auto", save_distributed_checkpoint=True,
         process_group_backend="nccl" if on_cuda(cfg) else "gloo",
-        timeout=timedelta(minutes=cfg.strategy.timeout_min),
+        timeout=collective_timeout(cfg),
     )
 
 

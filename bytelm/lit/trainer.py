@@ -62,18 +62,18 @@ def build_logger(cfg: Config) -> Any:
 
 
 def build_strategy(cfg: Config) -> Any:
+    from bytelm.lit.strategies import collective_timeout
+
     name = cfg.strategy.name
     if name == "single":
         return "auto"
     if name == "ddp":
-        from datetime import timedelta
-
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(
             process_group_backend="nccl" if torch.cuda.is_available() else "gloo",
             find_unused_parameters=cfg.strategy.find_unused_parameters,
-            timeout=timedelta(minutes=cfg.strategy.timeout_min),
+            timeout=collective_timeout(cfg),
         )
     try:
         from bytelm.lit.strategies import make_strategy
@@ -132,3 +132,4 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
