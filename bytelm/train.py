@@ -6,7 +6,7 @@ Hydra composes ``conf/`` into the typed ``bytelm.config.Config``; ``--help`` lis
 from __future__ import annotations
 
 import logging
-import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,12 @@ def resolve_ckpt_path(cfg: Config) -> str | None:
         return cfg.ckpt_path
     from bytelm.checkpoint import latest_valid_checkpoint
 
-    found = latest_valid_checkpoint(Path(cfg.trainer.out_dir) / "checkpoints")
-    return str(found) if found else None
+    folder = Path(cfg.trainer.out_dir) / "checkpoints"
+    found = latest_valid_checkpoint(folder)
+    if found is None:
+        log.warning("ckpt_path=last: no valid checkpoint in %s; training from scratch", folder)
+        return None
+    return str(found)
 
 
 def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: Any) -> dict[str, Any]:
@@ -68,8 +72,14 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    from bytelm.lit.callbacks import StopOnSignal
+
+    stopped = next((c.received for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)  # type: ignore[attr-defined]
+    if stopped is not None:
+        log.warning("stopped by signal %d at step %d (checkpoints in %s)", stopped, trainer.global_step,
+                    Path(cfg.trainer.out_dir) / "checkpoints")
     return {"metrics": metrics, "out_dir": cfg.trainer.out_dir, "global_step": trainer.global_step,
-            "trainer": trainer, "module": module}
+            "trainer": trainer, "module": module, "signal": stopped}
 
 
 register_configs()
@@ -80,9 +90,11 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     cfg = to_config(dcfg)
     result = run(cfg)
     bpb = result["metrics"].get("val/bpb")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if result["trainer"].is_global_zero:  # once per run (RANK is not set in every launcher's ranks)
         print(f"[bytelm] {cfg.name}: step {result['global_step']}, val bpb {bpb}, checkpoints in "
-              f"{Path(cfg.trainer.out_dir) / 'checkpoints'}")
+              f"{Path(cfg.trainer.out_dir) / 'checkpoints'}", flush=True)
+    if result["signal"] is not None:  # stopped by SIGTERM / SIGINT: say so in the exit status
+        sys.exit(128 + int(result["signal"]))
     return bpb
 
 

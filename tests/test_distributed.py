@@ -2,16 +2,24 @@
 global batch, checkpoints are written, resume gives the same next-step losses, ZeRO-3 / FSDP2 shards
 consolidate to the single-process weights, and ZeRO-3 / FSDP2 never hold the full model on one rank.
 
-Each run is a subprocess (``python tests/test_distributed.py OUT overrides...``; Lightning starts rank 1 by
-running the same command again), so the test process stays free of process groups.
+Every run validates during training on a split that does not divide evenly over the ranks (37 rows: uneven
+over 2 and 3 ranks, and in batches too), and its validation bpb matches the single process. A hang is a failure:
+runs use a short collective timeout (``trainer.collective_timeout_s``), a rank that stalls makes the run fail
+within it, SIGTERM ends a run within seconds (with ``last.ckpt``), also one stuck in a collective.
+
+Each run is a subprocess (``python tests/test_distributed.py OUT overrides...``; Lightning starts the other
+ranks by running the same command again) in a session of its own, killed as a whole on timeout, so the test
+process stays free of process groups and no rank outlives its test.
 Run alone: ``pytest -m distributed`` (all of them, slow ones included); the default suite runs ddp, ZeRO-3 and
 FSDP2 (``-m "distributed and not slow"``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,30 +30,71 @@ import pytest
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
-STEPS, CKPT_AT, GLOBAL_BATCH = 6, 3, 4
-BASE = ["debug=cpu", f"trainer.max_steps={STEPS}", "trainer.val_every=1000", f"trainer.ckpt_every={CKPT_AT}",
-        "trainer.keep_last=3", "logger.kind=none"]
+STEPS, CKPT_AT, GLOBAL_BATCH, VAL_EVERY = 6, 3, 6, 2
+# 37 validation rows of 64 bytes: 19/18 rows (7/6 batches of 3) on 2 ranks, 13/12/12 (7/6/6 batches of 2) on 3
+VAL_BYTES = 2340
+BASE = ["debug=cpu", f"trainer.max_steps={STEPS}", f"trainer.val_every={VAL_EVERY}", f"trainer.ckpt_every={CKPT_AT}",
+        "trainer.keep_last=3", "logger.kind=none", f"data.val_max_bytes={VAL_BYTES}",
+        "trainer.collective_timeout_s=60"]
 TIMEOUT = 600
 
 pytestmark = pytest.mark.distributed
 
 
-def launch(out: Path, overrides: list[str], devices: int, accelerator: str = "cpu") -> dict[str, Any]:
-    """Run one training job (``devices`` processes); returns its per-rank records and wall time."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), **extra)
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
         env.pop(k, None)
+    return env
+
+
+def _args(out: Path, overrides: list[str], devices: int, accelerator: str = "cpu") -> list[str]:
     args = [f"trainer.out_dir={out}", f"data.batch_size={GLOBAL_BATCH // devices}", *BASE, *overrides]
     if devices > 1 or accelerator != "cpu":
         args += [f"trainer.devices={devices}", f"trainer.accelerator={accelerator}"]
+    return args
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A job in a session of its own (so every rank it launches can be killed with it)."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """Wait for the job; a job still running after ``timeout`` is killed (all its ranks) and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"job still running after {timeout:.0f} s (a hang): killed") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # any rank left behind
+        if proc.poll() is None:
+            proc.communicate()
+
+
+def launch(out: Path, overrides: list[str], devices: int, accelerator: str = "cpu") -> dict[str, Any]:
+    """Run one training job (``devices`` processes); returns its per-rank records and wall time."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE), str(out / "record"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = start([sys.executable, str(HERE), str(out / "record"), *_args(out, overrides, devices, accelerator)],
+                 _env())
+    stdout, stderr = finish(proc, TIMEOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"training failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
     ranks = [json.loads((out / f"record.rank{r}.json").read_text()) for r in range(devices)]
     return {"ranks": ranks, "wall": wall}
+
+
+def check_validation(got: dict[str, Any], ref: dict[str, Any], upto: int = STEPS) -> None:
+    """Validation ran at every ``VAL_EVERY`` steps on rank 0 and its bpb matches the single process (same
+    weights up to the reduction order, every validation byte once)."""
+    want = {s: v for s, v in ref["ranks"][0]["val"].items() if int(s) <= upto}
+    have = got["ranks"][0]["val"]
+    assert sorted(have) == sorted(want) and len(want) == upto // VAL_EVERY, (have, want)
+    for s in want:
+        assert abs(have[s] - want[s]) < 1e-3, (s, have[s], want[s])
 
 
 def global_losses(run: dict[str, Any]) -> dict[int, float]:
@@ -63,10 +112,11 @@ def single(tmp_path_factory) -> dict[str, Any]:
     return run
 
 
-STRATEGIES = ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
-# ZeRO-2 shares DeepSpeed's code paths with ZeRO-3 (which also covers deferred init and consolidation): it
-# runs with `pytest -m distributed` / `make test-slow`, not in the default suite, to keep that under budget.
-DEFAULT_SUITE = [pytest.param(s, marks=pytest.mark.slow) if s == "deepspeed_zero2" else s for s in STRATEGIES]
+STRATEGIES = ["ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
+# ZeRO-1/2 share DeepSpeed's code paths with ZeRO-3 (which also covers deferred init and consolidation): they
+# run with `pytest -m distributed` / `make test-slow`, not in the default suite, to keep that under budget.
+SLOW = ("deepspeed_zero1", "deepspeed_zero2")
+DEFAULT_SUITE = [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in STRATEGIES]
 
 
 @pytest.mark.parametrize("strategy", DEFAULT_SUITE)
@@ -78,7 +128,7 @@ def test_two_processes_match_single_and_resume_exactly(strategy, single, tmp_pat
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in got:  # same weights, same global batch: only the reduction order differs
         assert abs(got[s] - ref[s]) < 2e-4, (strategy, s, got[s], ref[s])
-    assert got[STEPS] < got[1]  # it learns
+    check_validation(a, single)
 
     ck = tmp_path / "a" / "checkpoints"
     mid = ck / f"step{CKPT_AT:07d}.ckpt"
@@ -107,6 +157,104 @@ def test_two_processes_match_single_and_resume_exactly(strategy, single, tmp_pat
 
     if strategy in ("deepspeed_zero3", "fsdp2"):
         check_consolidation(ck / "last.ckpt", single["out"] / "checkpoints" / "last.ckpt", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "strategy", [pytest.param("ddp", marks=pytest.mark.slow), "deepspeed_zero3", "fsdp2"])
+def test_three_processes_validate_an_uneven_split(strategy, single, tmp_path):
+    """3 ranks, 37 validation rows (13/12/12): the same number of validation batches on every rank (ZeRO-3 and
+    FSDP2 forwards are collectives), the losses and the validation bpb of the single process."""
+    steps = VAL_EVERY
+    a = launch(tmp_path, [f"strategy={strategy}", f"trainer.max_steps={steps}", "trainer.ckpt_every=1000"], devices=3)
+    ref, got = global_losses(single), global_losses(a)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in got:
+        assert abs(got[s] - ref[s]) < 2e-4, (strategy, s, got[s], ref[s])
+    check_validation(a, single, upto=steps)
+    print(f"{strategy}: 3-proc run {a['wall']:.1f}s")
+
+
+def test_cli_uneven_validation_prints_one_final_line(tmp_path):
+    """The command of the bug report (FSDP2, 2 ranks, 2100 validation bytes: 33 rows), through the CLI: it
+    validates, ends, and the final ``[bytelm] ... val bpb`` line appears once, not once per rank."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bytelm.train", "experiment=hat_tiny", "debug=cpu", "strategy=fsdp2",
+           "trainer.accelerator=cpu", "trainer.devices=2", "data.val_max_bytes=2100", "trainer.max_steps=2",
+           "trainer.val_every=2", "trainer.collective_timeout_s=60", f"trainer.out_dir={out}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = start(cmd, _env())
+    stdout, stderr = finish(proc, TIMEOUT)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("[bytelm]") and "val bpb" in ln]
+    assert len(lines) == 1, stdout
+    assert "val bpb None" not in lines[0]
+
+
+def _stalled_run(tmp_path: Path, strategy: str, extra: list[str]) -> subprocess.Popen:
+    """A 2-rank run whose rank 1 stops responding (sleeps in Python) at the start of step 2."""
+    args = _args(tmp_path, [f"strategy={strategy}", "trainer.max_steps=1000", "trainer.ckpt_every=1",
+                            "trainer.val_every=1000", *extra], devices=2)
+    return start([sys.executable, str(HERE), str(tmp_path / "record"), *args], _env(BYTELM_TEST_STALL="1:2"))
+
+
+@pytest.mark.parametrize("strategy", DEFAULT_SUITE)
+def test_a_stalled_rank_fails_the_run_within_the_collective_timeout(strategy, tmp_path):
+    """Rank 1 stalls; rank 0 waits in a collective for ``trainer.collective_timeout_s`` (8 s), then raises and
+    takes the ranks it launched along: the run fails in bounded time instead of hanging."""
+    t0 = time.perf_counter()
+    proc = _stalled_run(tmp_path, strategy, ["trainer.collective_timeout_s=8"])
+    stdout, stderr = finish(proc, 300)
+    wall = time.perf_counter() - t0
+    assert proc.returncode != 0, stdout[-2000:]
+    assert (tmp_path / "checkpoints" / f"step{1:07d}.ckpt").exists()  # it did train before the stall
+    print(f"{strategy}: stalled rank -> exit {proc.returncode} after {wall:.1f}s")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    t0 = time.perf_counter()
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"job ended early ({proc.returncode}): {out[-2000:]}{err[-4000:]}")
+        if time.perf_counter() - t0 > timeout:
+            raise AssertionError(f"{path} not written after {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_a_running_job_with_a_checkpoint(sig, tmp_path):
+    """SIGTERM / SIGINT to rank 0 of a running 2-rank job: both ranks stop at the next step boundary, write
+    ``last.ckpt`` and the job exits with 128 + signum within seconds."""
+    from bytelm.checkpoint import validate_checkpoint
+
+    args = _args(tmp_path, ["strategy=ddp", "trainer.max_steps=100000", "trainer.ckpt_every=1000",
+                            "trainer.val_every=1000"], devices=2)
+    proc = start([sys.executable, str(HERE), str(tmp_path / "record"), *args], _env())
+    _wait_for(tmp_path / "record.rank0.step2", proc, 300)
+    t0 = time.perf_counter()
+    proc.send_signal(sig)
+    stdout, stderr = finish(proc, 60)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 128 + sig, (proc.returncode, stdout[-2000:], stderr[-4000:])
+    assert wall < 30, wall
+    validate_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    print(f"signal {sig}: job ended {wall:.1f}s after it")
+
+
+def test_sigterm_ends_a_job_stuck_in_a_collective(tmp_path):
+    """Rank 1 stalls, the collective timeout is long (600 s): SIGTERM to rank 0 cannot wait for a step
+    boundary, so the job ends ``trainer.stop_grace_s`` (3 s) after the signal, taking rank 1 along."""
+    proc = _stalled_run(tmp_path, "deepspeed_zero3", ["trainer.collective_timeout_s=600", "trainer.stop_grace_s=3"])
+    _wait_for(tmp_path / "record.rank0.step2", proc, 300)
+    time.sleep(1.0)  # rank 0 is now waiting in a collective of step 2
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = finish(proc, 60)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stdout[-2000:], stderr[-4000:])
+    assert wall < 20, wall
+    assert "exiting now" in stderr
+    print(f"stuck job: ended {wall:.1f}s after SIGTERM")
 
 
 @pytest.mark.slow
@@ -226,7 +374,7 @@ def _main(argv: list[str]) -> None:
     class Record(L.Callback):
         def __init__(self, prefix: str) -> None:
             self.prefix = prefix
-            self.data: dict[str, Any] = {"losses": {}}
+            self.data: dict[str, Any] = {"losses": {}, "val": {}}
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.data["local_numel"], self.data["full_numel"] = _local_numel(pl_module.model)
@@ -242,6 +390,12 @@ def _main(argv: list[str]) -> None:
                 pl_module.extra_loss = poison
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            stall = os.environ.get("BYTELM_TEST_STALL")  # "RANK:STEP": this rank stops responding at STEP
+            if stall:
+                rank, step = (int(v) for v in stall.split(":"))
+                if trainer.global_rank == rank and trainer.global_step == step:
+                    time.sleep(10**6)
+            Path(f"{self.prefix}.rank{trainer.global_rank}.step{trainer.global_step}").touch()
             self.before = [t.detach().clone() for t in _local_tensors(pl_module.model)]
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -251,6 +405,11 @@ def _main(argv: list[str]) -> None:
             self.data["bad_steps"] = pl_module.bad_steps
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.data["losses"][str(trainer.global_step)] = float(loss) if loss is not None else None
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            bpb = trainer.callback_metrics.get("val/bpb")
+            if bpb is not None:
+                self.data["val"][str(trainer.global_step)] = float(bpb)
 
         def on_train_end(self, trainer, pl_module) -> None:
             Path(f"{self.prefix}.rank{trainer.global_rank}.json").write_text(json.dumps(self.data))

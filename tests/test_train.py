@@ -87,3 +87,15 @@ def test_validation_reports_bpb_per_language_group(tmp_path):
     assert 0 < res["metrics"]["val/bpb"] < 12
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert "val/bpb" in ckpt["bytelm_metrics"]
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_so(tmp_path, caplog):
+    """``ckpt_path=last`` in a run folder with no checkpoint trains from scratch, with a warning naming the folder."""
+    import logging
+
+    from bytelm.train import resolve_ckpt_path
+
+    cfg = load_config(["experiment=flat_tiny", "debug=cpu", f"trainer.out_dir={tmp_path}", "ckpt_path=last"])
+    with caplog.at_level(logging.WARNING, logger="bytelm.train"):
+        assert resolve_ckpt_path(cfg) is None
+    assert "no valid checkpoint" in caplog.text and str(tmp_path / "checkpoints") in caplog.text

@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -175,3 +177,116 @@ class RequeueOnSignal(L.Callback):
             log.warning("requeued Slurm job %s", job)
         else:
             log.warning("scontrol requeue %s failed with exit code %d", job, rc)
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM / SIGINT end a run within seconds, never waiting on a collective.
+
+    The handler only records the signal; at the next step boundary the ranks agree on it (any rank that got it
+    stops all), and training stops, so ``SaveLastOnEnd`` writes ``checkpoints/last.ckpt`` as at a normal end.
+    A run that cannot reach a step boundary (stuck in a collective, a rank gone) is ended by a watchdog thread
+    ``grace_s`` seconds after the signal, or at once on a second signal: it kills the ranks this process
+    launched and exits with ``128 + signum``. Python runs signal handlers only between bytecodes, and a rank
+    blocked in a collective is inside one C call, so the watchdog learns of the signal from the interpreter's
+    wakeup fd, which the C-level handler writes at once.
+
+    Installed at ``on_train_start``, after Lightning's own SIGTERM handler (which broadcasts from inside the
+    handler: a collective that hangs when the ranks are not all there), and restored at the end of fit.
+    """
+
+    def __init__(self, grace_s: float = 60.0, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.grace_s = grace_s
+        self.signals = tuple(int(s) for s in signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._old_wakeup = -1
+        self._sock: tuple[Any, Any] | None = None
+        self._launcher: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import socket
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or self._sock is not None:
+            return
+        self._launcher = trainer.strategy.launcher
+        r, w = socket.socketpair()
+        w.setblocking(False)
+        self._sock = (r, w)
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handler)
+        self._old_wakeup = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watchdog, args=(r,), name="bytelm-stop-watchdog", daemon=True).start()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            log.warning("signal %d: stopping at the next step boundary (checkpoint last.ckpt)", signum)
+
+    def _watchdog(self, r: Any) -> None:
+        import select
+
+        first: float | None = None
+        signum = 0
+        while True:
+            wait = None if first is None else max(0.0, first + self.grace_s - time.monotonic())
+            if not select.select([r], [], [], wait)[0]:
+                return self._force_exit(signum, f"still running {self.grace_s:g} s after signal {signum}")
+            try:
+                data = r.recv(64)
+            except OSError:
+                return
+            if not data:  # closed: the run ended normally
+                return
+            got = [b for b in data if b in self.signals]
+            if not got:
+                continue
+            if first is not None or len(got) > 1:
+                return self._force_exit(got[-1], f"second signal {got[-1]}")
+            first, signum = time.monotonic(), got[0]
+
+    def _force_exit(self, signum: int, why: str) -> None:
+        msg = f"[bytelm] {why}: exiting now (no step boundary reached; ranks stuck in a collective?)"
+        try:
+            print(msg, file=sys.stderr, flush=True)
+        finally:
+            self._kill_launched()
+            os._exit(128 + signum)
+
+    def _kill_launched(self) -> None:
+        """Kill the rank processes this process launched (Lightning's subprocess launcher), if any."""
+        for proc in list(getattr(self._launcher, "procs", []) or []):
+            with contextlib.suppress(OSError):
+                proc.kill()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        flag = self.received is not None
+        if trainer.world_size > 1:
+            flag = bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+        if flag:
+            if self.received is None:
+                self.received = int(signal.SIGTERM)  # another rank got it
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # a failed rank 0 (e.g. a collective timeout) takes the ranks it launched along instead of leaving them
+        # waiting in a collective
+        self._kill_launched()
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._sock is None:
+            return
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous = {}
+        r, w = self._sock
+        self._sock = None
+        w.close()  # the watchdog sees EOF and ends
+        r.close()

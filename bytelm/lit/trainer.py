@@ -93,7 +93,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     t = cfg.trainer
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, ThroughputMonitor
+    from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal, ThroughputMonitor
     from bytelm.lit.strategies import AtomicCheckpointIO
 
     ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first
@@ -103,7 +103,8 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     )
     from bytelm.lit.data import DataStatsCallback
 
-    cbs: list[Any] = [ckpt, ThroughputMonitor(), DataStatsCallback(every=max(1, t.log_every))]
+    cbs: list[Any] = [ckpt, ThroughputMonitor(), DataStatsCallback(every=max(1, t.log_every)),
+                      StopOnSignal(grace_s=t.stop_grace_s)]
     if t.save_last:
         cbs.append(SaveLastOnEnd(out / "checkpoints"))
     plugins: list[Any] = [AtomicCheckpointIO()]
