@@ -414,7 +414,9 @@ def _main(argv: list[str]) -> None:
         def on_train_end(self, trainer, pl_module) -> None:
             Path(f"{self.prefix}.rank{trainer.global_rank}.json").write_text(json.dumps(self.data))
 
-    run(load_config(argv[1:]), callbacks=[Record(argv[0])])
+    res = run(load_config(argv[1:]), callbacks=[Record(argv[0])])
+    if res["signal"] is not None:  # as the CLI (bytelm.train) does
+        sys.exit(128 + int(res["signal"]))
 
 
 if __name__ == "__main__":
