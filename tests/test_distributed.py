@@ -197,16 +197,19 @@ def _stalled_run(tmp_path: Path, strategy: str, extra: list[str]) -> subprocess.
     return start([sys.executable, str(HERE), str(tmp_path / "record"), *args], _env(BYTELM_TEST_STALL="1:2"))
 
 
-@pytest.mark.parametrize("strategy", DEFAULT_SUITE)
+@pytest.mark.parametrize(
+    "strategy", [pytest.param(s, marks=pytest.mark.slow) if s in (*SLOW, "ddp") else s for s in STRATEGIES])
 def test_a_stalled_rank_fails_the_run_within_the_collective_timeout(strategy, tmp_path):
-    """Rank 1 stalls; rank 0 waits in a collective for ``trainer.collective_timeout_s`` (8 s), then raises and
-    takes the ranks it launched along: the run fails in bounded time instead of hanging."""
+    """Rank 1 stalls; rank 0 waits in a collective for ``trainer.collective_timeout_s`` (30 s: the same timeout
+    bounds the start-up rendezvous, which a loaded 2-core machine needs), then raises and takes the ranks it
+    launched along: the run fails in bounded time instead of hanging."""
     t0 = time.perf_counter()
-    proc = _stalled_run(tmp_path, strategy, ["trainer.collective_timeout_s=8"])
+    proc = _stalled_run(tmp_path, strategy, ["trainer.collective_timeout_s=30"])
     stdout, stderr = finish(proc, 300)
     wall = time.perf_counter() - t0
     assert proc.returncode != 0, stdout[-2000:]
-    assert (tmp_path / "checkpoints" / f"step{1:07d}.ckpt").exists()  # it did train before the stall
+    assert (tmp_path / "record.rank0.step2").exists(), stderr[-4000:]  # it trained up to the stall
+    assert "timed out" in stderr.lower() or "timeout" in stderr.lower(), stderr[-4000:]
     print(f"{strategy}: stalled rank -> exit {proc.returncode} after {wall:.1f}s")
 
 
@@ -221,7 +224,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_stops_a_running_job_with_a_checkpoint(sig, tmp_path):
     """SIGTERM / SIGINT to rank 0 of a running 2-rank job: both ranks stop at the next step boundary, write
     ``last.ckpt`` and the job exits with 128 + signum within seconds."""
