@@ -112,7 +112,7 @@ class ByteifiedLM(HierarchicalByteLM):
         super().__init__(base)
         self.cfg = cfg
         D, d = cfg.d_model, cfg.d_byte
-        self.pool = PatchPooling(d, D)
+        self.pool: PatchPooling = PatchPooling(d, D)  # type: ignore[assignment]
         self.boundary = BoundaryPredictor(d, cfg.boundary_hidden)
         self.first_word.requires_grad_(False)  # the sink's output takes its place
         self.source_embed = nn.Embedding(cfg.source_vocab, D)
@@ -123,8 +123,11 @@ class ByteifiedLM(HierarchicalByteLM):
             self.source_head.weight.requires_grad_(False)
         self.expand_proj = nn.Linear(D, d, bias=False)
         self.prior_scale = nn.Parameter(torch.ones(()))
+        self.vocab_bytes: torch.Tensor
+        self.vocab_offsets: torch.Tensor
         self.register_buffer("vocab_bytes", torch.zeros(cfg.source_vocab_bytes, dtype=torch.uint8))
         self.register_buffer("vocab_offsets", torch.zeros(cfg.source_vocab + 1, dtype=torch.long))
+        self._max_token = 1
         self._trie: VocabTrie | None = None
         self._trie_key: tuple[int, int] | None = None
 
