@@ -246,8 +246,14 @@ class ByteifyObjective(torch.nn.Module):
         self.cache_dir = Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else None
         self.source = _source_key(cfg.byteify.source)
         model, tok = load_source_once(cfg.byteify.source)
+        n_src = int(model.config.num_hidden_layers)
+        if cfg.byteify.encoder_blocks > n_src:
+            raise ValueError(f"byteify.encoder_blocks={cfg.byteify.encoder_blocks} exceeds the source's {n_src} "
+                             f"blocks (byteify.source={cfg.byteify.source!r})")
         self._teacher = Teacher(model, tok)  # plain attribute: never in the state dict
         self.needs_teacher = cfg.byteify.stage == 1 or cfg.byteify.alm_weight > 0
+        self.words = cfg.model.chunker == "words"  # the word-patch ablation: no boundary predictor to train
+        self.max_word_bytes = cfg.model.max_word_bytes
 
     @property
     def teacher(self) -> Teacher:
@@ -340,6 +346,10 @@ class ByteifyObjective(torch.nn.Module):
         self._ends = ends.view(B, T).to(dev)
         if self.c.stage != 1:
             return
+        if self.words:  # ablation: word patches get the teacher state of the last token ending in the word
+            tt = self._patch_targets = word_targets(tt, ids, doc_ids, self.max_word_bytes)
+        else:
+            self._patch_targets = tt
         D = tt.ctx.shape[-1]
         ctx = tt.start_ctx.float().expand(B * T, D).clone()  # specials (and unused positions): the start state
         ctx[tt.pos] = tt.ctx.float()
@@ -362,7 +372,7 @@ class ByteifyObjective(torch.nn.Module):
             return total, metrics
         ids = batch["input_ids"]
         B, T = ids.shape
-        if self.c.stage == 1 or self.c.train_boundary:  # boundary BCE against token ends, over real bytes
+        if (self.c.stage == 1 or self.c.train_boundary) and not self.words:  # boundary BCE against token ends, over real bytes
             mask = ids < 256
             bl = hid["boundary_logits"]
             per = F.binary_cross_entropy_with_logits(bl, self._ends.float(), reduction="none")
@@ -378,10 +388,11 @@ class ByteifyObjective(torch.nn.Module):
             last = hid["patch_last"]  # (B, W)
             flat = (last + torch.arange(B, device=dev).unsqueeze(1) * T).view(-1)
             D = probe.shape[-1]
-            target = tt.start_probe.float().to(dev).expand(B * T, D).clone()
+            pt = self._patch_targets
+            target = pt.start_probe.float().to(dev).expand(B * T, D).clone()
             valid = torch.zeros(B * T, dtype=torch.bool, device=dev)
-            target[tt.pos.to(dev)] = tt.probe.float().to(dev)
-            valid[tt.pos.to(dev)] = tt.exact.to(dev)
+            target[pt.pos.to(dev)] = pt.probe.float().to(dev)
+            valid[pt.pos.to(dev)] = pt.exact.to(dev)
             real = (hid["word_end"] <= T).view(-1) & (hid["word_start"] < T).view(-1)
             v = valid[flat] & real
             dist = (probe.reshape(-1, D).float() - target[flat]).norm(dim=-1) / math.sqrt(D)  # (B*W,)
@@ -420,6 +431,29 @@ class ByteifyObjective(torch.nn.Module):
         loss = alm_chunk_loss(t_lp.unsqueeze(0), s_lp.unsqueeze(0), ok.unsqueeze(0), self.c.alm_tau,
                               num_valid=_shared_count(n).clamp(min=1e-6))
         return loss, n
+
+
+def word_targets(tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_word_bytes: int) -> TokenTargets:
+    """Token targets moved to word patches (the HAT-word ablation): each word's last byte gets the states of the
+    last teacher token that ends inside the word (DESIGN.md §5: bytelm's word-level adaptation of Bolmo's
+    latent alignment); words with no token ending inside them get none."""
+    from bytelm.models.hierarchical import split_word_starts
+
+    B, T = ids.shape
+    a = ids.cpu().numpy()
+    d = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
+    ends = []
+    for r in range(B):
+        ws = split_word_starts(a[r], max_word_bytes, d[r])
+        e = [int(x) - 1 for x in ws.nonzero()[0][1:]] + [T - 1]
+        ends += [r * T + x for x in e if a[r, x] < 256]
+    wend = torch.tensor(ends, dtype=torch.long)
+    wstart = torch.cat([torch.zeros(1, dtype=torch.long), wend[:-1] + 1])
+    idx = torch.searchsorted(tt.pos, wend, right=True) - 1  # last token ending at or before the word end
+    ok = (idx >= 0) & (tt.pos[idx.clamp(min=0)] >= wstart) if len(tt.pos) else torch.zeros_like(wend, dtype=torch.bool)
+    idx, wend = idx[ok], wend[ok]
+    return TokenTargets(pos=wend, first=tt.first[idx], ctx=tt.ctx[idx], probe=tt.probe[idx], exact=tt.exact[idx],
+                        logp=tt.logp[idx], space=tt.space[idx], start_ctx=tt.start_ctx, start_probe=tt.start_probe)
 
 
 def attach_byteify(module: torch.nn.Module, cfg: Config) -> ByteifyObjective:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -107,6 +108,9 @@ class ByteifiedLM(HierarchicalByteLM):
                 "model.arch=byteified needs the source model's vocabulary (model.source_vocab > 0); build it with "
                 "bytelm.distill.byteify.build_byteified, which fills the source fields"
             )
+        if cfg.chunker not in ("gate", "words"):
+            raise ValueError(f"model.chunker must be 'gate' (learned boundaries) or 'words' for arch=byteified, "
+                             f"got {cfg.chunker!r}")
         base = copy.deepcopy(cfg)
         base.chunker, base.pooling = "words", "last"  # the parent builds no gate; the pooling is replaced below
         super().__init__(base)
@@ -201,14 +205,26 @@ class ByteifiedLM(HierarchicalByteLM):
         if not bool(valid.any()):
             return out
         with torch.no_grad():
-            r = rows[valid]
-            used, r_of = torch.unique(r, return_inverse=True)
-            logits = table.detach()[used].float() @ self.head_weight().float().t()  # (R', V)
-            lp = self.trie.byte_logprobs(torch.log_softmax(logits, -1), r_of, nodes[valid])  # (M, 256)
+            trie = self.trie.to(table.device)  # built on CPU; the masses are gathered where the logits are
+            used, r_of = torch.unique(rows[valid], return_inverse=True)
+            # vocabulary rows of the head in byte order: probabilities come out sorted, ready for prefix sums;
+            # the normaliser cancels in the renormalisation over bytes, so specials need not be in the softmax
+            head = self.head_weight().index_select(0, trie.order).float()  # (V', D)
+            p = torch.softmax(table.detach()[used].float() @ head.t(), -1)  # (R', V')
+            # fp64 sums: masses of deep prefixes are small differences of numbers near 1
+            cum = torch.cat([torch.zeros_like(p[:, :1]), p.cumsum(1, dtype=torch.float64)], 1)  # (R', V'+1)
+            mass, _ = trie.masses_from_cumsum(cum, r_of, nodes[valid])  # (M, 256)
+            lp = (mass.log() - mass.sum(-1, keepdim=True).clamp(min=1e-300).log()).float()
             vals = torch.full((lp.shape[0], self.cfg.vocab_size), SPECIAL_PRIOR, device=table.device)
             vals[:, :256] = lp.clamp(min=PRIOR_FLOOR)
             out[valid] = vals
         return out
+
+    def _word_starts(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        rows = ids.cpu().numpy()
+        docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * len(rows)
+        starts = [self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]
+        return torch.from_numpy(np.stack(starts)).to(ids.device)
 
     def _nodes(self, ids: torch.Tensor, closed: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         trie = self.trie
@@ -242,8 +258,13 @@ class ByteifiedLM(HierarchicalByteLM):
         x = self.embed_bytes(input_ids, expanded)
         h = self._run(self.encoder, x, cos, sin, doc_ids=doc_ids, window=self.cfg.encoder_window)  # (B, T, d)
         b_logits = self.boundary(h)  # (B, T)
-        ends = (b_logits.detach() > 0) if patch_end is None else patch_end.bool()
-        closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)
+        closed: torch.Tensor | None
+        if self.cfg.chunker == "words":  # ablation: HAT words, ready one character after they end
+            word_start = self._word_starts(input_ids, doc_ids)
+            closed = None
+        else:
+            ends = (b_logits.detach() > 0) if patch_end is None else patch_end.bool()
+            closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)
         lay = layout_words(input_ids, word_start, doc_ids, closed)
         W = lay.start.shape[1]
         last = (lay.end - 1).clamp(0, T - 1)  # (B, W)
@@ -252,7 +273,9 @@ class ByteifiedLM(HierarchicalByteLM):
         word_doc = lay.word_doc if lay.word_doc is not None else torch.zeros(B, W, dtype=torch.long, device=dev)
         word_doc = torch.cat([sink_doc, word_doc], 1)  # (B, W+1)
         hidden: dict[str, torch.Tensor] = {"boundary_logits": b_logits, "patch_last": last, "word_end": lay.end,
-                                           "word_start": lay.start, "closed": closed}
+                                           "word_start": lay.start}
+        if closed is not None:
+            hidden["closed"] = closed
         if probe_blocks > 0:
             hidden["probe"] = self.run_backbone(words, doc_ids=word_doc, n_blocks=probe_blocks, norm=False)[:, 1:]
         if context is None:
@@ -267,7 +290,7 @@ class ByteifiedLM(HierarchicalByteLM):
         logits = self.lm_head(self.norm(y))  # (B, T, V)
         if self.cfg.lm_prior:
             rows = lay.ctx_idx + torch.arange(B, device=dev).unsqueeze(1) * (W + 1)  # (B, T) into z.flatten(0, 1)
-            nodes = self._nodes(input_ids, closed, word_start)
+            nodes = self._nodes(input_ids, torch.zeros_like(word_start) if closed is None else closed, word_start)
             logits = logits + self.prior_scale * self.prior(z.flatten(0, 1), rows, nodes).to(logits.dtype)
         real = input_ids != PAD_ID
         metrics: dict[str, torch.Tensor | float] = {
@@ -291,6 +314,9 @@ class ByteifiedLM(HierarchicalByteLM):
         size cap, and is ready at that byte."""
         if new_ids.shape[0] != 1:
             raise ValueError("cached byteified decoding supports batch size 1")
+        if self.cfg.chunker == "words":
+            raise NotImplementedError("cached decoding of a byteified model with word patches (the ablation); "
+                                      "use model.chunker=gate (learned boundaries) to generate")
         dev = new_ids.device
         new = [int(i) for i in new_ids[0].tolist()]
         p0, n = cache.length, len(new)

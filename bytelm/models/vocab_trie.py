@@ -111,11 +111,19 @@ class VocabTrie:
         next_logprobs (R, V) next-token log-probs; rows (M,) the row each query uses; nodes (M,) trie node of
         the prefix ``q``.
         """
-        M = rows.shape[0]
         used, row_of = torch.unique(rows, return_inverse=True)  # only rows that are queried
         p = next_logprobs.index_select(0, used).to(dtype).exp()  # (R', V)
         p = p.index_select(1, self.order)  # (R', V') in byte order
         cum = torch.nn.functional.pad(torch.cumsum(p, dim=1), (1, 0))  # (R', V'+1)
+        return self.masses_from_cumsum(cum, row_of, nodes)
+
+    def masses_from_cumsum(
+        self, cum: torch.Tensor, row_of: torch.Tensor, nodes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``byte_masses`` from prefix sums of probabilities already in byte order: cum (R, V'+1) with a leading
+        zero column, row_of (M,) the row of each query, nodes (M,). Returns (M, 256) and (M,) in cum's dtype."""
+        M = row_of.shape[0]
+        dtype, rows = cum.dtype, row_of
         counts = self.child_count[nodes]  # (M,)
         q = torch.repeat_interleave(torch.arange(M, device=rows.device), counts)  # (E,) query of each edge
         base = torch.cumsum(counts, 0) - counts  # (M,) first edge slot of each query
