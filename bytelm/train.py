@@ -61,7 +61,13 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
         use_deepspeed_cpu_accelerator()  # before anything imports deepspeed (e.g. unpickling its checkpoints)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = ByteLMModule(cfg)
-    if cfg.distill.kind != "none":  # a frozen teacher's losses join the CE (bytelm.distill, docs/distill.md)
+    if cfg.model.arch == "byteified":  # the source model is the teacher (bytelm.distill.byteify, docs/byteify.md)
+        from bytelm.distill.byteify import attach_byteify
+
+        attach_byteify(module, cfg)
+        if cfg.distill.kind != "none":
+            raise ValueError("model.arch=byteified brings its own teacher losses (byteify.*); set distill=none")
+    elif cfg.distill.kind != "none":  # a frozen teacher's losses join the CE (bytelm.distill, docs/distill.md)
         from bytelm.distill.objective import attach_objective
 
         attach_objective(module, cfg)

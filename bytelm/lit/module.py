@@ -44,6 +44,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def backbone_lr_groups(model: torch.nn.Module, groups: list[dict[str, Any]], lr: float, mult: float) -> list[dict[str, Any]]:
+    """Split each group into local-model and backbone parameters; the backbone's get ``lr * mult``."""
+    backbone = {id(p) for n, p in model.named_parameters() if n.startswith(("backbone.", "backbone_norm."))}
+    out = []
+    for g in groups:
+        local = [p for p in g["params"] if id(p) not in backbone]
+        bb = [p for p in g["params"] if id(p) in backbone]
+        out.append({**g, "params": local, "lr": lr})
+        if bb:
+            out.append({**g, "params": bb, "lr": lr * mult})
+    return out
+
+
 class ByteLMModule(L.LightningModule):
     def __init__(self, cfg: Config | dict[str, Any]) -> None:
         super().__init__()
@@ -66,9 +79,10 @@ class ByteLMModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         assert self.model is not None, "configure_model() was not called"
+        extra = {k: batch[k] for k in ("patch_end", "context", "probe_blocks") if k in batch}  # byteify stage 1
         return self.model(
             batch["input_ids"], targets=batch.get("targets"), doc_ids=batch.get("doc_ids"),
-            word_start=batch.get("word_start"),
+            word_start=batch.get("word_start"), **extra,
         )
 
     def _loss(self, batch: dict[str, torch.Tensor], out) -> torch.Tensor:
@@ -79,6 +93,9 @@ class ByteLMModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if hasattr(self.extra_loss, "prepare"):  # objectives that feed the forward (byteify stage 1)
+            batch = dict(batch)
+            self.extra_loss.prepare(batch)
         out = self(batch)
         ce = self._loss(batch, out)
         loss = ce
@@ -196,6 +213,8 @@ class ByteLMModule(L.LightningModule):
         assert self.model is not None
         o = self.cfg.optim
         groups = param_groups(self.model, o.weight_decay)
+        if self.cfg.model.arch == "byteified":  # the transplanted backbone learns at its own rate (byteify)
+            groups = backbone_lr_groups(self.model, groups, o.lr, self.cfg.byteify.backbone_lr_mult)
         if isinstance(self.extra_loss, torch.nn.Module):  # e.g. distillation's latent projection trains too
             for g, extra in zip(groups, param_groups(self.extra_loss, o.weight_decay), strict=True):
                 g["params"] = g["params"] + extra["params"]

@@ -328,8 +328,12 @@ def fsdp2_mp_policy(cfg: Config, precision: str) -> Any:
 def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
     """The model, built and initialised as ``strategy`` needs it (see the module docstring)."""
     kind = strategy_kind(strategy)
+    if cfg.model.arch == "byteified":  # shapes come from the source model: fill them before building
+        from bytelm.distill.byteify import fill_source_fields
+
+        fill_source_fields(cfg)
     deferred = kind == "zero3" or (kind == "fsdp2" and cfg.strategy.deferred_init)
-    if cfg.model.arch in ("flat", "hierarchical", "mrt5"):  # import outside the meta-device context below:
+    if cfg.model.arch in ("flat", "hierarchical", "mrt5", "byteified"):  # import outside the meta-device context below:
         importlib.import_module(f"bytelm.models.{cfg.model.arch}")  # module-level tensors need real data
     with torch.random.fork_rng(devices=[]):  # constructor's default inits: not part of the seeded stream
         if kind == "fsdp2" and deferred:
@@ -348,6 +352,13 @@ def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
             model.to_empty(device=strategy.root_device)
     with sharded_init(kind):
         model.init_weights()  # type: ignore[operator]
+    if cfg.model.arch == "byteified":  # the source model's blocks, embeddings and vocabulary (or a stage-1 run)
+        from bytelm.distill.byteify import init_from_checkpoint, load_tensors, set_trainable, source_tensors
+
+        load_tensors(model, source_tensors(cfg), kind if kind != "plain" else "plain")
+        if cfg.byteify.init_from:
+            init_from_checkpoint(model, cfg.byteify.init_from, kind)
+        set_trainable(model, cfg.byteify)
     return model
 
 

@@ -8,7 +8,7 @@ from bytelm.models.config import GateConfig, ModelConfig, ModelOutput
 
 __all__ = ["GateConfig", "ModelConfig", "ModelOutput", "build_model", "ARCHS"]
 
-ARCHS = ("flat", "hierarchical", "mrt5")
+ARCHS = ("flat", "hierarchical", "mrt5", "byteified")
 
 
 def build_model(cfg: ModelConfig, init: bool = True) -> nn.Module:
@@ -26,6 +26,10 @@ def build_model(cfg: ModelConfig, init: bool = True) -> nn.Module:
         from bytelm.models.mrt5 import MrT5
 
         model = MrT5(cfg)
+    elif cfg.arch == "byteified":
+        from bytelm.models.byteified import ByteifiedLM
+
+        model = ByteifiedLM(cfg)
     else:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {ARCHS}")
     if init:

@@ -69,8 +69,19 @@ def gate_closed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(closed, word_start)``, both (B, T) bool: bytes that end a chunk (gate keep, special, size cap) and the
     chunk starts they imply (after each closed byte, at specials, at document starts)."""
+    return close_chunks(ids, tau_del < G, max_len, doc_ids)
+
+
+def close_chunks(
+    ids: torch.Tensor,  # (B, T) byte ids
+    ends: torch.Tensor,  # (B, T) bool: a learned or given chunk end at this byte
+    max_len: int | None,
+    doc_ids: torch.Tensor | None = None,  # (B, T)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(closed, word_start)`` from chunk ends: ``ends``, specials and the size cap close a chunk (see
+    ``gate_closed``, which calls this with the gate's decisions)."""
     special = ids >= 256
-    closed = (tau_del < G) | special
+    closed = ends.bool() | special
     doc_start = doc_starts(doc_ids, ids)
     ws = _starts(closed, special, doc_start)
     if max_len is not None and max_len > 0 and int(run_lengths(ws).max()) > max_len:

@@ -6,7 +6,7 @@ a misspelt key fails with its name. Fields that an architecture does not use are
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -32,6 +32,21 @@ class GateConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling of a transplanted source model (HF ``rope_scaling`` / ``rope_parameters``)."""
+
+    kind: str = "none"  # none | linear | llama3 (HF "rope_type"); others are an error naming the value
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position: int = 8192  # llama3: original_max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "linear", "llama3"):
+            raise ValueError(f"model.rope_scaling.kind must be 'none', 'linear' or 'llama3', got {self.kind!r}")
+
+
+@dataclass
 class ModelConfig:
     arch: str = "flat"  # flat | hierarchical | mrt5
     # backbone (the flat model's only stack)
@@ -46,6 +61,15 @@ class ModelConfig:
     attn_backend: str = "sdpa"  # sdpa | flash | flex
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # Llama-family backbone details: bytelm's own models keep the defaults; a transplanted source model sets them
+    # from its config (bytelm.distill.transplant.source_fields). They apply to the backbone stack only.
+    n_kv_heads: int = 0  # 0 = n_heads; fewer = grouped-query attention
+    head_dim: int = 0  # 0 = d_model // n_heads
+    mlp_hidden: int = 0  # 0 = swiglu_hidden(d_model, mlp_ratio)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    backbone_window: int = 0  # sliding window of the backbone over words (0 = full causal; Mistral's sliding_window)
     # byte-level stacks of the hierarchical / MrT5 models
     d_byte: int = 128
     n_heads_byte: int = 4
@@ -59,6 +83,20 @@ class ModelConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     gate_enabled: bool = True  # MrT5: False trains the same encoder-decoder without the delete gate
     prefix_frac: float = 0.5  # MrT5 prefix-LM: share of each row's bytes given to the encoder
+    # byteified models (arch=byteified; bytelm.distill.byteify fills these from the source LM before building)
+    source_vocab: int = 0  # rows of the source model's token embedding (expanded input ids, LM-head prior)
+    source_vocab_bytes: int = 0  # total bytes of the source vocabulary's token strings (a buffer's shape)
+    source_start_id: int = 0  # the source's document-start token: specials and the row-start sink embed as it
+    source_tied: bool = True  # the source's LM head is its input embedding
+    lm_prior: bool = True  # add the source LM head's naive next-byte marginal to the byte logits (byteified.py)
+    boundary_hidden: int = 0  # boundary predictor: 0 = linear probe of the encoder state, > 0 = an MLP this wide
+
+    def __post_init__(self) -> None:
+        # a config rebuilt from a flat dict (HF export's config.json) carries the nested scaling as a dict
+        # (HF's PretrainedConfig may add its own keys such as rope_type / rope_theta to it: those are not ours)
+        if isinstance(self.rope_scaling, dict):
+            names = {f.name for f in fields(RopeScalingConfig)}
+            self.rope_scaling = RopeScalingConfig(**{k: v for k, v in self.rope_scaling.items() if k in names})
 
 
 @dataclass

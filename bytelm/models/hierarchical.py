@@ -318,8 +318,13 @@ class HierarchicalByteLM(nn.Module):
         self.pool: nn.Module = (
             QueryPooling(d, D, cfg.n_heads) if cfg.pooling == "query" else LastPooling(d, D)
         )
-        self.backbone = nn.ModuleList([Block(D, cfg.n_heads, cfg.mlp_ratio, be) for _ in range(cfg.n_layers)])
-        self.backbone_norm = RMSNorm(D)
+        # the backbone may be a transplanted Llama-family source model's blocks (bytelm.distill.transplant)
+        self.backbone = nn.ModuleList([
+            Block(D, cfg.n_heads, cfg.mlp_ratio, be, n_kv_heads=cfg.n_kv_heads or None, head_dim=cfg.head_dim or None,
+                  mlp_hidden=cfg.mlp_hidden or None, norm_eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias)
+            for _ in range(cfg.n_layers)
+        ])
+        self.backbone_norm = RMSNorm(D, cfg.norm_eps)
         self.first_word = nn.Parameter(torch.zeros(D))  # context of the bytes before any ready word of a doc
         n_inj = cfg.decoder_layers if cfg.decoder_cross == "all" else 1
         self.ctx_proj = nn.ModuleList([nn.Linear(D, d, bias=False) for _ in range(n_inj)])
@@ -385,7 +390,33 @@ class HierarchicalByteLM(nn.Module):
         return rope_cos_sin(pos, self.cfg.d_byte // self.cfg.n_heads_byte, self.cfg.rope_theta)
 
     def _word_rope(self, pos: torch.Tensor):
-        return rope_cos_sin(pos, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
+        hd = self.cfg.head_dim or self.cfg.d_model // self.cfg.n_heads
+        return rope_cos_sin(pos, hd, self.cfg.rope_theta, self.cfg.rope_scaling)
+
+    def run_backbone(
+        self,
+        words: torch.Tensor,  # (B, W, D)
+        positions: torch.Tensor | None = None,  # (W,) or (B, W)
+        *,
+        doc_ids: torch.Tensor | None = None,  # (B, W) document of each word (packed rows)
+        caches: Sequence[KVCache] | None = None,
+        n_blocks: int | None = None,
+        norm: bool = True,
+    ) -> torch.Tensor:
+        """(B, W, D) patch/word vectors -> backbone outputs (B, W, D). positions (W,) or (B, W) word positions
+        (default arange(W)); n_blocks: run only the first n blocks (Bolmo's stage-1 encoder loss); norm: apply
+        the final norm (only when all blocks ran). With ``caches`` the words continue after the cached ones, at
+        ``positions`` (default: from the cache length)."""
+        n = len(self.backbone) if n_blocks is None else n_blocks
+        if not 0 <= n <= len(self.backbone):
+            raise ValueError(f"n_blocks={n_blocks} outside 0..{len(self.backbone)}")
+        if positions is None:
+            p0 = caches[0].length if caches else 0
+            positions = torch.arange(p0, p0 + words.shape[1], device=words.device)
+        cos, sin = self._word_rope(positions)
+        blocks = self.backbone if n == len(self.backbone) else self.backbone[:n]
+        z = self._run(blocks, words, cos, sin, caches=caches, doc_ids=doc_ids, window=self.cfg.backbone_window)
+        return self.backbone_norm(z) if norm and n == len(self.backbone) else z
 
     # -- forward ---------------------------------------------------------------------------------------
 
@@ -422,8 +453,7 @@ class HierarchicalByteLM(nn.Module):
         words = self._pool(h, lay.word_id, lay.offset, lay.end, W)  # (B, W, D)
         if G is not None and self.training and torch.is_grad_enabled():
             words = words * keep_scale(G, self.cfg.gate.k, self.cfg.gate.tau_del < G, lay.end).to(words.dtype)
-        wcos, wsin = self._word_rope(torch.arange(W, device=dev))
-        z = self.backbone_norm(self._run(self.backbone, words, wcos, wsin, doc_ids=lay.word_doc))  # (B, W, D)
+        z = self.run_backbone(words, torch.arange(W, device=dev), doc_ids=lay.word_doc)  # (B, W, D)
 
         table = torch.cat([self.first_word.to(z.dtype).expand(B, 1, -1), z], 1)  # (B, W+1, D)
         idx = lay.ctx_idx.unsqueeze(-1).expand(-1, -1, self.cfg.d_byte)  # (B, T, d)
@@ -526,8 +556,7 @@ class HierarchicalByteLM(nn.Module):
         table = prev.unsqueeze(0)  # (1, 1, D)
         if k:
             words = self._pool_span(cache, starts, k)  # (1, k, D)
-            wcos, wsin = self._word_rope(torch.arange(cache.n_ready, cache.n_ready + k, device=dev))
-            z = self.backbone_norm(self._run(self.backbone, words, wcos, wsin, caches=cache.backbone))
+            z = self.run_backbone(words, torch.arange(cache.n_ready, cache.n_ready + k, device=dev), caches=cache.backbone)
             table = torch.cat([table, z], 1)  # (1, k+1, D)
             assert cache.buf is not None
             cache.buf = cache.buf[:, starts[k] - cache.pend_start :]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bytelm.models.attention import attend
+from bytelm.models.config import RopeScalingConfig
 
 
 class RMSNorm(nn.Module):
@@ -31,17 +32,45 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+def rope_inv_freq(
+    head_dim: int, theta: float = 10000.0, scaling: RopeScalingConfig | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """(head_dim // 2,) fp32 inverse frequencies ``theta ** (-2i / head_dim)``, scaled as a Llama-family source
+    model scales them: ``linear`` divides every frequency by ``factor`` (= positions / factor); ``llama3``
+    (Llama 3.1) leaves high frequencies (wavelength < original_max_position / high_freq_factor) alone, divides
+    low ones (wavelength > original_max_position / low_freq_factor) by ``factor`` and interpolates in between
+    with ``s = (original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``:
+    ``(1 - s) * f / factor + s * f``."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
+    kind = "none" if scaling is None else scaling.kind
+    if kind == "none":
+        return inv_freq
+    assert scaling is not None
+    if kind == "linear":
+        return inv_freq / scaling.factor
+    if kind == "llama3":
+        lo, hi, old = scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_max_position
+        wavelen = 2 * math.pi / inv_freq
+        low = wavelen > old / lo  # long wavelengths: interpolate positions by `factor`
+        high = wavelen < old / hi  # short wavelengths: unchanged
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        return torch.where(low, inv_freq / scaling.factor, torch.where(high, inv_freq, mid))
+    raise ValueError(f"unsupported rope scaling kind {kind!r} (none | linear | llama3)")
+
+
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, scaling: RopeScalingConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for arbitrary integer positions.
 
     positions: (T,) or (B, T). Returns cos, sin of shape (B|1, 1, T, head_dim // 2), ready to broadcast over
     heads. Positions are explicit (not ``arange``) because the hierarchical pooling places a word query at its
-    word index and the keys at byte positions, and KV-cached decoding continues from an offset.
+    word index and the keys at byte positions, and KV-cached decoding continues from an offset. ``scaling``
+    (a transplanted source model's ``rope_scaling``) rescales the frequencies (``rope_inv_freq``).
     """
-    half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32) / half))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     pos = positions.to(torch.float32)
     if pos.dim() == 1:
         pos = pos.unsqueeze(0)
@@ -76,7 +105,8 @@ class SwiGLU(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of one attention layer for the positions processed so far. k, v: (B, H, S, hd)."""
+    """Keys and values of one attention layer for the positions processed so far. k, v: (B, KV, S, hd)
+    (the KV heads: with grouped-query attention fewer than the query heads)."""
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
@@ -95,17 +125,34 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with RoPE and an optional KV cache."""
+    """Multi-head self-attention with RoPE and an optional KV cache.
 
-    def __init__(self, dim: int, n_heads: int, backend: str = "sdpa") -> None:
+    Grouped-query attention when ``n_kv_heads < n_heads``: the fused projection's rows are
+    ``[q (H*hd); k (KV*hd); v (KV*hd)]``, the cache stores the KV heads, and they are expanded to H heads just
+    before ``attend`` with the HF ``repeat_kv`` convention (query head h reads kv head h // (H // KV)). With the
+    defaults (KV = H, hd = dim // H, no bias) names and shapes are those of every earlier bytelm checkpoint."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        backend: str = "sdpa",
+        *,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
-        if dim % n_heads:
+        if not head_dim and dim % n_heads:
             raise ValueError(f"width {dim} is not divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.head_dim = dim // n_heads
+        kv = n_kv_heads or n_heads
+        if n_heads % kv:
+            raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={kv}")
+        self.n_heads, self.n_kv_heads = n_heads, kv
+        self.head_dim = head_dim or dim // n_heads
         self.backend = backend
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wqkv = nn.Linear(dim, (n_heads + 2 * kv) * self.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(
         self,
@@ -121,29 +168,50 @@ class SelfAttention(nn.Module):
         cache: KVCache | None = None,
         null_key: bool = False,  # softmax1 (attention.attend): MrT5's layers that see the gate bias
     ) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
+        B, T, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, KV, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_offset = 0
         if cache is not None:
             q_offset = cache.length
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v)  # (B, KV, S, hd)
+        if KV != H:  # HF repeat_kv: query head h reads kv head h // (H // KV)
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         out = attend(
             q, k, v, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_bias=key_bias,
             key_mask=key_mask, window=window, backend=self.backend, null_key=null_key,
         )  # (B, H, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, T, D))
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * hd))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 8 / 3, backend: str = "sdpa") -> None:
+    The keyword-only arguments describe a Llama-family source model's blocks (GQA, head width, MLP width, norm
+    eps, q/k/v biases); their defaults give bytelm's own blocks."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        mlp_ratio: float = 8 / 3,
+        backend: str = "sdpa",
+        *,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        mlp_hidden: int | None = None,
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(dim)
-        self.attn = SelfAttention(dim, n_heads, backend)
-        self.mlp_norm = RMSNorm(dim)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+        self.attn_norm = RMSNorm(dim, norm_eps)
+        self.attn = SelfAttention(dim, n_heads, backend, n_kv_heads=n_kv_heads, head_dim=head_dim, qkv_bias=qkv_bias)
+        self.mlp_norm = RMSNorm(dim, norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden or swiglu_hidden(dim, mlp_ratio))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kwargs)

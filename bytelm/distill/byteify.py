@@ -1,0 +1,464 @@
+"""Byteify a subword LM: build the byteified student from its source, and the two training stages.
+
+DESIGN.md §5b, docs/byteify.md. ``model.arch=byteified`` (``bytelm.models.byteified``) keeps the source model's
+decoder blocks as the backbone; this module is the part that needs the source model and its tokenizer:
+
+- ``fill_source_fields(cfg)`` writes the source's backbone shape, vocabulary size and start token into
+  ``cfg.model`` (so checkpoints and exports rebuild the model from the config alone);
+- ``source_tensors(cfg)`` gives every tensor taken from the source (backbone blocks, final norm, embeddings,
+  LM head, vocabulary buffers, and the patch projection initialised to the embeddings' statistics), which
+  ``bytelm.lit.strategies.build_model_for`` loads into a plain, ZeRO-3-partitioned or FSDP2-sharded model;
+- ``set_trainable(model, cfg)``: stage 1 freezes the backbone; stage 2 trains it (at ``backbone_lr_mult`` of
+  the learning rate) unless ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 only unless
+  ``byteify.train_boundary`` (Bolmo freezes it in stage 2); the source embeddings never train;
+- ``ByteifyObjective``: the stage-1 losses against the teacher (= the source model, frozen):
+  ``encoder`` (patch vectors through the first k frozen blocks vs the teacher's hidden state after block k at
+  the same token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` on token
+  likelihoods, space-debiased) and ``boundary`` (BCE of the boundary predictor against token ends); the byte
+  cross-entropy is the module's own loss, with the decoder conditioned on the teacher's final hidden states.
+  Stage 2 keeps ``boundary`` (when the predictor trains) and ``alm`` when its weight is > 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bytelm.config import ByteifyConfig, Config
+from bytelm.distill.alm import STUDENT_SPACE_IDS, alm_chunk_loss
+from bytelm.distill.teacher import Teacher
+from bytelm.models.config import RopeScalingConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_SOURCES: dict[str, tuple[Any, Any]] = {}  # resolved source path -> (hf_model, tokenizer), loaded once per process
+
+
+def _source_key(path: str | None) -> str:
+    from bytelm.distill.teacher import smollm2_gguf_path
+
+    return str(Path(path).resolve()) if path else str(smollm2_gguf_path())
+
+
+def load_source_once(path: str | None) -> tuple[Any, Any]:
+    """(hf_model, tokenizer) of the source, loaded once per process (builder and teacher share it)."""
+    from bytelm.distill.transplant import load_source
+
+    key = _source_key(path)
+    if key not in _SOURCES:
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"byteify.source={path!r} does not exist (a local HF folder or .gguf file)")
+        _SOURCES[key] = load_source(path)
+    return _SOURCES[key]
+
+
+def source_table(tokenizer: Any, vocab: int) -> list[bytes | None]:
+    from bytelm.distill.tokens import token_bytes_table
+
+    return token_bytes_table(tokenizer, vocab)[:vocab]
+
+
+def fill_source_fields(cfg: Config) -> None:
+    """Set ``cfg.model``'s backbone and source fields from the source model (in place; logs what changed)."""
+    from bytelm.distill.transplant import source_embeddings, source_fields
+
+    model, tok = load_source_once(cfg.byteify.source)
+    fields = source_fields(model.config)
+    emb, head = source_embeddings(model)
+    vocab = int(emb.shape[0])
+    table = source_table(tok, vocab)
+    fields.update(
+        source_vocab=vocab,
+        source_vocab_bytes=sum(len(t or b"") for t in table),
+        source_start_id=Teacher(model, tok).start_id,
+        source_tied=head is None,
+    )
+    changed = []
+    for k, v in fields.items():
+        cur = getattr(cfg.model, k)
+        cur = asdict(cur) if k == "rope_scaling" else cur
+        if cur != v:
+            changed.append(f"{k}: {cur!r} -> {v!r}")
+            setattr(cfg.model, k, RopeScalingConfig(**v) if k == "rope_scaling" else v)
+    if changed:
+        log.info("byteify: model fields from the source: %s", "; ".join(changed))
+
+
+def source_tensors(cfg: Config) -> dict[str, torch.Tensor]:
+    """Every tensor of a byteified model that comes from the source (names as in ``ByteifiedLM``)."""
+    from bytelm.distill.transplant import backbone_state_dict, source_embeddings
+
+    model, tok = load_source_once(cfg.byteify.source)
+    out = dict(backbone_state_dict(model))
+    emb, head = source_embeddings(model)
+    out["source_embed.weight"] = emb
+    if head is not None:
+        out["source_head.weight"] = head
+    table = source_table(tok, int(emb.shape[0]))
+    blob = b"".join(t or b"" for t in table)
+    out["vocab_bytes"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+    lens = torch.tensor([len(t or b"") for t in table], dtype=torch.long)
+    out["vocab_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    # patch vectors start with the embeddings' statistics: mean as the bias, per-entry std through the weight
+    mean = emb.float().mean(0)
+    std = float((emb.float() - mean).std())
+    gen = torch.Generator().manual_seed(cfg.trainer.seed)
+    d = cfg.model.d_byte
+    out["pool.proj.weight"] = torch.randn(cfg.model.d_model, d, generator=gen) * (std / math.sqrt(d))
+    out["pool.proj.bias"] = mean
+    return out
+
+
+def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], kind: str = "plain") -> None:
+    """Copy full tensors into ``model``'s parameters/buffers of the same names, whether they are plain,
+    ZeRO-3-partitioned (gathered, rank 0 writes) or FSDP2 ``DTensor`` s (each rank keeps its shard). Every
+    name must exist with the same shape: a mismatch is an error naming it."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for name, t in tensors.items():
+        p = params.get(name)
+        target = p if p is not None else buffers.get(name)
+        if target is None:
+            raise ValueError(f"byteify: the model has no parameter or buffer named {name!r}")
+        shape = tuple(getattr(target, "ds_shape", target.shape))
+        if shape != tuple(t.shape):
+            raise ValueError(f"byteify: {name} has shape {shape} in the model, {tuple(t.shape)} from the source")
+        with torch.no_grad():
+            if kind == "zero3" and hasattr(target, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                    target.data.copy_(t.to(target.dtype))
+            elif kind == "fsdp2" and p is not None:
+                from torch.distributed.tensor import DTensor, distribute_tensor
+
+                if isinstance(target, DTensor):
+                    shard = distribute_tensor(t.to(target.dtype).to(target.device), target.device_mesh,
+                                              target.placements, src_data_rank=None)
+                    target.copy_(shard)
+                else:
+                    target.copy_(t.to(target.dtype))
+            else:
+                target.copy_(t.to(device=target.device, dtype=target.dtype))
+
+
+def is_backbone(name: str) -> bool:
+    return name.startswith(("backbone.", "backbone_norm."))
+
+
+def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
+    """requires_grad by stage (module docstring)."""
+    for name, p in model.named_parameters():
+        train = True
+        if name.startswith(("source_embed.", "source_head.", "first_word")):
+            train = False
+        elif is_backbone(name):
+            train = c.stage == 2 and not c.freeze_backbone
+        elif name.startswith("boundary."):
+            train = c.stage == 1 or c.train_boundary
+        p.requires_grad_(train)
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str, kind: str = "plain") -> None:
+    """Load the model weights of a (stage-1) checkpoint: a Lightning ``.ckpt`` file or a DeepSpeed/FSDP2
+    checkpoint folder (consolidated with ``bytelm.checkpoint``)."""
+    from bytelm.checkpoint import consolidated_state_dict
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"byteify.init_from={path!r} does not exist")
+    state, _ = consolidated_state_dict(path)
+    load_tensors(model, state, kind)
+    log.info("byteify: initialised from %s (%d tensors)", path, len(state))
+
+
+def check_byteify_config(c: ByteifyConfig) -> None:
+    if c.stage not in (1, 2):
+        raise ValueError(f"byteify.stage must be 1 or 2, got {c.stage!r}")
+    for k in ("encoder_weight", "alm_weight", "boundary_weight", "backbone_lr_mult"):
+        v = getattr(c, k)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"byteify.{k} must be finite and >= 0, got {v!r}")
+    if c.encoder_blocks < 1:
+        raise ValueError(f"byteify.encoder_blocks must be >= 1, got {c.encoder_blocks}")
+    if c.alm_tau <= 0:
+        raise ValueError(f"byteify.alm_tau must be > 0, got {c.alm_tau}")
+
+
+# ------------------------------------------------------------------------------------------- teacher targets
+@dataclass
+class TokenTargets:
+    """Teacher-side targets of one batch, per teacher token (N tokens over the batch).
+
+    ``pos`` (N,) flat index ``row * T + last byte`` of each token; ``first`` (N,) flat index of its first byte;
+    ``ctx`` / ``probe`` (N, D) fp16 final hidden / hidden after k blocks; ``exact`` (N,) bool: the token's bytes
+    are the text's (ALM and encoder loss use only these); ``logp`` / ``space`` (N,) teacher log-prob of the
+    token and of "the next token starts a word"; ``start_ctx`` / ``start_probe`` (D,) the states at the start
+    token (specials' patches).
+    """
+
+    pos: torch.Tensor
+    first: torch.Tensor
+    ctx: torch.Tensor
+    probe: torch.Tensor
+    exact: torch.Tensor
+    logp: torch.Tensor
+    space: torch.Tensor
+    start_ctx: torch.Tensor
+    start_probe: torch.Tensor
+
+
+def byte_segments(ids: torch.Tensor, doc_ids: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every maximal run of bytes (< 256) inside one document, over input positions."""
+    out = []
+    a = ids.cpu().numpy()
+    d = doc_ids.cpu().numpy() if doc_ids is not None else None
+    B, T = a.shape
+    for r in range(B):
+        t = 0
+        while t < T:
+            if a[r, t] >= 256:
+                t += 1
+                continue
+            s = t
+            while t < T and a[r, t] < 256 and (d is None or d[r, t] == d[r, s]):
+                t += 1
+            out.append((r, s, t))
+    return out
+
+
+class ByteifyObjective(torch.nn.Module):
+    """``ByteLMModule.extra_loss`` for byteification: ``prepare(batch)`` adds the stage-1 inputs (teacher token
+    ends, teacher context) before the student's forward; ``__call__(batch, out)`` returns the extra losses."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        check_byteify_config(cfg.byteify)
+        self.c = cfg.byteify
+        self.cache_dir = Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else None
+        self.source = _source_key(cfg.byteify.source)
+        model, tok = load_source_once(cfg.byteify.source)
+        n_src = int(model.config.num_hidden_layers)
+        if cfg.byteify.encoder_blocks > n_src:
+            raise ValueError(f"byteify.encoder_blocks={cfg.byteify.encoder_blocks} exceeds the source's {n_src} "
+                             f"blocks (byteify.source={cfg.byteify.source!r})")
+        self._teacher = Teacher(model, tok)  # plain attribute: never in the state dict
+        self.needs_teacher = cfg.byteify.stage == 1 or cfg.byteify.alm_weight > 0
+        self.words = cfg.model.chunker == "words"  # the word-patch ablation: no boundary predictor to train
+        self.max_word_bytes = cfg.model.max_word_bytes
+
+    @property
+    def teacher(self) -> Teacher:
+        return self._teacher
+
+    # -- teacher side --------------------------------------------------------------------------------------
+    def _key(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> str:
+        h = hashlib.sha1()
+        h.update(f"v{CACHE_VERSION}|{self.source}|k{self.c.encoder_blocks}|{tuple(ids.shape)}".encode())
+        h.update(ids.cpu().numpy().tobytes())
+        if doc_ids is not None:
+            h.update(doc_ids.cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def targets(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> TokenTargets:
+        """Teacher targets of a batch, from the disk cache when ``distill.cache_dir`` is set and holds them."""
+        path = None
+        if self.cache_dir is not None:
+            key = self._key(ids, doc_ids)
+            path = self.cache_dir / key[:2] / f"{key}.pt"
+            if path.exists():
+                try:
+                    return TokenTargets(**torch.load(path, map_location="cpu", weights_only=True))
+                except Exception as e:  # a torn or corrupt entry is recomputed, never trusted
+                    log.warning("byteify: unreadable teacher cache entry %s (%s); recomputing", path, e)
+        tt = self._compute(ids, doc_ids)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(tt.__dict__, tmp)
+            os.replace(tmp, path)
+        return tt
+
+    def _compute(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> TokenTargets:
+        teacher, k = self.teacher, self.c.encoder_blocks
+        B, T = ids.shape
+        segs = byte_segments(ids, doc_ids)
+        a = ids.cpu()
+        texts = [bytes(a[r, s:e].to(torch.uint8).tolist()) for r, s, e in segs]
+        pos, first, ctx, probe, exact, logp, space = [], [], [], [], [], [], []
+        out = teacher([b""], hidden_layers=(k, -1))  # the start token alone
+        start_ctx, start_probe = out.hidden_states[-1][0, 0], out.hidden_states[k][0, 0]
+        for i in range(0, len(texts), 8):  # a few segments per teacher forward
+            chunk = list(range(i, min(i + 8, len(texts))))
+            o = teacher([texts[j] for j in chunk], hidden_layers=(k, -1))
+            enc = o.encoding
+            for b, j in enumerate(chunk):
+                r, s, _ = segs[j]
+                n = int(enc.attention_mask[b].sum())
+                sp = enc.spans[b, 1:n]  # (L-1, 2) text tokens
+                ok = (sp[:, 1] > sp[:, 0]) & enc.content_mask[b, 1:n]
+                idx = torch.nonzero(ok).squeeze(1) + 1  # teacher positions of usable tokens
+                pos.append(r * T + s + enc.spans[b, idx, 1] - 1)
+                first.append(r * T + s + enc.spans[b, idx, 0])
+                ctx.append(o.hidden_states[-1][b, idx].half())
+                probe.append(o.hidden_states[k][b, idx].half())
+                exact.append(enc.exact_mask[b, idx])
+                logp.append(o.token_logprobs[b, idx])
+                space.append(o.next_space_logprobs[b, idx])
+        D = start_ctx.shape[-1]
+
+        def cat(xs: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.cat(xs).cpu() if xs else torch.zeros(shape, dtype=dtype)
+
+        return TokenTargets(
+            pos=cat(pos, (0,), torch.long), first=cat(first, (0,), torch.long),
+            ctx=cat(ctx, (0, D), torch.float16), probe=cat(probe, (0, D), torch.float16),
+            exact=cat(exact, (0,), torch.bool), logp=cat(logp, (0,), torch.float32),
+            space=cat(space, (0,), torch.float32), start_ctx=start_ctx.half().cpu(), start_probe=start_probe.half().cpu(),
+        )
+
+    # -- batch preparation ---------------------------------------------------------------------------------
+    def prepare(self, batch: dict[str, torch.Tensor]) -> None:
+        """Stage 1: put teacher token ends (``patch_end``) and teacher context (``context``) into the batch, and
+        ask the model for the probe; keep the token targets for the loss. Stage 2: only what the losses need."""
+        self._tt = None
+        if not self.training:
+            return
+        ids, doc_ids = batch["input_ids"], batch.get("doc_ids")
+        need_tokens = self.c.stage == 1 or self.c.alm_weight > 0 or self.c.train_boundary
+        if not need_tokens:
+            return
+        tt = self.targets(ids, doc_ids)
+        self._tt = tt
+        B, T = ids.shape
+        dev = ids.device
+        ends = torch.zeros(B * T, dtype=torch.bool)
+        ends[tt.pos] = True
+        self._ends = ends.view(B, T).to(dev)
+        if self.c.stage != 1:
+            return
+        if self.words:  # ablation: word patches get the teacher state of the last token ending in the word
+            tt = self._patch_targets = word_targets(tt, ids, doc_ids, self.max_word_bytes)
+        else:
+            self._patch_targets = tt
+        D = tt.ctx.shape[-1]
+        ctx = tt.start_ctx.float().expand(B * T, D).clone()  # specials (and unused positions): the start state
+        ctx[tt.pos] = tt.ctx.float()
+        batch["patch_end"] = self._ends
+        batch["context"] = ctx.view(B, T, D).to(dev)
+        batch["probe_blocks"] = self.c.encoder_blocks  # type: ignore[assignment]
+
+    # -- losses --------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor], out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from bytelm.distill.objective import _shared_count
+
+        logits = out.logits
+        dev = logits.device
+        zero = logits.sum() * 0.0
+        total = zero
+        metrics: dict[str, torch.Tensor] = {}
+        tt = getattr(self, "_tt", None)
+        hid = out.hidden
+        if tt is None:
+            return total, metrics
+        ids = batch["input_ids"]
+        B, T = ids.shape
+        if (self.c.stage == 1 or self.c.train_boundary) and not self.words:  # boundary BCE against token ends, over real bytes
+            mask = ids < 256
+            bl = hid["boundary_logits"]
+            per = F.binary_cross_entropy_with_logits(bl, self._ends.float(), reduction="none")
+            n = mask.sum()
+            bce = (per * mask).sum() / _shared_count(n).clamp(min=1e-6)
+            pred = (bl > 0) & mask
+            tp = (pred & self._ends).sum().float()
+            metrics["boundary_bce"] = bce.detach() * _shared_count(n) / n.clamp(min=1)
+            metrics["boundary_f1"] = (2 * tp / (pred.sum() + (self._ends & mask).sum()).clamp(min=1)).detach()
+            total = total + self.c.boundary_weight * bce
+        if self.c.stage == 1 and self.c.encoder_weight > 0 and "probe" in hid:
+            probe = hid["probe"]  # (B, W, D) after k blocks
+            last = hid["patch_last"]  # (B, W)
+            flat = (last + torch.arange(B, device=dev).unsqueeze(1) * T).view(-1)
+            D = probe.shape[-1]
+            pt = self._patch_targets
+            target = pt.start_probe.float().to(dev).expand(B * T, D).clone()
+            valid = torch.zeros(B * T, dtype=torch.bool, device=dev)
+            target[pt.pos.to(dev)] = pt.probe.float().to(dev)
+            valid[pt.pos.to(dev)] = pt.exact.to(dev)
+            real = (hid["word_end"] <= T).view(-1) & (hid["word_start"] < T).view(-1)
+            v = valid[flat] & real
+            dist = (probe.reshape(-1, D).float() - target[flat]).norm(dim=-1) / math.sqrt(D)  # (B*W,)
+            n = v.sum()
+            enc = (dist * v).sum() / _shared_count(n).clamp(min=1e-6)
+            metrics["encoder_l2"] = enc.detach() * _shared_count(n) / n.clamp(min=1)
+            total = total + self.c.encoder_weight * enc
+        if self.c.alm_weight > 0:
+            alm, n = self.alm(logits, ids, tt)
+            metrics["alm"] = alm.detach() * _shared_count(n) / n.clamp(min=1)
+            total = total + self.c.alm_weight * alm
+        return total, metrics
+
+    def alm(self, logits: torch.Tensor, ids: torch.Tensor, tt: TokenTargets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Binarised ALM on token chunks: student log-likelihood of a token's bytes (+ log P(next byte starts a
+        word) when debiased) vs the teacher's (+ log P(next token starts a word)). Tokens whose first byte is
+        the row's first input have no student prediction and are skipped."""
+        from bytelm.distill.objective import _shared_count
+
+        B, T = ids.shape
+        dev = logits.device
+        V = 259
+        logp = torch.log_softmax(logits[..., :V].float(), -1).reshape(B * T, V)  # row j predicts input j+1
+        nxt = torch.cat([ids[:, 1:], torch.zeros(B, 1, dtype=ids.dtype, device=dev)], 1).reshape(-1)
+        byte_lp = logp.gather(1, nxt.clamp(0, V - 1).unsqueeze(1)).squeeze(1)  # (B*T,) log p(input j+1 | <= j)
+        csum = torch.cat([torch.zeros(1, device=dev), byte_lp.cumsum(0)])
+        first, last = tt.first.to(dev), tt.pos.to(dev)
+        ok = tt.exact.to(dev) & (first % T > 0)
+        s_lp = csum[last] - csum[first - 1]  # sum of log p over predictions of bytes first..last (same row)
+        t_lp = tt.logp.to(dev)
+        if self.c.alm_debias:
+            sp = torch.logsumexp(logp[:, list(STUDENT_SPACE_IDS)], -1)  # (B*T,) next input is a space / EOS
+            s_lp = s_lp + sp[last]
+            t_lp = t_lp + tt.space.to(dev)
+        n = ok.sum()
+        loss = alm_chunk_loss(t_lp.unsqueeze(0), s_lp.unsqueeze(0), ok.unsqueeze(0), self.c.alm_tau,
+                              num_valid=_shared_count(n).clamp(min=1e-6))
+        return loss, n
+
+
+def word_targets(tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_word_bytes: int) -> TokenTargets:
+    """Token targets moved to word patches (the HAT-word ablation): each word's last byte gets the states of the
+    last teacher token that ends inside the word (DESIGN.md §5: bytelm's word-level adaptation of Bolmo's
+    latent alignment); words with no token ending inside them get none."""
+    from bytelm.models.hierarchical import split_word_starts
+
+    B, T = ids.shape
+    a = ids.cpu().numpy()
+    d = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
+    ends = []
+    for r in range(B):
+        ws = split_word_starts(a[r], max_word_bytes, d[r])
+        e = [int(x) - 1 for x in ws.nonzero()[0][1:]] + [T - 1]
+        ends += [r * T + x for x in e if a[r, x] < 256]
+    wend = torch.tensor(ends, dtype=torch.long)
+    wstart = torch.cat([torch.zeros(1, dtype=torch.long), wend[:-1] + 1])
+    idx = torch.searchsorted(tt.pos, wend, right=True) - 1  # last token ending at or before the word end
+    ok = (idx >= 0) & (tt.pos[idx.clamp(min=0)] >= wstart) if len(tt.pos) else torch.zeros_like(wend, dtype=torch.bool)
+    idx, wend = idx[ok], wend[ok]
+    return TokenTargets(pos=wend, first=tt.first[idx], ctx=tt.ctx[idx], probe=tt.probe[idx], exact=tt.exact[idx],
+                        logp=tt.logp[idx], space=tt.space[idx], start_ctx=tt.start_ctx, start_probe=tt.start_probe)
+
+
+def attach_byteify(module: torch.nn.Module, cfg: Config) -> ByteifyObjective:
+    obj = ByteifyObjective(cfg)
+    module.extra_loss = obj
+    log.info("byteify: stage %d (encoder %.3g x k=%d, alm %.3g, boundary %.3g)", cfg.byteify.stage,
+             cfg.byteify.encoder_weight, cfg.byteify.encoder_blocks, cfg.byteify.alm_weight, cfg.byteify.boundary_weight)
+    return obj

@@ -1,0 +1,379 @@
+"""A byteified subword LM: the source model's decoder blocks are the backbone of a hierarchical byte model.
+
+DESIGN.md §5b (Bolmo, HAT-from-Llama). ``bytelm.distill.byteify`` builds it from any Llama-family Hugging Face
+model (weights mapped into bytelm's own blocks by ``bytelm.distill.transplant``) and trains it in two stages;
+this file is the pure-torch model that runs, trains, generates and exports like every other bytelm model.
+
+Bytes -> patches -> source blocks -> bytes:
+
+- **Encoder input** = byte embedding + a projection of the source's embedding of the *longest vocabulary token
+  that ends at this byte* (Bolmo's / tokenkit's "expanded" embedding; causal: bytes <= t only). The source's
+  vocabulary travels with the model as two buffers (``vocab_bytes``, ``vocab_offsets``), so an exported folder
+  needs no tokenizer.
+- **Patches** end where the boundary predictor's logit on the encoder state is > 0 (causal: decided when the byte
+  arrives), at specials, and at the size cap. Stage 1 passes the teacher tokenizer's token ends instead
+  (``patch_end=``), so the frozen blocks see the units they were trained on; the predictor is trained against
+  them with BCE. A patch is *ready at its own last byte* (``layout_words(closed=...)``): the byte after it is
+  predicted from the backbone output of the patch it closes, as the source predicts token i+1 from its hidden
+  state at token i.
+- **Patch vectors** = projection of the encoder state at the patch's last byte (bias and scale initialised to the
+  statistics of the source embeddings); a special (BOS/EOS/PAD) is a patch whose vector is the source's
+  document-start embedding (SmolLM2's ``<|endoftext|>``).
+- **Sink.** The source always saw its start token at position 0 (an attention sink). A row that begins inside a
+  document gets a virtual first patch with that embedding; a row that begins with a special masks it (its BOS
+  patch plays the part). The sink's backbone output is the context of bytes before the first ready patch.
+- **Decoder** = bytelm's byte decoder (encoder activations + the projected context vector of the latest ready
+  patch), and **LM-head prior**: the byte logits get ``prior_scale * log P_naive(next byte)``, the naive
+  within-token marginal (DESIGN.md §5) of the source LM head applied to that context vector, given the bytes of
+  the open patch so far. The decoder only has to learn the correction; computed without gradient.
+- **Stage-1 hooks**: ``context=`` (B, T, D) replaces the backbone outputs by the teacher's final hidden states
+  read at each patch's last byte (nothing backpropagates through the backbone), and ``probe_blocks=k`` returns
+  the patch vectors after the first k blocks (Bolmo's encoder loss) in ``hidden["probe"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from bytelm.data.bytes import PAD_ID
+from bytelm.models.chunking import close_chunks, doc_starts
+from bytelm.models.config import ModelConfig, ModelOutput
+from bytelm.models.hierarchical import HierarchicalByteLM, layout_words
+from bytelm.models.layers import KVCache, RMSNorm
+from bytelm.models.vocab_trie import VocabTrie
+
+SINK_MASKED = -2  # word-doc id of a masked sink: no patch attends to it
+PRIOR_FLOOR = -30.0  # log-prior of bytes the naive marginal calls impossible (keeps the sum finite)
+SPECIAL_PRIOR = -10.0  # log-prior of specials where the marginal is defined (it says nothing about them)
+
+
+class BoundaryPredictor(nn.Module):
+    """Logit that byte t ends a patch, from the (causal) encoder state at t: (B, T, d) -> (B, T)."""
+
+    def __init__(self, dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.mlp: nn.Module = (
+            nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if hidden > 0 else nn.Linear(dim, 1)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(h)).squeeze(-1).float()
+
+
+class PatchPooling(nn.Module):
+    """The encoder state at a patch's last byte, normalised and projected (with bias) to backbone width."""
+
+    def __init__(self, d_byte: int, d_model: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(d_byte)
+        self.proj = nn.Linear(d_byte, d_model, bias=True)
+
+    def forward(self, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        # h: (B, T, d_byte); last: (B, W) last byte of each patch -> (B, W, d_model)
+        return self.proj(self.norm(h.gather(1, last.unsqueeze(-1).expand(-1, -1, h.shape[-1]))))
+
+
+@dataclass
+class ByteifiedCache:
+    """Incremental decoding state (batch 1, one document)."""
+
+    enc: list[KVCache]
+    backbone: list[KVCache]
+    dec: list[KVCache]
+    ids: list[int] = field(default_factory=list)
+    patch_start: int = 0  # first byte of the open patch
+    buf: list[torch.Tensor] = field(default_factory=list)  # (d_byte,) encoder outputs of the open patch
+    n_words: int = 0  # backbone positions used (sink included)
+    ctx: torch.Tensor | None = None  # (1, D) backbone output of the latest ready patch
+    node: int = 0  # trie node of the open patch's bytes (-1: no token extends them)
+    seg_start: int = 0  # start of the current segment (for expanded ids)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class ByteifiedLM(HierarchicalByteLM):
+    """Hierarchical byte LM around a source LM's blocks (module docstring). ``cfg.arch == 'byteified'``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        if cfg.source_vocab <= 0:
+            raise ValueError(
+                "model.arch=byteified needs the source model's vocabulary (model.source_vocab > 0); build it with "
+                "bytelm.distill.byteify.build_byteified, which fills the source fields"
+            )
+        if cfg.chunker not in ("gate", "words"):
+            raise ValueError(f"model.chunker must be 'gate' (learned boundaries) or 'words' for arch=byteified, "
+                             f"got {cfg.chunker!r}")
+        base = copy.deepcopy(cfg)
+        base.chunker, base.pooling = "words", "last"  # the parent builds no gate; the pooling is replaced below
+        super().__init__(base)
+        self.cfg = cfg
+        D, d = cfg.d_model, cfg.d_byte
+        self.pool: PatchPooling = PatchPooling(d, D)  # type: ignore[assignment]
+        self.boundary = BoundaryPredictor(d, cfg.boundary_hidden)
+        self.first_word.requires_grad_(False)  # the sink's output takes its place
+        self.source_embed = nn.Embedding(cfg.source_vocab, D)
+        self.source_embed.weight.requires_grad_(False)
+        self.source_head: nn.Linear | None = None
+        if not cfg.source_tied:
+            self.source_head = nn.Linear(D, cfg.source_vocab, bias=False)
+            self.source_head.weight.requires_grad_(False)
+        self.expand_proj = nn.Linear(D, d, bias=False)
+        self.prior_scale = nn.Parameter(torch.ones(()))
+        self.vocab_bytes: torch.Tensor
+        self.vocab_offsets: torch.Tensor
+        self.register_buffer("vocab_bytes", torch.zeros(cfg.source_vocab_bytes, dtype=torch.uint8))
+        self.register_buffer("vocab_offsets", torch.zeros(cfg.source_vocab + 1, dtype=torch.long))
+        self._max_token = 1
+        self._trie: VocabTrie | None = None
+        self._trie_key: tuple[int, int] | None = None
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        nn.init.ones_(self.prior_scale)
+        nn.init.zeros_(self.pool.proj.bias)
+
+    # -- source vocabulary ---------------------------------------------------------------------------------
+
+    def set_vocabulary(self, table: list[bytes | None]) -> None:
+        """Store the source's token byte strings (``None`` = special, never matched) in the buffers."""
+        if len(table) != self.cfg.source_vocab:
+            raise ValueError(f"vocabulary has {len(table)} entries, model.source_vocab is {self.cfg.source_vocab}")
+        blob = b"".join(t or b"" for t in table)
+        if len(blob) != self.cfg.source_vocab_bytes:
+            raise ValueError(f"vocabulary holds {len(blob)} bytes, model.source_vocab_bytes is {self.cfg.source_vocab_bytes}")
+        lens = torch.tensor([len(t or b"") for t in table], dtype=torch.long)
+        with torch.no_grad():
+            self.vocab_bytes.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else self.vocab_bytes)
+            self.vocab_offsets.zero_()
+            self.vocab_offsets[1:] = lens.cumsum(0)
+        self._trie = None
+
+    @property
+    def trie(self) -> VocabTrie:
+        """The vocabulary trie, rebuilt when the buffers change (loading a checkpoint fills them)."""
+        key = (int(self.vocab_offsets[-1]), int(self.vocab_bytes[: 4096].long().sum()) if len(self.vocab_bytes) else 0)
+        if self._trie is None or key != self._trie_key:
+            blob = bytes(self.vocab_bytes.cpu().numpy().tobytes())
+            off = self.vocab_offsets.cpu().tolist()
+            table: list[bytes | None] = [blob[a:b] or None for a, b in zip(off[:-1], off[1:], strict=True)]
+            self._trie, self._trie_key = VocabTrie(table), key
+            self._max_token = max((len(t) for t in table if t), default=1)
+        return self._trie
+
+    def head_weight(self) -> torch.Tensor:
+        """(V, D) the source's output head."""
+        return self.source_embed.weight if self.source_head is None else self.source_head.weight
+
+    # -- pieces shared by the full and the cached path -----------------------------------------------------
+
+    def embed_bytes(self, ids: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
+        """Byte embedding + projected source embedding of ``expanded`` (B, T) ids (-1: none) -> (B, T, d)."""
+        special = ids >= 256
+        ex = torch.where(special, self.cfg.source_start_id, expanded)
+        e = self.source_embed(ex.clamp(min=0)) * (ex >= 0).unsqueeze(-1).to(self.source_embed.weight.dtype)
+        return self.embed(ids) + self.expand_proj(e)
+
+    def expanded_ids(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) longest source token ending at each byte, within its document (-1: none or special)."""
+        starts = doc_starts(doc_ids, ids).cpu().tolist()
+        rows = [self.trie.longest_suffix_tokens(r, s) for r, s in zip(ids.cpu().tolist(), starts, strict=True)]
+        return torch.tensor(rows, dtype=torch.long, device=ids.device).view_as(ids)
+
+    def patch_vectors(self, h: torch.Tensor, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """(B, W, D) pooled patch vectors; a special's patch is the source's start embedding."""
+        words = self.pool(h, last)
+        is_special = ids.gather(1, last) >= 256  # (B, W)
+        start = self.source_embed.weight[self.cfg.source_start_id].to(words.dtype)
+        return torch.where(is_special.unsqueeze(-1), start, words)
+
+    def sink(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.source_embed.weight[self.cfg.source_start_id].to(dtype).expand(batch, 1, -1)  # (B, 1, D)
+
+    def prior(self, table: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """Additive log-prior (..., V_bytes) for byte positions: ``rows`` index ``table`` (R, D) context vectors,
+        ``nodes`` the trie node of the open patch (-1: no prior). No gradient reaches the context vectors."""
+        out = torch.zeros(*rows.shape, self.cfg.vocab_size, device=table.device, dtype=torch.float32)
+        valid = nodes >= 0
+        if not bool(valid.any()):
+            return out
+        with torch.no_grad():
+            trie = self.trie.to(table.device)  # built on CPU; the masses are gathered where the logits are
+            used, r_of = torch.unique(rows[valid], return_inverse=True)
+            # vocabulary rows of the head in byte order: probabilities come out sorted, ready for prefix sums;
+            # the normaliser cancels in the renormalisation over bytes, so specials need not be in the softmax
+            head = self.head_weight().index_select(0, trie.order).float()  # (V', D)
+            p = torch.softmax(table.detach()[used].float() @ head.t(), -1)  # (R', V')
+            # fp64 sums: masses of deep prefixes are small differences of numbers near 1
+            cum = torch.cat([torch.zeros_like(p[:, :1]), p.cumsum(1, dtype=torch.float64)], 1)  # (R', V'+1)
+            mass, _ = trie.masses_from_cumsum(cum, r_of, nodes[valid])  # (M, 256)
+            lp = (mass.log() - mass.sum(-1, keepdim=True).clamp(min=1e-300).log()).float()
+            vals = torch.full((lp.shape[0], self.cfg.vocab_size), SPECIAL_PRIOR, device=table.device)
+            vals[:, :256] = lp.clamp(min=PRIOR_FLOOR)
+            out[valid] = vals
+        return out
+
+    def _word_starts(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        rows = ids.cpu().numpy()
+        docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * len(rows)
+        starts = [self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]
+        return torch.from_numpy(np.stack(starts)).to(ids.device)
+
+    def _nodes(self, ids: torch.Tensor, closed: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        trie = self.trie
+        rows = [
+            trie.prediction_nodes(i, c, s)
+            for i, c, s in zip(ids.cpu().tolist(), closed.cpu().tolist(), starts.cpu().tolist(), strict=True)
+        ]
+        return torch.tensor(rows, dtype=torch.long, device=ids.device)
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,  # (B, T) byte ids
+        *,
+        doc_ids: torch.Tensor | None = None,  # (B, T)
+        patch_end: torch.Tensor | None = None,  # (B, T) bool: given patch ends (stage 1: teacher token ends)
+        context: torch.Tensor | None = None,  # (B, T, D): teacher final hidden at each patch's last byte (stage 1)
+        probe_blocks: int = 0,  # > 0: also run the patch vectors through this many blocks (hidden["probe"])
+        expanded: torch.Tensor | None = None,  # (B, T) precomputed expanded ids
+        cache: ByteifiedCache | None = None,
+        **_: object,
+    ) -> ModelOutput:
+        if cache is not None:
+            return self._forward_cached(input_ids, cache)
+        B, T = input_ids.shape
+        dev = input_ids.device
+        cos, sin = self._byte_rope(torch.arange(T, device=dev))
+        if expanded is None:
+            expanded = self.expanded_ids(input_ids, doc_ids)
+        x = self.embed_bytes(input_ids, expanded)
+        h = self._run(self.encoder, x, cos, sin, doc_ids=doc_ids, window=self.cfg.encoder_window)  # (B, T, d)
+        b_logits = self.boundary(h)  # (B, T)
+        closed: torch.Tensor | None
+        if self.cfg.chunker == "words":  # ablation: HAT words, ready one character after they end
+            word_start = self._word_starts(input_ids, doc_ids)
+            closed = None
+        else:
+            ends = (b_logits.detach() > 0) if patch_end is None else patch_end.bool()
+            closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)
+        lay = layout_words(input_ids, word_start, doc_ids, closed)
+        W = lay.start.shape[1]
+        last = (lay.end - 1).clamp(0, T - 1)  # (B, W)
+        words = torch.cat([self.sink(B, h.dtype), self.patch_vectors(h, input_ids, last)], 1)  # (B, W+1, D)
+        sink_doc = torch.where(input_ids[:, :1] >= 256, SINK_MASKED, 0 if doc_ids is None else doc_ids[:, :1])
+        word_doc = lay.word_doc if lay.word_doc is not None else torch.zeros(B, W, dtype=torch.long, device=dev)
+        word_doc = torch.cat([sink_doc, word_doc], 1)  # (B, W+1)
+        hidden: dict[str, torch.Tensor] = {"boundary_logits": b_logits, "patch_last": last, "word_end": lay.end,
+                                           "word_start": lay.start}
+        if closed is not None:
+            hidden["closed"] = closed
+        if probe_blocks > 0:
+            hidden["probe"] = self.run_backbone(words, doc_ids=word_doc, n_blocks=probe_blocks, norm=False)[:, 1:]
+        if context is None:
+            z = self.run_backbone(words, doc_ids=word_doc)  # (B, W+1, D)
+        else:
+            z_sink = self.run_backbone(words[:, :1])  # (B, 1, D) the sink alone = the source's start state
+            zc = context.gather(1, last.unsqueeze(-1).expand(-1, -1, context.shape[-1])).to(z_sink.dtype)
+            z = torch.cat([z_sink, zc], 1)
+        hidden["words"] = z[:, 1:]
+        inject = [p(z).gather(1, lay.ctx_idx.unsqueeze(-1).expand(-1, -1, self.cfg.d_byte)) for p in self.ctx_proj]
+        y = self._run(self.decoder, h, cos, sin, inject=inject, doc_ids=doc_ids)  # (B, T, d)
+        logits = self.lm_head(self.norm(y))  # (B, T, V)
+        if self.cfg.lm_prior:
+            rows = lay.ctx_idx + torch.arange(B, device=dev).unsqueeze(1) * (W + 1)  # (B, T) into z.flatten(0, 1)
+            nodes = self._nodes(input_ids, torch.zeros_like(word_start) if closed is None else closed, word_start)
+            logits = logits + self.prior_scale * self.prior(z.flatten(0, 1), rows, nodes).to(logits.dtype)
+        real = input_ids != PAD_ID
+        metrics: dict[str, torch.Tensor | float] = {
+            "bytes_per_word": (real.sum() / (word_start & real).sum().clamp_min(1)).detach(),
+        }
+        return ModelOutput(logits=logits, metrics=metrics, hidden=hidden)
+
+    # -- cached decoding -----------------------------------------------------------------------------------
+
+    def new_cache(self) -> ByteifiedCache:  # type: ignore[override]
+        return ByteifiedCache(
+            enc=[KVCache() for _ in self.encoder],
+            backbone=[KVCache() for _ in self.backbone],
+            dec=[KVCache() for _ in self.decoder],
+        )
+
+    @torch.no_grad()
+    def _forward_cached(self, new_ids: torch.Tensor, cache: ByteifiedCache) -> ModelOutput:  # type: ignore[override]
+        """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their logits (1, n, V). Applies the
+        rules of the full forward byte by byte: a patch closes at a positive boundary logit, a special or the
+        size cap, and is ready at that byte."""
+        if new_ids.shape[0] != 1:
+            raise ValueError("cached byteified decoding supports batch size 1")
+        if self.cfg.chunker == "words":
+            raise NotImplementedError("cached decoding of a byteified model with word patches (the ablation); "
+                                      "use model.chunker=gate (learned boundaries) to generate")
+        dev = new_ids.device
+        new = [int(i) for i in new_ids[0].tolist()]
+        p0, n = cache.length, len(new)
+        if p0 == 0 and new[0] < 256:  # a row that starts inside a document: the sink comes first
+            cache.ctx = self.run_backbone(self.sink(1, self.embed.weight.dtype), torch.zeros(1, dtype=torch.long, device=dev),
+                                          caches=cache.backbone)[:, -1]
+            cache.n_words = 1
+        cache.ids.extend(new)
+        trie = self.trie
+        lo = max(cache.seg_start, p0 - self._max_token)
+        window = cache.ids[lo:]
+        starts = [False] * len(window)
+        starts[0] = True
+        ex = trie.longest_suffix_tokens(window, starts)[p0 - lo :]
+        pos = torch.arange(p0, p0 + n, device=dev)
+        cos, sin = self._byte_rope(pos)
+        x = self.embed_bytes(new_ids, torch.tensor([ex], dtype=torch.long, device=dev))
+        h = self._run(self.encoder, x, cos, sin, caches=cache.enc, window=self.cfg.encoder_window)  # (1, n, d)
+        b_logits = self.boundary(h)[0].tolist()
+        kids = trie._children()
+        cap = self.cfg.max_word_bytes
+        ctx_rows: list[torch.Tensor] = []
+        nodes: list[int] = []
+        for j, tok in enumerate(new):
+            t = p0 + j
+            if tok >= 256 and cache.patch_start < t:  # a special closes the open patch before it
+                self._close_patch(cache, t, dev)
+                cache.patch_start = t
+            if tok >= 256:
+                cache.seg_start = t + 1
+            cache.buf.append(h[0, j])
+            cur = cache.node
+            cache.node = kids.get(cur, {}).get(tok, -1) if (cur >= 0 and tok < 256) else -1
+            closes = tok >= 256 or b_logits[j] > 0 or (cap > 0 and t - cache.patch_start + 1 >= cap)
+            if closes:
+                self._close_patch(cache, t, dev, special=tok >= 256)
+            ctx_rows.append(cache.ctx[0] if cache.ctx is not None else self.first_word)
+            nodes.append(0 if closes else cache.node)
+        table = torch.stack(ctx_rows).unsqueeze(0)  # (1, n, D)
+        inject = [p(table) for p in self.ctx_proj]
+        y = self._run(self.decoder, h, cos, sin, caches=cache.dec, inject=inject)
+        logits = self.lm_head(self.norm(y))
+        if self.cfg.lm_prior:
+            prior = self.prior(table[0], torch.arange(n, device=dev), torch.tensor(nodes, device=dev))
+            logits = logits + self.prior_scale * prior.unsqueeze(0).to(logits.dtype)
+        return ModelOutput(logits=logits)
+
+    def _close_patch(self, cache: ByteifiedCache, t: int, dev: torch.device, special: bool = False) -> None:
+        """Pool the open patch (ending at byte t), run one backbone step, make it the context."""
+        hb = torch.stack(cache.buf).unsqueeze(0)  # (1, len, d)
+        if special:
+            vec = self.sink(1, hb.dtype)
+        else:
+            vec = self.pool(hb, torch.tensor([[hb.shape[1] - 1]], device=dev))  # (1, 1, D)
+        pos = torch.tensor([cache.n_words], device=dev)
+        cache.ctx = self.run_backbone(vec, pos, caches=cache.backbone)[:, -1]
+        cache.n_words += 1
+        cache.buf = []
+        cache.patch_start = t + 1
+        cache.node = 0

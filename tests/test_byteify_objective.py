@@ -1,0 +1,316 @@
+"""Byteification objective and training (bytelm.distill.byteify, DESIGN.md §5b): each loss against a naive
+computation, the teacher targets (segments, token ends, disk cache), and short stage-1 / stage-2 runs through
+``bytelm.train.run`` with a tiny source: frozen backbone in stage 1, stage 2 starting from stage 1, exact resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from bytelm.config import load_config
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
+from bytelm.distill.alm import STUDENT_SPACE_IDS, binary_ce
+from bytelm.distill.byteify import ByteifyObjective, TokenTargets, byte_segments, load_source_once
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def byteify_cfg(tiny_source, *extra: str):
+    return load_config(["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={tiny_source}",
+                        "byteify.encoder_blocks=1", "distill.cache_dir=null", *extra])
+
+
+@pytest.fixture(scope="module")
+def objective(tiny_source):
+    return ByteifyObjective(byteify_cfg(tiny_source))
+
+
+def random_tokens(rng: random.Random, B: int, T: int, ids: torch.Tensor, D: int = 8) -> TokenTargets:
+    """Tokens partitioning each row's byte runs (between specials) into pieces of 1-4 bytes."""
+    first, pos = [], []
+    for r in range(B):
+        t = 0
+        while t < T:
+            if int(ids[r, t]) >= 256:
+                t += 1
+                continue
+            n = rng.randint(1, 4)
+            e = t
+            while e + 1 < T and e + 1 < t + n and int(ids[r, e + 1]) < 256:
+                e += 1
+            first.append(r * T + t)
+            pos.append(r * T + e)
+            t = e + 1
+    N = len(pos)
+    g = torch.Generator().manual_seed(rng.randint(0, 10**6))
+    return TokenTargets(
+        pos=torch.tensor(pos), first=torch.tensor(first), ctx=torch.randn(N, D, generator=g).half(),
+        probe=torch.randn(N, D, generator=g).half(), exact=torch.rand(N, generator=g) < 0.8,
+        logp=-torch.rand(N, generator=g) * 8, space=-torch.rand(N, generator=g) * 3,
+        start_ctx=torch.randn(D, generator=g).half(), start_probe=torch.randn(D, generator=g).half(),
+    )
+
+
+def random_ids(rng: random.Random, B: int, T: int) -> torch.Tensor:
+    ids = torch.tensor([[rng.choice(b"ab c\n") for _ in range(T)] for _ in range(B)])
+    ids[0, 0] = BOS_ID
+    ids[1, 9] = EOS_ID
+    ids[1, 10] = BOS_ID
+    return ids
+
+
+# --------------------------------------------------------------------------------------------- the losses
+@pytest.mark.parametrize("debias", [True, False])
+def test_alm_equals_naive_loop(objective, debias):
+    rng = random.Random(0)
+    B, T, V = 3, 24, 320
+    ids = random_ids(rng, B, T)
+    tt = random_tokens(rng, B, T, ids)
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(1)) * 3
+    objective.c.alm_debias = debias
+    try:
+        loss, n = objective.alm(logits, ids, tt)
+    finally:
+        objective.c.alm_debias = True
+    tau = objective.c.alm_tau
+    lp = torch.log_softmax(logits[..., :259].double(), -1)
+    per = []
+    for k in range(len(tt.pos)):
+        r, a, e = int(tt.first[k]) // T, int(tt.first[k]) % T, int(tt.pos[k]) % T
+        if not bool(tt.exact[k]) or a == 0:
+            continue
+        s = sum(float(lp[r, i - 1, int(ids[r, i])]) for i in range(a, e + 1))  # row i-1 predicts byte i
+        t = float(tt.logp[k])
+        if debias:
+            s += float(torch.logsumexp(lp[r, e, list(STUDENT_SPACE_IDS)], 0))
+            t += float(tt.space[k])
+        per.append(float(binary_ce(torch.tensor(min(t, 0.0)), torch.tensor(min(s, 0.0)), tau)))
+    assert int(n) == len(per) > 10
+    assert float(loss) == pytest.approx(sum(per) / len(per), rel=1e-4)
+
+
+def test_encoder_and_boundary_losses_equal_naive(objective):
+    rng = random.Random(2)
+    B, T, D, W = 2, 20, 8, 9
+    ids = random_ids(rng, B, T)
+    ids[0, -3:] = PAD_ID
+    tt = random_tokens(rng, B, T, ids, D)
+    g = torch.Generator().manual_seed(3)
+    ends = torch.zeros(B * T, dtype=torch.bool)
+    ends[tt.pos] = True
+    ends = ends.view(B, T)
+    # patches: last bytes, some padded slots (start = end = T)
+    last = torch.stack([torch.sort(torch.randperm(T, generator=g)[:W]).values for _ in range(B)])
+    start = torch.where(torch.arange(W) < W - 2, last, T).long()
+    end = torch.where(torch.arange(W) < W - 2, last + 1, T).long()
+    hidden = {"boundary_logits": torch.randn(B, T, generator=g) * 2, "probe": torch.randn(B, W, D, generator=g),
+              "patch_last": last, "word_end": end, "word_start": start}
+    out = SimpleNamespace(logits=torch.zeros(B, T, 320), hidden=hidden)
+    objective._tt, objective._ends = tt, ends
+    objective._patch_targets = tt  # patches = teacher tokens (stage 1, learned boundaries)
+    c = objective.c
+    saved = (c.alm_weight, c.encoder_weight, c.boundary_weight)
+    c.alm_weight, c.encoder_weight, c.boundary_weight = 0.0, 1.5, 4.0
+    try:
+        total, metrics = objective({"input_ids": ids}, out)
+    finally:
+        c.alm_weight, c.encoder_weight, c.boundary_weight = saved
+        objective._tt = None
+    # encoder: ||s - t|| / sqrt(D) over patches whose last byte ends an exact teacher token
+    target = {int(p): (tt.probe[k].double(), bool(tt.exact[k])) for k, p in enumerate(tt.pos)}
+    dists = []
+    for b in range(B):
+        for w in range(W):
+            if int(end[b, w]) > T or int(start[b, w]) >= T:
+                continue
+            hit = target.get(b * T + int(last[b, w]))
+            if hit is not None and hit[1]:
+                dists.append(float((hidden["probe"][b, w].double() - hit[0]).norm()) / math.sqrt(D))
+    enc = sum(dists) / len(dists)
+    # boundary: BCE over real bytes, F1 of logit > 0 against token ends
+    bce, tp, fp, fn, n = 0.0, 0, 0, 0, 0
+    for b in range(B):
+        for t in range(T):
+            if int(ids[b, t]) >= 256:
+                continue
+            x, y = float(hidden["boundary_logits"][b, t]), bool(ends[b, t])
+            p = 1 / (1 + math.exp(-x))
+            bce -= math.log(p) if y else math.log(1 - p)
+            n += 1
+            tp += (x > 0) and y
+            fp += (x > 0) and not y
+            fn += (x <= 0) and y
+    bce /= n
+    prec, rec = tp / (tp + fp), tp / (tp + fn)
+    assert float(metrics["encoder_l2"]) == pytest.approx(enc, rel=1e-4)
+    assert float(metrics["boundary_bce"]) == pytest.approx(bce, rel=1e-4)
+    assert float(metrics["boundary_f1"]) == pytest.approx(2 * prec * rec / (prec + rec), rel=1e-4)
+    assert float(total) == pytest.approx(1.5 * enc + 4.0 * bce, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ teacher targets
+def test_byte_segments_on_packed_rows():
+    ids = torch.tensor([[BOS_ID, 97, 98, EOS_ID, BOS_ID, 99, 100, 101, EOS_ID, PAD_ID],
+                        [97, 98, 99, 100, EOS_ID, BOS_ID, 97, 97, 97, 97]])
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, -2], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    assert byte_segments(ids, doc) == [(0, 1, 3), (0, 5, 8), (1, 0, 4), (1, 6, 10)]
+    # documents that change without a special are segments of their own too
+    doc2 = torch.tensor([[0] * 10, [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]])
+    assert byte_segments(ids, doc2) == [(0, 1, 3), (0, 5, 8), (1, 0, 2), (1, 2, 4), (1, 6, 10)]
+    assert byte_segments(ids, None) == [(0, 1, 3), (0, 5, 8), (1, 0, 4), (1, 6, 10)]
+
+
+def test_token_ends_match_the_tokenizer(objective):
+    from bytelm.distill.tokens import token_bytes_table
+
+    teacher = objective.teacher
+    texts = [b"Byteified models read raw bytes, caf\xc3\xa9 and all.", b"  two  spaces\nand a newline"]
+    table = token_bytes_table(teacher.tokenizer, teacher.vocab_size)
+    T = 64
+    ids = torch.full((2, T), PAD_ID)
+    want: set[int] = set()
+    for r, data in enumerate(texts):
+        ids[r, 1 : 1 + len(data)] = torch.tensor(list(data))
+        ids[r, 0] = BOS_ID
+        ids[r, 1 + len(data)] = EOS_ID
+        e = r * T + 1
+        for tok in teacher.tokenize_bytes(data):
+            e += len(table[tok])
+            want.add(e - 1)
+    tt = objective.targets(ids, None)
+    assert set(tt.pos.tolist()) == want
+    assert bool(tt.exact.all()) and tt.ctx.shape == (len(want), teacher.model.config.hidden_size)
+    assert bool((tt.first <= tt.pos).all()) and bool((tt.logp <= 0).all())
+
+
+def test_disk_cache_returns_identical_targets_and_recomputes_corrupt_entries(tiny_source, tmp_path, caplog):
+    obj = ByteifyObjective(byteify_cfg(tiny_source, f"distill.cache_dir={tmp_path}"))
+    ids = torch.tensor([[BOS_ID, *b"hello cached world", EOS_ID, BOS_ID, *b"again"]])
+    a = obj.targets(ids, None)
+    files = list(tmp_path.rglob("*.pt"))
+    assert len(files) == 1
+    b = obj.targets(ids, None)
+    for k, v in a.__dict__.items():
+        assert torch.equal(v, getattr(b, k)), k
+    files[0].write_bytes(b"\x00not a torch file")
+    with caplog.at_level(logging.WARNING, logger="bytelm.distill.byteify"):
+        c = obj.targets(ids, None)
+    assert any("recomputing" in r.getMessage() for r in caplog.records)
+    for k, v in a.__dict__.items():
+        assert torch.equal(v, getattr(c, k)), k
+    d = obj.targets(ids, None)  # the recomputed entry was written back and reads again
+    assert torch.equal(d.probe, a.probe)
+    # another batch (or another k) is another entry
+    obj.targets(ids[:, :10], None)
+    assert len(list(tmp_path.rglob("*.pt"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_encoder_loss_decreases_on_a_repeated_batch(tiny_source):
+    from bytelm.lit.strategies import build_model_for
+
+    cfg = byteify_cfg(tiny_source, "byteify.alm_weight=0", "byteify.boundary_weight=0")  # the encoder loss alone
+    torch.manual_seed(0)
+    model = build_model_for(cfg).train()
+    obj = ByteifyObjective(cfg).train()
+    text = b"To be, or not to be, that is the question: whether tis nobler in the mind to suffer"
+    ids = torch.tensor([[BOS_ID, *text[:63]], list(text[10:74])])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    enc = []
+    for _ in range(15):
+        batch = {"input_ids": ids}
+        obj.prepare(batch)
+        out = model(ids, patch_end=batch["patch_end"], context=batch["context"],
+                    probe_blocks=batch["probe_blocks"])
+        loss, metrics = obj(batch, out)
+        enc.append(float(metrics["encoder_l2"]))
+        opt.zero_grad()
+        (loss + 0.0 * out.logits.sum()).backward()
+        opt.step()
+    assert all(math.isfinite(v) for v in enc)
+    assert max(enc[-3:]) < 0.5 * enc[0], enc  # a wide margin (about 3x measured): it at least halves
+
+
+class Record(L.Callback):
+    """Per-step losses, extra metrics and the model's weights at the start and the end of training."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.start: dict[str, torch.Tensor] = {}
+        self.end: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses[trainer.global_step] = float(loss)
+        self.metrics[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                             if k.startswith("train/")}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.end = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def is_backbone(name: str) -> bool:
+    return name.startswith(("backbone.", "backbone_norm."))
+
+
+def test_stage1_freezes_the_backbone_and_stage2_starts_from_it(tiny_source, tmp_path):
+    from bytelm.train import run
+
+    base = ["trainer.val_every=3", "trainer.ckpt_every=3", "trainer.max_steps=3", "data.val_max_bytes=300"]
+    rec1 = Record()
+    res = run(byteify_cfg(tiny_source, *base, f"trainer.out_dir={tmp_path / 's1'}"), callbacks=[rec1])
+    assert res["global_step"] == 3
+    assert all(math.isfinite(v) for v in rec1.losses.values())
+    for k in ("train/encoder_l2", "train/alm", "train/boundary_bce", "train/loss"):
+        assert all(math.isfinite(m[k]) for m in rec1.metrics.values()), k
+    assert math.isfinite(res["metrics"]["val/bpb"])
+    changed = {k for k in rec1.start if not torch.equal(rec1.start[k], rec1.end[k])}
+    assert changed and not any(is_backbone(k) for k in changed), changed
+    assert any(k.startswith("boundary.") for k in changed) and any(k.startswith("encoder.") for k in changed)
+    assert not any(k.startswith("source_embed") for k in changed)
+    ckpt = tmp_path / "s1" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+
+    rec2 = Record()
+    cfg2 = byteify_cfg(tiny_source, *base, "trainer.max_steps=2", "byteify.stage=2", f"byteify.init_from={ckpt}",
+                       f"trainer.out_dir={tmp_path / 's2'}")
+    run(cfg2, callbacks=[rec2])
+    for k, v in rec1.end.items():  # stage 2 starts from the stage-1 weights
+        assert torch.equal(rec2.start[k], v), k
+    assert all(math.isfinite(v) for v in rec2.losses.values())
+    moved = {k for k in rec2.start if is_backbone(k) and not torch.equal(rec2.start[k], rec2.end[k])}
+    assert moved, "stage 2 trains the backbone"
+    assert all(torch.equal(rec2.start[k], rec2.end[k]) for k in rec2.start if k.startswith("boundary."))
+
+
+def test_resume_of_a_byteify_run_is_exact(tiny_source, tmp_path):
+    from bytelm.train import run
+
+    base = ["trainer.val_every=1000", "trainer.ckpt_every=2", "trainer.max_steps=4"]
+    a = Record()
+    run(byteify_cfg(tiny_source, *base, f"trainer.out_dir={tmp_path / 'a'}"), callbacks=[a])
+    mid = tmp_path / "a" / "checkpoints" / "step0000002.ckpt"
+    assert mid.exists()
+    b = Record()
+    run(byteify_cfg(tiny_source, *base, f"trainer.out_dir={tmp_path / 'b'}", f"ckpt_path={mid}"), callbacks=[b])
+    assert sorted(b.losses) == [3, 4]
+    for s, v in b.losses.items():
+        assert v == pytest.approx(a.losses[s], abs=1e-6), (s, v, a.losses[s])
+    for k, v in a.end.items():
+        assert torch.allclose(b.end[k].float(), v.float(), atol=1e-6), k
+
+
+def test_source_model_is_loaded_once(tiny_source):
+    assert load_source_once(str(tiny_source)) is load_source_once(str(tiny_source))
