@@ -126,7 +126,7 @@ class ByteifiedLM(HierarchicalByteLM):
             self.source_head = nn.Linear(D, cfg.source_vocab, bias=False)
             self.source_head.weight.requires_grad_(False)
         self.expand_proj = nn.Linear(D, d, bias=False)
-        self.prior_scale = nn.Parameter(torch.ones(()))
+        self.prior_scale = nn.Parameter(torch.ones(1))  # (1,): FSDP2's fully_shard refuses scalar parameters
         self.vocab_bytes: torch.Tensor
         self.vocab_offsets: torch.Tensor
         self.register_buffer("vocab_bytes", torch.zeros(cfg.source_vocab_bytes, dtype=torch.uint8))
