@@ -377,6 +377,7 @@ class ByteifyObjective(torch.nn.Module):
         B, T = ids.shape
         if (self.c.stage == 1 or self.c.train_boundary) and not self.words:  # boundary BCE against token ends, over real bytes
             mask = ids < 256
+            mask[:, -1] = False  # the row's last byte has no next byte to look at
             bl = hid["boundary_logits"]
             per = F.binary_cross_entropy_with_logits(bl, self._ends.float(), reduction="none")
             n = mask.sum()
