@@ -7,7 +7,7 @@ STAMP := $(VENV)/.bytelm-installed
 export DS_BUILD_OPS := 0
 export WANDB_SILENT := true
 
-.PHONY: setup demo test test-slow test-distributed lint bench results gpu-check clean help
+.PHONY: setup demo byteify test test-slow test-distributed lint bench results gpu-check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 
 demo: setup  ## train hierarchical + flat byte models on CPU, compare bpb, generate, export
 	$(PY) scripts/demo.py
+
+byteify: setup  ## byteify SmolLM2-135M on CPU: stage 1 + stage 2, evaluation against the teacher, HF export (runs/byteify)
+	$(PY) scripts/byteify.py $(BYTEIFY_ARGS)
 
 test: setup  ## the CPU test suite (what CI runs)
 	$(PY) -m pytest -q -x --durations=15

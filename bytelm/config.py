@@ -163,7 +163,8 @@ class ByteifyConfig:
     stage: int = 1  # 1 | 2
     encoder_blocks: int = 4  # k: encoder loss compares patch vectors after the first k frozen blocks (Bolmo: 4)
     encoder_weight: float = 1.0
-    alm_weight: float = 1.0  # stage 1 default; 0 in stage 2 unless asked for (needs the teacher)
+    alm_weight: float = 1.0  # stage 1
+    stage2_alm_weight: float = 0.0  # stage 2: optional distillation (> 0 runs the teacher for token log-probs)
     alm_tau: float = 5.0  # binarisation temperature (Bolmo: 5)
     alm_debias: bool = True  # append "the next unit starts a word" to both sides (space debiasing)
     boundary_weight: float = 4.0  # BCE of the boundary predictor against token ends (Bolmo: 4)

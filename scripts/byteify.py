@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     s1 = train("stage1", out, [*base, f"trainer.max_steps={args.stage1_steps}",
                                f"trainer.ckpt_every={args.stage1_steps}"])
     print(f"== 2/4 stage 2: end to end on predicted patches ({args.stage2_steps} steps)", flush=True)
-    s2 = train("stage2", out, [*base, "byteify.stage=2", f"byteify.init_from={s1['ckpt']}", "byteify.alm_weight=0",
+    s2 = train("stage2", out, [*base, "byteify.stage=2", f"byteify.init_from={s1['ckpt']}",
                                f"trainer.max_steps={args.stage2_steps}", f"trainer.ckpt_every={args.stage2_steps}",
                                "optim.lr=2e-4", "optim.warmup_steps=5"])
     result["runs"] = {"stage1": s1, "stage2": s2}

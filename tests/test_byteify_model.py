@@ -60,16 +60,25 @@ def brute_nodes(trie, ids, closed, starts):
     return out
 
 
-def brute_prior(table, ctx, head, prefix, vocab_size):
-    """Naive marginal through the head, renormalised over bytes, floored; specials get SPECIAL_PRIOR."""
+def brute_prior(table, ctx, head, prefix, vocab_size, u=None):
+    """Naive marginal through the head plus the end of the open token: P(b) ∝ M(prefix + b) + M(token ==
+    prefix) * u(b), with u uniform unless given; u alone where no token extends the prefix; floored; specials
+    get SPECIAL_PRIOR."""
+    u = torch.full((256,), 1 / 256, dtype=torch.float64) if u is None else u.double()
     p = torch.softmax(ctx.double() @ head.double().t(), -1)
     mass = torch.zeros(256, dtype=torch.float64)
-    for b in range(256):
-        want = prefix + bytes([b])
-        for v, tb in enumerate(table):
-            if tb and tb.startswith(want):
+    end = 0.0
+    for v, tb in enumerate(table):
+        if tb and tb == prefix:
+            end += float(p[v])
+        for b in range(256):
+            if tb and tb.startswith(prefix + bytes([b])):
                 mass[b] += p[v]
-    lp = (mass / mass.sum()).log().clamp(min=PRIOR_FLOOR).float()
+    if not any(tb and tb.startswith(prefix) and len(tb) > len(prefix) for tb in table):
+        probs = u
+    else:
+        probs = (mass + end * u) / (mass.sum() + end)
+    lp = probs.log().clamp(min=PRIOR_FLOOR).float()
     return torch.cat([lp, torch.full((vocab_size - 256,), SPECIAL_PRIOR)])
 
 
@@ -150,24 +159,31 @@ def test_lm_head_prior_equals_brute_force_marginal(tied):
     gen = torch.Generator().manual_seed(3)
     ctx = torch.randn(3, 16, generator=gen) * 2
     rows = torch.tensor([i % 3 for i in range(len(prefixes))] + [1])
-    node_t = torch.tensor([*nodes, -1])  # the last query: no prior
+    node_t = torch.tensor([*nodes, -1])  # the last query: no token extends its prefix
+    with torch.no_grad():
+        m.next_start.copy_(torch.randn(256, generator=gen))  # a non-uniform first-byte distribution u
+    u = torch.softmax(m.next_start.detach().double(), -1)
     got = m.prior(ctx, rows, node_t)
     assert got.shape == (len(prefixes) + 1, m.cfg.vocab_size)
     head = m.head_weight().detach()
     for i, p in enumerate(prefixes):
-        want = brute_prior(HAND, ctx[rows[i]], head, p, m.cfg.vocab_size)
+        want = brute_prior(HAND, ctx[rows[i]], head, p, m.cfg.vocab_size, u)
         torch.testing.assert_close(got[i], want, atol=1e-4, rtol=0)
-    assert torch.equal(got[-1], torch.zeros(m.cfg.vocab_size))
+    want_u = torch.cat([u.log().clamp(min=PRIOR_FLOOR).float(), torch.full((m.cfg.vocab_size - 256,), SPECIAL_PRIOR)])
+    torch.testing.assert_close(got[-1], want_u, atol=1e-5, rtol=0)
     assert (got[0, :256] == PRIOR_FLOOR).sum() > 200  # most bytes start no token: the floor
-    # no gradient reaches the context vectors
+    # no gradient reaches the context vectors; u learns
     c = ctx.clone().requires_grad_(True)
-    assert not m.prior(c, rows, node_t).requires_grad
+    m.prior(c, rows, node_t)[:, :256].sum().backward()
+    assert c.grad is None
+    assert m.next_start.grad is not None and m.next_start.grad.abs().sum() > 0
+    m.next_start.grad = None
 
 
-def test_forward_adds_the_prior_of_the_latest_closed_patch():
+def test_forward_adds_the_prior_of_the_latest_ready_patch():
     """Wiring of the full forward: with given patch ends, logits(prior on) - logits(prior off) at byte t =
-    prior_scale * brute prior(context = backbone output of the latest closed patch (the sink before any),
-    prefix = the open patch's bytes)."""
+    prior_scale * brute prior(context = backbone output of the latest *ready* patch (the sink before any; a
+    patch is ready one character after its last byte), prefix = the open patch's bytes up to t)."""
     rng = random.Random(5)
     m = small_model(HAND)
     with torch.no_grad():
@@ -184,19 +200,22 @@ def test_forward_adds_the_prior_of_the_latest_closed_patch():
         sink = m.run_backbone(m.sink(1, torch.float32))[0, 0]
     z = on.hidden["words"][0]  # (W, D)
     head = m.head_weight().detach()
-    patch, p_start = -1, 0
+    # a patch ending at e is ready one character later: at e + len(character starting at e + 1) (running max)
+    ready, r_max = [], -1
+    for e in [t for t in range(len(ids)) if ends[t]]:
+        nxt = e + 1
+        r = nxt + (2 if nxt < len(ids) and ids[nxt] == 0xC3 else 1) - 1 if nxt < len(ids) else 1 << 30
+        r_max = max(r_max, r)
+        ready.append(r_max)
+    p_start = 0
     for t in range(len(ids)):
-        if ends[t]:
-            patch += 1
-        ctx = sink if patch < 0 else z[patch]
-        prefix = b"" if ends[t] else bytes(ids[p_start : t + 1])
-        if m.trie.node_of(prefix) is None:
-            want = torch.zeros(m.cfg.vocab_size)
-        else:
-            want = 0.7 * brute_prior(HAND, ctx, head, prefix, m.cfg.vocab_size)
+        if t > 0 and ends[t - 1]:
+            p_start = t
+        done = [k for k, r in enumerate(ready) if r <= t]
+        ctx = sink if not done else z[done[-1]]
+        prefix = bytes(ids[p_start : t + 1])  # the open patch's bytes (its end, if any, is known one byte later)
+        want = 0.7 * brute_prior(HAND, ctx, head, prefix, m.cfg.vocab_size)
         torch.testing.assert_close(on.logits[0, t] - off.logits[0, t], want, atol=1e-4, rtol=0)
-        if ends[t]:
-            p_start = t + 1
 
 
 # --------------------------------------------------------------------------- the tiny source (real vocab)
@@ -234,7 +253,7 @@ def test_causal_with_predicted_patches(byteified):
         with torch.no_grad():
             m.prior_scale.fill_(0.8)
             base = m(x)
-            assert 2 < int(base.hidden["closed"].sum()) < 40  # some patches close, not every byte
+            assert 2 < int((base.hidden["boundary_logits"] > 0).sum()) < 40  # some patches close, not every byte
             for t in (0, 5, 17, 30, 47):
                 y = x.clone()
                 y[0, t] = (int(y[0, t]) + 37) % 256

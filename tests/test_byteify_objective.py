@@ -116,12 +116,12 @@ def test_encoder_and_boundary_losses_equal_naive(objective):
     objective._tt, objective._ends = tt, ends
     objective._patch_targets = tt  # patches = teacher tokens (stage 1, learned boundaries)
     c = objective.c
-    saved = (c.alm_weight, c.encoder_weight, c.boundary_weight)
-    c.alm_weight, c.encoder_weight, c.boundary_weight = 0.0, 1.5, 4.0
+    saved = (objective.alm_weight, c.encoder_weight, c.boundary_weight)
+    objective.alm_weight, c.encoder_weight, c.boundary_weight = 0.0, 1.5, 4.0
     try:
         total, metrics = objective({"input_ids": ids}, out)
     finally:
-        c.alm_weight, c.encoder_weight, c.boundary_weight = saved
+        objective.alm_weight, c.encoder_weight, c.boundary_weight = saved
         objective._tt = None
     # encoder: ||s - t|| / sqrt(D) over patches whose last byte ends an exact teacher token
     target = {int(p): (tt.probe[k].double(), bool(tt.exact[k])) for k, p in enumerate(tt.pos)}

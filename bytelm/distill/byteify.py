@@ -16,7 +16,7 @@ decoder blocks as the backbone; this module is the part that needs the source mo
   the same token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` on token
   likelihoods, space-debiased) and ``boundary`` (BCE of the boundary predictor against token ends); the byte
   cross-entropy is the module's own loss, with the decoder conditioned on the teacher's final hidden states.
-  Stage 2 keeps ``boundary`` (when the predictor trains) and ``alm`` when its weight is > 0.
+  Stage 2 keeps ``boundary`` (when the predictor trains) and ``alm`` when ``stage2_alm_weight`` > 0.
 """
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ def is_backbone(name: str) -> bool:
 
 
 def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
-    """requires_grad by stage (module docstring)."""
+    """requires_grad by stage (module docstring). With word patches (the ablation) the boundary predictor has
+    no loss and stays frozen (DDP refuses parameters that get no gradient)."""
+    words = getattr(getattr(model, "cfg", None), "chunker", "gate") == "words"
     for name, p in model.named_parameters():
         train = True
         if name.startswith(("source_embed.", "source_head.", "first_word")):
@@ -164,7 +166,7 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
         elif is_backbone(name):
             train = c.stage == 2 and not c.freeze_backbone
         elif name.startswith("boundary."):
-            train = c.stage == 1 or c.train_boundary
+            train = (c.stage == 1 or c.train_boundary) and not words
         p.requires_grad_(train)
 
 
@@ -183,7 +185,7 @@ def init_from_checkpoint(model: torch.nn.Module, path: str, kind: str = "plain")
 def check_byteify_config(c: ByteifyConfig) -> None:
     if c.stage not in (1, 2):
         raise ValueError(f"byteify.stage must be 1 or 2, got {c.stage!r}")
-    for k in ("encoder_weight", "alm_weight", "boundary_weight", "backbone_lr_mult"):
+    for k in ("encoder_weight", "alm_weight", "stage2_alm_weight", "boundary_weight", "backbone_lr_mult"):
         v = getattr(c, k)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"byteify.{k} must be finite and >= 0, got {v!r}")
@@ -251,7 +253,8 @@ class ByteifyObjective(torch.nn.Module):
             raise ValueError(f"byteify.encoder_blocks={cfg.byteify.encoder_blocks} exceeds the source's {n_src} "
                              f"blocks (byteify.source={cfg.byteify.source!r})")
         self._teacher = Teacher(model, tok)  # plain attribute: never in the state dict
-        self.needs_teacher = cfg.byteify.stage == 1 or cfg.byteify.alm_weight > 0
+        self.alm_weight = cfg.byteify.alm_weight if cfg.byteify.stage == 1 else cfg.byteify.stage2_alm_weight
+        self.needs_teacher = cfg.byteify.stage == 1 or self.alm_weight > 0
         self.words = cfg.model.chunker == "words"  # the word-patch ablation: no boundary predictor to train
         self.max_word_bytes = cfg.model.max_word_bytes
 
@@ -334,7 +337,7 @@ class ByteifyObjective(torch.nn.Module):
         if not self.training:
             return
         ids, doc_ids = batch["input_ids"], batch.get("doc_ids")
-        need_tokens = self.c.stage == 1 or self.c.alm_weight > 0 or self.c.train_boundary
+        need_tokens = self.c.stage == 1 or self.alm_weight > 0 or self.c.train_boundary
         if not need_tokens:
             return
         tt = self.targets(ids, doc_ids)
@@ -374,6 +377,7 @@ class ByteifyObjective(torch.nn.Module):
         B, T = ids.shape
         if (self.c.stage == 1 or self.c.train_boundary) and not self.words:  # boundary BCE against token ends, over real bytes
             mask = ids < 256
+            mask[:, -1] = False  # the row's last byte has no next byte to look at
             bl = hid["boundary_logits"]
             per = F.binary_cross_entropy_with_logits(bl, self._ends.float(), reduction="none")
             n = mask.sum()
@@ -400,10 +404,10 @@ class ByteifyObjective(torch.nn.Module):
             enc = (dist * v).sum() / _shared_count(n).clamp(min=1e-6)
             metrics["encoder_l2"] = enc.detach() * _shared_count(n) / n.clamp(min=1)
             total = total + self.c.encoder_weight * enc
-        if self.c.alm_weight > 0:
+        if self.alm_weight > 0:
             alm, n = self.alm(logits, ids, tt)
             metrics["alm"] = alm.detach() * _shared_count(n) / n.clamp(min=1)
-            total = total + self.c.alm_weight * alm
+            total = total + self.alm_weight * alm
         return total, metrics
 
     def alm(self, logits: torch.Tensor, ids: torch.Tensor, tt: TokenTargets) -> tuple[torch.Tensor, torch.Tensor]:

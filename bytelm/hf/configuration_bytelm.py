@@ -1,7 +1,10 @@
-"""Hugging Face configuration of every bytelm model (flat, hierarchical, MrT5).
+"""Hugging Face configuration of every bytelm model (flat, hierarchical, MrT5, byteified).
 
 One ``PretrainedConfig`` subclass holds all fields of ``bytelm.models.config.ModelConfig`` (``gate`` as a plain
-dict) so ``config.json`` alone rebuilds the model. ``num_hidden_layers`` (which ``generate()`` reads),
+dict) so ``config.json`` alone rebuilds the model. ``rope_scaling`` (a transplanted source's RoPE scaling) is
+stored as the dict ``bytelm_rope_scaling``: transformers 5 treats ``rope_scaling`` as a deprecated alias of its
+own ``rope_parameters`` and would rewrite it. A ``config.json`` written before a field existed rebuilds with
+that field's ``ModelConfig`` default. ``num_hidden_layers`` (which ``generate()`` reads),
 ``hidden_size``, ``num_attention_heads`` and ``max_position_embeddings`` (which lm-evaluation-harness reads)
 are aliases of ``n_layers`` / ``d_model`` / ``n_heads`` / ``max_seq_len``.
 
@@ -11,12 +14,12 @@ only import torch, transformers and bytelm's pure-torch model files.
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import MISSING, Field, asdict, fields
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from bytelm.models.config import GateConfig, ModelConfig
+from bytelm.models.config import GateConfig, ModelConfig, RopeScalingConfig
 
 BYTELM_MODEL_TYPE = "bytelm"
 _PAD, _BOS, _EOS = 256, 257, 258
@@ -58,6 +61,19 @@ class BytelmConfig(PretrainedConfig):
         gate: dict[str, Any] | None = None,
         gate_enabled: bool = True,
         prefix_frac: float = 0.5,
+        n_kv_heads: int = 0,
+        head_dim: int = 0,
+        mlp_hidden: int = 0,
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = False,
+        bytelm_rope_scaling: dict[str, Any] | None = None,
+        backbone_window: int = 0,
+        source_vocab: int = 0,
+        source_vocab_bytes: int = 0,
+        source_start_id: int = 0,
+        source_tied: bool = True,
+        lm_prior: bool = True,
+        boundary_hidden: int = 0,
         **kwargs: Any,
     ) -> None:
         self.arch = arch
@@ -84,6 +100,22 @@ class BytelmConfig(PretrainedConfig):
         self.gate = dict(gate) if gate is not None else asdict(GateConfig())
         self.gate_enabled = gate_enabled
         self.prefix_frac = prefix_frac
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.mlp_hidden = mlp_hidden
+        self.norm_eps = norm_eps
+        self.qkv_bias = qkv_bias
+        scaling = kwargs.pop("rope_scaling", None)  # ModelConfig's name (from_model_config): not transformers' key
+        if bytelm_rope_scaling is None and isinstance(scaling, dict) and "kind" in scaling:
+            bytelm_rope_scaling = scaling
+        self.bytelm_rope_scaling = _rope_dict(bytelm_rope_scaling)
+        self.backbone_window = backbone_window
+        self.source_vocab = source_vocab
+        self.source_vocab_bytes = source_vocab_bytes
+        self.source_start_id = source_start_id
+        self.source_tied = source_tied
+        self.lm_prior = lm_prior
+        self.boundary_hidden = boundary_hidden
         kwargs.setdefault("pad_token_id", _PAD)
         kwargs.setdefault("bos_token_id", _BOS)
         kwargs.setdefault("eos_token_id", _EOS)
@@ -100,14 +132,34 @@ class BytelmConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def to_model_config(self) -> ModelConfig:
-        """The bytelm ``ModelConfig`` these fields describe."""
-        names = {f.name for f in fields(ModelConfig)} - {"gate"}
+        """The bytelm ``ModelConfig`` these fields describe (a field missing from an older config: its default)."""
         gate_names = {f.name for f in fields(GateConfig)}
         gate = GateConfig(**{k: v for k, v in (self.gate or {}).items() if k in gate_names})
-        return ModelConfig(**{k: getattr(self, k) for k in names}, gate=gate)
+        rope = _rope_dict(getattr(self, "bytelm_rope_scaling", None))
+        values = {
+            f.name: getattr(self, f.name, _default(f))
+            for f in fields(ModelConfig)
+            if f.name not in ("gate", "rope_scaling")
+        }
+        return ModelConfig(**values, gate=gate, rope_scaling=RopeScalingConfig(**rope))
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs: Any) -> BytelmConfig:
         d = asdict(cfg)
+        d["bytelm_rope_scaling"] = d.pop("rope_scaling")
         d.update(kwargs)
         return cls(**d)
+
+
+def _default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise TypeError(f"ModelConfig.{f.name} has no default")
+
+
+def _rope_dict(d: dict[str, Any] | None) -> dict[str, Any]:
+    """``RopeScalingConfig`` fields as a plain dict (defaults for missing keys; unknown keys dropped)."""
+    names = {f.name for f in fields(RopeScalingConfig)}
+    return asdict(RopeScalingConfig(**{k: v for k, v in (d or {}).items() if k in names}))

@@ -336,6 +336,13 @@ _ARCH_TEXT = {
         "and a byte decoder; words are split by a rule-based splitter, online while generating"
     ),
     "mrt5": "MrT5: a byte-level encoder-decoder with a learned delete gate that shortens the encoder sequence",
+    "byteified": (
+        "a byteified subword LM: a hierarchical byte-level LM whose backbone is a source LM's transplanted "
+        "decoder blocks, with a byte encoder (plus the source's embedding of the longest vocabulary token ending "
+        "at each byte), a learned patch-boundary predictor, a byte decoder and the source LM head's next-byte "
+        "prior; the source vocabulary and its frozen embeddings ship in the weights, so no subword tokenizer "
+        "is needed"
+    ),
 }
 
 
@@ -403,6 +410,7 @@ def model_card(
         "",
         "Generation keeps bytelm's own KV cache"
         + (" (the word-level state of the hierarchical model included)" if arch == "hierarchical" else "")
+        + (" (patch boundaries decided online, the backbone run once per patch)" if arch == "byteified" else "")
         + "; greedy and seeded sampling give the same bytes as bytelm's generator.",
         "",
     ]

@@ -1,4 +1,4 @@
-"""Hugging Face wrappers of bytelm's models: ``BytelmForCausalLM`` (flat and hierarchical) and
+"""Hugging Face wrappers of bytelm's models: ``BytelmForCausalLM`` (flat, hierarchical and byteified) and
 ``BytelmForSeq2SeqLM`` (MrT5), both ``PreTrainedModel`` + ``GenerationMixin``.
 
 The wrapped bytelm module lives at ``self.model`` (weights ``model.*``), so logits are bytelm's own, bit for
@@ -9,7 +9,8 @@ Generation (``model.generate``) runs transformers' own loop (logits processors, 
 streamers, pipelines) on top of **bytelm's own KV-cache objects**: ``BytelmCache`` sits in ``generate``'s
 ``cache`` slot and holds one bytelm cache per batch row (or one batched cache for the flat model when no row is
 padded). The hierarchical model's cache (``HierCache``) decides word boundaries online exactly as bytelm's
-generator does, so the word-level state is bytelm's, not a re-implementation. Left padding (batched
+generator does, so the word-level state is bytelm's, not a re-implementation; the byteified model's
+(``ByteifiedCache``) closes patches online with its boundary predictor in the same way. Left padding (batched
 generation, pipelines) is removed per row before the prompt goes in, so padded rows generate exactly what
 they would alone.
 
@@ -35,6 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutpu
 from transformers.utils import ModelOutput
 
 from bytelm.hf.configuration_bytelm import BytelmConfig
+from bytelm.models.byteified import ByteifiedLM
 from bytelm.models.flat import FlatByteLM
 from bytelm.models.hierarchical import HierarchicalByteLM
 from bytelm.models.mrt5 import MrT5
@@ -53,8 +55,10 @@ def build_bytelm_module(config: BytelmConfig) -> nn.Module:
         model = HierarchicalByteLM(cfg)
     elif cfg.arch == "mrt5":
         model = MrT5(cfg)
+    elif cfg.arch == "byteified":
+        model = ByteifiedLM(cfg)
     else:
-        raise ValueError(f"unknown bytelm arch {cfg.arch!r} (flat | hierarchical | mrt5)")
+        raise ValueError(f"unknown bytelm arch {cfg.arch!r} (flat | hierarchical | mrt5 | byteified)")
     return model
 
 
@@ -98,6 +102,9 @@ class BytelmCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``i`` continues from row ``beam_idx[i]``."""
+        idx = beam_idx.tolist()
+        if idx == list(range(len(idx))) and (self.batched or len(self.states) == len(idx)):
+            return  # identity (e.g. a single row): nothing moves (a byteified cache holds unbatched tensors)
         if self.batched:
             self.states = [_index_rows(self.states[0], beam_idx)]
             return
@@ -137,10 +144,23 @@ class BytelmPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.model = build_bytelm_module(config)
         self.model.init_weights()  # type: ignore[operator]
+        # parameters the bytelm module freezes at construction (a byteified model's source embeddings and head)
+        self._frozen_names = tuple(n for n, p in self.model.named_parameters() if not p.requires_grad)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         """Weights come from bytelm's ``init_weights`` (construction) or the checkpoint: nothing to do."""
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """transformers' ``from_pretrained``; parameters that the bytelm module freezes stay frozen (transformers'
+        loader puts new, trainable parameters in their place)."""
+        model = super().from_pretrained(*args, **kwargs)
+        frozen = set(getattr(model, "_frozen_names", ()))
+        for name, p in model.model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        return model
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -178,7 +198,7 @@ class BytelmPreTrainedModel(PreTrainedModel):
 
 
 class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
-    """Flat or hierarchical bytelm model as a causal LM (``AutoModelForCausalLM``)."""
+    """Flat, hierarchical or byteified bytelm model as a causal LM (``AutoModelForCausalLM``)."""
 
     def __init__(self, config: BytelmConfig) -> None:
         if config.arch == "mrt5":

@@ -213,11 +213,12 @@ class ByteLMModule(L.LightningModule):
         assert self.model is not None
         o = self.cfg.optim
         groups = param_groups(self.model, o.weight_decay)
-        if self.cfg.model.arch == "byteified":  # the transplanted backbone learns at its own rate (byteify)
-            groups = backbone_lr_groups(self.model, groups, o.lr, self.cfg.byteify.backbone_lr_mult)
         if isinstance(self.extra_loss, torch.nn.Module):  # e.g. distillation's latent projection trains too
             for g, extra in zip(groups, param_groups(self.extra_loss, o.weight_decay), strict=True):
                 g["params"] = g["params"] + extra["params"]
+        if self.cfg.model.arch == "byteified":  # the transplanted backbone learns at its own rate (byteify)
+            # after the merge above: the split makes 2-4 groups, and the extra loss's params are local ones
+            groups = backbone_lr_groups(self.model, groups, o.lr, self.cfg.byteify.backbone_lr_mult)
         opt: torch.optim.Optimizer
         if self._cpu_adam_wanted():  # ZeRO-Offload on GPU machines: DeepSpeed's vectorised CPU Adam
             from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from bytelm.data.bytes import PAD_ID
-from bytelm.models.chunking import close_chunks, doc_starts
+from bytelm.models.chunking import close_chunks, doc_starts, run_lengths
 from bytelm.models.config import ModelConfig, ModelOutput
-from bytelm.models.hierarchical import HierarchicalByteLM, layout_words
+from bytelm.models.hierarchical import _CHAR_LEN, HierarchicalByteLM, layout_words
 from bytelm.models.layers import KVCache, RMSNorm
 from bytelm.models.vocab_trie import VocabTrie
 
@@ -53,17 +53,25 @@ SPECIAL_PRIOR = -10.0  # log-prior of specials where the marginal is defined (it
 
 
 class BoundaryPredictor(nn.Module):
-    """Logit that byte t ends a patch, from the (causal) encoder state at t: (B, T, d) -> (B, T)."""
+    """Logit that byte t ends a patch, from the causal encoder states at t and t+1 (one byte of lookahead, as
+    Bolmo's predictor): (B, T, d) -> (B, T). The decision for t is used from byte t+1 on (the patch is ready one
+    character after it ends), so the model stays causal. The last position sees zeros for t+1."""
 
     def __init__(self, dim: int, hidden: int = 0) -> None:
         super().__init__()
         self.norm = RMSNorm(dim)
         self.mlp: nn.Module = (
-            nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if hidden > 0 else nn.Linear(dim, 1)
+            nn.Sequential(nn.Linear(2 * dim, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if hidden > 0
+            else nn.Linear(2 * dim, 1)
         )
 
+    def pairs(self, h: torch.Tensor, h_next: torch.Tensor) -> torch.Tensor:
+        """Logits from aligned (..., d) states of byte t and byte t+1."""
+        return self.mlp(torch.cat([self.norm(h), self.norm(h_next)], -1)).squeeze(-1).float()
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(h)).squeeze(-1).float()
+        nxt = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
+        return self.pairs(h, nxt)
 
 
 class PatchPooling(nn.Module):
@@ -93,6 +101,9 @@ class ByteifiedCache:
     ctx: torch.Tensor | None = None  # (1, D) backbone output of the latest ready patch
     node: int = 0  # trie node of the open patch's bytes (-1: no token extends them)
     seg_start: int = 0  # start of the current segment (for expanded ids)
+    prev_h: torch.Tensor | None = None  # (d,) encoder state of the last byte (its boundary waits for the next)
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (ready time, (1, D)) closed patches
+    r_max: int = -1  # running max of ready times
 
     @property
     def length(self) -> int:
@@ -126,7 +137,8 @@ class ByteifiedLM(HierarchicalByteLM):
             self.source_head = nn.Linear(D, cfg.source_vocab, bias=False)
             self.source_head.weight.requires_grad_(False)
         self.expand_proj = nn.Linear(D, d, bias=False)
-        self.prior_scale = nn.Parameter(torch.ones(()))
+        self.next_start = nn.Parameter(torch.zeros(256))  # logits of "the next token starts with byte b" (prior)
+        self.prior_scale = nn.Parameter(torch.ones(1))  # (1,): FSDP2's fully_shard refuses scalar parameters
         self.vocab_bytes: torch.Tensor
         self.vocab_offsets: torch.Tensor
         self.register_buffer("vocab_bytes", torch.zeros(cfg.source_vocab_bytes, dtype=torch.uint8))
@@ -138,6 +150,7 @@ class ByteifiedLM(HierarchicalByteLM):
     def init_weights(self) -> None:
         super().init_weights()
         nn.init.ones_(self.prior_scale)
+        nn.init.zeros_(self.next_start)
         nn.init.zeros_(self.pool.proj.bias)
 
     # -- source vocabulary ---------------------------------------------------------------------------------
@@ -199,26 +212,48 @@ class ByteifiedLM(HierarchicalByteLM):
 
     def prior(self, table: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """Additive log-prior (..., V_bytes) for byte positions: ``rows`` index ``table`` (R, D) context vectors,
-        ``nodes`` the trie node of the open patch (-1: no prior). No gradient reaches the context vectors."""
-        out = torch.zeros(*rows.shape, self.cfg.vocab_size, device=table.device, dtype=torch.float32)
-        valid = nodes >= 0
-        if not bool(valid.any()):
-            return out
-        with torch.no_grad():
-            trie = self.trie.to(table.device)  # built on CPU; the masses are gathered where the logits are
-            used, r_of = torch.unique(rows[valid], return_inverse=True)
-            # vocabulary rows of the head in byte order: probabilities come out sorted, ready for prefix sums;
-            # the normaliser cancels in the renormalisation over bytes, so specials need not be in the softmax
-            head = self.head_weight().index_select(0, trie.order).float()  # (V', D)
-            p = torch.softmax(table.detach()[used].float() @ head.t(), -1)  # (R', V')
-            # fp64 sums: masses of deep prefixes are small differences of numbers near 1
-            cum = torch.cat([torch.zeros_like(p[:, :1]), p.cumsum(1, dtype=torch.float64)], 1)  # (R', V'+1)
-            mass, _ = trie.masses_from_cumsum(cum, r_of, nodes[valid])  # (M, 256)
-            lp = (mass.log() - mass.sum(-1, keepdim=True).clamp(min=1e-300).log()).float()
-            vals = torch.full((lp.shape[0], self.cfg.vocab_size), SPECIAL_PRIOR, device=table.device)
-            vals[:, :256] = lp.clamp(min=PRIOR_FLOOR)
-            out[valid] = vals
-        return out
+        ``nodes`` the trie node of the open patch's bytes ``q`` (0: empty; -1: no token extends ``q``).
+
+        ``P(b) ∝ M(q + b) + M_end(q) * u(b)``: the source head's mass of tokens that continue ``q`` with ``b``
+        (the naive within-token marginal) plus the mass of the token ``q`` itself times ``u``, the learned
+        distribution of the first byte of the next token (``next_start``), because with boundaries decided one
+        byte late the open patch may have ended. Where no token extends ``q`` the prior is ``u``. The masses
+        carry no gradient (nothing flows back into the context vectors); ``u`` learns."""
+        V = self.cfg.vocab_size
+        log_u = torch.log_softmax(self.next_start.float(), -1)  # (256,)
+        flat_nodes = nodes.reshape(-1)
+        out = log_u.expand(flat_nodes.shape[0], 256)
+        valid = flat_nodes >= 0
+        if bool(valid.any()):
+            with torch.no_grad():
+                trie = self.trie.to(table.device)  # built on CPU; the masses are gathered where the logits are
+                used, r_of = torch.unique(rows.reshape(-1)[valid], return_inverse=True)
+                # the head's vocabulary rows in byte order: probabilities come out sorted, ready for prefix sums;
+                # the normaliser cancels in the renormalisation below, so specials need not be in the softmax
+                head = self.head_weight().index_select(0, trie.order).float()  # (V', D)
+                p = torch.softmax(table.detach()[used].float() @ head.t(), -1)  # (R', V')
+                # fp64 sums: masses of deep prefixes are small differences of numbers near 1
+                cum = torch.cat([torch.zeros_like(p[:, :1]), p.cumsum(1, dtype=torch.float64)], 1)  # (R', V'+1)
+                mass, total = trie.masses_from_cumsum(cum, r_of, flat_nodes[valid])  # (M, 256), (M,)
+                cont = mass.sum(-1)
+                end = (total - cont).clamp(min=0.0)  # mass of the token q itself
+                denom = (cont + end).clamp(min=1e-300)
+            mix = (mass + end.unsqueeze(-1) * log_u.double().exp()) / denom.unsqueeze(-1)
+            lp = mix.clamp(min=1e-300).log().float()
+            out = out.clone()
+            out[valid] = lp
+        vals = torch.full((flat_nodes.shape[0], V), SPECIAL_PRIOR, device=table.device)
+        vals = torch.cat([out.clamp(min=PRIOR_FLOOR), vals[:, 256:]], 1)
+        return vals.view(*nodes.shape, V)
+
+    def _closed_at_once(self, ids: torch.Tensor, word_start: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: bytes whose patch is known to end there when they arrive (specials, the size cap); every
+        other patch end is decided one byte later (the boundary predictor's lookahead)."""
+        closed = ids >= 256
+        cap = self.cfg.max_word_bytes
+        if cap and cap > 0:
+            closed = closed | (run_lengths(word_start) >= cap)
+        return closed
 
     def _word_starts(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
         rows = ids.cpu().numpy()
@@ -262,9 +297,10 @@ class ByteifiedLM(HierarchicalByteLM):
         if self.cfg.chunker == "words":  # ablation: HAT words, ready one character after they end
             word_start = self._word_starts(input_ids, doc_ids)
             closed = None
-        else:
+        else:  # patches end where the predictor (or the teacher) says; ready one character later
             ends = (b_logits.detach() > 0) if patch_end is None else patch_end.bool()
-            closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)
+            word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)[1]
+            closed = self._closed_at_once(input_ids, word_start)
         lay = layout_words(input_ids, word_start, doc_ids, closed)
         W = lay.start.shape[1]
         last = (lay.end - 1).clamp(0, T - 1)  # (B, W)
@@ -310,8 +346,9 @@ class ByteifiedLM(HierarchicalByteLM):
     @torch.no_grad()
     def _forward_cached(self, new_ids: torch.Tensor, cache: ByteifiedCache) -> ModelOutput:  # type: ignore[override]
         """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their logits (1, n, V). Applies the
-        rules of the full forward byte by byte: a patch closes at a positive boundary logit, a special or the
-        size cap, and is ready at that byte."""
+        rules of the full forward byte by byte: a patch ends where the boundary logit of its last byte (known
+        with the next byte) is positive, and is then ready one character later; a special or the size cap closes
+        a patch at once."""
         if new_ids.shape[0] != 1:
             raise ValueError("cached byteified decoding supports batch size 1")
         if self.cfg.chunker == "words":
@@ -335,26 +372,39 @@ class ByteifiedLM(HierarchicalByteLM):
         cos, sin = self._byte_rope(pos)
         x = self.embed_bytes(new_ids, torch.tensor([ex], dtype=torch.long, device=dev))
         h = self._run(self.encoder, x, cos, sin, caches=cache.enc, window=self.cfg.encoder_window)  # (1, n, d)
-        b_logits = self.boundary(h)[0].tolist()
+        # boundary of byte t is decided when byte t+1 is here: pair each state with the next one
+        hs = h[0] if cache.prev_h is None else torch.cat([cache.prev_h.unsqueeze(0), h[0]], 0)
+        pair_logits = self.boundary.pairs(hs[:-1], hs[1:]).tolist()  # for bytes p0-1.. (or p0..) up to the last-1
+        first_pair = p0 - 1 if cache.prev_h is not None else p0
+        cache.prev_h = h[0, -1]
         kids = trie._children()
         cap = self.cfg.max_word_bytes
         ctx_rows: list[torch.Tensor] = []
         nodes: list[int] = []
         for j, tok in enumerate(new):
             t = p0 + j
-            if tok >= 256 and cache.patch_start < t:  # a special closes the open patch before it
-                self._close_patch(cache, t, dev)
-                cache.patch_start = t
             if tok >= 256:
+                if cache.patch_start < t:  # a special ends the open patch before it (ready at the special)
+                    self._close_patch(cache, t - 1, max(cache.r_max, t), dev)
+                self._close_patch(cache, t, max(cache.r_max, t), dev, special=True)  # its own patch, ready at once
                 cache.seg_start = t + 1
-            cache.buf.append(h[0, j])
-            cur = cache.node
-            cache.node = kids.get(cur, {}).get(tok, -1) if (cur >= 0 and tok < 256) else -1
-            closes = tok >= 256 or b_logits[j] > 0 or (cap > 0 and t - cache.patch_start + 1 >= cap)
-            if closes:
-                self._close_patch(cache, t, dev, special=tok >= 256)
+                own = True
+            else:
+                k = t - 1 - first_pair
+                if cache.patch_start < t and k >= 0 and pair_logits[k] > 0:  # the open patch ended at t-1
+                    self._close_patch(cache, t - 1, max(cache.r_max, t + _CHAR_LEN[tok] - 1), dev)
+                if cache.patch_start == t:
+                    cache.node = 0
+                cache.buf.append(h[0, j])
+                cur = cache.node
+                cache.node = kids.get(cur, {}).get(tok, -1) if cur >= 0 else -1
+                own = bool(cap) and cap > 0 and t - cache.patch_start + 1 >= cap
+                if own:  # the size cap closes the patch at this byte, known at once
+                    self._close_patch(cache, t, max(cache.r_max, t), dev)
+            while cache.pending and cache.pending[0][0] <= t:  # patches ready by now
+                cache.ctx = cache.pending.pop(0)[1]
             ctx_rows.append(cache.ctx[0] if cache.ctx is not None else self.first_word)
-            nodes.append(0 if closes else cache.node)
+            nodes.append(0 if own else cache.node)
         table = torch.stack(ctx_rows).unsqueeze(0)  # (1, n, D)
         inject = [p(table) for p in self.ctx_proj]
         y = self._run(self.decoder, h, cos, sin, caches=cache.dec, inject=inject)
@@ -364,15 +414,18 @@ class ByteifiedLM(HierarchicalByteLM):
             logits = logits + self.prior_scale * prior.unsqueeze(0).to(logits.dtype)
         return ModelOutput(logits=logits)
 
-    def _close_patch(self, cache: ByteifiedCache, t: int, dev: torch.device, special: bool = False) -> None:
-        """Pool the open patch (ending at byte t), run one backbone step, make it the context."""
-        hb = torch.stack(cache.buf).unsqueeze(0)  # (1, len, d)
-        if special:
-            vec = self.sink(1, hb.dtype)
+    def _close_patch(self, cache: ByteifiedCache, t: int, ready: int, dev: torch.device, special: bool = False) -> None:
+        """Pool the open patch (ending at byte t), run one backbone step; its output is the context from byte
+        ``ready`` on."""
+        hb = torch.stack(cache.buf).unsqueeze(0) if cache.buf else None  # (1, len, d)
+        if special or hb is None:
+            vec = self.sink(1, self.embed.weight.dtype)
         else:
             vec = self.pool(hb, torch.tensor([[hb.shape[1] - 1]], device=dev))  # (1, 1, D)
         pos = torch.tensor([cache.n_words], device=dev)
-        cache.ctx = self.run_backbone(vec, pos, caches=cache.backbone)[:, -1]
+        z = self.run_backbone(vec, pos, caches=cache.backbone)[:, -1]
+        cache.pending.append((ready, z))
+        cache.r_max = ready
         cache.n_words += 1
         cache.buf = []
         cache.patch_start = t + 1

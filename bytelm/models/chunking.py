@@ -84,7 +84,9 @@ def close_chunks(
     closed = ends.bool() | special
     doc_start = doc_starts(doc_ids, ids)
     ws = _starts(closed, special, doc_start)
-    if max_len is not None and max_len > 0 and int(run_lengths(ws).max()) > max_len:
+    # >=: a chunk of exactly max_len bytes closes at its last byte too (when a special, a document end or the
+    # row's end would otherwise end it, that byte is not closed; the cached path closes it there)
+    if max_len is not None and max_len > 0 and int(run_lengths(ws).max()) >= max_len:
         closed = _cap(closed, special, doc_start, max_len)
         ws = _starts(closed, special, doc_start)
     return closed, ws
