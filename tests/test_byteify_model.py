@@ -338,7 +338,7 @@ def test_backbone_through_the_model_equals_the_teacher(byteified):
         pe[0, spans[:, 1] - 1 + len(lead)] = True
         vecs = emb[:, 1:] if not lead else emb  # the BOS patch is the start token itself
 
-        def teacher_vectors(h, ids_, last, vecs=vecs):
+        def teacher_vectors(h, ids_, last, *_, vecs=vecs):
             assert last.shape[1] == vecs.shape[1]
             return vecs
 

@@ -200,9 +200,24 @@ class ByteifiedLM(HierarchicalByteLM):
         rows = [self.trie.longest_suffix_tokens(r, s) for r, s in zip(ids.cpu().tolist(), starts, strict=True)]
         return torch.tensor(rows, dtype=torch.long, device=ids.device).view_as(ids)
 
-    def patch_vectors(self, h: torch.Tensor, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """(B, W, D) pooled patch vectors; a special's patch is the source's start embedding."""
+    def patch_tokens(self, ids: list[int], starts: list[bool]) -> list[int]:
+        """Per byte of one row: the longest source token that ends at the byte and starts inside its patch
+        (``starts`` = patch starts); read at a patch's last byte it is the patch itself when the patch is a
+        token, else the patch's longest token suffix (-1: none)."""
+        return self.trie.longest_suffix_tokens(ids, starts)
+
+    def patch_vectors(self, h: torch.Tensor, ids: torch.Tensor, last: torch.Tensor,
+                      word_start: torch.Tensor) -> torch.Tensor:
+        """(B, W, D) patch vectors: with ``model.patch_token_embed`` the source's embedding of the patch's token
+        (``patch_tokens``; exactly the teacher's input when the patch is one of its tokens) plus the pooled
+        encoder state as a learned correction, else the pooled state alone; a special's patch is the source's
+        start embedding."""
         words = self.pool(h, last)
+        if self.cfg.patch_token_embed:
+            rows = [self.patch_tokens(i, s) for i, s in zip(ids.cpu().tolist(), word_start.cpu().tolist(), strict=True)]
+            tok = torch.tensor(rows, dtype=torch.long, device=ids.device).gather(1, last.cpu()).to(ids.device)
+            base = self.source_embed(tok.clamp(min=0)) * (tok >= 0).unsqueeze(-1).to(words.dtype)
+            words = words + base.to(words.dtype)
         is_special = ids.gather(1, last) >= 256  # (B, W)
         start = self.source_embed.weight[self.cfg.source_start_id].to(words.dtype)
         return torch.where(is_special.unsqueeze(-1), start, words)
@@ -304,7 +319,7 @@ class ByteifiedLM(HierarchicalByteLM):
         lay = layout_words(input_ids, word_start, doc_ids, closed)
         W = lay.start.shape[1]
         last = (lay.end - 1).clamp(0, T - 1)  # (B, W)
-        words = torch.cat([self.sink(B, h.dtype), self.patch_vectors(h, input_ids, last)], 1)  # (B, W+1, D)
+        words = torch.cat([self.sink(B, h.dtype), self.patch_vectors(h, input_ids, last, word_start)], 1)  # (B, W+1, D)
         sink_doc = torch.where(input_ids[:, :1] >= 256, SINK_MASKED, 0 if doc_ids is None else doc_ids[:, :1])
         word_doc = lay.word_doc if lay.word_doc is not None else torch.zeros(B, W, dtype=torch.long, device=dev)
         word_doc = torch.cat([sink_doc, word_doc], 1)  # (B, W+1)
@@ -422,6 +437,11 @@ class ByteifiedLM(HierarchicalByteLM):
             vec = self.sink(1, self.embed.weight.dtype)
         else:
             vec = self.pool(hb, torch.tensor([[hb.shape[1] - 1]], device=dev))  # (1, 1, D)
+            if self.cfg.patch_token_embed:
+                patch = cache.ids[cache.patch_start : t + 1]
+                tok = self.patch_tokens(patch, [True] + [False] * (len(patch) - 1))[-1]
+                if tok >= 0:
+                    vec = vec + self.source_embed.weight[tok].to(vec.dtype)
         pos = torch.tensor([cache.n_words], device=dev)
         z = self.run_backbone(vec, pos, caches=cache.backbone)[:, -1]
         cache.pending.append((ready, z))

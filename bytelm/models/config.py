@@ -89,6 +89,7 @@ class ModelConfig:
     source_start_id: int = 0  # the source's document-start token: specials and the row-start sink embed as it
     source_tied: bool = True  # the source's LM head is its input embedding
     lm_prior: bool = True  # add the source LM head's naive next-byte marginal to the byte logits (byteified.py)
+    patch_token_embed: bool = True  # patch vector = source embedding of the patch's token + pooled correction
     boundary_hidden: int = 0  # boundary predictor: 0 = linear probe of the encoder state, > 0 = an MLP this wide
 
     def __post_init__(self) -> None:
