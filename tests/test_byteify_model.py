@@ -294,7 +294,7 @@ def test_cached_decoding_equals_full_forward(byteified, rate):
             m.prior_scale.fill_(0.8)
             for name, ids in rows.items():
                 full = m(torch.tensor([ids]))
-                closed = full.hidden["closed"][0]
+                closed = (full.hidden["boundary_logits"][0] > 0) | full.hidden["closed"][0]  # predicted | at once
                 assert 0 < int(closed.sum()) < len(ids), name
                 for chunks in ([1], [3, 1, 7]):
                     got = _cached_logits(m, ids, chunks)
