@@ -313,7 +313,7 @@ class ByteifiedLM(HierarchicalByteLM):
             word_start = self._word_starts(input_ids, doc_ids)
             closed = None
         else:  # patches end where the predictor (or the teacher) says; ready one character later
-            ends = (b_logits.detach() > 0) if patch_end is None else patch_end.bool()
+            ends = (b_logits.detach() > self.cfg.boundary_threshold) if patch_end is None else patch_end.bool()
             word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)[1]
             closed = self._closed_at_once(input_ids, word_start)
         lay = layout_words(input_ids, word_start, doc_ids, closed)
@@ -406,7 +406,7 @@ class ByteifiedLM(HierarchicalByteLM):
                 own = True
             else:
                 k = t - 1 - first_pair
-                if cache.patch_start < t and k >= 0 and pair_logits[k] > 0:  # the open patch ended at t-1
+                if cache.patch_start < t and k >= 0 and pair_logits[k] > self.cfg.boundary_threshold:  # the open patch ended at t-1
                     self._close_patch(cache, t - 1, max(cache.r_max, t + _CHAR_LEN[tok] - 1), dev)
                 if cache.patch_start == t:
                     cache.node = 0
