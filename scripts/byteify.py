@@ -78,6 +78,56 @@ def evaluate(spec: str, name: str, args: argparse.Namespace, seq_len: int | None
     return res
 
 
+def boundary_f1(ckpt: str, max_bytes: int) -> dict[str, float]:
+    """Precision / recall / F1 of the student's predicted patch ends against the source tokenizer's token ends
+    on held-out Shakespeare (512-byte rows, each row tokenized on its own; the row's last byte is not scored)."""
+    import torch
+
+    from bytelm.checkpoint import load_model
+    from bytelm.distill.byteify import load_source_once
+    from bytelm.distill.teacher import Teacher
+    from bytelm.eval.bpb import english_texts, take_bytes
+
+    model, cfg = load_model(ckpt)
+    teacher = Teacher(*load_source_once(cfg.byteify.source))
+    data = b"".join(take_bytes(english_texts(), max_bytes))
+    rows = [data[i : i + 512] for i in range(0, len(data) - 511, 512)]
+    tp = fp = fn = 0
+    for k in range(0, len(rows), 4):
+        chunk = rows[k : k + 4]
+        ids = torch.tensor([list(r) for r in chunk])
+        with torch.no_grad():
+            pred = model(ids).hidden["boundary_logits"] > 0
+        enc = teacher.encode(chunk)
+        gold = torch.zeros_like(pred)
+        for b in range(len(chunk)):
+            ends = enc.spans[b, 1:, 1][enc.content_mask[b, 1:] & (enc.spans[b, 1:, 1] > enc.spans[b, 1:, 0])] - 1
+            gold[b, ends] = True
+        pred[:, -1] = gold[:, -1] = False
+        tp += int((pred & gold).sum())
+        fp += int((pred & ~gold).sum())
+        fn += int((~pred & gold).sum())
+    prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-9)}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The measured rows as a markdown table (docs/byteify.md and docs/results.md carry it)."""
+    langs = sorted({lang for r in result["eval"].values() for lang in r.get("multilingual", {}).get("languages", {})})
+    head = ["model", "held-out works", "outside text", "noise Δbpb", "CUTE acc", *langs, "train wall-clock"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, r in result["eval"].items():
+        run = result["runs"].get(key, {})
+        wall = f"{run['wall_s'] / 60:.1f} min" if run.get("wall_s") == run.get("wall_s") and run else "—"
+        ml = r.get("multilingual", {}).get("languages", {})
+        cells = [r["model"]["name"], f"{r['bpb']['bpb']:.3f}", f"{r['outside_bpb']:.3f}",
+                 f"{r['robustness']['mean_delta']:+.3f}" if "robustness" in r else "—",
+                 f"{r['cute']['acc']:.3f}" if "cute" in r else "—",
+                 *[f"{ml[lang]['bpb']:.3f}" if lang in ml else "—" for lang in langs], wall]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/byteify", help="output folder (runs, HF export, results.json)")
@@ -92,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ablation", action="store_true", help="also run stage 1 with word patches (model.chunker=words)")
     p.add_argument("--skip-export", action="store_true")
     p.add_argument("--extra", nargs="*", default=[], help="extra Hydra overrides for both stages")
+    p.add_argument("--stage1-ckpt", default=None,
+                   help="reuse this stage-1 checkpoint instead of training stage 1 (with --stage1-wall-s: its wall-clock)")
+    p.add_argument("--stage1-wall-s", type=float, default=float("nan"), help="wall-clock of the reused stage 1")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import lightning.pytorch  # noqa: F401 - sets its loggers to INFO on import: quiet them after it
@@ -107,8 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"runs": {}, "eval": {}}
 
     print(f"== 1/4 stage 1: backbone frozen, teacher-token patches ({args.stage1_steps} steps)", flush=True)
-    s1 = train("stage1", out, [*base, f"trainer.max_steps={args.stage1_steps}",
-                               f"trainer.ckpt_every={args.stage1_steps}"])
+    if args.stage1_ckpt:
+        s1 = {"name": "stage1", "wall_s": args.stage1_wall_s, "steps": args.stage1_steps, "ckpt": args.stage1_ckpt,
+              "command": "(reused)"}
+    else:
+        s1 = train("stage1", out, [*base, f"trainer.max_steps={args.stage1_steps}",
+                                   f"trainer.ckpt_every={args.stage1_steps}"])
     print(f"== 2/4 stage 2: end to end on predicted patches ({args.stage2_steps} steps)", flush=True)
     s2 = train("stage2", out, [*base, "byteify.stage=2", f"byteify.init_from={s1['ckpt']}",
                                f"trainer.max_steps={args.stage2_steps}", f"trainer.ckpt_every={args.stage2_steps}",
@@ -135,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                       ("words", "byteified, word patches (stage 1)"), ("hat_tiny", "hat_tiny from scratch")):
         if key in result["runs"]:
             result["eval"][key] = evaluate(result["runs"][key]["ckpt"], name, args)
+    result["boundary"] = {k: boundary_f1(result["runs"][k]["ckpt"], args.eval_bytes) for k in ("stage1", "stage2")}
+    print(f"   boundary F1 vs the tokenizer: {result['boundary']}", flush=True)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
 
     rows = [(k, v) for k, v in result["eval"].items()]
@@ -158,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exported to {folder}\nHAMLET:\nTo be, or not to be{text}\n")
         result["export"], result["hf_sample"] = str(folder), text
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"results written to {out / 'results.json'}")
+    (out / "results.md").write_text(markdown_table(result))
+    print(f"results written to {out / 'results.json'} and {out / 'results.md'}")
 
 
 if __name__ == "__main__":
