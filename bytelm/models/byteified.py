@@ -43,7 +43,7 @@ from torch import nn
 from bytelm.data.bytes import PAD_ID
 from bytelm.models.chunking import close_chunks, doc_starts, run_lengths
 from bytelm.models.config import ModelConfig, ModelOutput
-from bytelm.models.hierarchical import _CHAR_LEN, HierarchicalByteLM, layout_words
+from bytelm.models.hierarchical import _CHAR_LEN, HierarchicalByteLM, LastPooling, layout_words
 from bytelm.models.layers import KVCache, RMSNorm
 from bytelm.models.vocab_trie import VocabTrie
 
@@ -74,17 +74,14 @@ class BoundaryPredictor(nn.Module):
         return self.pairs(h, nxt)
 
 
-class PatchPooling(nn.Module):
-    """The encoder state at a patch's last byte, normalised and projected (with bias) to backbone width."""
+class PatchPooling(LastPooling):
+    """``LastPooling`` with a bias, indexed by each patch's last byte: (B, T, d_byte), (B, W) -> (B, W, d_model)."""
 
     def __init__(self, d_byte: int, d_model: int) -> None:
-        super().__init__()
-        self.norm = RMSNorm(d_byte)
-        self.proj = nn.Linear(d_byte, d_model, bias=True)
+        super().__init__(d_byte, d_model, bias=True)
 
-    def forward(self, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        # h: (B, T, d_byte); last: (B, W) last byte of each patch -> (B, W, d_model)
-        return self.proj(self.norm(h.gather(1, last.unsqueeze(-1).expand(-1, -1, h.shape[-1]))))
+    def forward(self, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(h, last + 1)
 
 
 @dataclass

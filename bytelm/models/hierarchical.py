@@ -264,10 +264,10 @@ class QueryPooling(nn.Module):
 class LastPooling(nn.Module):
     """Bolmo-style pooling: the last byte's encoder state, projected to backbone width."""
 
-    def __init__(self, d_byte: int, d_model: int) -> None:
+    def __init__(self, d_byte: int, d_model: int, bias: bool = False) -> None:
         super().__init__()
         self.norm = RMSNorm(d_byte)
-        self.proj = nn.Linear(d_byte, d_model, bias=False)
+        self.proj = nn.Linear(d_byte, d_model, bias=bias)
 
     def forward(self, h: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         # h: (B, T, d_byte); end: (B, W) exclusive word ends -> (B, W, d_model)
