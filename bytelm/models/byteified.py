@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -267,12 +266,6 @@ class ByteifiedLM(HierarchicalByteLM):
             closed = closed | (run_lengths(word_start) >= cap)
         return closed
 
-    def _word_starts(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        rows = ids.cpu().numpy()
-        docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * len(rows)
-        starts = [self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]
-        return torch.from_numpy(np.stack(starts)).to(ids.device)
-
     def _nodes(self, ids: torch.Tensor, closed: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         trie = self.trie
         rows = [
@@ -307,7 +300,7 @@ class ByteifiedLM(HierarchicalByteLM):
         b_logits = self.boundary(h)  # (B, T)
         closed: torch.Tensor | None
         if self.cfg.chunker == "words":  # ablation: HAT words, ready one character after they end
-            word_start = self._word_starts(input_ids, doc_ids)
+            word_start = self.word_starts_batch(input_ids, doc_ids)
             closed = None
         else:  # patches end where the predictor (or the teacher) says; ready one character later
             ends = (b_logits.detach() > self.cfg.boundary_threshold) if patch_end is None else patch_end.bool()

@@ -367,6 +367,13 @@ class HierarchicalByteLM(nn.Module):
         splitter). ``capped=False`` gives the rule's words before the size cap cuts long ones."""
         return split_word_starts(ids, self.cfg.max_word_bytes if capped else None, doc_ids)
 
+    def word_starts_batch(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) bool word starts of a batch, row by row with ``word_starts_row`` (CPU splitter)."""
+        rows = ids.cpu().numpy()
+        docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * len(rows)
+        starts = [self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]
+        return torch.from_numpy(np.stack(starts)).to(ids.device)
+
     # -- stacks ----------------------------------------------------------------------------------------
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, cos, sin, caches=None, inject=None, **kw):
@@ -443,10 +450,7 @@ class HierarchicalByteLM(nn.Module):
             G = self.gate(hg, input_ids < 256)  # (B, T); specials get k but always close a chunk of their own
             closed, word_start = gate_closed(input_ids, G, self.cfg.gate.tau_del, self.cfg.max_word_bytes, doc_ids)
         elif word_start is None:
-            rows = input_ids.cpu().numpy()
-            docs = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
-            word_start = torch.from_numpy(np.stack([self.word_starts_row(r, d) for r, d in zip(rows, docs, strict=True)]))
-            word_start = word_start.to(dev)
+            word_start = self.word_starts_batch(input_ids, doc_ids)
         lay = layout_words(input_ids, word_start, doc_ids, closed)
         W = lay.start.shape[1]
 
