@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from bytelm.models.config import GateConfig, ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package (wheel installs train from any folder)
 
 
 @dataclass
