@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
     from bytelm.cli.eval import evaluate_bpb
-    from bytelm.eval.curves import run_training_flops
+    from bytelm.eval.curves import run_training_flops, training_curve
     from bytelm.models.generate import generate
 
     out = Path(args.out)
@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         model = r["module"].model.eval()
         ev = evaluate_bpb(model, r["cfg"], max_bytes=val_bytes, batch_size=16)
         n_params = sum(p.numel() for p in model.parameters())
+        # training time as the results table counts it: the logged step times (no validation, no checkpoints)
+        step_s = training_curve(r["ckpt"], r["cfg"]).total_wall_s or r["wall_s"]
         rows.append({
             "model": name, "params": n_params, "train_steps": r["steps"], "bytes_seen": r["bytes_seen"],
-            "train_flops": run_training_flops(r["ckpt"]), "train_wall_s": round(r["wall_s"], 1),
-            "train_bytes_per_s": round(r["bytes_seen"] / r["wall_s"]), "val_bpb": round(ev["bpb"], 4),
+            "train_flops": run_training_flops(r["ckpt"]), "run_wall_s": round(r["wall_s"], 1),
+            "train_s": round(step_s, 1), "train_bytes_per_s": round(r["bytes_seen"] / step_s),
+            "val_bpb": round(ev["bpb"], 4),
         })
     hdr = f"{'model':<26}{'params':>9}{'steps':>7}{'bytes seen':>12}{'FLOPs':>10}{'bytes/s':>9}{'val bpb':>9}"
     print("\n" + hdr + "\n" + "-" * len(hdr))
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['model']:<26}{r['params']:>9,}{r['train_steps']:>7}{r['bytes_seen']:>12,}"
               f"{r['train_flops']:>10.3g}{r['train_bytes_per_s']:>9,}{r['val_bpb']:>9.3f}")
     print("(uniform over bytes = 8.000 bpb; equal training FLOPs: flat_tiny trains the most steps within "
-          f"hat_tiny's; bpb over the first {val_bytes:,} validation bytes)\n")
+          f"hat_tiny's; bytes/s over the logged training steps; bpb over the first {val_bytes:,} validation "
+          "bytes)\n")
 
     prompt = "ROMEO:\nBut soft, what light"
     sample = generate(hat["module"].model.eval(), prompt.encode(), max_new_bytes=200, temperature=0.7,

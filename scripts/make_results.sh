@@ -73,5 +73,7 @@ runs=()
 for name in "${EXPERIMENTS[@]}"; do
   runs+=(--run "$name=$OUT/$name" --multilingual-run "$name=$OUT/mixture/$name")
 done
+# TIMINGS=0: leave out absolute timings (the runs shared the machine with other jobs: times measure its load)
+[[ "${TIMINGS:-1}" == 0 ]] && runs+=(--no-timings)
 "$PY" scripts/report.py "${runs[@]}" --teacher --teacher-max-bytes 8192 --max-bytes 65536 --threads "$THREADS" \
   --cache "$OUT/eval_cache" --out docs/results.md --readme README.md

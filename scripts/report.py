@@ -111,10 +111,13 @@ def model_identity(spec: str) -> Any:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+SCORING_CODE = ("bpb.py", "cute.py", "multilingual.py", "noise.py", "scoring.py", "suite.py")  # not curves/plots
+
+
 def eval_code_hash() -> str:
     h = hashlib.sha256()
-    for f in sorted(EVAL_DIR.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
+    for name in SCORING_CODE:
+        h.update(name.encode() + (EVAL_DIR / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -211,22 +214,26 @@ MAIN_FOOTNOTE = ("† held-out chatterbot dialogs (28 languages, pooled), scored
                  "is pretrained. Every other column: the row's own run (the byte models: Shakespeare only).")
 
 
-def main_table(results: dict[str, dict[str, Any]], curves: dict[str, Curve]) -> list[str]:
-    return table(MAIN_HEADER, main_rows(results, curves))
+TIMING_COLUMNS = ("train time", "eval bytes/s")
+
+
+def main_table(results: dict[str, dict[str, Any]], curves: dict[str, Curve], timings: bool = True) -> list[str]:
+    keep = [i for i, h in enumerate(MAIN_HEADER) if timings or h not in TIMING_COLUMNS]
+    return table([MAIN_HEADER[i] for i in keep], [[r[i] for i in keep] for r in main_rows(results, curves)])
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def update_readme(readme: Path, out: Path, results: dict[str, dict[str, Any]], curves: dict[str, Curve],
-                  images: dict[str, Path]) -> bool:
+                  images: dict[str, Path], timings: bool = True) -> bool:
     """Replace the block between ``README_START`` and ``README_END`` in ``readme`` with the main table and the
     bpb-vs-FLOPs plot. Returns False (and changes nothing) when the markers are missing."""
     text = readme.read_text() if readme.is_file() else ""
     if README_START not in text or README_END not in text:
         log.warning("%s has no %s ... %s block: README not updated", readme, README_START, README_END)
         return False
-    block = [README_START, "", *main_table(results, curves), ""]
+    block = [README_START, "", *main_table(results, curves, timings), ""]
     if any("multilingual" in r for r in results.values()):
         block += [MAIN_FOOTNOTE, ""]
     if "bpb_vs_flops" in images:
@@ -260,14 +267,18 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
          f"per set (an equal share from each document; whole documents, evenly spaced, when the share would be "
          f"under 512 bytes). bpb = bits per text byte. See docs/eval.md for "
          "definitions.", "", "## Main table", ""]
-    L += main_table(results, curves)
+    L += main_table(results, curves, args.timings)
     if any("multilingual" in r for r in results.values()):
         L += ["", MAIN_FOOTNOTE.replace("in docs/results.md", "below")]
-    L += ["", "`≈`: FLOPs from 6 × non-embedding parameters (no exact formula for this architecture). Train time "
-          "is the sum of logged step times (no validation, no checkpointing). eval bytes/s: forward only, "
-          f"batch {args.batch_size}, on the device above. Train FLOPs of the hierarchical models count the bytes "
-          "per word logged in training (`bytelm.eval.curves.run_training_flops`), the rule that sets flat_tiny's "
-          "`trainer.flops_budget`: flat_tiny trains the most steps within hat_tiny's FLOPs.", ""]
+    timing_note = ("Train time is the sum of logged step times (no validation, no checkpointing). eval bytes/s: "
+                   f"forward only, batch {args.batch_size}, on the device above." if args.timings else
+                   "Absolute timings (train time, eval bytes/s, bpb vs time) are left out (`--no-timings`): the runs "
+                   "shared their machine with other jobs, so their times measure its load. Speed comparisons: the "
+                   "side-by-side ratios below.")
+    L += ["", "`≈`: FLOPs from 6 × non-embedding parameters (no exact formula for this architecture). "
+          f"{timing_note} Train FLOPs of the hierarchical models count the bytes per word logged in training "
+          "(`bytelm.eval.curves.run_training_flops`), the rule that sets flat_tiny's `trainer.flops_budget`: "
+          "flat_tiny trains the most steps within hat_tiny's FLOPs.", ""]
     for key, title in (("bpb_vs_flops", "bpb vs training FLOPs"), ("bpb_vs_wall", "bpb vs training time")):
         if key in rel:
             L.append(f"![{title}]({rel[key]})")
@@ -301,7 +312,8 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
                          f4(ml[n]["pooled_bpb"]), f4(ml[n]["macro_bpb"]), t["name"] if t else "this row"])
         L += table(["model", "English bpb (row's run)", "English bpb (mixture run)", "multilingual bpb (pooled)",
                     "mean over languages", "multilingual scored on"], rows)
-        L += ["", f"Per language of `chatterbot-corpus`, {which}; bytes evaluated in the last column.", ""]
+        L += ["", f"Per language of `chatterbot-corpus`, {which}; bytes evaluated in the last column (MrT5 scores "
+              "each row's continuation only: fewer bytes, and — where a language's few bytes leave none).", ""]
         rows = [[lang, *[f4(v["languages"].get(lang, {}).get("bpb")) for v in ml.values()],
                  f"{next(iter(ml.values()))['languages'][lang]['bytes']:,}"] for lang in langs]
         rows.append(["**pooled**", *[f"**{f4(v['pooled_bpb'])}**" for v in ml.values()], ""])
@@ -353,11 +365,11 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
             L += [f"![speed ratios]({rel['speed']})", ""]
     else:
         L += ["No `out/bench_*.json` found: run `make bench`, then this script again.", ""]
-    above = sorted({lang for v in ml.values() for lang, x in v["languages"].items() if x["bpb"] > 8.0})
+    above = sorted({lang for v in ml.values() for lang, x in v["languages"].items() if (x["bpb"] or 0) > 8.0})
     if above:
         notes.append(f"- bpb above 8 (a uniform guess over bytes) on {len(above)} languages ({', '.join(above[:6])}"
-                     f"{', ...' if len(above) > 6 else ''}), though every scored model trained on the dialogs: "
-                     "10% of a short run leaves few bytes of each script.")
+                     f"{', ...' if len(above) > 6 else ''}), though every model scored here trained on the "
+                     "dialogs: a short run with 10% dialogs sees little of each script.")
     if skipped := [n for n, r in results.items() if r.get("multilingual_skipped")]:
         notes.append(f"- No multilingual numbers for {', '.join(skipped)}: trained without the dialogs and no "
                      "`--multilingual-run` given.")
@@ -399,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default=None, metavar="PATH",
                    help=f"also put the main table and plot between {README_START} and {README_END} in PATH")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-timings", dest="timings", action="store_false",
+                   help="leave out absolute timings (train time, eval bytes/s, bpb vs time): for runs on a machine "
+                        "shared with other jobs, whose times measure its load")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     return p
@@ -477,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with_curves = {n: c for n, c in curves.items() if c.steps}
     if with_curves:
         images["bpb_vs_flops"] = plots.plot_curves(with_curves, kinds, "flops", img / "bpb_vs_flops.png")
-        if any(c.wall_s for c in with_curves.values()):
+        if args.timings and any(c.wall_s for c in with_curves.values()):
             images["bpb_vs_wall"] = plots.plot_curves(with_curves, kinds, "wall", img / "bpb_vs_wall.png")
     rob = {n: r["robustness"] for n, r in results.items() if "robustness" in r}
     if rob:
@@ -489,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ml:
         langs = list(next(iter(ml.values()))["languages"])
         images["multilingual"] = plots.plot_grouped_bars(
-            langs, {n: [v["languages"][x]["bpb"] for x in langs] for n, v in ml.items()}, kinds,
+            langs, {n: [v["languages"][x]["bpb"] or float("nan") for x in langs] for n, v in ml.items()}, kinds,
             img / "multilingual.png", "bits per byte", "bpb per language (chatterbot-corpus)", horizontal=True)
     cute = {n: r["cute"] for n, r in results.items() if "cute" in r}
     if cute:
@@ -506,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raw = {"results": results, "curves": {n: vars(c) for n, c in curves.items()}, "speed_ratios": ratios}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(f"wrote {out}, {out.with_suffix('.json')} and {len(images)} plots under {img}")
-    if args.readme and update_readme(Path(args.readme), out, results, curves, images):
+    if args.readme and update_readme(Path(args.readme), out, results, curves, images, args.timings):
         print(f"updated the results block of {args.readme}")
     return raw
 

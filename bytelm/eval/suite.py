@@ -105,8 +105,11 @@ def format_text(res: dict[str, Any]) -> str:
         ml = res["multilingual"]
         lines.append(f"  multilingual ({ml['split']} dialogs): pooled {ml['pooled_bpb']:.4f} bpb, mean over "
                      f"{len(ml['languages'])} languages {ml['macro_bpb']:.4f} ({ml['bytes']:,} bytes)")
-        lines += [f"    {lang:<20}{v['bpb']:8.4f}  ({v['bytes']:,} bytes)" for lang, v in ml["languages"].items()]
-        lines += [f"    script {k:<13}{v:8.4f}" for k, v in ml["scripts"].items()]
+        def num(x: float | None) -> str:
+            return "       —" if x is None else f"{x:8.4f}"
+
+        lines += [f"    {lang:<20}{num(v['bpb'])}  ({v['bytes']:,} bytes)" for lang, v in ml["languages"].items()]
+        lines += [f"    script {k:<13}{num(v)}" for k, v in ml["scripts"].items()]
     if "robustness" in res:
         r = res["robustness"]
         lines.append(f"  robustness: clean {r['clean_bpb']:.4f} bpb; mean degradation {r['mean_delta']:+.4f} "
