@@ -299,8 +299,9 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
                  "all dialogs (no compared model trained on the corpus)")
         L += ["", "## Multilingual bits per byte", "",
               "Only models that trained on the languages are scored: a byte model trained on English alone has "
-              "learned to rule out the bytes of other scripts (above 8 bpb, worse than a uniform guess, on every "
-              "non-Latin script), which says nothing about its architecture. Each compared experiment was trained "
+              "learned to rule out the bytes of other scripts and pays more than 8 bits (a uniform guess) for each "
+              "byte of a script it never saw, which says nothing about its architecture. Each compared experiment "
+              "was trained "
               "a second time with `data=mixture` (90% Shakespeare, 10% `chatterbot-corpus` dialogs; the same "
               "experiment, steps and equal-FLOPs rule otherwise): its *mixture run*. The teacher is the "
               "pretrained SmolLM2-135M.", ""]
@@ -312,8 +313,9 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
                          f4(ml[n]["pooled_bpb"]), f4(ml[n]["macro_bpb"]), t["name"] if t else "this row"])
         L += table(["model", "English bpb (row's run)", "English bpb (mixture run)", "multilingual bpb (pooled)",
                     "mean over languages", "multilingual scored on"], rows)
-        L += ["", f"Per language of `chatterbot-corpus`, {which}; bytes evaluated in the last column (MrT5 scores "
-              "each row's continuation only: fewer bytes, and — where a language's few bytes leave none).", ""]
+        L += ["", f"Per language of `chatterbot-corpus`, {which}; bytes evaluated in the last column. MrT5 scores "
+              "each row's continuation only: fewer bytes, — where a language's few bytes leave none, and its mean "
+              "over languages is over the languages it scored.", ""]
         rows = [[lang, *[f4(v["languages"].get(lang, {}).get("bpb")) for v in ml.values()],
                  f"{next(iter(ml.values()))['languages'][lang]['bytes']:,}"] for lang in langs]
         rows.append(["**pooled**", *[f"**{f4(v['pooled_bpb'])}**" for v in ml.values()], ""])
