@@ -58,7 +58,8 @@ class ModelConfig:
     max_seq_len: int = 1024  # bytes
     vocab_size: int = PADDED_VOCAB
     tie_embeddings: bool = False
-    attn_backend: str = "sdpa"  # sdpa | flash | flex
+    attn_backend: str = "auto"  # auto | sdpa | flash | flex (bytelm.models.attention.ATTN_BACKENDS)
+    attn_fallback: bool = False  # an explicit backend that cannot run a stack: error (False) or auto's choice there
     init_std: float = 0.02
     activation_checkpointing: bool = False
     # Llama-family backbone details: bytelm's own models keep the defaults; a transplanted source model sets them
