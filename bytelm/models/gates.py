@@ -181,6 +181,13 @@ class PIController(nn.Module):
         counts = all_ranks_sum(counts)
         return self.update(counts[0] / counts[1].clamp(min=1.0))
 
+    def current_alpha(self) -> torch.Tensor:
+        """A copy of ``alpha`` (the value set by the previous step) for this step's regulariser. Not
+        ``alpha.clone()``: torch.compile's backward may recompute a clone from the buffer, which :meth:`observe`
+        has updated in place by then (the gradient would use the next step's alpha; tests/test_compile.py);
+        a copy into a new tensor is saved for backward instead."""
+        return torch.empty_like(self.alpha).copy_(self.alpha)
+
     def reset(self) -> None:
         for b in (self.p, self.i, self.alpha, self.steps):
             b.zero_()

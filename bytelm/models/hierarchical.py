@@ -266,7 +266,7 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
         aux = None
         if G is not None and self.gate is not None and self.controller is not None:
             byte_mask = input_ids < 256
-            alpha = self.controller.alpha.clone()  # value set by the previous step
+            alpha = self.controller.current_alpha()  # value set by the previous step
             metrics.update(gate_stats(G, self.cfg.gate.tau_del, byte_mask, alpha))
             if self.training:
                 # the regulariser trains the gate only (its input detached; same value as G): through the encoder

@@ -357,7 +357,7 @@ class MrT5(nn.Module):
                 metrics["n_bytes"] = n
         if enc.gate is not None:
             G = enc.gate
-            alpha = self.controller.alpha.clone()  # value set by the previous step
+            alpha = self.controller.current_alpha()  # value set by the previous step
             stats = gate_stats(G, self.cfg.gate.tau_del, enc.pad_mask, alpha)
             metrics.update(stats)
             if self.training:

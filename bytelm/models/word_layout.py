@@ -116,7 +116,8 @@ def layout_words(
     ws[:, 1:] |= special[:, :-1]
     word_id = ws.long().cumsum(1) - 1  # (B, T)
     n_words = ws.sum(1)  # (B,)
-    W = int(n_words.max())
+    W = int(n_words.max())  # the host sync; under torch.compile an unbacked size (capture_scalar_outputs)
+    torch._check(W >= 1)  # every row has a word at position 0: lets the compiler rule out empty shapes
     # first byte of each word; non-start bytes write into a scratch column W that is dropped
     start = torch.full((B, W + 1), T, dtype=torch.long, device=dev)
     start.scatter_(1, torch.where(ws, word_id, W), pos)
