@@ -94,6 +94,8 @@ class TrainerConfig:
     # SIGTERM / SIGINT: stop at the next step boundary with checkpoints/last.ckpt; a run still alive this many
     # seconds after the signal (stuck in a collective, a rank gone) exits at once, as does a second signal
     stop_grace_s: float = 60.0
+    compile: bool = False  # torch.compile the training forward (bytelm.models.compile; flat, hierarchical, mrt5)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: quick checks on CPU)
 
 
 @dataclass
