@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bytelm.models import ModelConfig, attention, build_model  # noqa: E402
-from bytelm.models.attention import Backend, Needs, attend, auto_backend  # noqa: E402
+from bytelm.models.attention import Needs, attend, auto_backend  # noqa: E402
 from bytelm.models.compile import CompiledForward  # noqa: E402
 from bytelm.models.flops import flops_per_byte  # noqa: E402
 from bytelm.models.hierarchical import split_word_starts  # noqa: E402
