@@ -313,9 +313,9 @@ def print_table(rep: dict[str, Any]) -> None:
         ("compiled / eager bytes/s", lambda r: r.get("compile_speedup")),
     ]
     names = list(rep["models"])
-    print(f"{'':34s}" + "".join(f"{n:>16s}" for n in names))
+    print(f"{'':34s}" + "".join(f"{n:>22s}" for n in names))
     for label, fn in rows:
-        print(f"{label:34s}" + "".join(f"{_fmt(fn(rep['models'][n])):>16s}" for n in names))
+        print(f"{label:34s}" + "".join(f"{_fmt(fn(rep['models'][n])):>22s}" for n in names))
     for k, v in rep["summary"].items():
         print(f"{k:34s}{_fmt(v):>16s}")
 
