@@ -210,28 +210,34 @@ def check_throughput(a: argparse.Namespace, dev: torch.device, peak: float | Non
             if a.cpu_dry_run and variant == "compiled" and name != "hat_small":
                 res[key] = skip(key, "CPU dry run: the compiled path is checked on hat_small")
                 continue
-            torch.manual_seed(0)
-            model = build_model(cfg).to(dev).train()
-            fn = CompiledForward(model, backend=a.compile_backend) if variant == "compiled" else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            _train_steps(model, fn, opt, batch, a.warmup, dev)  # compiles the compiled variant
-            warm_s = time.perf_counter() - t0
-            step = _train_steps(model, fn, opt, batch, a.steps, dev)
-            bps = a.batch * a.seq_len / step
-            r = {"step_s": step, "bytes_per_s": bps, "flops_per_byte": fpb, "warmup_s": warm_s,
-                 "mfu": fpb * bps / peak if peak else None,
-                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
-            res[key] = r
-            log(f"{key}: {bps:,.0f} bytes/s, MFU {r['mfu']}, peak {r['peak_mem_gib']} GiB (warm-up {warm_s:.1f} s)")
-            del model, fn, opt
+            try:
+                res[key] = _measure(a, cfg, variant, batch, dev, fpb, peak)
+            except Exception as e:  # noqa: BLE001 - one failed variant (a compile error, OOM) is reported
+                res[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            log(f"{key}: {res[key]}")
         e, c = res.get(f"{name} eager", {}), res.get(f"{name} compiled", {})
         if "bytes_per_s" in e and "bytes_per_s" in c:
             res[f"{name} compiled/eager"] = c["bytes_per_s"] / e["bytes_per_s"]
     return res
+
+
+def _measure(a: argparse.Namespace, cfg: ModelConfig, variant: str, batch: dict[str, torch.Tensor],
+             dev: torch.device, fpb: float, peak: float | None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(cfg).to(dev).train()
+    fn = CompiledForward(model, backend=a.compile_backend) if variant == "compiled" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    _train_steps(model, fn, opt, batch, a.warmup, dev)  # compiles the compiled variant
+    warm_s = time.perf_counter() - t0
+    step = _train_steps(model, fn, opt, batch, a.steps, dev)
+    bps = a.batch * a.seq_len / step
+    return {"step_s": step, "bytes_per_s": bps, "flops_per_byte": fpb, "warmup_s": warm_s,
+            "mfu": fpb * bps / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
 
 
 def check_strategies(a: argparse.Namespace, dev: torch.device, deadline: float, out: Path) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class BytelmConfig(PretrainedConfig):
         max_seq_len: int = 1024,
         vocab_size: int = 320,
         tie_embeddings: bool = False,
-        attn_backend: str = "sdpa",
+        attn_backend: str = "auto",
         init_std: float = 0.02,
         activation_checkpointing: bool = False,
         d_byte: int = 128,

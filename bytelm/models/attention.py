@@ -273,10 +273,11 @@ def build_mask(
     return allowed
 
 
+@torch.compiler.disable
 def varlen_info(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """flash varlen metadata of packed rows: ``cu_seqlens`` (n_segments + 1,) int32 and ``max_seqlen``. A
     segment starts at each row start and where the document id changes. One host sync (the boundaries go to
-    the host once; the offsets come back without a device sync)."""
+    the host once; the offsets come back without a device sync); under torch.compile a graph break."""
     B, T = doc_ids.shape
     starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
