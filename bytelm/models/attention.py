@@ -37,14 +37,19 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bytelm.models.attention_masks import (  # noqa: F401 - NEG_INF, build_mask: part of this module's interface
+    NEG_INF,
+    build_mask,
+    flex_mask_mod,
+    make_block_mask,
+    sdpa_mask,
+    varlen_info,
+)
+
 log = logging.getLogger(__name__)
-
-NEG_INF = -1e9  # finite: a fully masked row (padding) gives a uniform softmax instead of NaN
-
 
 class Backend(str, Enum):
     AUTO = "auto"
@@ -236,108 +241,6 @@ class AttnMeta:
     key_bias: torch.Tensor | None = None  # flex: (B, Tk) added by the score_mod
 
 
-def build_mask(
-    tq: int,
-    tk: int,
-    *,
-    device: torch.device,
-    causal: bool,
-    q_offset: int = 0,
-    doc_ids: torch.Tensor | None = None,
-    key_mask: torch.Tensor | None = None,
-    window: int = 0,
-) -> torch.Tensor | None:
-    """Boolean "may attend" mask, shape (B|1, 1, Tq|1, Tk), or None when everything is allowed.
-
-    Query i sits at absolute position ``q_offset + i``; key j at position j (the cache holds keys 0..Tk-1).
-    ``doc_ids`` (B, T) with Tq == Tk forbids attention across packed documents.
-    """
-    allowed: torch.Tensor | None = None
-    if causal or window > 0:
-        qpos = torch.arange(tq, device=device).unsqueeze(1) + q_offset  # (Tq, 1)
-        kpos = torch.arange(tk, device=device).unsqueeze(0)  # (1, Tk)
-        a = torch.ones(tq, tk, dtype=torch.bool, device=device)
-        if causal:
-            a = a & (kpos <= qpos)
-        if window > 0:
-            a = a & ((qpos - kpos) < window) & ((kpos - qpos) < window)
-        allowed = a.view(1, 1, tq, tk)
-    if doc_ids is not None:
-        if doc_ids.shape[1] != tk or tq != tk:
-            raise ValueError("doc_ids needs equal query and key lengths (no packing with a KV cache)")
-        same = (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)).unsqueeze(1)  # (B, 1, T, T)
-        allowed = same if allowed is None else allowed & same
-    if key_mask is not None:
-        km = key_mask.bool().view(key_mask.shape[0], 1, 1, tk)
-        allowed = km if allowed is None else allowed & km
-    return allowed
-
-
-@torch.compiler.disable
-def varlen_info(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """flash varlen metadata of packed rows: ``cu_seqlens`` (n_segments + 1,) int32 and ``max_seqlen``. A
-    segment starts at each row start and where the document id changes. One host sync (the boundaries go to
-    the host once; the offsets come back without a device sync); under torch.compile a graph break."""
-    B, T = doc_ids.shape
-    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    idx = np.flatnonzero(starts.flatten().cpu().numpy())  # the one sync
-    cu = np.append(idx, B * T).astype(np.int32)
-    max_seqlen = int(np.diff(cu).max())
-    return torch.from_numpy(cu).to(doc_ids.device, non_blocking=True), max_seqlen
-
-
-_block_mask_fns: dict[str, Callable[..., Any]] = {}
-
-
-def make_block_mask(mask_mod: Callable[..., Any], B: int, tq: int, tk: int, device: torch.device) -> Any:
-    """flex ``BlockMask`` for ``mask_mod``; compiled on CUDA, so no Tq x Tk tensor is built there."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    fn = create_block_mask
-    if device.type == "cuda":
-        if "cuda" not in _block_mask_fns:
-            _block_mask_fns["cuda"] = torch.compile(create_block_mask)
-        fn = _block_mask_fns["cuda"]
-    return fn(mask_mod, B, None, tq, tk, device=device)
-
-
-def _flex_block_mask(B: int, n: Needs, device: torch.device, doc_ids: torch.Tensor | None,
-                     key_mask: torch.Tensor | None) -> Any:
-    causal, q_offset, window = n.causal, n.q_offset, n.window
-    if not (causal or window or doc_ids is not None or key_mask is not None):
-        return None
-    km = key_mask.bool() if key_mask is not None else None
-
-    def mask_mod(b, h, qi, kj):
-        qpos = qi + q_offset
-        ok = kj >= 0
-        if causal:
-            ok = ok & (kj <= qpos)
-        if window > 0:
-            ok = ok & ((qpos - kj) < window) & ((kj - qpos) < window)
-        if doc_ids is not None:
-            ok = ok & (doc_ids[b, qi] == doc_ids[b, kj])
-        if km is not None:
-            ok = ok & km[b, kj]
-        return ok
-
-    return make_block_mask(mask_mod, B, n.tq, n.tk, device)
-
-
-def _sdpa_mask(B: int, n: Needs, device: torch.device, doc_ids, key_bias, key_mask) -> torch.Tensor | None:
-    allowed = build_mask(n.tq, n.tk, device=device, causal=n.causal, q_offset=n.q_offset, doc_ids=doc_ids,
-                         key_mask=key_mask, window=n.window)
-    bias = key_bias.to(n.dtype).view(B, 1, 1, n.tk) if key_bias is not None else None  # (B, 1, 1, Tk)
-    if allowed is not None:
-        base = bias if bias is not None else torch.zeros((), dtype=n.dtype, device=device)
-        bias = torch.where(allowed, base, torch.tensor(NEG_INF, dtype=n.dtype, device=device))
-    if n.null_key:  # the null key: score 0 for every query, never masked
-        bias = bias if bias is not None else torch.zeros(1, 1, 1, n.tk, dtype=n.dtype, device=device)
-        bias = F.pad(bias, (0, 1), value=0.0)
-    return bias
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention will run in: autocast's when it is on for ``x``'s device, else ``x``'s."""
     dev = x.device.type
@@ -375,13 +278,17 @@ def stack_meta(
         if doc_ids is not None:
             meta.cu_seqlens, meta.max_seqlen = varlen_info(doc_ids)
     elif b is Backend.FLEX:
-        meta.block_mask = _flex_block_mask(B, n, x.device, doc_ids, key_mask)
+        if causal or window or doc_ids is not None or key_mask is not None:
+            mod = flex_mask_mod(causal=causal, q_offset=q_offset, window=window, doc_ids=doc_ids, key_mask=key_mask)
+            meta.block_mask = make_block_mask(mod, B, n.tq, n.tk, x.device)
         meta.key_bias = key_bias
     else:
         plan = _sdpa_plan(n)
         meta.sdpa_causal = plan == "causal"
         if plan == "mask":
-            meta.mask = _sdpa_mask(B, n, x.device, doc_ids, key_bias, key_mask)
+            meta.mask = sdpa_mask(B, n.tq, n.tk, dtype=n.dtype, device=x.device, causal=causal, q_offset=q_offset,
+                                  window=window, doc_ids=doc_ids, key_bias=key_bias, key_mask=key_mask,
+                                  null_key=null_key)
     return meta
 
 
