@@ -111,12 +111,12 @@ def _train(tmp_path, tiny_overrides, experiment: str, backend: str) -> dict:
 
 
 def test_train_with_compile(tmp_path, tiny_overrides) -> None:
-    res = _train(tmp_path, tiny_overrides, "hat_tiny", "aot_eager")
+    res = _train(tmp_path, tiny_overrides, "flat_tiny", "aot_eager")
     assert 0 < res["metrics"]["val/bpb"] < 10
     assert not any(k.startswith("_compiled") or "_orig_mod" in k for k in res["module"].state_dict())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["flat_tiny", "hat_tiny_gate", "mrt5_tiny"])
+@pytest.mark.parametrize("experiment", ["flat_tiny", "hat_tiny", "hat_tiny_gate", "mrt5_tiny"])
 def test_train_with_compile_inductor(tmp_path, tiny_overrides, experiment: str) -> None:
     _train(tmp_path, tiny_overrides, experiment, "inductor")
