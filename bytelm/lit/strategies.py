@@ -34,12 +34,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
-from bytelm.config import Config
+from bytelm.config import STRATEGIES, Config
 from bytelm.models import build_model
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("single", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
 # nn.init functions a model's init_weights may call; sharded_init gathers the parameter around each call
 _INIT_FNS = (
     "normal_", "uniform_", "ones_", "zeros_", "constant_", "trunc_normal_", "xavier_uniform_",
