@@ -55,9 +55,9 @@ def schema_of(cls: type) -> type:
         if options is not None:
             # member names = values, so OmegaConf's messages ("expected one of [...]") list the real options
             etype = enum.Enum(f"{cls.__name__}_{f.name}", [(o, o) for o in options])  # type: ignore[misc]
-            default = None if f.default is None else etype[f.default]
-            specs.append((f.name, typing.Optional[etype] if optional else etype, dataclasses.field(default=default)))
-        elif dataclasses.is_dataclass(tp):
+            default = None if f.default is None else etype[str(f.default)]
+            specs.append((f.name, etype | None if optional else etype, dataclasses.field(default=default)))
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             sub = schema_of(tp)
             specs.append((f.name, sub, dataclasses.field(default_factory=sub)))
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):

@@ -230,7 +230,7 @@ def to_config(cfg: Any) -> Config:
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)
-    return config_from_dict(container)
+    return config_from_dict({str(k): v for k, v in container.items()})
 
 
 def validate(cfg: Config) -> Config:
