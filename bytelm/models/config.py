@@ -13,6 +13,8 @@ import torch
 from bytelm.choices import choice
 from bytelm.data.bytes import PADDED_VOCAB
 
+ARCHS = ("flat", "hierarchical", "mrt5", "byteified")
+
 
 @dataclass
 class GateConfig:
@@ -49,7 +51,7 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("flat", "flat", "hierarchical", "mrt5", "byteified")
+    arch: str = choice("flat", *ARCHS)
     # backbone (the flat model's only stack)
     d_model: int = 256
     n_layers: int = 4
