@@ -1,9 +1,6 @@
 """Training callbacks: throughput and MFU, and checkpoint-and-requeue on Slurm's warning signal.
 
-- ``ThroughputMonitor`` logs ``perf/bytes_per_s``, ``perf/words_per_s`` (hierarchical models: the batch's
-  ``word_start``), ``perf/step_s`` and ``perf/mfu``: model FLOPs per byte from
-  ``bytelm.models.flops.flops_per_byte`` times bytes/s, over the device's peak from ``PEAK_TFLOPS`` (bytelm.models.flops) times the
-  number of devices (None, so not logged, on CPUs and unknown GPUs).
+- throughput and MFU: Lightning's ``ThroughputMonitor`` (``bytelm.lit.throughput``).
 - ``SaveLastOnEnd``: the run's final state is in ``checkpoints/last.ckpt`` even when ``max_steps`` is not a
   multiple of ``ckpt_every``.
 - ``RequeueOnSignal``: Slurm sends SIGUSR1 90 s before the time limit (``--signal=SIGUSR1@90``). The handler
@@ -24,68 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-
-from bytelm.models.flops import PEAK_TFLOPS, device_peak_flops, mfu, peak_flops_for_name, precision_key
 
 log = logging.getLogger(__name__)
-
-# the peak table and MFU live with the FLOP formulas (model-side, no Lightning); re-exported for callers
-
-__all__ = ["PEAK_TFLOPS", "ThroughputMonitor", "device_peak_flops", "mfu", "peak_flops_for_name", "precision_key"]
-
-
-class ThroughputMonitor(L.Callback):
-    """bytes/s, words/s and MFU of the training steps (validation time excluded), logged every step."""
-
-    def __init__(self, window: int = 1) -> None:
-        self.window = max(1, window)
-        self._t0: float | None = None
-        self._flops_per_byte: float | None = None
-        self._peak_total: float | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        cfg = getattr(pl_module, "cfg", None)
-        if cfg is not None:
-            try:
-                from bytelm.models.flops import flops_per_byte
-
-                self._flops_per_byte = float(flops_per_byte(cfg.model, cfg.data.seq_len))
-            except (ImportError, ValueError) as e:  # an architecture the formula does not cover
-                log.info("MFU not reported: %s", e)
-        peak = device_peak_flops(trainer.strategy.root_device, str(trainer.precision))
-        self._peak_total = None if peak is None else peak * trainer.world_size
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = None  # validation time is not training throughput
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._t0 is None:
-            return
-        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        dt = max(now - self._t0, 1e-9)
-        self._t0 = now
-        world = trainer.world_size
-        logs: dict[str, float] = {"perf/step_s": dt}
-        n_bytes = int(batch["input_ids"].numel()) * world
-        logs["perf/bytes_per_s"] = n_bytes / dt
-        if isinstance(batch, dict) and batch.get("word_start") is not None:
-            n_words = int(batch["word_start"].sum()) * world
-            logs["perf/words_per_s"] = n_words / dt
-        if self._flops_per_byte is not None:
-            u = mfu(self._flops_per_byte, logs["perf/bytes_per_s"], self._peak_total)
-            if u is not None:
-                logs["perf/mfu"] = u
-        pl_module.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
-        self.last = logs
 
 
 class SaveLastOnEnd(L.Callback):

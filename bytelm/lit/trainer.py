@@ -93,8 +93,9 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     t = cfg.trainer
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal, ThroughputMonitor
+    from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal
     from bytelm.lit.strategies import AtomicCheckpointIO
+    from bytelm.lit.throughput import throughput_monitor
 
     ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first
         dirpath=str(out / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
@@ -103,7 +104,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     )
     from bytelm.lit.data import DataStatsCallback
 
-    cbs: list[Any] = [ckpt, ThroughputMonitor(), DataStatsCallback(every=max(1, t.log_every)),
+    cbs: list[Any] = [ckpt, throughput_monitor(), DataStatsCallback(every=max(1, t.log_every)),
                       StopOnSignal(grace_s=t.stop_grace_s)]
     if t.save_last:
         cbs.append(SaveLastOnEnd(out / "checkpoints"))
