@@ -106,7 +106,13 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = choice("wandb", "wandb", "csv", "tensorboard", "none")  # wandb: offline without WANDB_API_KEY
+    kind: str = choice("wandb", "wandb", "csv", "tensorboard", "none", "custom")  # wandb: offline without WANDB_API_KEY
+    # the Lightning logger class, built with hydra.utils.instantiate. "" = the kind's class (WandbLogger, CSVLogger,
+    # TensorBoardLogger) with bytelm's arguments; set it to use a subclass of that class, or with kind=custom any
+    # logger class (lightning.pytorch.loggers.MLFlowLogger, ...) configured through kwargs alone
+    _target_: str = ""
+    # any other argument of that class, passed through unchanged: logger.kwargs.log_model=true
+    kwargs: dict[str, Any] = field(default_factory=dict)
     project: str = "bytelm"
     group: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -131,6 +137,9 @@ class StrategyConfig:
     overlap_comm: bool = True  # DeepSpeed: overlap gradient reduction with backward (GPU)
     find_unused_parameters: bool = False  # DDP
     timeout_min: int | None = None  # deprecated: trainer.collective_timeout_s (if set, it wins, with a warning)
+    # any other argument of the Lightning strategy class (DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy),
+    # passed through and winning over bytelm's values: strategy.kwargs.static_graph=true
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

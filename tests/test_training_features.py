@@ -275,3 +275,37 @@ def test_wall_clock_per_step_from_lightnings_train_time():
             12: {"train/time": 0.5}, 14: {"train/time": 4.5}}  # step 12: a resumed run restarted the clock
     got = _seconds_from_train_time(rows)
     assert got == {4: 2.0, 10: 2.0, 14: 2.0}
+
+
+def test_logger_and_strategy_arguments_pass_through(tmp_path):
+    """logger.kwargs / strategy.kwargs reach the Lightning classes (no code change for a new argument);
+    kind=custom instantiates any logger class; a wrong argument names the class."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from bytelm.lit.trainer import build_strategy
+
+    cfg = load_config(["debug=cpu", "logger.kind=csv", "+logger.kwargs.flush_logs_every_n_steps=7",
+                       f"trainer.out_dir={tmp_path}"])
+    lg = build_logger(cfg)
+    assert isinstance(lg, CSVLogger) and lg._flush_logs_every_n_steps == 7 and lg.save_dir == str(tmp_path)
+    # kind=custom: the class and every argument from the config (CSVLogger stands in for any logger class)
+    cfg = load_config(["debug=cpu", "logger.kind=custom", "logger._target_=lightning.pytorch.loggers.CSVLogger",
+                       f"+logger.kwargs.save_dir={tmp_path / 'c'}", "+logger.kwargs.name=custom_csv"])
+    lg = build_logger(cfg)
+    assert isinstance(lg, CSVLogger) and lg.name == "custom_csv" and lg.save_dir == str(tmp_path / "c")
+    cfg.logger._target_ = ""
+    with pytest.raises(ValueError, match="logger._target_"):
+        build_logger(cfg)
+    cfg = load_config(["debug=cpu", "logger.kind=csv", "+logger.kwargs.no_such_arg=1", f"trainer.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="CSVLogger"):
+        build_logger(cfg)
+
+    cfg = load_config(["debug=cpu", "strategy=ddp", "+strategy.kwargs.static_graph=true",
+                       "+strategy.kwargs.gradient_as_bucket_view=true"])
+    st = build_strategy(cfg)
+    assert st._ddp_kwargs["static_graph"] is True and st._ddp_kwargs["gradient_as_bucket_view"] is True
+    cfg = load_config(["debug=cpu", "strategy=fsdp2", "+strategy.kwargs.save_distributed_checkpoint=false"])
+    assert build_strategy(cfg)._save_distributed_checkpoint is False  # bytelm's default (True) overridden
+    cfg = load_config(["debug=cpu", "+strategy.kwargs.static_graph=true"])
+    with pytest.raises(ValueError, match="strategy=single"):
+        build_strategy(cfg)
