@@ -1,5 +1,10 @@
-"""Typed configuration of a bytelm run. Hydra fills these dataclasses from ``conf/`` (``OmegaConf.structured``),
-so every key is type-checked and a misspelt key fails with a message naming it.
+"""Typed configuration of a bytelm run. Hydra fills these dataclasses from ``bytelm/conf/`` (shipped in the
+package), so every key is type-checked and a misspelt key fails with a message naming it.
+
+Choice fields (``choice(default, *options)``) are Enums in the schema Hydra composes against
+(``bytelm.choices.schema_of``): a misspelt value fails at composition, ``--cfg job`` included, naming the key
+and the options; the dataclasses below keep plain ``str`` values. ``validate`` adds what a schema cannot say
+(``trainer.devices``, ``byteify.stage``) and runs whenever a config is loaded, before anything is built.
 
 ``load_config(overrides)`` composes the same tree without ``@hydra.main`` (tests, CLIs, notebooks).
 """
