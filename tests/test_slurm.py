@@ -86,7 +86,7 @@ def test_sbatch_renders_and_launches(nodes, tmp_path):
     assert "MASTER_ADDR=gpu001 " in line and "MASTER_PORT=31337" in line
     assert f"trainer.num_nodes={nodes}" in line and "trainer.devices=8" in line
     assert "ckpt_path=last" in line and line.endswith("experiment=hat_small strategy=deepspeed_zero2")
-    assert f"{nodes} node(s) x 8 GPU(s)" in out
+    assert f"{nodes} node(s) x 8 task(s)" in out
 
 
 def test_fake_slurm_environment_gives_rank_and_world_size(tmp_path):
