@@ -211,12 +211,25 @@ cmd_start() {
 }
 
 cmd_test() {
-  local rc=0
+  local rc=0 t0=$SECONDS
   cmd_install || rc=$?
   if ((rc != 0 && rc != 3)); then return "$rc"; fi
-  # rc 3: cannot install here; the tests then skip with that reason (pytest -rs prints it)
+  # rc 3: cannot install here; the tests then skip, each with that reason (pytest -rs prints it)
   cd "$ROOT"
-  "${PY:-python3}" -m pytest -q -rs -m slurm --durations=0 "$@"
+  # the tests start the cluster in this folder and stop it; the trap stops it too if pytest itself is killed
+  local dir
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/bytelm-slurm.XXXXXX")"
+  # shellcheck disable=SC2064
+  trap "cmd_stop '$dir' >/dev/null 2>&1 || true" EXIT
+  rc=0
+  BYTELM_SLURM_DIR="$dir" "${PY:-python3}" -m pytest -q -rs -m slurm --durations=0 "$@" || rc=$?
+  if ((rc == 0)); then
+    rm -rf "$dir"
+  else
+    echo "slurm_cluster: tests failed (exit $rc); the cluster's config and logs are in $dir" >&2
+  fi
+  echo "slurm_cluster: test-slurm took $((SECONDS - t0)) s"
+  return "$rc"
 }
 
 case "${1:-}" in

@@ -323,14 +323,19 @@ def test_hydra_sweep_submits_one_job_per_point(cluster, tmp_path):
         point = sweep / n
         assert (point / "checkpoints" / "last.ckpt").is_file(), sorted(point.rglob("*"))
         overrides = (point / ".hydra" / "overrides.yaml").read_text()
-        lrs |= set(re.findall(r"optim\.lr=(\S+)", overrides))
-    assert lrs == {"1e-3", "3e-3"}
-    for jid in jobs:  # submitit's record of each job: it ran our task and returned its val bpb
-        result = next((sweep / ".submitit" / jid).glob("*_result.pkl"))
+        lrs |= {float(x) for x in re.findall(r"optim\.lr=(\S+)", overrides)}
+    assert lrs == {1e-3, 3e-3}
+    returned = set()
+    for jid in jobs:  # submitit's record of each job: Hydra's JobReturn of our task, with its val bpb
         import pickle
 
-        status, value = pickle.loads(result.read_bytes())
-        assert status == "success" and isinstance(value, float), (status, value)
+        from hydra.core.utils import JobStatus
+
+        status, ret = pickle.loads(next((sweep / ".submitit" / jid).glob("*_result.pkl")).read_bytes())
+        assert status == "success" and ret.status == JobStatus.COMPLETED, (status, ret)
+        assert isinstance(ret.return_value, float) and ret.return_value > 0, ret.return_value
+        returned |= {float(o.split("=", 1)[1]) for o in ret.overrides if o.startswith("optim.lr=")}
+    assert returned == {1e-3, 3e-3}
     print(f"sweep: jobs {jobs} COMPLETED in {time.monotonic() - t0:.0f} s; checkpoints in {sweep}/0 and /1")
 
 

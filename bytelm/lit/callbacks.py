@@ -173,7 +173,8 @@ class BatchLog(L.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         rec = {
             "step": trainer.global_step, "batch_idx": batch_idx, "rank": trainer.global_rank,
-            "world": trainer.world_size, "env": type(trainer.strategy.cluster_environment).__name__,
+            "world": trainer.world_size,
+            "env": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,  # None: single device
             "sha1": hashlib.sha1(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
             "loss": None if loss is None else float(loss),
         }
