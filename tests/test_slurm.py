@@ -62,8 +62,8 @@ def test_sbatch_template_is_valid_bash_with_the_right_directives():
     text = SBATCH.read_text()
     for directive in ("--signal=SIGUSR1@90", "--requeue", "--ntasks-per-node=", "--gpus-per-node="):
         assert f"#SBATCH {directive}" in text
-    tasks = re.search(r"--ntasks-per-node=(\d+)", text)
-    gpus = re.search(r"--gpus-per-node=(\d+)", text)
+    tasks = re.search(r"#SBATCH --ntasks-per-node=(\d+)", text)
+    gpus = re.search(r"#SBATCH --gpus-per-node=(\d+)", text)
     assert tasks and gpus and tasks.group(1) == gpus.group(1)  # one task per GPU
     assert "srun" in text and "python -m bytelm.train" in text and "ckpt_path=last" in text
     assert "scontrol show hostnames" in text
@@ -88,6 +88,42 @@ def test_sbatch_renders_and_launches(nodes, tmp_path):
     assert f"trainer.num_nodes={nodes}" in line and "trainer.devices=8" in line
     assert "ckpt_path=last" in line and line.endswith("experiment=hat_small strategy=deepspeed_zero2")
     assert f"{nodes} node(s) x 8 task(s)" in out
+
+
+@pytest.mark.parametrize("srun_exit", [0, 3])
+def test_sbatch_shell_forwards_sigusr1_to_srun_and_keeps_its_exit_status(srun_exit, tmp_path):
+    """`scancel --signal=USR1 --full` / `--batch` signal the batch shell too: it must pass the signal on to
+    srun (which signals the tasks) instead of dying of it, and still exit with srun's status."""
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(1))
+    fake = _fake_bin(tmp_path / "bin")
+    (fake / "srun").write_text(
+        "#!/bin/bash\n"
+        f"trap 'echo USR1 >> {tmp_path}/srun.signals; exit {srun_exit}' USR1\n"
+        f"touch {tmp_path}/srun.started\n"
+        "for _ in $(seq 1 600); do sleep 0.05; done\n"
+        "exit 99\n"
+    )
+    env = {
+        "PATH": f"{fake}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_JOB_ID": "5",
+        "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NODELIST": "gpu001",
+        "SLURM_SUBMIT_DIR": str(tmp_path), "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+    }
+    proc = subprocess.Popen(["bash", str(script), "experiment=hat_tiny"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "srun.started").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "srun.signals").read_text().split() == ["USR1"]
+    assert "[bytelm] batch shell: SIGUSR1, forwarded to the tasks" in out
+    assert proc.returncode == srun_exit, out
 
 
 def test_fake_slurm_environment_gives_rank_and_world_size(tmp_path):

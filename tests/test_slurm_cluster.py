@@ -3,7 +3,7 @@
 
 - plain job: 2 tasks from ``srun`` train with world size 2 from Slurm's variables (SLURMEnvironment); the final
   val bpb and every step's batches equal a local 2-process run's;
-- preemption: ``scancel --signal=USR1`` mid-run -> ``last.ckpt``, ``scontrol requeue``, the same job id restarts
+- preemption: ``scancel --signal=USR1 --full`` mid-run -> ``last.ckpt``, ``scontrol requeue``, the same job id restarts
   (``Restarts=1``), resumes from ``last.ckpt`` and ends with the uninterrupted job's final val bpb, per-step
   losses and batch sequence;
 - time limit: ``--time=2 --signal=USR1@60``: the job requeues itself before its limit, is never killed by it,
@@ -230,9 +230,9 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_job(cluste
         assert cluster.job(jobid)["JobState"] not in DONE, log.read_text()[-4000:]
         assert time.monotonic() < deadline, "no training progress within 300 s"
         time.sleep(0.2)
-    # what a preemption / time-limit warning does with --signal=USR1: signal every task of the job's steps
-    # (not the batch shell; `--full` would also signal it)
-    cluster.run("scancel", "--signal=USR1", jobid)
+    # the job's every process: the tasks (as --signal=USR1@N does) and the batch shell, which forwards it
+    # through srun (so the tasks get it twice) instead of dying of it
+    cluster.run("scancel", "--signal=USR1", "--full", jobid)
     info = cluster.wait(jobid, lambda i: i.get("Restarts") == "1" and i.get("JobState") in DONE, 420,
                         "requeued once and finished", log)
     print(f"preempted job {jobid}: {time.monotonic() - t0:.0f} s in all")
@@ -244,6 +244,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_job(cluste
     assert ckpt.endswith("checkpoints/last.ckpt") and VAL_EVERY < at < STEPS, saved
     first, second = text.split(f"[bytelm] job {jobid} restart 1:", 1)  # the log is appended to
     assert f"[bytelm] job {jobid} restart 0:" in first and "Restoring states" not in first
+    assert "[bytelm] batch shell: SIGUSR1, forwarded to the tasks" in first
     assert re.search(rf"Restoring states from the checkpoint path at \S*{re.escape(ckpt)}", second), second[-4000:]
     step, bpb = _final(second)  # the restart trained on to the end
     ref_step, ref_bpb = _final(plain_job["log"])
