@@ -122,6 +122,9 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
         dirpath=str(out / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max",
         save_last=t.save_last,
+        # last.ckpt is overwritten, never versioned: after RequeueOnSignal wrote it, Lightning's save of "last" at
+        # the stop would otherwise go to last-v1.ckpt (and ckpt_path=last resume from that, not last.ckpt)
+        enable_version_counter=False,
     )
     from bytelm.lit.data import DataStatsCallback
 
