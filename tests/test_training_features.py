@@ -141,6 +141,7 @@ def test_throughput_and_mfu_through_lightnings_monitor(tmp_path, monkeypatch):
     peak = 1e12
     monkeypatch.setattr(tm, "get_available_flops", lambda device, dtype: peak)
     cfg = load_config([*QUICK, "experiment=hat_tiny", "trainer.max_steps=14", "trainer.log_every=1", "logger.kind=csv",
+                       "trainer.val_every=7",
                        f"trainer.out_dir={tmp_path}"])
     res = run(cfg)
     fpb = flops_per_byte(cfg.model, cfg.data.seq_len) * cfg.data.batch_size * cfg.data.seq_len
@@ -148,7 +149,10 @@ def test_throughput_and_mfu_through_lightnings_monitor(tmp_path, monkeypatch):
     (metrics,) = (tmp_path / "csv").glob("version_*/metrics.csv")
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/device/items_per_sec")]
     assert rows, "no throughput rates logged"
-    times = [float(r["train/time"]) for r in csv.DictReader(metrics.open()) if r.get("train/time")]
+    every = list(csv.DictReader(metrics.open()))
+    assert max(int(r["step"]) for r in every) <= cfg.trainer.max_steps  # no validation rows off the step axis
+    assert not any(k.startswith("validate/") and v for r in every for k, v in r.items())
+    times = [float(r["train/time"]) for r in every if r.get("train/time")]
     assert len(times) >= 10 and times == sorted(times)
     for r in rows:
         items, samples = float(r["train/device/items_per_sec"]), float(r["train/device/samples_per_sec"])

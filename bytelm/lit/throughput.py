@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,21 @@ def bytes_in(batch: dict[str, Any]) -> int:
     return int(batch["input_ids"].numel())
 
 
+class TrainThroughputMonitor(ThroughputMonitor):
+    """Lightning's monitor without its validation rows. Lightning logs validation throughput at step = the
+    number of validation batches so far, which lands on the training-step axis of the CSV log that
+    ``bytelm.eval.curves`` reads; validation is still timed, so its time stays out of ``train/time``."""
+
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any,
+                                **kwargs: Any) -> None:
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+
+
 def throughput_monitor(window: int = WINDOW) -> ThroughputMonitor:
-    """Lightning's monitor counting rows as samples and bytes as items."""
-    return ThroughputMonitor(batch_size_fn=rows, length_fn=bytes_in, window_size=max(2, window))
+    """Lightning's monitor counting rows as samples and bytes as items (training steps only)."""
+    return TrainThroughputMonitor(batch_size_fn=rows, length_fn=bytes_in, window_size=max(2, window))
 
 
 def compute_dtype(precision: str) -> torch.dtype:
