@@ -31,9 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bytelm.lit.throughput import device_peak_flops
 from bytelm.models import ModelConfig, build_model
 from bytelm.models.compile import CompiledForward
-from bytelm.models.flops import count_params, flops_per_byte, mfu, peak_flops
+from bytelm.models.flops import count_params, flops_per_byte, mfu
 from bytelm.models.generate import generate
 from bytelm.models.hierarchical import split_word_starts
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times[name].append(time.perf_counter() - t0)
             _log(f"train step {i + 1}/{a.repeats} {name}: {times[name][-1]:.2f} s")
 
-    peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    peak = device_peak_flops(device, "bf16-mixed")
     prompt = text[1000 : 1000 + a.prompt_bytes]
     res: dict[str, Any] = {}
     for name, model in models.items():

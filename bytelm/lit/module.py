@@ -19,6 +19,7 @@ from bytelm.config import Config, config_from_dict, config_to_dict
 from bytelm.data.packed import IGNORE
 from bytelm.lit.metrics import bits_per_byte, byte_nll_sum, z_loss
 from bytelm.lit.schedule import lr_multiplier
+from bytelm.lit.throughput import flops_per_batch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class ByteLMModule(L.LightningModule):
         self._val_sums: dict[int, list[float]] = {}  # validation group -> [nll nats, bytes]
         self.bad_steps = 0
         self._drop_grads = False
+        # read by Lightning's ThroughputMonitor for flops/s and MFU (bytelm.lit.throughput)
+        self.flops_per_batch = flops_per_batch(self.cfg)
         self._compiled: Any = None  # trainer.compile: the compiled training forward (False: arch not compiled)
         self._eager_train_steps = 0
 
