@@ -17,18 +17,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Two tiny trained runs (flat, hierarchical) with CSV logs: ``{name: run folder}``."""
+    """Tiny trained runs with CSV logs: flat and hierarchical on Shakespeare, and the hierarchical one on
+    ``data=mixture`` (``hat_tiny_mixture``): ``{name: run folder}``."""
     from bytelm.config import load_config
     from bytelm.train import run
 
     root = tmp_path_factory.mktemp("eval_runs")
     out = {}
-    for exp in ("flat_tiny", "hat_tiny"):
-        d = root / exp
-        run(load_config([f"experiment={exp}", "debug=cpu", f"trainer.out_dir={d}", "trainer.max_steps=2",
+    for name, exp, extra in (("flat_tiny", "flat_tiny", []), ("hat_tiny", "hat_tiny", []),
+                             ("hat_tiny_mixture", "hat_tiny", ["data=mixture"])):
+        d = root / name
+        run(load_config([f"experiment={exp}", *extra, "debug=cpu", f"trainer.out_dir={d}", "trainer.max_steps=2",
                          "trainer.val_every=1", "logger.kind=csv"]))
         assert (d / "checkpoints" / "last.ckpt").is_file()
-        out[exp] = d
+        out[name] = d
     return out
 
 
@@ -49,6 +51,7 @@ def test_report_on_two_tiny_checkpoints(tiny_runs, tmp_path, capsys):
     raw = report.main([
         "--run", f"flat={tiny_runs['flat_tiny'] / 'checkpoints' / 'last.ckpt'}",
         "--run", f"hierarchical={tiny_runs['hat_tiny']}",
+        "--multilingual-run", f"hierarchical={tiny_runs['hat_tiny_mixture']}",
         "--teacher", str(tmp_path / "missing.gguf"),  # cannot load: the row is skipped with its reason
         "--max-bytes", "1024", "--cute-items", "2", "--languages", "english,japanese",
         "--bench", str(tmp_path / "no_bench"), "--out", str(out), "--readme", str(readme),
@@ -58,8 +61,10 @@ def test_report_on_two_tiny_checkpoints(tiny_runs, tmp_path, capsys):
     md = out.read_text()
     for needle in ("## Main table", "**flat**", "**hierarchical**", "## Multilingual", "japanese",
                    "## Robustness", "swap@0.05", "space@0.15", "## Character-level", "Teacher reference row skipped",
-                   "missing.gguf", "bytelm-eval", "make bench", "majority answer"):
+                   "missing.gguf", "bytelm-eval", "make bench", "majority answer", "multilingual bpb †",
+                   "English bpb (mixture run)", "No multilingual numbers for flat"):
         assert needle in md, needle
+    assert "overall" not in md  # no average over scripts a model never saw
     for img in ("bpb_vs_flops", "bpb_vs_wall", "robustness", "multilingual", "cute"):
         p = out.parent / "img" / f"{img}.png"
         assert p.is_file() and p.stat().st_size > 1000, img
@@ -70,11 +75,106 @@ def test_report_on_two_tiny_checkpoints(tiny_runs, tmp_path, capsys):
     assert printed.count("bytelm-eval ") >= 2  # the command of each row is printed
     assert set(raw["results"]) == {"flat", "hierarchical"}
     h = raw["results"]["hierarchical"]
+    # multilingual numbers only from a model that trained on the dialogs, scored on the held-out ones
+    assert "multilingual" not in raw["results"]["flat"] and raw["results"]["flat"]["multilingual_skipped"]
+    assert h["multilingual"]["split"] == "validation" and set(h["multilingual"]["languages"]) == {"english", "japanese"}
+    assert h["multilingual_run"]["name"] == str(tiny_runs["hat_tiny_mixture"]) and h["multilingual_run"]["english_bpb"] > 0
+    header = next(ln for ln in md.splitlines() if ln.startswith("| model | type |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == report.MAIN_HEADER
+    curves = {n: report.Curve(**c) for n, c in raw["curves"].items()}
+    untimed = report.main_table(raw["results"], curves, timings=False)  # --no-timings
+    assert len(untimed) == 4 and "train time" not in untimed[0] and "eval bytes/s" not in untimed[0]
     assert h["model"]["kind"] == "hierarchical" and h["bpb"]["bytes_per_word"] > 1
     assert 0 < h["bpb"]["bpb"] < 10 and h["bpb"]["bytes"] == 1024
     assert json.loads(out.with_suffix(".json").read_text())["curves"]["flat"]["steps"] == [0, 1]
     c = raw["curves"]["hierarchical"]
     assert c["total_steps"] == 2 and c["flops"][1] == pytest.approx(2 * c["flops"][0]) and c["flops_exact"]
+
+
+def test_multilingual_language_without_scored_bytes():
+    """A language of which a model scores no byte (MrT5 on a 49-byte set) has bpb None, not 0, and stays out
+    of the mean over languages."""
+    from bytelm.eval.bpb import eval_multilingual
+    from bytelm.eval.scoring import CorpusResult
+
+    class HalfScorer:  # scores nothing of a language with under 100 bytes, 2 bits per byte otherwise
+        def corpus_nll(self, texts, progress=False):
+            n = sum(len(x) for x in texts)
+            n = n if n >= 100 else 0
+            return CorpusResult(nll=2 * n * 0.6931471805599453, n_bytes=n, seconds=1.0)
+
+    r = eval_multilingual(HalfScorer(), 4096, ["english", "thai"], split="validation")
+    assert r["languages"]["thai"] == {"bpb": None, "bytes": 0} and r["scripts"]["Thai"] is None
+    assert r["languages"]["english"]["bpb"] == pytest.approx(2.0) and r["macro_bpb"] == pytest.approx(2.0)
+
+
+def test_report_rejects_a_multilingual_run_without_its_row(tiny_runs):
+    report = _report_module()
+    with pytest.raises(SystemExit, match="no --run names"):
+        report.main(["--run", f"flat={tiny_runs['flat_tiny']}", "--multilingual-run", f"nope={tiny_runs['hat_tiny']}"])
+
+
+def test_report_cache_reuses_evaluations(tiny_runs, tmp_path):
+    """``--cache``: the second evaluation of the same model file, task and options comes from the cache; a
+    changed option or a rewritten checkpoint is evaluated again."""
+    from bytelm.eval.scoring import load_scorer
+    from bytelm.eval.suite import EvalOptions
+
+    report = _report_module()
+    spec = str(tiny_runs["flat_tiny"])
+    scorer = load_scorer(spec, name="flat")
+    opts = EvalOptions(tasks=("bpb", "cute"), max_bytes=256, cute_items=1)
+    first = report.evaluate(scorer, spec, opts, tmp_path)
+    again = report.evaluate(scorer, spec, opts, tmp_path)
+    assert "cached" not in first and again["cached"] == ["bpb", "cute"]
+    assert again["bpb"] == first["bpb"] and again["cute"] == first["cute"]
+    other = report.evaluate(scorer, spec, EvalOptions(tasks=("bpb",), max_bytes=128), tmp_path)
+    assert "cached" not in other and other["bpb"]["bytes"] == 128
+    assert report.model_identity("teacher") == "teacher"
+
+
+def test_equal_flops_rule(tiny_runs):
+    """flat_tiny's budget is hat_tiny's training FLOPs as the table counts them; the flat run gets the most
+    steps within it (scripts/demo.py, scripts/make_results.sh)."""
+    from bytelm.config import load_config
+    from bytelm.eval.curves import checkpoint_step, run_training_flops, training_curve
+    from bytelm.models.flops import flops_per_byte
+    from bytelm.train import steps_for_flops
+
+    hat = tiny_runs["hat_tiny"]
+    budget = run_training_flops(hat)
+    hat_cfg = load_config(["experiment=hat_tiny", "debug=cpu"])
+    assert budget == training_curve(hat / "checkpoints" / "last.ckpt", hat_cfg).total_flops
+    assert checkpoint_step(hat) == 2
+    flat = load_config(["experiment=flat_tiny", "debug=cpu", f"trainer.flops_budget={budget!r}"])
+    per_step = flops_per_byte(flat.model, flat.data.seq_len) * flat.data.batch_size * flat.data.seq_len
+    steps = steps_for_flops(flat)
+    assert steps * per_step <= budget < (steps + 1) * per_step
+
+
+def test_tiny_experiments_carry_their_rows_settings():
+    """The README's rows are the experiments as configured: hat_tiny and its gate twin 400 steps, and flat_tiny
+    the most steps within hat_tiny's training FLOPs at a bytes-per-word the splitter gives (4.2-4.6; the exact
+    count comes from the run's logged value, scripts/demo.py)."""
+    from dataclasses import replace
+
+    from bytelm.config import load_config
+    from bytelm.models.flops import flops_per_byte
+    from bytelm.train import steps_for_flops
+
+    hat, flat = load_config(["experiment=hat_tiny"]), load_config(["experiment=flat_tiny"])
+    assert hat.trainer.max_steps == 400
+    for name in ("hat_tiny_gate", "mrt5_tiny", "mrt5_tiny_nogate", "flat_tiny"):
+        c = load_config([f"experiment={name}"])
+        assert (c.data.seq_len, c.data.batch_size, c.data.val_max_bytes, c.trainer.val_every) == (
+            hat.data.seq_len, hat.data.batch_size, hat.data.val_max_bytes, hat.trainer.val_every), name
+        if name != "flat_tiny":
+            assert c.trainer.max_steps == hat.trainer.max_steps, name
+    bytes_seen = hat.trainer.max_steps * hat.data.batch_size * hat.data.seq_len
+    lo, hi = (flops_per_byte(hat.model, hat.data.seq_len, bpw) * bytes_seen for bpw in (4.6, 4.2))
+    assert flat.trainer.flops_budget == 0  # a budget would override debug=cpu's and tests' max_steps
+    steps = [steps_for_flops(replace(flat, trainer=replace(flat.trainer, flops_budget=b))) for b in (lo, hi)]
+    assert steps[0] <= flat.trainer.max_steps <= steps[1]
 
 
 def test_train_command_from_run_folder(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """Teacher vs distilled student vs CE-only student, bits per byte on the same validation bytes.
 
-    python -m bytelm.cli.distill_compare                      # compare runs/distill_smollm2_tiny and its twin
-    python -m bytelm.cli.distill_compare --train              # train both first (same overrides for both)
-    python -m bytelm.cli.distill_compare --distilled A.ckpt --baseline B.ckpt [--json out.json]
+    bytelm-distill-compare                      # compare runs/distill_smollm2_tiny and its twin
+    bytelm-distill-compare --train              # train both first (same overrides for both)
+    bytelm-distill-compare --distilled A.ckpt --baseline B.ckpt [--json out.json]
+
+(``bytelm-distill-compare`` = ``python -m bytelm.cli.distill_compare``.)
 
 Every number is measured on the validation rows of the distilled run's data config (``data.seq_len``,
 ``data.val_max_bytes``), i.e. exactly the bytes its ``val/bpb`` counts. The students' bpb is their byte NLL
@@ -160,7 +162,8 @@ def format_table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bytelm-distill-compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="distill_smollm2_tiny")
     ap.add_argument("--baseline-experiment", default="distill_ce_baseline_tiny")
     ap.add_argument("--distilled", help="checkpoint or run folder (default: runs/<experiment name>)")

@@ -1,4 +1,7 @@
-"""``bytelm-generate CKPT --prompt "..."``: sample text from a checkpoint with KV-cached generation."""
+"""``bytelm-generate CKPT --prompt "..."``: sample text from a checkpoint with KV-cached generation.
+
+The defaults are ``bytelm.models.generate.generate``'s (256 bytes, temperature 1.0: the model's own
+distribution); pass ``--temperature 0.7`` or ``--top-k`` for tamer samples, ``--temperature 0`` for greedy."""
 
 from __future__ import annotations
 
@@ -8,25 +11,38 @@ import sys
 import torch
 
 from bytelm.checkpoint import load_model
+from bytelm.models.generate import DEFAULT_MAX_NEW_BYTES, DEFAULT_TEMPERATURE
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="bytelm-generate", description=__doc__)
-    p.add_argument("ckpt", help="bytelm Lightning checkpoint (.ckpt)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bytelm-generate", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("ckpt", help="bytelm checkpoint: Lightning .ckpt, sharded folder or consolidated .safetensors")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-bytes", type=int, default=300, help="bytes to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", default=None, help="stop after any of these characters (e.g. '\\n')")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_NEW_BYTES, help="bytes to generate (at most)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
+    p.add_argument("--stop", default=None,
+                   help="stop once the output ends with this text (included; escapes such as '\\n' work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward each byte (slow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_stop(text: str) -> bytes:
+    """``--stop`` text -> UTF-8 bytes, with backslash escapes (``\\n``, ``\\t``, ``\\x41``) resolved; any
+    other character stays itself (``é``, ``日``)."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from bytelm.models.generate import stream
 
     model, _ = load_model(args.ckpt, args.device)
-    stop = args.stop.encode("utf-8").decode("unicode_escape").encode("utf-8") if args.stop else None
+    stop = parse_stop(args.stop) if args.stop else None
     sys.stdout.write(args.prompt)
     for piece in stream(model, args.prompt.encode("utf-8"), max_new_bytes=args.max_bytes,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_bytes=stop,

@@ -103,7 +103,9 @@ def eval_multilingual(
     split: str = "all",
 ) -> dict[str, Any]:
     """bpb per language of the chatterbot dialogs of ``split`` (at most ``max_bytes`` each), pooled over all
-    bytes, the mean over languages, and pooled per writing system."""
+    bytes, the mean over languages, and pooled per writing system. A language of which the model scores no
+    byte (MrT5 scores only each row's continuation: a 49-byte held-out set can leave none) has bpb None and
+    stays out of the mean."""
     from bytelm.eval.multilingual import multilingual_documents, script_of
 
     docs = multilingual_documents(split)
@@ -116,18 +118,19 @@ def eval_multilingual(
     nll, n = 0.0, 0
     for lang in langs:
         r = scorer.corpus_nll(take_bytes([d.data for d in docs[lang]], max_bytes), progress=progress)
-        per[lang] = summarize(r)
+        per[lang] = summarize(r) if r.n_bytes else {"bpb": None, "bytes": 0}
         nll, n = nll + r.nll, n + r.n_bytes
         acc = scripts.setdefault(script_of(lang), [0.0, 0.0])
         acc[0] += r.nll
         acc[1] += r.n_bytes
+    scored = [v["bpb"] for v in per.values() if v["bpb"] is not None]
     return {
         "split": split,
         "languages": per,
-        "scripts": {k: CorpusResult(v[0], int(v[1]), 0.0).bpb for k, v in sorted(scripts.items())},
+        "scripts": {k: CorpusResult(v[0], int(v[1]), 0.0).bpb if v[1] else None for k, v in sorted(scripts.items())},
         "pooled_bpb": CorpusResult(nll, n, 0.0).bpb,
         "bytes": n,
-        "macro_bpb": sum(v["bpb"] for v in per.values()) / max(len(per), 1),
+        "macro_bpb": sum(scored) / max(len(scored), 1),
     }
 
 

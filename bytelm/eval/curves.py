@@ -9,11 +9,16 @@ later versions win for the same step). From it:
   hierarchical model with the bytes per word logged in training, else measured at evaluation, else 4.5). For an
   architecture the formula does not cover (MrT5), ``6 * non-embedding parameters`` per byte, flagged
   ``flops_exact=False``;
+- the run's total steps: the checkpoint's ``global_step`` (the CSV's last logged step can be earlier: a run of
+  209 steps that logs every 10 has its last row at step 199);
 - wall-clock of training at step ``s``: the sum of per-step times, each carried forward over the unlogged
   steps until the next log. Per-step times come from Lightning's ``ThroughputMonitor`` (``train/time``, the
   training seconds so far: its increase between two logged steps over their distance) or, in logs written
   before bytelm used it, from ``perf/step_s`` / ``perf/bytes_per_s``. Validation and checkpointing time are not
   included (they are not training).
+
+``run_training_flops(run)`` is the same rule for a finished run: the main table's "train FLOPs" and the
+equal-FLOPs budget that ``scripts/demo.py`` (and so ``scripts/make_results.sh``) gives the flat baseline.
 """
 
 from __future__ import annotations
@@ -101,10 +106,64 @@ def _flops_per_byte(cfg: Any, model: Any, bytes_per_word: float | None) -> tuple
     return 6.0 * n, False
 
 
+def checkpoint_file(spec: str | Path) -> Path | None:
+    """The Lightning checkpoint a checkpoint path or run folder names (None for anything else, e.g. an exported
+    folder or a sharded checkpoint)."""
+    p = Path(spec)
+    if p.is_file():
+        return p if p.suffix == ".ckpt" else None
+    if not p.is_dir() or (p / "config.json").is_file():
+        return None
+    from bytelm.eval.scoring import resolve_checkpoint
+
+    try:
+        ck = resolve_checkpoint(p)
+    except FileNotFoundError:
+        return None
+    return ck if ck.is_file() else None
+
+
+def checkpoint_step(spec: str | Path) -> int | None:
+    """``global_step`` of a bytelm Lightning checkpoint (file or run folder); None when it has none."""
+    ck = checkpoint_file(spec)
+    if ck is None:
+        return None
+    import torch
+
+    try:
+        step = torch.load(ck, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint only loses the step count
+        log.warning("cannot read the global step of %s: %s", ck, e)
+        return None
+    return None if step is None else int(step)
+
+
+def run_training_flops(run: str | Path) -> float:
+    """Training FLOPs that a finished run (checkpoint or run folder, trained with ``logger=csv``) spent: its
+    steps times bytes per step times ``flops_per_byte`` with the bytes per word logged in training, i.e. the
+    main table's "train FLOPs". The equal-FLOPs comparisons give the flat baseline this as its
+    ``trainer.flops_budget``. Raises ValueError for an architecture without an exact formula."""
+    from bytelm.checkpoint import config_of, read_checkpoint
+
+    ck = checkpoint_file(run)
+    if ck is None:
+        raise FileNotFoundError(f"no Lightning checkpoint in {str(run)!r}")
+    cfg = config_of(read_checkpoint(ck))
+    curve = training_curve(ck, cfg)
+    if not curve.flops_exact:
+        raise ValueError(f"no exact FLOPs formula for model.arch={cfg.model.arch!r}")
+    if cfg.model.arch == "hierarchical" and not any(True for _ in run_dir_of(ck).glob("csv/version_*/metrics.csv")):
+        log.warning("%s has no CSV log: FLOPs counted at the default bytes per word", run)
+    return curve.total_flops
+
+
 def training_curve(ckpt_path: str | Path, cfg: Any, model: Any = None, bytes_per_word: float | None = None,
                    global_step: int | None = None) -> Curve:
-    """The run's validation curve against FLOPs and wall-clock (empty ``steps`` when it has no CSV log)."""
+    """The run's validation curve against FLOPs and wall-clock (empty ``steps`` when it has no CSV log).
+    ``global_step`` (default: read from the checkpoint) is the run's total steps."""
     run_dir = run_dir_of(ckpt_path)
+    if global_step is None:
+        global_step = checkpoint_step(ckpt_path)
     rows, files = read_metrics(run_dir)
     logged_bpw = [v["train/bytes_per_word"] for v in rows.values() if "train/bytes_per_word" in v]
     bpw = sum(logged_bpw) / len(logged_bpw) if logged_bpw else bytes_per_word
@@ -113,7 +172,7 @@ def training_curve(ckpt_path: str | Path, cfg: Any, model: Any = None, bytes_per
     per_step_bytes = cfg.data.batch_size * cfg.data.seq_len * max(1, t.accumulate) * _world(cfg)
     curve = Curve(flops_per_byte=fpb, flops_exact=exact, source=", ".join(str(f) for f in files))
     last = max(rows) if rows else 0
-    curve.total_steps = max(last + 1 if rows else 0, global_step or 0)  # CSV steps count from 0
+    curve.total_steps = global_step if global_step is not None else (last + 1 if rows else 0)  # CSV from 0
     curve.total_flops = fpb * per_step_bytes * curve.total_steps
     if not files:
         curve.source = f"no CSV log under {run_dir}/csv (train with logger=csv for curves)"

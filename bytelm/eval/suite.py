@@ -86,10 +86,6 @@ def run_suite(scorer: Scorer, opts: EvalOptions, progress: bool = False) -> dict
             items = generate_suite(n_per_task=opts.cute_items, seed=opts.seed, shots=opts.cute_shots)
             res["cute"] = score_items(scorer, items)
         res["seconds"][task] = time.perf_counter() - t0
-    if "bpb" in res and "multilingual" in res:  # pooled over every byte evaluated
-        e, m = res["bpb"], res["multilingual"]
-        n = e["bytes"] + m["bytes"]
-        res["overall_bpb"] = (e["bpb"] * e["bytes"] + m["pooled_bpb"] * m["bytes"]) / max(n, 1)
     return res
 
 
@@ -109,10 +105,11 @@ def format_text(res: dict[str, Any]) -> str:
         ml = res["multilingual"]
         lines.append(f"  multilingual ({ml['split']} dialogs): pooled {ml['pooled_bpb']:.4f} bpb, mean over "
                      f"{len(ml['languages'])} languages {ml['macro_bpb']:.4f} ({ml['bytes']:,} bytes)")
-        lines += [f"    {lang:<20}{v['bpb']:8.4f}  ({v['bytes']:,} bytes)" for lang, v in ml["languages"].items()]
-        lines += [f"    script {k:<13}{v:8.4f}" for k, v in ml["scripts"].items()]
-    if "overall_bpb" in res:
-        lines.append(f"  overall (English + multilingual, pooled): {res['overall_bpb']:.4f} bpb")
+        def num(x: float | None) -> str:
+            return "       —" if x is None else f"{x:8.4f}"
+
+        lines += [f"    {lang:<20}{num(v['bpb'])}  ({v['bytes']:,} bytes)" for lang, v in ml["languages"].items()]
+        lines += [f"    script {k:<13}{num(v)}" for k, v in ml["scripts"].items()]
     if "robustness" in res:
         r = res["robustness"]
         lines.append(f"  robustness: clean {r['clean_bpb']:.4f} bpb; mean degradation {r['mean_delta']:+.4f} "

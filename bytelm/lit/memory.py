@@ -102,6 +102,38 @@ def format_table(rows: list[dict[str, object]], n_gpus: int) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m bytelm.lit.memory: the table in docs/scaling.md
-    sizes = {"125M": 125e6, "350M": 350e6, "1.3B": 1.3e9, "7B": 7e9, "13B": 13e9, "70B": 70e9}
-    print(format_table(memory_table(sizes, 8), 8))
+DEFAULT_SIZES = "125M,350M,1.3B,7B,13B,70B"
+_UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def parse_size(s: str) -> float:
+    """``"1.3B"`` -> 1.3e9 (suffix K, M, B/G or T; a plain number is a parameter count)."""
+    s = s.strip()
+    mult = _UNITS.get(s[-1:].upper(), 1.0)
+    try:
+        return float(s[:-1] if mult != 1.0 else s) * mult
+    except ValueError:
+        raise ValueError(f"not a parameter count: {s!r} (e.g. 350M, 1.3B, 7e9)") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``bytelm-memory`` (= ``python -m bytelm.lit.memory``): the model-states table of docs/scaling.md."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="bytelm-memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs the states are sharded over (default 8)")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES,
+                    help=f"comma-separated parameter counts (default {DEFAULT_SIZES})")
+    args = ap.parse_args(argv)
+    if args.gpus < 1:
+        ap.error("--gpus must be at least 1")
+    try:
+        sizes = {s.strip(): parse_size(s) for s in args.sizes.split(",") if s.strip()}
+    except ValueError as e:
+        ap.error(str(e))
+    print(format_table(memory_table(sizes, args.gpus), args.gpus))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,10 @@ from torch import nn
 
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
+# the defaults of generate(), stream() and the bytelm-generate command (one place: they cannot drift apart)
+DEFAULT_MAX_NEW_BYTES = 256
+DEFAULT_TEMPERATURE = 1.0  # sample from the model's distribution as it is; 0 = greedy
+
 
 def _filter_logits(
     logits: torch.Tensor,  # (V,) raw model logits
@@ -64,8 +68,8 @@ def iter_generate(
     model: nn.Module,
     prompt_ids: list[int],
     *,
-    max_new_bytes: int = 256,
-    temperature: float = 1.0,
+    max_new_bytes: int = DEFAULT_MAX_NEW_BYTES,
+    temperature: float = DEFAULT_TEMPERATURE,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
@@ -111,8 +115,8 @@ def _iter_bytes(model: nn.Module, prompt: bytes, stop_bytes: bytes | None, bos: 
 def generate(
     model: nn.Module,
     prompt: bytes,
-    max_new_bytes: int = 256,
-    temperature: float = 1.0,
+    max_new_bytes: int = DEFAULT_MAX_NEW_BYTES,
+    temperature: float = DEFAULT_TEMPERATURE,
     top_k: int = 0,
     top_p: float = 1.0,
     stop_bytes: bytes | None = None,
@@ -138,8 +142,8 @@ def generate(
 def stream(
     model: nn.Module,
     prompt: bytes,
-    max_new_bytes: int = 256,
-    temperature: float = 1.0,
+    max_new_bytes: int = DEFAULT_MAX_NEW_BYTES,
+    temperature: float = DEFAULT_TEMPERATURE,
     top_k: int = 0,
     top_p: float = 1.0,
     stop_bytes: bytes | None = None,
