@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train every model that docs/results.md compares, then write docs/results.md (+ docs/img/*.png and the README
-# block) with scripts/report.py. Two lanes of training at a time; on the 2-core CPU machine about 40 minutes of
-# training when the machine is otherwise idle, and 15 minutes of evaluation (most of it the SmolLM2 teacher row).
+# block) with scripts/report.py. Two lanes of training at a time. Measured on the 2-core CPU machine while other
+# jobs shared it: 80 minutes of training, 35 minutes of evaluation (24 of them the SmolLM2 teacher row).
 #
 #   bash scripts/make_results.sh                 # everything
 #   SKIP_TRAIN=1 bash scripts/make_results.sh    # only (re-)evaluate the existing runs
