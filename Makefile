@@ -7,7 +7,7 @@ STAMP := $(VENV)/.bytelm-installed
 export DS_BUILD_OPS := 0
 export WANDB_SILENT := true
 
-.PHONY: setup demo byteify test test-slow test-distributed lint bench results gpu-check clean help
+.PHONY: setup demo byteify test test-slow test-distributed test-slurm lint bench results gpu-check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -36,6 +36,9 @@ test-slow: setup  ## slow tests (longer training runs, heavier multi-process run
 
 test-distributed: setup  ## only the multi-process strategy tests (gloo on CPU)
 	$(PY) -m pytest -q -m "distributed and not gpu"
+
+test-slurm: setup  ## real Slurm on this host (root): installs slurm-wlm + munge if missing, one-node cluster, pytest -m slurm
+	PY=$(PY) bash scripts/slurm_cluster.sh test
 
 lint: setup  ## ruff + mypy
 	$(VENV)/bin/ruff check bytelm tests scripts

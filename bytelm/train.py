@@ -72,6 +72,9 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
 
         attach_objective(module, cfg)
     data = ByteDataModule(cfg)
+    from bytelm.lit.callbacks import debug_callbacks
+
+    callbacks = [*(callbacks or []), *debug_callbacks(cfg.trainer.batch_log, cfg.trainer.step_sleep_s)]
     trainer = build_trainer(cfg, callbacks=callbacks, **trainer_overrides)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
@@ -94,6 +97,9 @@ register_configs()
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(dcfg: DictConfig) -> float | None:
     cfg = to_config(dcfg)
+    sweep_dir = _sweep_point_dir()
+    if sweep_dir is not None:  # each point of a sweep (-m) trains in its own folder, not all in runs/<name>
+        cfg.trainer.out_dir = sweep_dir
     result = run(cfg)
     bpb = result["metrics"].get("val/bpb")
     if result["trainer"].is_global_zero:  # once per run (RANK is not set in every launcher's ranks)
@@ -104,7 +110,26 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     return bpb
 
 
+def _sweep_point_dir() -> str | None:
+    """In a multirun (``-m``, any launcher) without an explicit ``trainer.out_dir``: the point's output folder
+    (``hydra.sweep.dir/hydra.sweep.subdir``, e.g. ``runs/multirun/<name>/<n>``), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    if any(o.lstrip("+~").startswith("trainer.out_dir=") for o in hc.overrides.task):
+        return None
+    return str(hc.runtime.output_dir)
+
+
 def main() -> None:
+    from bytelm.lit.callbacks import catch_requeue_signal_early
+
+    catch_requeue_signal_early()  # a Slurm job step: SIGUSR1 during start-up must not kill the task
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # datasets otherwise waits 5 s at exit for its threads
         import datasets.config

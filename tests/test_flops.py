@@ -15,7 +15,6 @@ from bytelm.models.flops import (
     flops_per_byte,
     mfu,
     param_count_estimate,
-    peak_flops,
 )
 
 CFGS = {
@@ -64,5 +63,4 @@ def test_hierarchical_is_cheaper_per_byte_and_mfu() -> None:
     f, h = flops_per_byte(flat, 2048), flops_per_byte(hier, 2048)
     assert h < f / 2
     assert flops_per_byte(hier, 2048, 8.0) < h  # longer words -> cheaper backbone per byte
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("cpu") is None
     assert mfu(1e9, 1e5, None) is None and mfu(1e9, 1e5, 1e15) == pytest.approx(1e-1)

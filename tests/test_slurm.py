@@ -1,6 +1,7 @@
-"""Slurm: the sbatch template for 1 and 4 nodes (bash -n, and executed with fake srun/scontrol), rank and
-world size from faked Slurm variables, SIGUSR1 -> checkpoint + requeue -> the requeued run resumes from it,
-and the hydra/launcher=slurm config composes (hydra-submitit-launcher itself is not needed for that)."""
+"""Slurm without a cluster (fast): the sbatch template for 1 and 4 nodes (bash -n, and executed with fake
+srun/scontrol), rank and world size from faked Slurm variables, SIGUSR1 -> checkpoint + requeue -> the requeued
+run resumes from it with the next batches, a SIGUSR1 before training is not fatal, and the hydra/launcher=slurm
+config composes. tests/test_slurm_cluster.py runs the same against a real one-node Slurm (``make test-slurm``)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def test_sbatch_template_is_valid_bash_with_the_right_directives():
     text = SBATCH.read_text()
     for directive in ("--signal=SIGUSR1@90", "--requeue", "--ntasks-per-node=", "--gpus-per-node="):
         assert f"#SBATCH {directive}" in text
-    tasks = re.search(r"--ntasks-per-node=(\d+)", text)
-    gpus = re.search(r"--gpus-per-node=(\d+)", text)
+    tasks = re.search(r"#SBATCH --ntasks-per-node=(\d+)", text)
+    gpus = re.search(r"#SBATCH --gpus-per-node=(\d+)", text)
     assert tasks and gpus and tasks.group(1) == gpus.group(1)  # one task per GPU
     assert "srun" in text and "python -m bytelm.train" in text and "ckpt_path=last" in text
     assert "scontrol show hostnames" in text
@@ -86,7 +87,43 @@ def test_sbatch_renders_and_launches(nodes, tmp_path):
     assert "MASTER_ADDR=gpu001 " in line and "MASTER_PORT=31337" in line
     assert f"trainer.num_nodes={nodes}" in line and "trainer.devices=8" in line
     assert "ckpt_path=last" in line and line.endswith("experiment=hat_small strategy=deepspeed_zero2")
-    assert f"{nodes} node(s) x 8 GPU(s)" in out
+    assert f"{nodes} node(s) x 8 task(s)" in out
+
+
+@pytest.mark.parametrize("srun_exit", [0, 3])
+def test_sbatch_shell_forwards_sigusr1_to_srun_and_keeps_its_exit_status(srun_exit, tmp_path):
+    """`scancel --signal=USR1 --full` / `--batch` signal the batch shell too: it must pass the signal on to
+    srun (which signals the tasks) instead of dying of it, and still exit with srun's status."""
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(1))
+    fake = _fake_bin(tmp_path / "bin")
+    (fake / "srun").write_text(
+        "#!/bin/bash\n"
+        f"trap 'echo USR1 >> {tmp_path}/srun.signals; exit {srun_exit}' USR1\n"
+        f"touch {tmp_path}/srun.started\n"
+        "for _ in $(seq 1 600); do sleep 0.05; done\n"
+        "exit 99\n"
+    )
+    env = {
+        "PATH": f"{fake}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_JOB_ID": "5",
+        "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NODELIST": "gpu001",
+        "SLURM_SUBMIT_DIR": str(tmp_path), "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+    }
+    proc = subprocess.Popen(["bash", str(script), "experiment=hat_tiny"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "srun.started").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "srun.signals").read_text().split() == ["USR1"]
+    assert "[bytelm] batch shell: SIGUSR1, forwarded to the tasks" in out
+    assert proc.returncode == srun_exit, out
 
 
 def test_fake_slurm_environment_gives_rank_and_world_size(tmp_path):
@@ -134,7 +171,8 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path):
         env.pop(k, None)
     out_dir = tmp_path / "run"
     ck = out_dir / "checkpoints"
-    proc = subprocess.Popen(_train_cmd(out_dir, "trainer.max_steps=100000"), cwd=ROOT, env=env,
+    batch_log = f"trainer.batch_log={tmp_path / 'batches.jsonl'}"
+    proc = subprocess.Popen(_train_cmd(out_dir, "trainer.max_steps=100000", batch_log), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -156,11 +194,42 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path):
     assert 2 <= saved < 1000
 
     # the requeued job: same command, resumes from last.ckpt and continues to its end
-    again = subprocess.run(_train_cmd(out_dir, f"trainer.max_steps={saved + 2}"), cwd=ROOT, env=env,
+    again = subprocess.run(_train_cmd(out_dir, f"trainer.max_steps={saved + 2}", batch_log), cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    assert "Restoring states from the checkpoint path" in again.stdout + again.stderr
+    assert f"Restoring states from the checkpoint path at {ck / 'last.ckpt'}" in again.stdout + again.stderr
     assert torch.load(ck / "last.ckpt", weights_only=False)["global_step"] == saved + 2
+    assert sorted(p.name for p in ck.glob("last*")) == ["last.ckpt"]  # overwritten, never last-v1.ckpt
+    # trainer.batch_log: every step once, the requeued run's continuing where the first stopped
+    recs = [json.loads(line) for line in (tmp_path / "batches.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, saved + 3))
+    assert {r["rank"] for r in recs} == {0} and len({r["sha1"] for r in recs}) == len(recs)
+
+
+def test_sigusr1_before_training_is_remembered_not_fatal(monkeypatch):
+    """In a Slurm job step a SIGUSR1 during start-up (before RequeueOnSignal is installed) does not kill the
+    process (SIGUSR1's default action): it is remembered and acted on at the first step boundary."""
+    from bytelm.lit import callbacks as cb
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        assert not cb.catch_requeue_signal_early()  # not a job step (e.g. the batch script, or no Slurm)
+        monkeypatch.setenv("SLURM_JOB_ID", "7")
+        monkeypatch.setenv("SLURM_STEP_ID", "0")
+        assert cb.catch_requeue_signal_early()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)  # Python runs the handler at the next bytecode boundary of the main thread
+        assert signal.SIGUSR1 in cb._PENDING
+        requeue = cb.RequeueOnSignal(Path("unused"))
+        requeue.on_fit_start(None, None)  # type: ignore[arg-type]
+        assert requeue._flag and signal.SIGUSR1 not in cb._PENDING
+        requeue._restore()
+        assert signal.getsignal(signal.SIGUSR1) == cb._remember_signal  # after training: remembered again
+    finally:
+        cb._PENDING.discard(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, previous if previous is not None else signal.SIG_DFL)
 
 
 def test_hydra_slurm_launcher_config_composes():

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
 from bytelm.config import config_to_dict, load_config
-from bytelm.lit.callbacks import ThroughputMonitor, device_peak_flops, mfu, peak_flops_for_name
 from bytelm.lit.memory import GIB, activation_bytes, model_states_bytes
 from bytelm.lit.metrics import z_loss
 from bytelm.lit.schedule import lr_multiplier
+from bytelm.lit.throughput import compute_dtype, device_peak_flops
 from bytelm.lit.trainer import build_logger, resolve_precision
 from bytelm.models import build_model
 from bytelm.train import run
@@ -65,7 +64,7 @@ def test_z_loss_formula_and_bf16_run_with_metrics(tmp_path):
                            f"trainer.out_dir={tmp_path}"]))
     m = res["metrics"]
     assert m["train/z_loss"] > 0 and math.isfinite(m["train/loss"])
-    assert m["perf/bytes_per_s"] > 0 and "perf/mfu" not in m  # no MFU on CPU
+    assert "train/device/mfu" not in m  # no MFU on CPU
 
 
 def test_wsd_and_cosine_schedules():
@@ -130,30 +129,47 @@ def test_nonfinite_losses_stop_the_run_after_the_limit(tmp_path):
         build_trainer(cfg).fit(module, datamodule=ByteDataModule(cfg))
 
 
-def test_throughput_words_and_mfu():
-    logged: dict[str, float] = {}
-    mod = SimpleNamespace(log_dict=lambda d, **kw: logged.update(d))
-    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
-    cb = ThroughputMonitor()
-    cb._flops_per_byte, cb._peak_total = 1e6, 2e12
-    batch = {"input_ids": torch.zeros(4, 64, dtype=torch.long), "word_start": torch.zeros(4, 64, dtype=torch.bool)}
-    batch["word_start"][:, ::8] = True
-    cb.on_train_batch_start(trainer, mod, batch, 0)  # type: ignore[arg-type]
-    cb.on_train_batch_end(trainer, mod, None, batch, 0)  # type: ignore[arg-type]
-    bps = logged["perf/bytes_per_s"]
-    assert bps == pytest.approx(2 * 4 * 64 / logged["perf/step_s"])
-    assert logged["perf/words_per_s"] == pytest.approx(bps / 8)
-    assert logged["perf/mfu"] == pytest.approx(1e6 * bps / 2e12)
+def test_throughput_and_mfu_through_lightnings_monitor(tmp_path, monkeypatch):
+    """Lightning's ThroughputMonitor counts bytes as items and rows as samples, and computes MFU from the
+    module's ``flops_per_batch`` (bytelm's formula); a known peak is injected since CPUs have none."""
+    import csv
+
+    from lightning.pytorch.callbacks import throughput_monitor as tm
+
+    from bytelm.models.flops import flops_per_byte
+
+    peak = 1e12
+    monkeypatch.setattr(tm, "get_available_flops", lambda device, dtype: peak)
+    cfg = load_config([*QUICK, "experiment=hat_tiny", "trainer.max_steps=14", "trainer.log_every=1", "logger.kind=csv",
+                       "trainer.val_every=7",
+                       f"trainer.out_dir={tmp_path}"])
+    res = run(cfg)
+    fpb = flops_per_byte(cfg.model, cfg.data.seq_len) * cfg.data.batch_size * cfg.data.seq_len
+    assert res["module"].flops_per_batch == pytest.approx(fpb)
+    (metrics,) = (tmp_path / "csv").glob("version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/device/items_per_sec")]
+    assert rows, "no throughput rates logged"
+    every = list(csv.DictReader(metrics.open()))
+    assert max(int(r["step"]) for r in every) <= cfg.trainer.max_steps  # no validation rows off the step axis
+    assert not any(k.startswith("validate/") and v for r in every for k, v in r.items())
+    times = [float(r["train/time"]) for r in every if r.get("train/time")]
+    assert len(times) >= 10 and times == sorted(times)
+    for r in rows:
+        items, samples = float(r["train/device/items_per_sec"]), float(r["train/device/samples_per_sec"])
+        batches = float(r["train/device/batches_per_sec"])
+        assert items == pytest.approx(samples * cfg.data.seq_len, rel=1e-6)
+        assert samples == pytest.approx(batches * cfg.data.batch_size, rel=1e-6)
+        assert float(r["train/device/flops_per_sec"]) == pytest.approx(batches * fpb, rel=1e-6)
+        assert float(r["train/device/mfu"]) == pytest.approx(batches * fpb / peak, rel=1e-6)
 
 
-def test_peak_flops_table():
-    assert peak_flops_for_name("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989e12
-    assert peak_flops_for_name("NVIDIA H100 PCIe", "bf16-mixed") == 756e12
-    assert peak_flops_for_name("NVIDIA A100-SXM4-80GB", "bf16-mixed") == 312e12
-    assert peak_flops_for_name("NVIDIA H200", "bf16-true") == 989e12
-    assert peak_flops_for_name("Some Future GPU") is None
+def test_peak_flops_by_device_and_precision():
     assert device_peak_flops("cpu") is None
-    assert mfu(1e6, 1e5, None) is None
+    assert compute_dtype("bf16-mixed") == torch.bfloat16 and compute_dtype("16-mixed") == torch.float16
+    assert compute_dtype("32-true") == torch.float32
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    assert get_available_flops(torch.device("cpu"), torch.float32) is None  # Lightning's table: GPUs/TPUs only
 
 
 def test_flops_formula_feeds_mfu():
@@ -254,3 +270,46 @@ def test_strategy_typos_fail_with_the_key():
         from bytelm.lit.strategies import make_strategy
 
         make_strategy(load_config(["strategy.name=deepspeed_zero4"]))
+
+
+def test_wall_clock_per_step_from_lightnings_train_time():
+    from bytelm.eval.curves import _seconds_from_train_time
+
+    rows = {0: {"train/time": 1.0}, 4: {"train/time": 9.0}, 5: {"val/bpb": 3.0}, 10: {"train/time": 21.0},
+            12: {"train/time": 0.5}, 14: {"train/time": 4.5}}  # step 12: a resumed run restarted the clock
+    got = _seconds_from_train_time(rows)
+    assert got == {4: 2.0, 10: 2.0, 14: 2.0}
+
+
+def test_logger_and_strategy_arguments_pass_through(tmp_path):
+    """logger.kwargs / strategy.kwargs reach the Lightning classes (no code change for a new argument);
+    kind=custom instantiates any logger class; a wrong argument names the class."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from bytelm.lit.trainer import build_strategy
+
+    cfg = load_config(["debug=cpu", "logger.kind=csv", "+logger.kwargs.flush_logs_every_n_steps=7",
+                       f"trainer.out_dir={tmp_path}"])
+    lg = build_logger(cfg)
+    assert isinstance(lg, CSVLogger) and lg._flush_logs_every_n_steps == 7 and lg.save_dir == str(tmp_path)
+    # kind=custom: the class and every argument from the config (CSVLogger stands in for any logger class)
+    cfg = load_config(["debug=cpu", "logger.kind=custom", "logger._target_=lightning.pytorch.loggers.CSVLogger",
+                       f"+logger.kwargs.save_dir={tmp_path / 'c'}", "+logger.kwargs.name=custom_csv"])
+    lg = build_logger(cfg)
+    assert isinstance(lg, CSVLogger) and lg.name == "custom_csv" and lg.save_dir == str(tmp_path / "c")
+    cfg.logger._target_ = ""
+    with pytest.raises(ValueError, match="logger._target_"):
+        build_logger(cfg)
+    cfg = load_config(["debug=cpu", "logger.kind=csv", "+logger.kwargs.no_such_arg=1", f"trainer.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="CSVLogger"):
+        build_logger(cfg)
+
+    cfg = load_config(["debug=cpu", "strategy=ddp", "+strategy.kwargs.static_graph=true",
+                       "+strategy.kwargs.gradient_as_bucket_view=true"])
+    st = build_strategy(cfg)
+    assert st._ddp_kwargs["static_graph"] is True and st._ddp_kwargs["gradient_as_bucket_view"] is True
+    cfg = load_config(["debug=cpu", "strategy=fsdp2", "+strategy.kwargs.save_distributed_checkpoint=false"])
+    assert build_strategy(cfg)._save_distributed_checkpoint is False  # bytelm's default (True) overridden
+    cfg = load_config(["debug=cpu", "+strategy.kwargs.static_graph=true"])
+    with pytest.raises(ValueError, match="strategy=single"):
+        build_strategy(cfg)

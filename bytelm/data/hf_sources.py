@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from bytelm.config import READER_SOURCES
 from bytelm.data.documents import DataError, features, in_split, text_to_bytes
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("shakespeare", "chatterbot", "files", "hub", "prepared")
+SOURCES = READER_SOURCES
 SPLITS = ("train", "validation")
 
 

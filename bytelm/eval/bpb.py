@@ -113,12 +113,12 @@ def eval_multilingual(
     unknown = [x for x in langs if x not in docs]
     if unknown:
         raise ValueError(f"unknown languages {unknown}; available: {sorted(docs)}")
-    per: dict[str, dict[str, float]] = {}
+    per: dict[str, dict[str, float | None]] = {}  # bpb None: no byte scored
     scripts: dict[str, list[float]] = {}  # script -> [nll, bytes]
     nll, n = 0.0, 0
     for lang in langs:
         r = scorer.corpus_nll(take_bytes([d.data for d in docs[lang]], max_bytes), progress=progress)
-        per[lang] = summarize(r) if r.n_bytes else {"bpb": None, "bytes": 0}
+        per[lang] = dict(summarize(r)) if r.n_bytes else {"bpb": None, "bytes": 0}
         nll, n = nll + r.nll, n + r.n_bytes
         acc = scripts.setdefault(script_of(lang), [0.0, 0.0])
         acc[0] += r.nll

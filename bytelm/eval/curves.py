@@ -11,9 +11,11 @@ later versions win for the same step). From it:
   ``flops_exact=False``;
 - the run's total steps: the checkpoint's ``global_step`` (the CSV's last logged step can be earlier: a run of
   209 steps that logs every 10 has its last row at step 199);
-- wall-clock of training at step ``s``: the sum of the logged step times (``perf/step_s``, or bytes per step /
-  ``perf/bytes_per_s``), each carried forward over the unlogged steps until the next log. Validation and
-  checkpointing time are not included (they are not training).
+- wall-clock of training at step ``s``: the sum of per-step times, each carried forward over the unlogged
+  steps until the next log. Per-step times come from Lightning's ``ThroughputMonitor`` (``train/time``, the
+  training seconds so far: its increase between two logged steps over their distance) or, in logs written
+  before bytelm used it, from ``perf/step_s`` / ``perf/bytes_per_s``. Validation and checkpointing time are not
+  included (they are not training).
 
 ``run_training_flops(run)`` is the same rule for a finished run: the main table's "train FLOPs" and the
 equal-FLOPs budget that ``scripts/demo.py`` (and so ``scripts/make_results.sh``) gives the flat baseline.
@@ -178,19 +180,23 @@ def training_curve(ckpt_path: str | Path, cfg: Any, model: Any = None, bytes_per
     # wall-clock: per-step seconds from the latest logged value, carried forward (back-filled before the first)
     acc = max(1, t.accumulate)
 
-    def step_seconds(v: dict[str, float]) -> float | None:
+    from_time = _seconds_from_train_time(rows)
+
+    def step_seconds(v: dict[str, float], s: int | None = None) -> float | None:
+        if s is not None and s in from_time:
+            return from_time[s]
         if v.get("perf/step_s"):
             return v["perf/step_s"] * acc
         if v.get("perf/bytes_per_s"):
             return per_step_bytes / v["perf/bytes_per_s"]
         return None
 
-    logged = [x for x in (step_seconds(rows[k]) for k in sorted(rows)) if x is not None and math.isfinite(x)]
+    logged = [x for x in (step_seconds(rows[k], k) for k in sorted(rows)) if x is not None and math.isfinite(x)]
     have_time = bool(logged)
     elapsed: dict[int, float] = {}
     t_sum, cur = 0.0, (logged[0] if logged else 0.0)
     for s in range(0, last + 1):
-        got = step_seconds(rows.get(s, {}))
+        got = step_seconds(rows.get(s, {}), s)
         if got is not None and math.isfinite(got):
             cur = got
         t_sum += cur
@@ -205,3 +211,19 @@ def training_curve(ckpt_path: str | Path, cfg: Any, model: Any = None, bytes_per
                 curve.wall_s.append(elapsed[s])
     curve.total_wall_s = elapsed.get(last) if have_time else None
     return curve
+
+
+def _seconds_from_train_time(rows: dict[int, dict[str, float]]) -> dict[int, float]:
+    """Seconds per optimizer step at each logged step from Lightning's cumulative ``train/time``: its increase
+    since the previous logged step over the steps between them (a resumed run restarts the clock: the first
+    value after a drop has no predecessor and is skipped)."""
+    out: dict[int, float] = {}
+    prev: tuple[int, float] | None = None
+    for s in sorted(rows):
+        t = rows[s].get("train/time")
+        if t is None or not math.isfinite(t):
+            continue
+        if prev is not None and s > prev[0] and t > prev[1]:
+            out[s] = (t - prev[1]) / (s - prev[0])
+        prev = (s, t)
+    return out

@@ -19,10 +19,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
 from bytelm.models.config import GateConfig, ModelConfig, RopeScalingConfig
 
 BYTELM_MODEL_TYPE = "bytelm"
-_PAD, _BOS, _EOS = 256, 257, 258
 
 
 class BytelmConfig(PretrainedConfig):
@@ -37,92 +37,27 @@ class BytelmConfig(PretrainedConfig):
 
     def __init__(
         self,
-        arch: str = "flat",
-        d_model: int = 256,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        mlp_ratio: float = 8 / 3,
-        rope_theta: float = 10000.0,
-        max_seq_len: int = 1024,
-        vocab_size: int = 320,
-        tie_embeddings: bool = False,
-        attn_backend: str = "sdpa",
-        init_std: float = 0.02,
-        activation_checkpointing: bool = False,
-        d_byte: int = 128,
-        n_heads_byte: int = 4,
-        encoder_layers: int = 2,
-        decoder_layers: int = 2,
-        encoder_window: int = 0,
-        pooling: str = "query",
-        decoder_cross: str = "first",
-        chunker: str = "words",
-        max_word_bytes: int = 100,
         gate: dict[str, Any] | None = None,
-        gate_enabled: bool = True,
-        prefix_frac: float = 0.5,
-        n_kv_heads: int = 0,
-        head_dim: int = 0,
-        mlp_hidden: int = 0,
-        norm_eps: float = 1e-6,
-        qkv_bias: bool = False,
         bytelm_rope_scaling: dict[str, Any] | None = None,
-        backbone_window: int = 0,
-        source_vocab: int = 0,
-        source_vocab_bytes: int = 0,
-        source_start_id: int = 0,
-        source_tied: bool = True,
-        lm_prior: bool = True,
-        boundary_hidden: int = 0,
         **kwargs: Any,
     ) -> None:
-        self.arch = arch
-        self.d_model = d_model
-        self.n_layers = n_layers
-        self.n_heads = n_heads
-        self.mlp_ratio = mlp_ratio
-        self.rope_theta = rope_theta
-        self.max_seq_len = max_seq_len
-        self.vocab_size = vocab_size
-        self.tie_embeddings = tie_embeddings
-        self.attn_backend = attn_backend
-        self.init_std = init_std
-        self.activation_checkpointing = activation_checkpointing
-        self.d_byte = d_byte
-        self.n_heads_byte = n_heads_byte
-        self.encoder_layers = encoder_layers
-        self.decoder_layers = decoder_layers
-        self.encoder_window = encoder_window
-        self.pooling = pooling
-        self.decoder_cross = decoder_cross
-        self.chunker = chunker
-        self.max_word_bytes = max_word_bytes
+        # every ModelConfig field, with ModelConfig's default when absent (one definition of the fields)
+        for f in fields(ModelConfig):
+            if f.name not in ("gate", "rope_scaling"):
+                setattr(self, f.name, kwargs.pop(f.name, _default(f)))
         self.gate = dict(gate) if gate is not None else asdict(GateConfig())
-        self.gate_enabled = gate_enabled
-        self.prefix_frac = prefix_frac
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = head_dim
-        self.mlp_hidden = mlp_hidden
-        self.norm_eps = norm_eps
-        self.qkv_bias = qkv_bias
         scaling = kwargs.pop("rope_scaling", None)  # ModelConfig's name (from_model_config): not transformers' key
         if bytelm_rope_scaling is None and isinstance(scaling, dict) and "kind" in scaling:
             bytelm_rope_scaling = scaling
         self.bytelm_rope_scaling = _rope_dict(bytelm_rope_scaling)
-        self.backbone_window = backbone_window
-        self.source_vocab = source_vocab
-        self.source_vocab_bytes = source_vocab_bytes
-        self.source_start_id = source_start_id
-        self.source_tied = source_tied
-        self.lm_prior = lm_prior
-        self.boundary_hidden = boundary_hidden
-        kwargs.setdefault("pad_token_id", _PAD)
-        kwargs.setdefault("bos_token_id", _BOS)
-        kwargs.setdefault("eos_token_id", _EOS)
+        arch, tie_embeddings = self.arch, self.tie_embeddings
+        kwargs.setdefault("pad_token_id", PAD_ID)
+        kwargs.setdefault("bos_token_id", BOS_ID)
+        kwargs.setdefault("eos_token_id", EOS_ID)
         kwargs.setdefault("tie_word_embeddings", tie_embeddings)
         kwargs.setdefault("is_encoder_decoder", arch == "mrt5")
         if arch == "mrt5":
-            kwargs.setdefault("decoder_start_token_id", _BOS)
+            kwargs.setdefault("decoder_start_token_id", BOS_ID)
         kwargs.setdefault("use_cache", True)
         # transformers 5 keeps these as plain attributes; older versions take them in __init__
         for key in ("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "use_cache",

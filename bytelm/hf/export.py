@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import bytelm
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
 from bytelm.hf.configuration_bytelm import BytelmConfig
 from bytelm.models.config import ModelConfig
 
@@ -243,10 +244,10 @@ def generation_config(model_cfg: ModelConfig) -> Any:
     """PAD/BOS/EOS ids; PAD and BOS are never generated (ids >= 259 are not even offered: ``vocab_only``)."""
     from transformers import GenerationConfig
 
-    gen: dict[str, Any] = {"bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256,
-                           "suppress_tokens": [256, 257]}
+    gen: dict[str, Any] = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+                           "suppress_tokens": [PAD_ID, BOS_ID]}
     if model_cfg.arch == "mrt5":
-        gen["decoder_start_token_id"] = 257
+        gen["decoder_start_token_id"] = BOS_ID
     return GenerationConfig(**gen)
 
 
@@ -381,8 +382,8 @@ def model_card(
         f"# {name}",
         "",
         f"A bytelm model: {_ARCH_TEXT.get(arch, arch)}. {n_params / 1e6:.2f}M parameters, weights in {dtype}.",
-        "The vocabulary is raw bytes: ids 0-255 are the UTF-8 bytes, PAD=256, BOS=257, EOS=258 (the embedding "
-        f"table has {model_cfg.vocab_size} rows; ids above 258 are never generated). No tokenizer training, "
+        f"The vocabulary is raw bytes: ids 0-255 are the UTF-8 bytes, PAD={PAD_ID}, BOS={BOS_ID}, EOS={EOS_ID} (the embedding "
+        f"table has {model_cfg.vocab_size} rows; ids above {EOS_ID} are never generated). No tokenizer training, "
         "no out-of-vocabulary text.",
         "",
     ]

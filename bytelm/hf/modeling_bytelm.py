@@ -35,31 +35,15 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
+from bytelm.data.bytes import (  # VOCAB_SIZE: ids a model may emit (the table is padded)
+    BOS_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+)
 from bytelm.hf.configuration_bytelm import BytelmConfig
-from bytelm.models.byteified import ByteifiedLM
-from bytelm.models.flat import FlatByteLM
-from bytelm.models.hierarchical import HierarchicalByteLM
-from bytelm.models.mrt5 import MrT5
+from bytelm.models.build import build_model
 
-PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
-VOCAB_SIZE = 259  # ids a model may emit; the embedding table is padded beyond (never sampled)
 IGNORE_INDEX = -100
-
-
-def build_bytelm_module(config: BytelmConfig) -> nn.Module:
-    """The bytelm model ``config.arch`` names (weights from bytelm's own init)."""
-    cfg = config.to_model_config()
-    if cfg.arch == "flat":
-        model: nn.Module = FlatByteLM(cfg)
-    elif cfg.arch == "hierarchical":
-        model = HierarchicalByteLM(cfg)
-    elif cfg.arch == "mrt5":
-        model = MrT5(cfg)
-    elif cfg.arch == "byteified":
-        model = ByteifiedLM(cfg)
-    else:
-        raise ValueError(f"unknown bytelm arch {cfg.arch!r} (flat | hierarchical | mrt5 | byteified)")
-    return model
 
 
 def _with_cache(cls: type, cache: Any, **kw: Any) -> Any:
@@ -142,7 +126,7 @@ class BytelmPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: BytelmConfig) -> None:
         super().__init__(config)
-        self.model = build_bytelm_module(config)
+        self.model = build_model(config.to_model_config(), init=False)  # weights: the checkpoint's
         self.model.init_weights()  # type: ignore[operator]
         # parameters the bytelm module freezes at construction (a byteified model's source embeddings and head)
         self._frozen_names = tuple(n for n, p in self.model.named_parameters() if not p.requires_grad)
@@ -450,4 +434,4 @@ class BytelmForSeq2SeqLM(BytelmPreTrainedModel, GenerationMixin):
         return inputs
 
 
-__all__ = ["BytelmCache", "BytelmForCausalLM", "BytelmForSeq2SeqLM", "BytelmPreTrainedModel", "build_bytelm_module"]
+__all__ = ["BytelmCache", "BytelmForCausalLM", "BytelmForSeq2SeqLM", "BytelmPreTrainedModel"]

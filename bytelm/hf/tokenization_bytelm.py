@@ -22,8 +22,9 @@ from typing import Any
 
 from transformers import AddedToken, PreTrainedTokenizer
 
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
+
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
-PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 N_BYTES = 256
 
 

@@ -1,14 +1,16 @@
 """Training callbacks: throughput and MFU, and checkpoint-and-requeue on Slurm's warning signal.
 
-- ``ThroughputMonitor`` logs ``perf/bytes_per_s``, ``perf/words_per_s`` (hierarchical models: the batch's
-  ``word_start``), ``perf/step_s`` and ``perf/mfu``: model FLOPs per byte from
-  ``bytelm.models.flops.flops_per_byte`` times bytes/s, over the device's peak from ``PEAK_TFLOPS`` (bytelm.models.flops) times the
-  number of devices (None, so not logged, on CPUs and unknown GPUs).
+- throughput and MFU: Lightning's ``ThroughputMonitor`` (``bytelm.lit.throughput``).
 - ``SaveLastOnEnd``: the run's final state is in ``checkpoints/last.ckpt`` even when ``max_steps`` is not a
   multiple of ``ckpt_every``.
 - ``RequeueOnSignal``: Slurm sends SIGUSR1 90 s before the time limit (``--signal=SIGUSR1@90``). The handler
   only sets a flag; at the next step boundary all ranks agree on it, write ``checkpoints/last.ckpt``, rank 0
   runs ``scontrol requeue`` and the run stops cleanly. The requeued job resumes with ``ckpt_path=last``.
+  ``catch_requeue_signal_early`` (called by ``bytelm.train.main`` in a Slurm job step) makes a SIGUSR1 that
+  comes before training starts or after it ends harmless: it is remembered, not fatal (SIGUSR1's default
+  action ends the process), and one that came before training is acted on at the first step boundary.
+- ``BatchLog`` / ``StepSleep`` (``trainer.batch_log`` / ``trainer.step_sleep_s``): debug aids for tests
+  that compare the batches of two runs, and that need a run to last long enough to be signalled mid-run.
 """
 
 from __future__ import annotations
@@ -24,68 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-
-from bytelm.models.flops import PEAK_TFLOPS, device_peak_flops, mfu, peak_flops_for_name, precision_key
 
 log = logging.getLogger(__name__)
-
-# the peak table and MFU live with the FLOP formulas (model-side, no Lightning); re-exported for callers
-
-__all__ = ["PEAK_TFLOPS", "ThroughputMonitor", "device_peak_flops", "mfu", "peak_flops_for_name", "precision_key"]
-
-
-class ThroughputMonitor(L.Callback):
-    """bytes/s, words/s and MFU of the training steps (validation time excluded), logged every step."""
-
-    def __init__(self, window: int = 1) -> None:
-        self.window = max(1, window)
-        self._t0: float | None = None
-        self._flops_per_byte: float | None = None
-        self._peak_total: float | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        cfg = getattr(pl_module, "cfg", None)
-        if cfg is not None:
-            try:
-                from bytelm.models.flops import flops_per_byte
-
-                self._flops_per_byte = float(flops_per_byte(cfg.model, cfg.data.seq_len))
-            except (ImportError, ValueError) as e:  # an architecture the formula does not cover
-                log.info("MFU not reported: %s", e)
-        peak = device_peak_flops(trainer.strategy.root_device, str(trainer.precision))
-        self._peak_total = None if peak is None else peak * trainer.world_size
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = None  # validation time is not training throughput
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._t0 is None:
-            return
-        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        dt = max(now - self._t0, 1e-9)
-        self._t0 = now
-        world = trainer.world_size
-        logs: dict[str, float] = {"perf/step_s": dt}
-        n_bytes = int(batch["input_ids"].numel()) * world
-        logs["perf/bytes_per_s"] = n_bytes / dt
-        if isinstance(batch, dict) and batch.get("word_start") is not None:
-            n_words = int(batch["word_start"].sum()) * world
-            logs["perf/words_per_s"] = n_words / dt
-        if self._flops_per_byte is not None:
-            u = mfu(self._flops_per_byte, logs["perf/bytes_per_s"], self._peak_total)
-            if u is not None:
-                logs["perf/mfu"] = u
-        pl_module.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
-        self.last = logs
 
 
 class SaveLastOnEnd(L.Callback):
@@ -105,6 +47,35 @@ class SaveLastOnEnd(L.Callback):
         if trainer.global_step in done:
             return
         trainer.save_checkpoint(str(self.ckpt_dir / "last.ckpt"))
+
+
+# SIGUSR1 that arrived while no RequeueOnSignal was installed (before fit, or after it)
+_PENDING: set[int] = set()
+
+
+def _remember_signal(signum: int, frame: Any) -> None:
+    _PENDING.add(signum)
+
+
+def catch_requeue_signal_early(signum: int = signal.SIGUSR1) -> bool:
+    """In a Slurm job step, remember ``signum`` from now on instead of dying of it (its default action).
+
+    Slurm's time-limit warning (``--signal=USR1@N``) or ``scancel --signal=USR1`` can reach a task during
+    start-up (imports, data preparation) or after training, where no ``RequeueOnSignal`` is installed. Early
+    signals are acted on at the first step boundary; late ones are moot (the run is complete). Returns whether
+    the handler was installed (only in a Slurm job step, in the main thread, when the signal is not handled
+    already).
+    """
+    import threading
+
+    if "SLURM_JOB_ID" not in os.environ or "SLURM_STEP_ID" not in os.environ:
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signum) not in (signal.SIG_DFL, None):
+        return False
+    signal.signal(signum, _remember_signal)
+    return True
 
 
 def slurm_job_id() -> str | None:
@@ -131,6 +102,11 @@ class RequeueOnSignal(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._previous = signal.signal(self.signum, self._handler)
+        if self.signum in _PENDING:  # it came during start-up: act on it at the first step boundary
+            _PENDING.discard(self.signum)
+            self._flag = True
+            log.warning("signal %d arrived before training: checkpoint and requeue after the first step",
+                        self.signum)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -177,6 +153,56 @@ class RequeueOnSignal(L.Callback):
             log.warning("requeued Slurm job %s", job)
         else:
             log.warning("scontrol requeue %s failed with exit code %d", job, rc)
+
+
+class BatchLog(L.Callback):
+    """``trainer.batch_log``: one JSON line per training batch and rank, appended (a requeued run continues
+    the file): ``step`` (global step after it), ``batch_idx``, ``rank``, ``world``, ``env`` (the cluster
+    environment, e.g. SLURMEnvironment), ``sha1`` of the batch's ``input_ids`` and the ``loss``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        import hashlib
+        import json
+
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        rec = {
+            "step": trainer.global_step, "batch_idx": batch_idx, "rank": trainer.global_rank,
+            "world": trainer.world_size,
+            "env": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,  # None: single device
+            "sha1": hashlib.sha1(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+            "loss": None if loss is None else float(loss),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:  # one short line per write: appends from several ranks do not mix
+            f.write(json.dumps(rec) + "\n")
+
+
+class StepSleep(L.Callback):
+    """``trainer.step_sleep_s``: sleep after every training step (a debug aid; numerics are unchanged)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        time.sleep(self.seconds)
+
+
+def debug_callbacks(batch_log: str | None, step_sleep_s: float) -> list[L.Callback]:
+    """The callbacks of the ``trainer.batch_log`` / ``trainer.step_sleep_s`` debug options (none by default)."""
+    cbs: list[L.Callback] = []
+    if batch_log:
+        cbs.append(BatchLog(batch_log))
+    if step_sleep_s > 0:
+        cbs.append(StepSleep(step_sleep_s))
+    return cbs
 
 
 class StopOnSignal(L.Callback):

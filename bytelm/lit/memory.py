@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bytelm.config import STRATEGIES
+
 GIB = 1024**3
-STRATEGIES = ("single", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from bytelm.config import Config, config_from_dict, config_to_dict
 from bytelm.data.packed import IGNORE
 from bytelm.lit.metrics import bits_per_byte, byte_nll_sum, z_loss
 from bytelm.lit.schedule import lr_multiplier
+from bytelm.lit.throughput import flops_per_batch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ class ByteLMModule(L.LightningModule):
         self._val_sums: dict[int, list[float]] = {}  # validation group -> [nll nats, bytes]
         self.bad_steps = 0
         self._drop_grads = False
+        # read by Lightning's ThroughputMonitor for flops/s and MFU (bytelm.lit.throughput)
+        self.flops_per_batch = flops_per_batch(self.cfg)
+        self._compiled: Any = None  # trainer.compile: the compiled training forward (False: arch not compiled)
+        self._eager_train_steps = 0
 
     def configure_model(self) -> None:
         """Built here (not in __init__) so sharded strategies can construct it under their init context:
@@ -77,13 +82,29 @@ class ByteLMModule(L.LightningModule):
             strategy = self._trainer.strategy if self._trainer is not None else None
             self.model = build_model_for(self.cfg, strategy)
 
-    def forward(self, batch: dict[str, torch.Tensor]):
+    def forward(self, batch: dict[str, torch.Tensor], model: Any = None):
         assert self.model is not None, "configure_model() was not called"
         extra = {k: batch[k] for k in ("patch_end", "context", "probe_blocks") if k in batch}  # byteify stage 1
-        return self.model(
+        return (model or self.model)(
             batch["input_ids"], targets=batch.get("targets"), doc_ids=batch.get("doc_ids"),
             word_start=batch.get("word_start"), **extra,
         )
+
+    def _train_forward(self, batch: dict[str, torch.Tensor]):
+        """The training forward. ``trainer.compile`` compiles it (``bytelm.models.compile``) from the second step
+        on: the first runs eagerly, so it logs the attention backends it chose and an error in the model shows a
+        plain traceback. Validation always runs eagerly."""
+        if self.cfg.trainer.compile and self._eager_train_steps > 0:
+            if self._compiled is None:
+                from bytelm.models.compile import compile_forward
+
+                assert self.model is not None
+                self._compiled = compile_forward(self.model, self.cfg.model.arch, self.cfg.trainer.compile_backend)
+                self._compiled = self._compiled or False
+            if self._compiled:
+                return self(batch, model=self._compiled)
+        self._eager_train_steps += 1
+        return self(batch)
 
     def _loss(self, batch: dict[str, torch.Tensor], out) -> torch.Tensor:
         if out.loss is not None:
@@ -96,7 +117,7 @@ class ByteLMModule(L.LightningModule):
         if hasattr(self.extra_loss, "prepare"):  # objectives that feed the forward (byteify stage 1)
             batch = dict(batch)
             self.extra_loss.prepare(batch)
-        out = self(batch)
+        out = self._train_forward(batch)
         ce = self._loss(batch, out)
         loss = ce
         logs: dict[str, Any] = {"train/loss": ce, "train/bpb": ce / math.log(2)}

@@ -34,12 +34,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
-from bytelm.config import Config
+from bytelm.config import STRATEGIES, Config
 from bytelm.models import build_model
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("single", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
 # nn.init functions a model's init_weights may call; sharded_init gathers the parameter around each call
 _INIT_FNS = (
     "normal_", "uniform_", "ones_", "zeros_", "constant_", "trunc_normal_", "xavier_uniform_",
@@ -166,18 +165,19 @@ def _deepspeed_strategy(cfg: Config, stage: int) -> DeepSpeedStrategy:
     s = cfg.strategy
     gpu = on_cuda(cfg)
     cls = BytelmDeepSpeedStrategy if gpu else CPUDeepSpeedStrategy
-    strategy = cls(
-        stage=stage,
-        offload_optimizer=s.offload_optimizer,
-        offload_parameters=s.offload_params and stage == 3,
-        allgather_bucket_size=s.allgather_bucket_size,
-        reduce_bucket_size=s.reduce_bucket_size,
-        overlap_comm=s.overlap_comm and gpu,
-        contiguous_gradients=gpu,
-        logging_batch_size_per_gpu=cfg.data.batch_size,
-        process_group_backend="nccl" if gpu else "gloo",
-        timeout=collective_timeout(cfg),
-    )
+    strategy = cls(**{
+        "stage": stage,
+        "offload_optimizer": s.offload_optimizer,
+        "offload_parameters": s.offload_params and stage == 3,
+        "allgather_bucket_size": s.allgather_bucket_size,
+        "reduce_bucket_size": s.reduce_bucket_size,
+        "overlap_comm": s.overlap_comm and gpu,
+        "contiguous_gradients": gpu,
+        "logging_batch_size_per_gpu": cfg.data.batch_size,
+        "process_group_backend": "nccl" if gpu else "gloo",
+        "timeout": collective_timeout(cfg),
+        **dict(s.kwargs),  # any other DeepSpeedStrategy argument (strategy.kwargs), winning over the above
+    })
     assert isinstance(strategy.config, dict)
     # bytelm passes a torch optimizer (configure_optimizers); with optimizer offload on CPU-only machines
     # DeepSpeed would otherwise insist on its compiled CPU Adam
@@ -202,11 +202,12 @@ class FSDP2Strategy(_AtomicFolderSave, ModelParallelStrategy):
 
 
 def _fsdp2_strategy(cfg: Config) -> ModelParallelStrategy:
-    return FSDP2Strategy(
-        data_parallel_size="auto", tensor_parallel_size="auto", save_distributed_checkpoint=True,
-        process_group_backend="nccl" if on_cuda(cfg) else "gloo",
-        timeout=collective_timeout(cfg),
-    )
+    return FSDP2Strategy(**{
+        "data_parallel_size": "auto", "tensor_parallel_size": "auto", "save_distributed_checkpoint": True,
+        "process_group_backend": "nccl" if on_cuda(cfg) else "gloo",
+        "timeout": collective_timeout(cfg),
+        **dict(cfg.strategy.kwargs),  # any other ModelParallelStrategy argument (strategy.kwargs)
+    })
 
 
 def make_strategy(cfg: Config) -> Any:

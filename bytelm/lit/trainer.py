@@ -29,36 +29,53 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def build_logger(cfg: Config) -> Any:
-    kind = cfg.logger.kind
-    out = Path(cfg.trainer.out_dir)
-    if kind == "none":
-        return False
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+LOGGER_CLASSES = {
+    "wandb": "lightning.pytorch.loggers.WandbLogger",
+    "csv": "lightning.pytorch.loggers.CSVLogger",
+    "tensorboard": "lightning.pytorch.loggers.TensorBoardLogger",
+}
 
-        return CSVLogger(save_dir=str(out), name="csv")
-    if kind == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(out), name="tb")
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        lc = cfg.logger
+def logger_arguments(cfg: Config) -> dict[str, Any]:
+    """bytelm's arguments for the logger ``logger.kind`` names (the run folder, W&B's project/name/offline ...);
+    ``logger.kwargs`` is added on top by ``build_logger``."""
+    lc, out = cfg.logger, str(Path(cfg.trainer.out_dir))
+    if lc.kind == "csv":
+        return {"save_dir": out, "name": "csv"}
+    if lc.kind == "tensorboard":
+        return {"save_dir": out, "name": "tb"}
+    if lc.kind == "wandb":
         if lc.offline is None:
             wandb_offline_default()
             offline = os.environ.get("WANDB_MODE") == "offline"
         else:
             offline = lc.offline
-        logger = WandbLogger(  # W&B logs from rank 0 only (Lightning loggers are rank-zero)
-            project=lc.project, name=lc.run_name or cfg.name, group=lc.group, tags=list(lc.tags),
-            save_dir=str(out), offline=offline,
-        )
-        if lc.log_config:
-            logger.log_hyperparams(config_to_dict(cfg))  # the full resolved config (rank 0 only)
-        return logger
-    raise ValueError(f"unknown logger.kind {kind!r}; choose wandb, csv, tensorboard or none")
+        # W&B logs from rank 0 only (Lightning loggers are rank-zero)
+        return {"project": lc.project, "name": lc.run_name or cfg.name, "group": lc.group, "tags": list(lc.tags),
+                "save_dir": out, "offline": offline}
+    return {}  # custom: everything comes from logger.kwargs
+
+
+def build_logger(cfg: Config) -> Any:
+    """The Lightning logger: ``hydra.utils.instantiate`` of ``logger._target_`` (or the kind's class) with
+    bytelm's arguments and ``logger.kwargs``, so any argument of the class needs no code change here."""
+    from hydra.utils import instantiate
+
+    lc = cfg.logger
+    if lc.kind == "none":
+        return False
+    target = lc._target_ or LOGGER_CLASSES.get(lc.kind, "")
+    if not target:
+        raise ValueError("logger.kind=custom needs logger._target_ (a Lightning logger class, e.g. "
+                         "lightning.pytorch.loggers.MLFlowLogger) and its arguments in +logger.kwargs.*")
+    args = {**logger_arguments(cfg), **dict(lc.kwargs)}
+    try:
+        logger = instantiate({"_target_": target, "_convert_": "all", **args})
+    except Exception as e:  # hydra wraps the class's own error (an unknown argument names it)
+        raise ValueError(f"logger {target} could not be built from {sorted(args)}: {e}") from e
+    if lc.kind == "wandb" and lc.log_config:
+        logger.log_hyperparams(config_to_dict(cfg))  # the full resolved config (rank 0 only)
+    return logger
 
 
 def build_strategy(cfg: Config) -> Any:
@@ -66,15 +83,19 @@ def build_strategy(cfg: Config) -> Any:
 
     name = cfg.strategy.name
     if name == "single":
+        if cfg.strategy.kwargs:
+            raise ValueError(f"strategy.kwargs {sorted(cfg.strategy.kwargs)} need a strategy class; strategy=single "
+                             "uses Lightning's default (pick ddp, deepspeed_zero1|2|3 or fsdp2)")
         return "auto"
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(
-            process_group_backend="nccl" if torch.cuda.is_available() else "gloo",
-            find_unused_parameters=cfg.strategy.find_unused_parameters,
-            timeout=collective_timeout(cfg),
-        )
+        return DDPStrategy(**{
+            "process_group_backend": "nccl" if torch.cuda.is_available() else "gloo",
+            "find_unused_parameters": cfg.strategy.find_unused_parameters,
+            "timeout": collective_timeout(cfg),
+            **dict(cfg.strategy.kwargs),
+        })
     try:
         from bytelm.lit.strategies import make_strategy
     except ImportError as e:  # pragma: no cover - the module ships with bytelm
@@ -93,17 +114,21 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     t = cfg.trainer
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal, ThroughputMonitor
+    from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal
     from bytelm.lit.strategies import AtomicCheckpointIO
+    from bytelm.lit.throughput import throughput_monitor
 
     ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first
         dirpath=str(out / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max",
         save_last=t.save_last,
+        # last.ckpt is overwritten, never versioned: after RequeueOnSignal wrote it, Lightning's save of "last" at
+        # the stop would otherwise go to last-v1.ckpt (and ckpt_path=last resume from that, not last.ckpt)
+        enable_version_counter=False,
     )
     from bytelm.lit.data import DataStatsCallback
 
-    cbs: list[Any] = [ckpt, ThroughputMonitor(), DataStatsCallback(every=max(1, t.log_every)),
+    cbs: list[Any] = [ckpt, throughput_monitor(), DataStatsCallback(every=max(1, t.log_every)),
                       StopOnSignal(grace_s=t.stop_grace_s)]
     if t.save_last:
         cbs.append(SaveLastOnEnd(out / "checkpoints"))

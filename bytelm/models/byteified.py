@@ -42,9 +42,10 @@ from torch import nn
 from bytelm.data.bytes import PAD_ID
 from bytelm.models.chunking import close_chunks, doc_starts, run_lengths
 from bytelm.models.config import ModelConfig, ModelOutput
-from bytelm.models.hierarchical import _CHAR_LEN, HierarchicalByteLM, LastPooling, layout_words
+from bytelm.models.hierarchical import HierarchicalByteLM
 from bytelm.models.layers import KVCache, RMSNorm
 from bytelm.models.vocab_trie import VocabTrie
+from bytelm.models.word_layout import _CHAR_LEN, LastPooling, layout_words
 
 SINK_MASKED = -2  # word-doc id of a masked sink: no patch attends to it
 PRIOR_FLOOR = -30.0  # log-prior of bytes the naive marginal calls impossible (keeps the sum finite)
@@ -296,7 +297,7 @@ class ByteifiedLM(HierarchicalByteLM):
         if expanded is None:
             expanded = self.expanded_ids(input_ids, doc_ids)
         x = self.embed_bytes(input_ids, expanded)
-        h = self._run(self.encoder, x, cos, sin, doc_ids=doc_ids, window=self.cfg.encoder_window)  # (B, T, d)
+        h = self._run(self.encoder, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window)
         b_logits = self.boundary(h)  # (B, T)
         closed: torch.Tensor | None
         if self.cfg.chunker == "words":  # ablation: HAT words, ready one character after they end
@@ -327,7 +328,7 @@ class ByteifiedLM(HierarchicalByteLM):
             z = torch.cat([z_sink, zc], 1)
         hidden["words"] = z[:, 1:]
         inject = [p(z).gather(1, lay.ctx_idx.unsqueeze(-1).expand(-1, -1, self.cfg.d_byte)) for p in self.ctx_proj]
-        y = self._run(self.decoder, h, cos, sin, inject=inject, doc_ids=doc_ids)  # (B, T, d)
+        y = self._run(self.decoder, h, cos, sin, inject=inject, stack="byte decoder", doc_ids=doc_ids)  # (B, T, d)
         logits = self.lm_head(self.norm(y))  # (B, T, V)
         if self.cfg.lm_prior:
             rows = lay.ctx_idx + torch.arange(B, device=dev).unsqueeze(1) * (W + 1)  # (B, T) into z.flatten(0, 1)

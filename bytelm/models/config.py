@@ -10,7 +10,11 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from bytelm.choices import choice
 from bytelm.data.bytes import PADDED_VOCAB
+from bytelm.models.attention import ATTN_BACKENDS
+
+ARCHS = ("flat", "hierarchical", "mrt5", "byteified")
 
 
 @dataclass
@@ -35,7 +39,7 @@ class GateConfig:
 class RopeScalingConfig:
     """RoPE frequency scaling of a transplanted source model (HF ``rope_scaling`` / ``rope_parameters``)."""
 
-    kind: str = "none"  # none | linear | llama3 (HF "rope_type"); others are an error naming the value
+    kind: str = choice("none", "none", "linear", "llama3")  # HF "rope_type"; others are an error naming the value
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
@@ -48,7 +52,7 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "flat"  # flat | hierarchical | mrt5
+    arch: str = choice("flat", *ARCHS)
     # backbone (the flat model's only stack)
     d_model: int = 256
     n_layers: int = 4
@@ -58,7 +62,8 @@ class ModelConfig:
     max_seq_len: int = 1024  # bytes
     vocab_size: int = PADDED_VOCAB
     tie_embeddings: bool = False
-    attn_backend: str = "sdpa"  # sdpa | flash | flex
+    attn_backend: str = choice("auto", *ATTN_BACKENDS)  # auto | sdpa | flash | flex (bytelm.models.attention)
+    attn_fallback: bool = False  # an explicit backend that cannot run a stack: error (False) or auto's choice there
     init_std: float = 0.02
     activation_checkpointing: bool = False
     # Llama-family backbone details: bytelm's own models keep the defaults; a transplanted source model sets them
@@ -76,9 +81,9 @@ class ModelConfig:
     encoder_layers: int = 2
     decoder_layers: int = 2
     encoder_window: int = 0  # sliding-window size of the byte encoder (0 = full causal)
-    pooling: str = "query"  # query (HAT: learned query cross-attends to the word's bytes) | last
-    decoder_cross: str = "first"  # first | all: decoder layers that receive the previous word's vector
-    chunker: str = "words"  # words (rule-based splitter) | gate (learned delete gate)
+    pooling: str = choice("query", "query", "last")  # query (HAT: learned query cross-attends to the word's bytes) | last
+    decoder_cross: str = choice("first", "first", "all")  # decoder layers that receive the previous word's vector
+    chunker: str = choice("words", "words", "gate")  # words (rule-based splitter) | gate (learned delete gate)
     max_word_bytes: int = 100
     gate: GateConfig = field(default_factory=GateConfig)
     gate_enabled: bool = True  # MrT5: False trains the same encoder-decoder without the delete gate

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bytelm.models.attention import stack_meta
 from bytelm.models.config import ModelConfig, ModelOutput
 from bytelm.models.layers import Block, KVCache, RMSNorm, init_linear_, rope_cos_sin
 
@@ -49,11 +50,13 @@ class FlatByteLM(nn.Module):
         pos = torch.arange(offset, offset + T, device=input_ids.device)
         cos, sin = rope_cos_sin(pos, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
         x = self.embed(input_ids)  # (B, T, D)
+        meta = stack_meta(x, self.cfg.attn_backend, stack="flat stack", fallback=self.cfg.attn_fallback,
+                          q_offset=offset, doc_ids=doc_ids)  # once per forward, shared by every block
         for i, blk in enumerate(self.blocks):
-            kw = dict(causal=True, doc_ids=doc_ids, cache=cache[i] if cache is not None else None)
+            c = cache[i] if cache is not None else None
             if self.cfg.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(lambda x_, b=blk, k=kw: b(x_, cos, sin, **k), x, use_reentrant=False)
+                x = checkpoint(lambda x_, b=blk: b(x_, cos, sin, meta), x, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, **kw)
+                x = blk(x, cos, sin, meta, cache=c)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         return ModelOutput(logits=logits)

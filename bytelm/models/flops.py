@@ -10,7 +10,6 @@ per word, so the backbone's share of a byte shrinks with longer words.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from bytelm.models.config import ModelConfig
@@ -98,59 +97,8 @@ def param_count_estimate(cfg: ModelConfig) -> int:
     )
 
 
-# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets. Matched by substring of
-# torch.cuda.get_device_name(), most specific first.
-PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("GH200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),  # SXM / NVL
-    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 80.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
-    ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
-    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "tf32": 82.6, "fp32": 82.6}),
-    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
-    ("V100", {"fp16": 125.0, "fp32": 15.7}),
-    ("MI300X", {"bf16": 1307.0, "fp16": 1307.0, "tf32": 653.0, "fp32": 163.4}),
-]
-
-
-def precision_key(precision: str) -> str:
-    if precision.startswith("bf16"):
-        return "bf16"
-    if precision.startswith("16"):
-        return "fp16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
-
-
-def device_peak_flops(device: torch.device | str, precision: str = "bf16-mixed") -> float | None:
-    """Peak FLOP/s of one device at ``precision``; None on CPU or for a GPU not in the table."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device), precision)
-
-
-def peak_flops_for_name(name: str, precision: str = "bf16-mixed") -> float | None:
-    key = precision_key(precision)
-    for pattern, peaks in PEAK_TFLOPS:
-        if pattern.lower() in name.lower():
-            tf = peaks.get(key)
-            return None if tf is None else tf * 1e12
-    return None
-
-
 def mfu(flops_per_byte_: float, bytes_per_s: float, peak_flops_total: float | None) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices used."""
     if not peak_flops_total or peak_flops_total <= 0:
         return None
     return flops_per_byte_ * bytes_per_s / peak_flops_total
-
-
-
-
-def peak_flops(device_name: str) -> float | None:
-    """bf16 peak of a CUDA device by name (``torch.cuda.get_device_name()``), None when unknown."""
-    return peak_flops_for_name(device_name, "bf16-mixed")

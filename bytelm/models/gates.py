@@ -130,7 +130,7 @@ class PIController(nn.Module):
     The new ``alpha`` is used from the *next* step (the current step's regulariser uses the value before the
     update); everything starts at 0. State lives in fp32 buffers (kept fp32 even if the model is cast to
     bf16), so it is part of ``model.state_dict()`` and checkpoints resume it exactly. Updates are tensor ops (no
-    host sync).
+    host sync) that replace the buffers with new tensors rather than write into them (``current_alpha``).
 
     Several processes: the models call :meth:`observe`, which sums the deleted and real position counts over
     the ranks of the default process group (one ``all_reduce`` of two numbers, when ``torch.distributed`` is
@@ -166,10 +166,13 @@ class PIController(nn.Module):
         """Advance one step with this step's deletion ratio; returns the new ``alpha`` (for the next step)."""
         r = torch.as_tensor(deletion_ratio, dtype=torch.float32, device=self.p.device)
         err = self.target - r
-        self.p.mul_(0.9).add_(0.1 * self.kp * err)
-        self.i.add_(self.ki * err)
-        self.alpha.copy_(torch.clamp(self.p + self.i, min=self.alpha_min))
-        self.steps.add_(1)
+        p = 0.9 * self.p + 0.1 * self.kp * err
+        i = self.i + self.ki * err
+        # new tensors, not in-place updates: the step's regulariser holds the old alpha for its backward, and a
+        # compiled backward may read that buffer again after the forward (see current_alpha)
+        new = {"p": p, "i": i, "alpha": torch.clamp(p + i, min=self.alpha_min), "steps": self.steps + 1}
+        for name, value in new.items():
+            self._buffers[name] = value
         return self.alpha.clone()
 
     @torch.no_grad()
@@ -180,6 +183,14 @@ class PIController(nn.Module):
         counts = torch.stack([deleted_mask(G, tau_del, valid).sum(), valid.sum()]).float()  # (2,) deleted, real
         counts = all_ranks_sum(counts)
         return self.update(counts[0] / counts[1].clamp(min=1.0))
+
+    def current_alpha(self) -> torch.Tensor:
+        """``alpha`` (the value set by the previous step) for this step's regulariser. :meth:`update` replaces the
+        buffers with new tensors instead of writing into them, so the tensor returned here keeps its value until
+        this step's backward: a compiled backward may read it from the buffer after the forward (torch.compile's
+        partitioner recomputes ``alpha.clone()`` from its input, which an in-place update would have changed by
+        then; tests/test_compile.py)."""
+        return self.alpha
 
     def reset(self) -> None:
         for b in (self.p, self.i, self.alpha, self.steps):

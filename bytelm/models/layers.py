@@ -1,7 +1,8 @@
 """Transformer building blocks shared by every bytelm model: RMSNorm, RoPE, SwiGLU, attention, Block.
 
 Pure torch. Llama-style: pre-norm, no biases, rotary positions, SwiGLU MLP. Attention goes through the single
-entry point in ``attention.py`` so the backend (SDPA / flash / flex) is a config choice, not a code path here.
+entry point in ``attention.py`` so the backend (SDPA / flash / flex) is a config choice, not a code path here;
+a model builds each stack's ``AttnMeta`` once per forward and passes it to every block of the stack.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bytelm.models.attention import attend
+from bytelm.models.attention import AttnMeta, attend, stack_meta
 from bytelm.models.config import RopeScalingConfig
 
 
@@ -128,15 +129,15 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE and an optional KV cache.
 
     Grouped-query attention when ``n_kv_heads < n_heads``: the fused projection's rows are
-    ``[q (H*hd); k (KV*hd); v (KV*hd)]``, the cache stores the KV heads, and they are expanded to H heads just
-    before ``attend`` with the HF ``repeat_kv`` convention (query head h reads kv head h // (H // KV)). With the
+    ``[q (H*hd); k (KV*hd); v (KV*hd)]``, the cache stores the KV heads, and ``attend`` serves them as they are
+    (flash, flex) or expanded to H heads (SDPA) with the HF ``repeat_kv`` convention (query head h reads kv head h // (H // KV)). With the
     defaults (KV = H, hd = dim // H, no bias) names and shapes are those of every earlier bytelm checkpoint."""
 
     def __init__(
         self,
         dim: int,
         n_heads: int,
-        backend: str = "sdpa",
+        backend: str = "auto",  # used only by calls without a stack's AttnMeta
         *,
         n_kv_heads: int | None = None,
         head_dim: int | None = None,
@@ -159,14 +160,10 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,  # (B, T, D)
         cos: torch.Tensor,
         sin: torch.Tensor,
+        meta: AttnMeta | None = None,  # the stack's attention metadata (attention.stack_meta)
         *,
-        causal: bool = True,
-        doc_ids: torch.Tensor | None = None,  # (B, T) document index per position (packed batches)
-        key_bias: torch.Tensor | None = None,  # (B, S) additive bias per key (MrT5 soft deletion)
-        key_mask: torch.Tensor | None = None,  # (B, S) True = key may be attended (padding mask)
-        window: int = 0,
         cache: KVCache | None = None,
-        null_key: bool = False,  # softmax1 (attention.attend): MrT5's layers that see the gate bias
+        **features: object,  # without meta: attention.stack_meta's keywords (causal, doc_ids, window, ...)
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -179,12 +176,9 @@ class SelfAttention(nn.Module):
         if cache is not None:
             q_offset = cache.length
             k, v = cache.append(k, v)  # (B, KV, S, hd)
-        if KV != H:  # HF repeat_kv: query head h reads kv head h // (H // KV)
-            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
-        out = attend(
-            q, k, v, causal=causal, q_offset=q_offset, doc_ids=doc_ids, key_bias=key_bias,
-            key_mask=key_mask, window=window, backend=self.backend, null_key=null_key,
-        )  # (B, H, T, hd)
+        if meta is None:  # a one-off call: metadata for this layer alone
+            meta = stack_meta(x, self.backend, q_offset=q_offset, tk=k.shape[2], **features)  # type: ignore[arg-type]
+        out = attend(q, k, v, meta)  # (B, H, T, hd); grouped KV heads are expanded by the backend
         return self.wo(out.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -199,7 +193,7 @@ class Block(nn.Module):
         dim: int,
         n_heads: int,
         mlp_ratio: float = 8 / 3,
-        backend: str = "sdpa",
+        backend: str = "auto",
         *,
         n_kv_heads: int | None = None,
         head_dim: int | None = None,
@@ -213,8 +207,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden or swiglu_hidden(dim, mlp_ratio))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kwargs)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta | None = None,
+                **attn_kwargs) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, meta, **attn_kwargs)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -55,7 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
-from bytelm.models.attention import attend
+from bytelm.models.attention import AttnMeta, attend, stack_meta
 from bytelm.models.config import ModelConfig, ModelOutput
 from bytelm.models.gates import DeleteGate, PIController, gate_stats, masked_mean
 from bytelm.models.gates import hard_delete as _hard_delete
@@ -80,7 +80,7 @@ class CrossAttention(nn.Module):
     their absolute row positions (``s - 1 + i``), keys at their original prefix positions (also after hard
     deletion), so the cross-attention sees the relative distance, as one flat sequence would."""
 
-    def __init__(self, dim: int, n_heads: int, backend: str = "sdpa", null_key: bool = False) -> None:
+    def __init__(self, dim: int, n_heads: int, backend: str = "auto", null_key: bool = False) -> None:
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"width {dim} is not divisible by n_heads={n_heads}")
@@ -105,16 +105,12 @@ class CrossAttention(nn.Module):
         cos: torch.Tensor,  # rotary tables of the query positions
         sin: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
-        key_bias: torch.Tensor | None,  # (B, S) gate values (soft deletion)
-        key_mask: torch.Tensor | None,  # (B, S) True = real key
+        meta: AttnMeta,  # MrT5.cross_meta: per-key gate bias / padding mask, null key
     ) -> torch.Tensor:
         B, T, D = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         q = apply_rope(q, cos, sin)
-        out = attend(
-            q, kv[0], kv[1], causal=False, key_bias=key_bias, key_mask=key_mask, backend=self.backend,
-            null_key=self.null_key,
-        )
+        out = attend(q, kv[0], kv[1], meta)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -136,12 +132,12 @@ class DecoderBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
-        key_bias: torch.Tensor | None,
-        key_mask: torch.Tensor | None,
+        self_meta: AttnMeta,
+        cross_meta: AttnMeta,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, causal=True, cache=cache)
-        x = x + self.cross(self.cross_norm(x), cos, sin, kv, key_bias, key_mask)
+        x = x + self.attn(self.attn_norm(x), cos, sin, self_meta, cache=cache)
+        x = x + self.cross(self.cross_norm(x), cos, sin, kv, cross_meta)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -219,10 +215,13 @@ class MrT5(nn.Module):
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, cos, sin, **kw) -> torch.Tensor:
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, cos, sin, meta: AttnMeta) -> torch.Tensor:
         if self.cfg.activation_checkpointing and self.training:
-            return checkpoint(lambda x_: blk(x_, cos, sin, **kw), x, use_reentrant=False)
-        return blk(x, cos, sin, **kw)
+            return checkpoint(lambda x_: blk(x_, cos, sin, meta), x, use_reentrant=False)
+        return blk(x, cos, sin, meta)
+
+    def _meta(self, x: torch.Tensor, stack: str, **kw: object) -> AttnMeta:
+        return stack_meta(x, self.cfg.attn_backend, stack=stack, fallback=self.cfg.attn_fallback, **kw)  # type: ignore[arg-type]
 
     def encode(
         self,
@@ -239,19 +238,23 @@ class MrT5(nn.Module):
         x = self.embed(prefix_ids)  # (B, T, D)
         key_mask, key_bias = pad_mask, None
         G, kept_idx = None, None
+        # attention metadata, once per forward: one for the blocks before the gate (padding mask only), one for
+        # the gate's block and later ones (+ gate bias G, softmax1; a shorter sequence after hard deletion)
+        meta = self._meta(x, "mrt5 encoder", causal=False, key_mask=key_mask) if self.gate_layer > 0 else None
         for i, blk in enumerate(self.encoder):
-            if i == self.gate_layer and self.gate is not None:
-                G = self.gate(x, pad_mask)  # (B, T)
-                if hard:
-                    x, key_mask, kept_idx = _hard_delete(x, G, self.cfg.gate.tau_del, pad_mask)  # (B, T', D)
-                    pos = kept_idx  # kept bytes keep their original positions
-                    cos, sin = self._rope(pos)
-                else:
-                    key_bias = G
-            null_key = self.cfg.gate.softmax1 and i >= self.gate_layer
-            x = self._run_block(
-                blk, x, cos, sin, causal=False, key_bias=key_bias, key_mask=key_mask, null_key=null_key
-            )
+            if i == self.gate_layer:
+                if self.gate is not None:
+                    G = self.gate(x, pad_mask)  # (B, T)
+                    if hard:
+                        x, key_mask, kept_idx = _hard_delete(x, G, self.cfg.gate.tau_del, pad_mask)  # (B, T', D)
+                        pos = kept_idx  # kept bytes keep their original positions
+                        cos, sin = self._rope(pos)
+                    else:
+                        key_bias = G
+                meta = self._meta(x, "mrt5 encoder after the gate", causal=False, key_bias=key_bias,
+                                  key_mask=key_mask, null_key=self.cfg.gate.softmax1)
+            assert meta is not None
+            x = self._run_block(blk, x, cos, sin, meta)
         return EncoderOutput(
             memory=self.enc_norm(x), positions=pos, key_mask=key_mask, key_bias=key_bias, pad_mask=pad_mask, gate=G,
             kept_idx=kept_idx, hard=hard and G is not None,
@@ -283,6 +286,10 @@ class MrT5(nn.Module):
         start = enc.prefix_len - 1 + (cache.length if cache is not None else 0)
         cos, sin = self._rope(torch.arange(start, start + t, device=dec_ids.device))
         x = self.embed(dec_ids)  # (B, t, D)
+        q_offset = cache.length if cache is not None else 0
+        self_meta = self._meta(x, "mrt5 decoder", q_offset=q_offset)
+        cross_meta = self._meta(x, "mrt5 cross-attention", causal=False, tk=enc.memory.shape[1],
+                                key_bias=enc.key_bias, key_mask=enc.key_mask, null_key=self.cfg.gate.softmax1)
         for i, layer in enumerate(self.decoder):
             blk = cast(DecoderBlock, layer)
             kv = cache.cross_kv[i] if cache is not None else None
@@ -292,11 +299,10 @@ class MrT5(nn.Module):
                     cache.cross_kv[i] = kv
             if cache is None and self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(
-                    lambda x_, b=blk, kv_=kv: b(x_, cos, sin, kv_, enc.key_bias, enc.key_mask), x,
-                    use_reentrant=False,
+                    lambda x_, b=blk, kv_=kv: b(x_, cos, sin, kv_, self_meta, cross_meta), x, use_reentrant=False,
                 )
             else:
-                x = blk(x, cos, sin, kv, enc.key_bias, enc.key_mask, cache.self_kv[i] if cache else None)
+                x = blk(x, cos, sin, kv, self_meta, cross_meta, cache.self_kv[i] if cache else None)
         return self.lm_head(self.dec_norm(x))
 
     # ------------------------------------------------------------------ training / eval entry point
@@ -351,7 +357,7 @@ class MrT5(nn.Module):
                 metrics["n_bytes"] = n
         if enc.gate is not None:
             G = enc.gate
-            alpha = self.controller.alpha.clone()  # value set by the previous step
+            alpha = self.controller.current_alpha()  # value set by the previous step
             stats = gate_stats(G, self.cfg.gate.tau_del, enc.pad_mask, alpha)
             metrics.update(stats)
             if self.training:
