@@ -28,14 +28,6 @@ def choice(default: str, *options: str) -> Any:
     return dataclasses.field(default=default, metadata={CHOICES: tuple(options)})
 
 
-def options_of(cls: type, name: str) -> tuple[str, ...] | None:
-    """The allowed values of field ``name`` of dataclass ``cls`` (None: not a choice field)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get(CHOICES)
-    raise KeyError(f"{cls.__name__} has no field {name!r}")
-
-
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if type(None) in args and len(args) == 2:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -48,17 +47,9 @@ from bytelm.models.attention_masks import (  # noqa: F401 - NEG_INF, build_mask:
     sdpa_mask,
     varlen_info,
 )
+from bytelm.models.config import ATTN_BACKENDS, Backend  # noqa: F401 - ATTN_BACKENDS: part of this module's interface
 
 log = logging.getLogger(__name__)
-
-class Backend(str, Enum):
-    AUTO = "auto"
-    SDPA = "sdpa"
-    FLASH = "flash"
-    FLEX = "flex"
-
-
-ATTN_BACKENDS: tuple[str, ...] = tuple(b.value for b in Backend)  # the valid values of model.attn_backend
 
 
 class AttentionBackendError(RuntimeError):

@@ -7,14 +7,27 @@ a misspelt key fails with its name. Fields that an architecture does not use are
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import Enum
 
 import torch
 
 from bytelm.choices import choice
 from bytelm.data.bytes import PADDED_VOCAB
-from bytelm.models.attention import ATTN_BACKENDS
 
 ARCHS = ("flat", "hierarchical", "mrt5", "byteified")
+
+
+class Backend(str, Enum):
+    """Attention backends (bytelm.models.attention). Defined here, not there, so importing the config does not
+    import the attention code (its compiler decorators load torch._dynamo: ~1.5 s on every CLI start)."""
+
+    AUTO = "auto"
+    SDPA = "sdpa"
+    FLASH = "flash"
+    FLEX = "flex"
+
+
+ATTN_BACKENDS: tuple[str, ...] = tuple(b.value for b in Backend)  # the valid values of model.attn_backend
 
 
 @dataclass
