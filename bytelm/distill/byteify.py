@@ -108,15 +108,19 @@ def source_tensors(cfg: Config) -> dict[str, torch.Tensor]:
     out["vocab_bytes"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
     lens = torch.tensor([len(t or b"") for t in table], dtype=torch.long)
     out["vocab_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-    # patch vectors start with the embeddings' statistics: mean as the bias, per-entry std through the weight;
-    # with patch_token_embed the pooled state is a correction to the patch token's embedding: it starts small
+    # with patch_token_embed the pooled state is a correction to the patch token's embedding that starts at
+    # zero (the untrained model then feeds the blocks exactly the source's inputs); without it the patch vectors
+    # start with the embeddings' statistics: mean as the bias, per-entry std through the weight
     mean = emb.float().mean(0)
     std = float((emb.float() - mean).std())
-    gen = torch.Generator().manual_seed(cfg.trainer.seed)
     d = cfg.model.d_byte
-    scale = 0.1 if cfg.model.patch_token_embed else 1.0
-    out["pool.proj.weight"] = torch.randn(cfg.model.d_model, d, generator=gen) * (scale * std / math.sqrt(d))
-    out["pool.proj.bias"] = torch.zeros_like(mean) if cfg.model.patch_token_embed else mean
+    if cfg.model.patch_token_embed:
+        out["pool.proj.weight"] = torch.zeros(cfg.model.d_model, d)
+        out["pool.proj.bias"] = torch.zeros_like(mean)
+    else:
+        gen = torch.Generator().manual_seed(cfg.trainer.seed)
+        out["pool.proj.weight"] = torch.randn(cfg.model.d_model, d, generator=gen) * (std / math.sqrt(d))
+        out["pool.proj.bias"] = mean
     return out
 
 

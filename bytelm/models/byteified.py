@@ -1,77 +1,89 @@
 """A byteified subword LM: the source model's decoder blocks are the backbone of a hierarchical byte model.
 
-DESIGN.md §5b (Bolmo, HAT-from-Llama). ``bytelm.distill.byteify`` builds it from any Llama-family Hugging Face
+docs/byteify.md (Bolmo, HAT-from-Llama). ``bytelm.distill.byteify`` builds it from any Llama-family Hugging Face
 model (weights mapped into bytelm's own blocks by ``bytelm.distill.transplant``) and trains it in two stages;
-this file is the pure-torch model that runs, trains, generates and exports like every other bytelm model.
-
-Bytes -> patches -> source blocks -> bytes:
+this file is the pure-torch model. Bytes -> patches -> source blocks -> (byte, boundary) symbols:
 
 - **Encoder input** = byte embedding + a projection of the source's embedding of the *longest vocabulary token
-  that ends at this byte* (Bolmo's / tokenkit's "expanded" embedding; causal: bytes <= t only). The source's
-  vocabulary travels with the model as two buffers (``vocab_bytes``, ``vocab_offsets``), so an exported folder
-  needs no tokenizer.
-- **Patches** end where the boundary predictor's logit on the encoder state is > 0 (causal: decided when the byte
-  arrives), at specials, and at the size cap. Stage 1 passes the teacher tokenizer's token ends instead
-  (``patch_end=``), so the frozen blocks see the units they were trained on; the predictor is trained against
-  them with BCE. A patch is *ready at its own last byte* (``layout_words(closed=...)``): the byte after it is
-  predicted from the backbone output of the patch it closes, as the source predicts token i+1 from its hidden
-  state at token i.
-- **Patch vectors** = projection of the encoder state at the patch's last byte (bias and scale initialised to the
-  statistics of the source embeddings); a special (BOS/EOS/PAD) is a patch whose vector is the source's
-  document-start embedding (SmolLM2's ``<|endoftext|>``).
-- **Sink.** The source always saw its start token at position 0 (an attention sink). A row that begins inside a
-  document gets a virtual first patch with that embedding; a row that begins with a special masks it (its BOS
-  patch plays the part). The sink's backbone output is the context of bytes before the first ready patch.
-- **Decoder** = bytelm's byte decoder (encoder activations + the projected context vector of the latest ready
-  patch), and **LM-head prior**: the byte logits get ``prior_scale * log P_naive(next byte)``, the naive
-  within-token marginal (DESIGN.md §5) of the source LM head applied to that context vector, given the bytes of
-  the open patch so far. The decoder only has to learn the correction; computed without gradient.
-- **Stage-1 hooks**: ``context=`` (B, T, D) replaces the backbone outputs by the teacher's final hidden states
-  read at each patch's last byte (nothing backpropagates through the backbone), and ``probe_blocks=k`` returns
-  the patch vectors after the first k blocks (Bolmo's encoder loss) in ``hidden["probe"]``.
+  that ends at this byte* (the "expanded" embedding; bytes <= t only). The source vocabulary travels with the
+  model as two buffers (``vocab_bytes``, ``vocab_offsets``), so an exported folder needs no tokenizer.
+- **Segmentation** (which bytes end a patch) comes from a *segmenter*, which may look ahead: the boundary
+  predictor (``chunker=gate``; its logit for byte t reads the encoder states of bytes t..t+``boundary_lookahead``),
+  given ends (``patch_end=``: the source tokenizer's token ends, stage 1 and the ``tokenizer`` segmenter of
+  ``bytelm.eval``), or HAT words (``chunker=words``, the ablation). Specials and the size cap
+  ``max_word_bytes`` always end a patch.
+- **Fused head, no delay.** The decoder predicts at byte t the symbol of byte t+1: (byte, ends-its-patch?), 2 x V
+  outputs (``[:V]`` continues, ``[V:]`` ends). A patch is ready *at its own last byte*: that byte already reads
+  the patch's backbone output, so the next patch's first byte is predicted from it. Because every boundary bit
+  is predicted and scored, the segmenter's lookahead leaks nothing: the score is the joint cross-entropy of the
+  (byte, bit) symbols, an upper bound on the byte NLL whatever chose the bits (``joint_logprobs``). Where the
+  size cap forces the next byte to end its patch, the "continues" half is masked.
+- **Patch vectors** = the source embedding of the patch's token (the longest vocabulary token that ends at the
+  patch's last byte and starts inside the patch: the patch itself when it is a token) plus the projected encoder
+  state at the last byte, a correction that starts at zero; a special (BOS/EOS/PAD) is a patch whose vector is
+  the source's document-start embedding.
+- **Sink.** The source always saw its start token at position 0. A row that begins inside a document gets a
+  virtual first patch with that embedding (its output is the context before the first patch); a row that begins
+  with a special masks it.
+- **Exact prior.** The logits are ``prior_scale * log P_prior + residual``: ``P_prior`` is the source LM head
+  on the context patch's backbone output turned exactly into (byte, bit) probabilities
+  (``bytelm.models.byte_prior``), the residual head starts at zero. With the tokenizer's segmentation the
+  untrained model scores every text as the source model does.
+- **Stage-1 hooks**: ``context=`` (B, T, D) replaces the backbone outputs by the teacher's final hidden states read
+  at each patch's last byte, and ``probe_blocks=k`` returns the patch vectors after the first k blocks (the
+  encoder loss) in ``hidden["probe"]``.
+
+Cached decoding (``byteified_cache.py``) feeds (byte, bit) pairs; a byte fed without its bit gets the bit the
+fused head prefers after it (this is how generation decides boundaries, and how the prompt's last byte is
+re-decided: Bolmo's rollback). It equals the full forward given the same bits.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from bytelm.data.bytes import PAD_ID
+from bytelm.data.packed import IGNORE
+from bytelm.models.byte_prior import PRIOR_FLOOR, SPECIAL_LOGP, fused_log_prior
+from bytelm.models.byteified_cache import ByteifiedDecoding
 from bytelm.models.chunking import close_chunks, doc_starts, run_lengths
 from bytelm.models.config import ModelConfig, ModelOutput
 from bytelm.models.hierarchical import HierarchicalByteLM
-from bytelm.models.layers import KVCache, RMSNorm
+from bytelm.models.layers import RMSNorm
 from bytelm.models.vocab_trie import VocabTrie
-from bytelm.models.word_layout import _CHAR_LEN, LastPooling, layout_words
+from bytelm.models.word_layout import LastPooling, layout_words
+
+__all__ = ["PRIOR_FLOOR", "SPECIAL_LOGP", "BoundaryPredictor", "ByteifiedLM", "joint_logprobs"]
 
 SINK_MASKED = -2  # word-doc id of a masked sink: no patch attends to it
-PRIOR_FLOOR = -30.0  # log-prior of bytes the naive marginal calls impossible (keeps the sum finite)
-SPECIAL_PRIOR = -10.0  # log-prior of specials where the marginal is defined (it says nothing about them)
+MASKED = -1e4  # logit of a symbol a rule forbids (the "continues" half where the size cap ends the patch)
 
 
 class BoundaryPredictor(nn.Module):
-    """Logit that byte t ends a patch, from the causal encoder states at t and t+1 (one byte of lookahead, as
-    Bolmo's predictor): (B, T, d) -> (B, T). The decision for t is used from byte t+1 on (the patch is ready one
-    character after it ends), so the model stays causal. The last position sees zeros for t+1."""
+    """Logit that byte t ends a patch, from the encoder states of bytes t, t+1, ..., t+L (L = ``lookahead``;
+    zeros past the row's end): (B, T, d) -> (B, T). A segmenter, not a prediction: it may look ahead because
+    the fused head pays for every bit it chooses."""
 
-    def __init__(self, dim: int, hidden: int = 0) -> None:
+    def __init__(self, dim: int, hidden: int = 0, lookahead: int = 1) -> None:
         super().__init__()
+        if lookahead < 0:
+            raise ValueError(f"model.boundary_lookahead must be >= 0, got {lookahead}")
+        self.lookahead = lookahead
         self.norm = RMSNorm(dim)
+        n_in = (1 + lookahead) * dim
         self.mlp: nn.Module = (
-            nn.Sequential(nn.Linear(2 * dim, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if hidden > 0
-            else nn.Linear(2 * dim, 1)
+            nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if hidden > 0 else nn.Linear(n_in, 1)
         )
 
-    def pairs(self, h: torch.Tensor, h_next: torch.Tensor) -> torch.Tensor:
-        """Logits from aligned (..., d) states of byte t and byte t+1."""
-        return self.mlp(torch.cat([self.norm(h), self.norm(h_next)], -1)).squeeze(-1).float()
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        nxt = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
-        return self.pairs(h, nxt)
+        x = self.norm(h)  # (B, T, d)
+        parts = [x]
+        for k in range(1, self.lookahead + 1):
+            parts.append(torch.cat([x[:, k:], torch.zeros_like(x[:, :k])], 1)[:, : x.shape[1]])
+        return self.mlp(torch.cat(parts, -1)).squeeze(-1).float()  # (B, T)
 
 
 class PatchPooling(LastPooling):
@@ -84,31 +96,35 @@ class PatchPooling(LastPooling):
         return super().forward(h, last + 1)
 
 
-@dataclass
-class ByteifiedCache:
-    """Incremental decoding state (batch 1, one document)."""
+def joint_logprobs(
+    logits: torch.Tensor,  # (B, T, 2V) fused logits
+    input_ids: torch.Tensor,  # (B, T)
+    targets: torch.Tensor,  # (B, T) next ids, IGNORE where nothing is predicted
+    closed: torch.Tensor,  # (B, T) bool: the byte ends its patch (the bits used)
+) -> torch.Tensor:  # (B, T) fp32 log-prob of each target symbol, 0 where ignored
+    """Log-probability of each target *symbol*: (byte t+1, bit t+1) where byte t+1 is the next input (its bit is
+    known), else the byte with its bit summed out (the row's last position, a padded continuation). Summed over
+    a text this is the joint log-likelihood of its bytes and the bits used, a lower bound on log P(bytes)."""
+    V = logits.shape[-1] // 2
+    lf = logits.float()
+    logz = torch.logsumexp(lf, -1)  # (B, T)
+    valid = targets != IGNORE
+    tgt = targets.clamp(min=0)
+    nxt_in = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -1)], 1)
+    nxt_bit = torch.cat([closed[:, 1:], torch.zeros_like(closed[:, :1])], 1).long()
+    known = valid & (nxt_in == targets)
+    cont = lf.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    end = lf.gather(-1, (tgt + V).unsqueeze(-1)).squeeze(-1)
+    joint = torch.where(nxt_bit.bool(), end, cont)
+    marg = torch.logaddexp(cont, end)
+    lp = torch.where(known, joint, marg) - logz
+    return torch.where(valid, lp, torch.zeros_like(lp))
 
-    enc: list[KVCache]
-    backbone: list[KVCache]
-    dec: list[KVCache]
-    ids: list[int] = field(default_factory=list)
-    patch_start: int = 0  # first byte of the open patch
-    buf: list[torch.Tensor] = field(default_factory=list)  # (d_byte,) encoder outputs of the open patch
-    n_words: int = 0  # backbone positions used (sink included)
-    ctx: torch.Tensor | None = None  # (1, D) backbone output of the latest ready patch
-    node: int = 0  # trie node of the open patch's bytes (-1: no token extends them)
-    seg_start: int = 0  # start of the current segment (for expanded ids)
-    prev_h: torch.Tensor | None = None  # (d,) encoder state of the last byte (its boundary waits for the next)
-    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (ready time, (1, D)) closed patches
-    r_max: int = -1  # running max of ready times
 
-    @property
-    def length(self) -> int:
-        return len(self.ids)
-
-
-class ByteifiedLM(HierarchicalByteLM):
+class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):
     """Hierarchical byte LM around a source LM's blocks (module docstring). ``cfg.arch == 'byteified'``."""
+
+    fused_head = True  # logits are (B, T, 2V) (byte, ends-patch) symbols; generation and scoring read them so
 
     def __init__(self, cfg: ModelConfig) -> None:
         if cfg.source_vocab <= 0:
@@ -120,12 +136,13 @@ class ByteifiedLM(HierarchicalByteLM):
             raise ValueError(f"model.chunker must be 'gate' (learned boundaries) or 'words' for arch=byteified, "
                              f"got {cfg.chunker!r}")
         base = copy.deepcopy(cfg)
-        base.chunker, base.pooling = "words", "last"  # the parent builds no gate; the pooling is replaced below
+        base.chunker, base.pooling, base.tie_embeddings = "words", "last", False  # the parent builds no gate
         super().__init__(base)
         self.cfg = cfg
-        D, d = cfg.d_model, cfg.d_byte
+        D, d, V = cfg.d_model, cfg.d_byte, cfg.vocab_size
         self.pool: PatchPooling = PatchPooling(d, D)  # type: ignore[assignment]
-        self.boundary = BoundaryPredictor(d, cfg.boundary_hidden)
+        self.lm_head = nn.Linear(d, 2 * V, bias=False)  # the residual of the fused head (starts at zero)
+        self.boundary = BoundaryPredictor(d, cfg.boundary_hidden, cfg.boundary_lookahead)
         self.first_word.requires_grad_(False)  # the sink's output takes its place
         self.source_embed = nn.Embedding(cfg.source_vocab, D)
         self.source_embed.weight.requires_grad_(False)
@@ -134,7 +151,6 @@ class ByteifiedLM(HierarchicalByteLM):
             self.source_head = nn.Linear(D, cfg.source_vocab, bias=False)
             self.source_head.weight.requires_grad_(False)
         self.expand_proj = nn.Linear(D, d, bias=False)
-        self.next_start = nn.Parameter(torch.zeros(256))  # logits of "the next token starts with byte b" (prior)
         self.prior_scale = nn.Parameter(torch.ones(1))  # (1,): FSDP2's fully_shard refuses scalar parameters
         self.vocab_bytes: torch.Tensor
         self.vocab_offsets: torch.Tensor
@@ -147,8 +163,10 @@ class ByteifiedLM(HierarchicalByteLM):
     def init_weights(self) -> None:
         super().init_weights()
         nn.init.ones_(self.prior_scale)
-        nn.init.zeros_(self.next_start)
+        nn.init.zeros_(self.lm_head.weight)  # the prior alone at step 0
         nn.init.zeros_(self.pool.proj.bias)
+        if self.cfg.patch_token_embed:
+            nn.init.zeros_(self.pool.proj.weight)  # patch vector = the token's embedding at step 0
 
     # -- source vocabulary ---------------------------------------------------------------------------------
 
@@ -205,10 +223,7 @@ class ByteifiedLM(HierarchicalByteLM):
 
     def patch_vectors(self, h: torch.Tensor, ids: torch.Tensor, last: torch.Tensor,
                       word_start: torch.Tensor) -> torch.Tensor:
-        """(B, W, D) patch vectors: with ``model.patch_token_embed`` the source's embedding of the patch's token
-        (``patch_tokens``; exactly the teacher's input when the patch is one of its tokens) plus the pooled
-        encoder state as a learned correction, else the pooled state alone; a special's patch is the source's
-        start embedding."""
+        """(B, W, D) patch vectors (module docstring); ``last`` (B, W) each patch's last byte."""
         words = self.pool(h, last)
         if self.cfg.patch_token_embed:
             rows = [self.patch_tokens(i, s) for i, s in zip(ids.cpu().tolist(), word_start.cpu().tolist(), strict=True)]
@@ -223,57 +238,56 @@ class ByteifiedLM(HierarchicalByteLM):
         return self.source_embed.weight[self.cfg.source_start_id].to(dtype).expand(batch, 1, -1)  # (B, 1, D)
 
     def prior(self, table: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """Additive log-prior (..., V_bytes) for byte positions: ``rows`` index ``table`` (R, D) context vectors,
-        ``nodes`` the trie node of the open patch's bytes ``q`` (0: empty; -1: no token extends ``q``).
+        """(..., 2V) exact (byte, bit) log-prior: ``rows`` index the context vectors ``table`` (R, D), ``nodes``
+        (same shape) the trie node of the open patch's bytes (``bytelm.models.byte_prior``)."""
+        flat = fused_log_prior(self.trie, self.head_weight(), table, rows.reshape(-1), nodes.reshape(-1),
+                               self.cfg.vocab_size)
+        return flat.view(*nodes.shape, -1)
 
-        ``P(b) ∝ M(q + b) + M_end(q) * u(b)``: the source head's mass of tokens that continue ``q`` with ``b``
-        (the naive within-token marginal) plus the mass of the token ``q`` itself times ``u``, the learned
-        distribution of the first byte of the next token (``next_start``), because with boundaries decided one
-        byte late the open patch may have ended. Where no token extends ``q`` the prior is ``u``. The masses
-        carry no gradient (nothing flows back into the context vectors); ``u`` learns."""
-        V = self.cfg.vocab_size
-        log_u = torch.log_softmax(self.next_start.float(), -1)  # (256,)
-        flat_nodes = nodes.reshape(-1)
-        out = log_u.expand(flat_nodes.shape[0], 256)
-        valid = flat_nodes >= 0
-        if bool(valid.any()):
-            with torch.no_grad():
-                trie = self.trie.to(table.device)  # built on CPU; the masses are gathered where the logits are
-                used, r_of = torch.unique(rows.reshape(-1)[valid], return_inverse=True)
-                # the head's vocabulary rows in byte order: probabilities come out sorted, ready for prefix sums;
-                # the normaliser cancels in the renormalisation below, so specials need not be in the softmax
-                head = self.head_weight().index_select(0, trie.order).float()  # (V', D)
-                p = torch.softmax(table.detach()[used].float() @ head.t(), -1)  # (R', V')
-                # fp64 sums: masses of deep prefixes are small differences of numbers near 1
-                cum = torch.cat([torch.zeros_like(p[:, :1]), p.cumsum(1, dtype=torch.float64)], 1)  # (R', V'+1)
-                mass, total = trie.masses_from_cumsum(cum, r_of, flat_nodes[valid])  # (M, 256), (M,)
-                cont = mass.sum(-1)
-                end = (total - cont).clamp(min=0.0)  # mass of the token q itself
-                denom = (cont + end).clamp(min=1e-300)
-            mix = (mass + end.unsqueeze(-1) * log_u.double().exp()) / denom.unsqueeze(-1)
-            lp = mix.clamp(min=1e-300).log().float()
-            out = out.clone()
-            out[valid] = lp
-        vals = torch.full((flat_nodes.shape[0], V), SPECIAL_PRIOR, device=table.device)
-        vals = torch.cat([out.clamp(min=PRIOR_FLOOR), vals[:, 256:]], 1)
-        return vals.view(*nodes.shape, V)
-
-    def _closed_at_once(self, ids: torch.Tensor, word_start: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool: bytes whose patch is known to end there when they arrive (specials, the size cap); every
-        other patch end is decided one byte later (the boundary predictor's lookahead)."""
-        closed = ids >= 256
-        cap = self.cfg.max_word_bytes
-        if cap and cap > 0:
-            closed = closed | (run_lengths(word_start) >= cap)
-        return closed
-
-    def _nodes(self, ids: torch.Tensor, closed: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    def open_nodes(self, ids: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:
+        """(B, T) trie node of the open patch's bytes after each byte (``VocabTrie.open_nodes``)."""
         trie = self.trie
-        rows = [
-            trie.prediction_nodes(i, c, s)
-            for i, c, s in zip(ids.cpu().tolist(), closed.cpu().tolist(), starts.cpu().tolist(), strict=True)
-        ]
+        rows = [trie.open_nodes(i, c) for i, c in zip(ids.cpu().tolist(), closed.cpu().tolist(), strict=True)]
         return torch.tensor(rows, dtype=torch.long, device=ids.device)
+
+    def forced_end(self, closed: torch.Tensor, word_start: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the byte after t must end its patch (its patch reaches the size cap there)."""
+        cap = self.cfg.max_word_bytes
+        if not cap or cap <= 0:
+            return torch.zeros_like(closed)
+        nxt_len = torch.where(closed, torch.ones_like(word_start, dtype=torch.long), run_lengths(word_start) + 1)
+        return nxt_len >= cap
+
+    def fuse(self, residual: torch.Tensor, prior: torch.Tensor | None, forced: torch.Tensor) -> torch.Tensor:
+        """Fused logits (..., 2V) = prior_scale * prior + residual, the "continues" half masked where forced."""
+        logits = residual if prior is None else residual + self.prior_scale * prior.to(residual.dtype)
+        V = self.cfg.vocab_size
+        half = torch.arange(logits.shape[-1], device=logits.device) < V  # (2V,) the "continues" half
+        return torch.where(forced.unsqueeze(-1) & half, torch.full_like(logits, MASKED), logits)
+
+    # -- segmentation --------------------------------------------------------------------------------------
+
+    def segment(self, input_ids: torch.Tensor, h: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch ends chosen by the model's own segmenter: ``(ends (B, T) bool, boundary logits or None)``.
+        ``chunker=gate``: boundary logit > ``boundary_threshold`` (needs the encoder states ``h``; computed when
+        not given); ``words``: the last byte of every HAT word."""
+        if self.cfg.chunker == "words":
+            ws = self.word_starts_batch(input_ids, doc_ids)
+            return torch.cat([ws[:, 1:], torch.zeros_like(ws[:, :1])], 1), None
+        if h is None:
+            h = self.encode(input_ids, doc_ids)
+        b_logits = self.boundary(h)
+        return b_logits.detach() > self.cfg.boundary_threshold, b_logits
+
+    def encode(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+               expanded: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) encoder states."""
+        cos, sin = self._byte_rope(torch.arange(input_ids.shape[1], device=input_ids.device))
+        if expanded is None:
+            expanded = self.expanded_ids(input_ids, doc_ids)
+        x = self.embed_bytes(input_ids, expanded)
+        return self._run(self.encoder, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window)
 
     # -- forward -------------------------------------------------------------------------------------------
 
@@ -281,43 +295,35 @@ class ByteifiedLM(HierarchicalByteLM):
         self,
         input_ids: torch.Tensor,  # (B, T) byte ids
         *,
+        targets: torch.Tensor | None = None,  # (B, T) next ids (IGNORE where none): adds the joint loss
         doc_ids: torch.Tensor | None = None,  # (B, T)
-        patch_end: torch.Tensor | None = None,  # (B, T) bool: given patch ends (stage 1: teacher token ends)
+        patch_end: torch.Tensor | None = None,  # (B, T) bool: given patch ends (the tokenizer's token ends)
         context: torch.Tensor | None = None,  # (B, T, D): teacher final hidden at each patch's last byte (stage 1)
         probe_blocks: int = 0,  # > 0: also run the patch vectors through this many blocks (hidden["probe"])
         expanded: torch.Tensor | None = None,  # (B, T) precomputed expanded ids
-        cache: ByteifiedCache | None = None,
+        cache: object | None = None,
         **_: object,
     ) -> ModelOutput:
         if cache is not None:
-            return self._forward_cached(input_ids, cache)
+            return self._forward_cached(input_ids, cache, patch_end)  # type: ignore[arg-type]
         B, T = input_ids.shape
         dev = input_ids.device
         cos, sin = self._byte_rope(torch.arange(T, device=dev))
-        if expanded is None:
-            expanded = self.expanded_ids(input_ids, doc_ids)
-        x = self.embed_bytes(input_ids, expanded)
-        h = self._run(self.encoder, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window)
-        b_logits = self.boundary(h)  # (B, T)
-        closed: torch.Tensor | None
-        if self.cfg.chunker == "words":  # ablation: HAT words, ready one character after they end
-            word_start = self.word_starts_batch(input_ids, doc_ids)
-            closed = None
-        else:  # patches end where the predictor (or the teacher) says; ready one character later
-            ends = (b_logits.detach() > self.cfg.boundary_threshold) if patch_end is None else patch_end.bool()
-            word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)[1]
-            closed = self._closed_at_once(input_ids, word_start)
-        lay = layout_words(input_ids, word_start, doc_ids, closed)
+        h = self.encode(input_ids, doc_ids, expanded)  # (B, T, d)
+        seg, b_logits = self.segment(input_ids, h, doc_ids)
+        ends = seg if patch_end is None else patch_end.bool()
+        closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)
+        lay = layout_words(input_ids, word_start, doc_ids, closed)  # every patch is ready at its last byte
         W = lay.start.shape[1]
         last = (lay.end - 1).clamp(0, T - 1)  # (B, W)
         words = torch.cat([self.sink(B, h.dtype), self.patch_vectors(h, input_ids, last, word_start)], 1)  # (B, W+1, D)
         sink_doc = torch.where(input_ids[:, :1] >= 256, SINK_MASKED, 0 if doc_ids is None else doc_ids[:, :1])
         word_doc = lay.word_doc if lay.word_doc is not None else torch.zeros(B, W, dtype=torch.long, device=dev)
         word_doc = torch.cat([sink_doc, word_doc], 1)  # (B, W+1)
-        hidden: dict[str, torch.Tensor] = {"boundary_logits": b_logits, "patch_last": last, "word_end": lay.end,
-                                           "word_start": lay.start}
-        if closed is not None:
-            hidden["closed"] = closed
+        hidden: dict[str, torch.Tensor] = {"patch_last": last, "word_end": lay.end, "word_start": lay.start,
+                                           "closed": closed}
+        if b_logits is not None:
+            hidden["boundary_logits"] = b_logits
         if probe_blocks > 0:
             hidden["probe"] = self.run_backbone(words, doc_ids=word_doc, n_blocks=probe_blocks, norm=False)[:, 1:]
         if context is None:
@@ -329,115 +335,30 @@ class ByteifiedLM(HierarchicalByteLM):
         hidden["words"] = z[:, 1:]
         inject = [p(z).gather(1, lay.ctx_idx.unsqueeze(-1).expand(-1, -1, self.cfg.d_byte)) for p in self.ctx_proj]
         y = self._run(self.decoder, h, cos, sin, inject=inject, stack="byte decoder", doc_ids=doc_ids)  # (B, T, d)
-        logits = self.lm_head(self.norm(y))  # (B, T, V)
+        prior = None
         if self.cfg.lm_prior:
             rows = lay.ctx_idx + torch.arange(B, device=dev).unsqueeze(1) * (W + 1)  # (B, T) into z.flatten(0, 1)
-            nodes = self._nodes(input_ids, torch.zeros_like(word_start) if closed is None else closed, word_start)
-            logits = logits + self.prior_scale * self.prior(z.flatten(0, 1), rows, nodes).to(logits.dtype)
+            prior = self.prior(z.flatten(0, 1), rows, self.open_nodes(input_ids, closed))
+        logits = self.fuse(self.lm_head(self.norm(y)), prior, self.forced_end(closed, word_start))  # (B, T, 2V)
         real = input_ids != PAD_ID
         metrics: dict[str, torch.Tensor | float] = {
             "bytes_per_word": (real.sum() / (word_start & real).sum().clamp_min(1)).detach(),
         }
-        return ModelOutput(logits=logits, metrics=metrics, hidden=hidden)
+        loss = None
+        if targets is not None:
+            lp = joint_logprobs(logits, input_ids, targets, closed)  # (B, T)
+            valid = targets != IGNORE
+            is_byte = valid & (targets < 256)
+            loss = -lp.sum() / valid.sum().clamp(min=1)
+            metrics["nll_sum"] = -(lp.double() * is_byte).sum().detach()
+            metrics["n_bytes"] = is_byte.sum()
+            hidden["target_logprobs"] = lp
+        return ModelOutput(logits=logits, loss=loss, metrics=metrics, hidden=hidden)
 
-    # -- cached decoding -----------------------------------------------------------------------------------
 
-    def new_cache(self) -> ByteifiedCache:  # type: ignore[override]
-        return ByteifiedCache(
-            enc=[KVCache() for _ in self.encoder],
-            backbone=[KVCache() for _ in self.backbone],
-            dec=[KVCache() for _ in self.decoder],
-        )
+def fused_marginal(logits: torch.Tensor) -> torch.Tensor:
+    """(..., 2V) fused logits -> (..., V) byte logits with the bit summed out: for *sampling* the next byte
+    (its bit then follows from the conditional). Never for scoring a text whose bits a segmenter chose."""
+    V = logits.shape[-1] // 2
+    return torch.logaddexp(logits[..., :V].float(), logits[..., V:].float())
 
-    @torch.no_grad()
-    def _forward_cached(self, new_ids: torch.Tensor, cache: ByteifiedCache) -> ModelOutput:  # type: ignore[override]
-        """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their logits (1, n, V). Applies the
-        rules of the full forward byte by byte: a patch ends where the boundary logit of its last byte (known
-        with the next byte) is positive, and is then ready one character later; a special or the size cap closes
-        a patch at once."""
-        if new_ids.shape[0] != 1:
-            raise ValueError("cached byteified decoding supports batch size 1")
-        if self.cfg.chunker == "words":
-            raise NotImplementedError("cached decoding of a byteified model with word patches (the ablation); "
-                                      "use model.chunker=gate (learned boundaries) to generate")
-        dev = new_ids.device
-        new = [int(i) for i in new_ids[0].tolist()]
-        p0, n = cache.length, len(new)
-        if p0 == 0 and new[0] < 256:  # a row that starts inside a document: the sink comes first
-            cache.ctx = self.run_backbone(self.sink(1, self.embed.weight.dtype), torch.zeros(1, dtype=torch.long, device=dev),
-                                          caches=cache.backbone)[:, -1]
-            cache.n_words = 1
-        cache.ids.extend(new)
-        trie = self.trie
-        lo = max(cache.seg_start, p0 - self._max_token)
-        window = cache.ids[lo:]
-        starts = [False] * len(window)
-        starts[0] = True
-        ex = trie.longest_suffix_tokens(window, starts)[p0 - lo :]
-        pos = torch.arange(p0, p0 + n, device=dev)
-        cos, sin = self._byte_rope(pos)
-        x = self.embed_bytes(new_ids, torch.tensor([ex], dtype=torch.long, device=dev))
-        h = self._run(self.encoder, x, cos, sin, caches=cache.enc, window=self.cfg.encoder_window)  # (1, n, d)
-        # boundary of byte t is decided when byte t+1 is here: pair each state with the next one
-        hs = h[0] if cache.prev_h is None else torch.cat([cache.prev_h.unsqueeze(0), h[0]], 0)
-        pair_logits = self.boundary.pairs(hs[:-1], hs[1:]).tolist()  # for bytes p0-1.. (or p0..) up to the last-1
-        first_pair = p0 - 1 if cache.prev_h is not None else p0
-        cache.prev_h = h[0, -1]
-        kids = trie._children()
-        cap = self.cfg.max_word_bytes
-        ctx_rows: list[torch.Tensor] = []
-        nodes: list[int] = []
-        for j, tok in enumerate(new):
-            t = p0 + j
-            if tok >= 256:
-                if cache.patch_start < t:  # a special ends the open patch before it (ready at the special)
-                    self._close_patch(cache, t - 1, max(cache.r_max, t), dev)
-                self._close_patch(cache, t, max(cache.r_max, t), dev, special=True)  # its own patch, ready at once
-                cache.seg_start = t + 1
-                own = True
-            else:
-                k = t - 1 - first_pair
-                if cache.patch_start < t and k >= 0 and pair_logits[k] > self.cfg.boundary_threshold:  # the open patch ended at t-1
-                    self._close_patch(cache, t - 1, max(cache.r_max, t + _CHAR_LEN[tok] - 1), dev)
-                if cache.patch_start == t:
-                    cache.node = 0
-                cache.buf.append(h[0, j])
-                cur = cache.node
-                cache.node = kids.get(cur, {}).get(tok, -1) if cur >= 0 else -1
-                own = bool(cap) and cap > 0 and t - cache.patch_start + 1 >= cap
-                if own:  # the size cap closes the patch at this byte, known at once
-                    self._close_patch(cache, t, max(cache.r_max, t), dev)
-            while cache.pending and cache.pending[0][0] <= t:  # patches ready by now
-                cache.ctx = cache.pending.pop(0)[1]
-            ctx_rows.append(cache.ctx[0] if cache.ctx is not None else self.first_word)
-            nodes.append(0 if own else cache.node)
-        table = torch.stack(ctx_rows).unsqueeze(0)  # (1, n, D)
-        inject = [p(table) for p in self.ctx_proj]
-        y = self._run(self.decoder, h, cos, sin, caches=cache.dec, inject=inject)
-        logits = self.lm_head(self.norm(y))
-        if self.cfg.lm_prior:
-            prior = self.prior(table[0], torch.arange(n, device=dev), torch.tensor(nodes, device=dev))
-            logits = logits + self.prior_scale * prior.unsqueeze(0).to(logits.dtype)
-        return ModelOutput(logits=logits)
-
-    def _close_patch(self, cache: ByteifiedCache, t: int, ready: int, dev: torch.device, special: bool = False) -> None:
-        """Pool the open patch (ending at byte t), run one backbone step; its output is the context from byte
-        ``ready`` on."""
-        hb = torch.stack(cache.buf).unsqueeze(0) if cache.buf else None  # (1, len, d)
-        if special or hb is None:
-            vec = self.sink(1, self.embed.weight.dtype)
-        else:
-            vec = self.pool(hb, torch.tensor([[hb.shape[1] - 1]], device=dev))  # (1, 1, D)
-            if self.cfg.patch_token_embed:
-                patch = cache.ids[cache.patch_start : t + 1]
-                tok = self.patch_tokens(patch, [True] + [False] * (len(patch) - 1))[-1]
-                if tok >= 0:
-                    vec = vec + self.source_embed.weight[tok].to(vec.dtype)
-        pos = torch.tensor([cache.n_words], device=dev)
-        z = self.run_backbone(vec, pos, caches=cache.backbone)[:, -1]
-        cache.pending.append((ready, z))
-        cache.r_max = ready
-        cache.n_words += 1
-        cache.buf = []
-        cache.patch_start = t + 1
-        cache.node = 0

@@ -109,6 +109,7 @@ class ModelConfig:
     lm_prior: bool = True  # add the source LM head's naive next-byte marginal to the byte logits (byteified.py)
     patch_token_embed: bool = True  # patch vector = source embedding of the patch's token + pooled correction
     boundary_hidden: int = 0  # boundary predictor: 0 = linear probe of the encoder state, > 0 = an MLP this wide
+    boundary_lookahead: int = 1  # boundary predictor: the decision for byte t reads the states of bytes t..t+this
     boundary_threshold: float = 0.0  # a patch ends where the boundary logit exceeds this (< 0: more, shorter patches)
 
     def __post_init__(self) -> None:

@@ -20,7 +20,8 @@ class VocabTrie:
     per distinct next byte; an edge covers the range ``[edge_lo, edge_hi)`` of the byte-sorted tokens that start
     with ``prefix + byte`` (including a token equal to it). Tensors: ``order`` (V',) token ids sorted by bytes;
     ``node_lo``/``node_hi`` (K,) range of each node's tokens; ``child_first``/``child_count`` (K,) its edges as
-    consecutive edge ids; ``edge_byte``/``edge_lo``/``edge_hi`` (E,); ``token_ptr`` (V+1,) and ``token_nodes``:
+    consecutive edge ids; ``edge_byte``/``edge_lo``/``edge_hi`` (E,); ``edge_xhi`` (E,): ``[edge_lo, edge_xhi)`` are
+    the tokens *equal* to ``prefix + byte`` (empty when none is); ``token_ptr`` (V+1,) and ``token_nodes``:
     the node of prefix ``v[:d]`` (d < len(v)) is ``token_nodes[token_ptr[v] + d]``; ``token_len`` (V,).
     """
 
@@ -38,7 +39,7 @@ class VocabTrie:
         node_at = np.full((n, maxlen), -1, dtype=np.int64)  # node_at[k, d]: node of toks[k][:d], d < len
         node_at[:, 0] = 0
         node_lo, node_hi = [np.array([0])], [np.array([n])]
-        e_parent, e_byte, e_lo, e_hi = [], [], [], []
+        e_parent, e_byte, e_lo, e_hi, e_xhi = [], [], [], [], []
         next_id = 1
         for d in range(maxlen):
             m = np.nonzero(lens > d)[0]  # sorted positions of tokens with a byte at index d
@@ -51,6 +52,11 @@ class VocabTrie:
             e_byte.append(nxt[first])
             e_lo.append(m[first])
             e_hi.append(m[last] + 1)
+            # tokens equal to prefix + byte sort first in their edge (a prefix sorts before its extensions);
+            # duplicates of that byte string follow it: [edge_lo, edge_xhi) is the exact token(s)
+            is_exact = lens[m] == d + 1
+            n_exact = np.add.reduceat(is_exact.astype(np.int64), first) if len(first) else np.zeros(0, np.int64)
+            e_xhi.append(m[first] + n_exact)
             edge_of = np.cumsum(change) - 1  # (len(m),) edge of each member
             goes_on = lens[m] > d + 1
             inner = np.zeros(len(first), dtype=bool)
@@ -86,6 +92,7 @@ class VocabTrie:
         self.child_first = as_long(np.cumsum(counts) - counts)
         self.child_count = as_long(counts)
         self.edge_byte, self.edge_lo, self.edge_hi = as_long(e_byte), as_long(e_lo), as_long(e_hi)
+        self.edge_xhi = as_long(e_xhi)
         self.token_len, self.token_ptr, self.token_nodes = (
             as_long(token_len),
             as_long(token_ptr),
@@ -134,6 +141,32 @@ class VocabTrie:
         out.index_put_((q, self.edge_byte[e]), mass.clamp(min=0.0), accumulate=True)
         total = (cum[row_of, self.node_hi[nodes]] - cum[row_of, self.node_lo[nodes]]).clamp(min=0.0)  # (M,)
         return out, total
+
+    def fused_masses(
+        self, cum: torch.Tensor, row_of: torch.Tensor, nodes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For M open prefixes ``s`` (trie ``nodes``) and next bytes ``c``: ``p(s + c)`` (the mass of the token
+        that *is* ``s + c``: the patch ends with ``c``), ``M(s + c) - p(s + c)`` (tokens that go on after
+        ``s + c``: the patch continues) and their total over ``c``, ``M'(s) = M(s) - p(s)``.
+
+        cum (R, V'+1) prefix sums of probabilities in byte order (leading zero column); row_of (M,) the row of
+        each query. Returns end (M, 256), cont (M, 256) and total (M,) in cum's dtype."""
+        M = row_of.shape[0]
+        dev = row_of.device
+        counts = self.child_count[nodes]  # (M,)
+        q = torch.repeat_interleave(torch.arange(M, device=dev), counts)  # (E,) query of each edge
+        base = torch.cumsum(counts, 0) - counts  # (M,) first edge slot of each query
+        e = self.child_first[nodes][q] + (torch.arange(q.shape[0], device=dev) - base[q])  # (E,)
+        r = row_of[q]
+        lo = cum[r, self.edge_lo[e]]
+        exact = (cum[r, self.edge_xhi[e]] - lo).clamp(min=0.0)  # (E,)
+        mass = (cum[r, self.edge_hi[e]] - lo).clamp(min=0.0)
+        end = torch.zeros(M, 256, dtype=cum.dtype, device=dev)
+        cont = torch.zeros(M, 256, dtype=cum.dtype, device=dev)
+        end.index_put_((q, self.edge_byte[e]), exact, accumulate=True)
+        cont.index_put_((q, self.edge_byte[e]), (mass - exact).clamp(min=0.0), accumulate=True)
+        total = torch.zeros(M, dtype=cum.dtype, device=dev).index_add_(0, q, mass)
+        return end, cont, total
 
     def byte_logprobs(
         self,
@@ -189,6 +222,27 @@ class VocabTrie:
             if cur >= 0:
                 cur = kids.get(cur, {}).get(tok, -1) if tok < 256 else -1
             out.append(0 if closed[t] else cur)
+        return out
+
+    def open_nodes(self, ids: Sequence[int], closed: Sequence[bool]) -> list[int]:
+        """For each position ``t`` of one row: the trie node of the *open patch's bytes after byte t* (what the
+        prediction at ``t`` continues): the root (0) after a byte that closes its patch or a special, else the
+        node of the bytes since the patch began. Where no token strictly extends those bytes the walk restarts
+        at the current byte, as if a token began there (the prior then reads that pseudo-token), and at the
+        root if no token extends that byte either. Uses bytes and patch ends up to ``t`` only."""
+        kids = self._children()
+        root = kids.get(0, {})
+        out: list[int] = []
+        cur = 0
+        for t, tok in enumerate(ids):
+            if tok >= 256:
+                cur = 0
+            else:
+                nxt = kids.get(cur, {}).get(tok)
+                cur = nxt if nxt is not None else root.get(tok, 0)
+                if closed[t]:
+                    cur = 0
+            out.append(cur)
         return out
 
     def _suffix_trie(self) -> dict[int, list]:

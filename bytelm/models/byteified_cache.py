@@ -1,0 +1,189 @@
+"""KV-cached decoding of the byteified model (``bytelm.models.byteified``): (byte, bit) pairs in, fused logits out.
+
+The cache holds the three stacks' KV caches and the open patch. Each byte arrives with its boundary bit:
+
+- given (``patch_end=``): a prompt segmented by a segmenter, or a symbol the generator sampled;
+- not given: a chunk of several bytes is a *prompt*: the model's segmenter (boundary predictor or HAT words)
+  sets the bits of all but its last byte, and the last byte's bit is the one the fused head prefers after the
+  previous byte (Bolmo's rollback: the head, not the segmenter's lookahead, decides where the prompt's last
+  patch ends); a single byte takes the head's preferred bit (how ``transformers``' generation loop feeds the
+  sampled byte).
+
+A byte whose bit is set closes its patch at once: pooled, one backbone step, and that output is the context of
+the byte itself (no delay). A special closes the open patch and then a patch of its own; the size cap closes a
+patch at ``max_word_bytes``. The rules are those of the full forward, which the cached logits equal given the
+same bits (tests/test_byteify_model.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bytelm.models.config import ModelOutput
+from bytelm.models.layers import KVCache
+
+
+@dataclass
+class ByteifiedCache:
+    """Incremental decoding state (batch 1, one document)."""
+
+    enc: list[KVCache]
+    backbone: list[KVCache]
+    dec: list[KVCache]
+    ids: list[int] = field(default_factory=list)
+    bits: list[bool] = field(default_factory=list)  # the patch-end bit of every byte fed (rules applied)
+    patch_start: int = 0  # first byte of the open patch
+    plen: int = 0  # bytes in the open patch
+    last_h: torch.Tensor | None = None  # (d,) encoder state of the open patch's latest byte
+    n_words: int = 0  # backbone positions used (sink included)
+    ctx: torch.Tensor | None = None  # (1, D) backbone output of the latest closed patch
+    node: int = 0  # trie node of the open patch's bytes (VocabTrie.open_nodes)
+    seg_start: int = 0  # start of the current segment (after the latest special), for expanded ids
+    last_logits: torch.Tensor | None = None  # (2V,) fused logits of the latest position
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class ByteifiedDecoding:
+    """Cached decoding for ``ByteifiedLM`` (mixed in; uses its encoder, pooling, backbone, decoder and prior)."""
+
+    cfg: Any
+
+    def new_cache(self) -> ByteifiedCache:
+        m: Any = self
+        return ByteifiedCache(enc=[KVCache() for _ in m.encoder], backbone=[KVCache() for _ in m.backbone],
+                              dec=[KVCache() for _ in m.decoder])
+
+    def preferred_bit(self, logits: torch.Tensor | None, byte: int) -> bool:
+        """The bit the fused head prefers for ``byte`` after the position that gave ``logits`` (2V,)."""
+        if logits is None:
+            return False
+        V = logits.shape[-1] // 2
+        return bool(logits[V + byte] > logits[byte])
+
+    @torch.no_grad()
+    def prompt_bits(self, ids: list[int]) -> list[bool]:
+        """Patch-end bits of a prompt before generation: the segmenter's for all but the last byte, the fused
+        head's preferred bit for the last one (what ``forward(prompt, cache=...)`` without bits applies)."""
+        m: Any = self
+        dev = m.embed.weight.device
+        x = torch.tensor([ids], device=dev)
+        seg = m.segment(x)[0]  # (1, n)
+        bits = [bool(b) for b in seg[0].tolist()]
+        if len(ids) >= 2:
+            out = m(x[:, :-1], patch_end=seg[:, :-1])  # the last logits read bits <= n-2 only
+            bits[-1] = self.preferred_bit(out.logits[0, -1], ids[-1]) if ids[-1] < 256 else True
+        elif ids:
+            bits[-1] = ids[-1] >= 256
+        return bits
+
+    @torch.no_grad()
+    def _forward_cached(self, new_ids: torch.Tensor, cache: ByteifiedCache,
+                        patch_end: torch.Tensor | None = None) -> ModelOutput:
+        """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their fused logits (1, n, 2V)."""
+        m: Any = self
+        if new_ids.shape[0] != 1:
+            raise ValueError("cached byteified decoding supports batch size 1")
+        new = [int(i) for i in new_ids[0].tolist()]
+        n, p0 = len(new), cache.length
+        h = self._encode_new(new_ids, cache)  # (1, n, d)
+        if patch_end is not None:
+            return ModelOutput(logits=self._feed(cache, new, h, [bool(b) for b in patch_end.reshape(-1).tolist()], p0))
+        bits = [False] * n
+        if n > 1:  # a prompt: the segmenter sets the bits of all but the last byte
+            if m.cfg.chunker == "words":
+                seg = m.word_starts_row(cache.ids[cache.seg_start :] + new)[-n:]
+                bits[: n - 1] = [bool(x) for x in seg[1:]]
+            else:
+                bits[: n - 1] = (m.boundary(h)[0, : n - 1] > m.cfg.boundary_threshold).tolist()
+            first = self._feed(cache, new[:-1], h[:, :-1], bits[:-1], p0)
+        bits[-1] = self.preferred_bit(cache.last_logits, new[-1]) if new[-1] < 256 else True
+        last = self._feed(cache, new[-1:], h[:, -1:], bits[-1:], p0 + n - 1)
+        return ModelOutput(logits=torch.cat([first, last], 1) if n > 1 else last)
+
+    def _encode_new(self, new_ids: torch.Tensor, cache: ByteifiedCache) -> torch.Tensor:
+        """Encoder states of the new bytes (1, n, d), the expanded ids read from a window of earlier bytes."""
+        m: Any = self
+        dev = new_ids.device
+        new = new_ids[0].tolist()
+        p0 = cache.length
+        all_ids = cache.ids + new
+        lo = max(cache.seg_start, p0 - m._max_token) if p0 else 0
+        window = all_ids[lo:]
+        starts = [False] * len(window)
+        if window:
+            starts[0] = True
+        _ = m.trie  # builds the trie and _max_token
+        ex = m.trie.longest_suffix_tokens(window, starts)[p0 - lo :]
+        cos, sin = m._byte_rope(torch.arange(p0, p0 + len(new), device=dev))
+        x = m.embed_bytes(new_ids, torch.tensor([ex], dtype=torch.long, device=dev))
+        return m._run(m.encoder, x, cos, sin, caches=cache.enc, window=m.cfg.encoder_window)
+
+    def _feed(self, cache: ByteifiedCache, new: list[int], h: torch.Tensor, bits: list[bool], p0: int) -> torch.Tensor:
+        """Apply the patch rules to bytes whose encoder states ``h`` (1, n, d) are computed, run the decoder over
+        them; returns fused logits (1, n, 2V). The encoder already holds these bytes; ``cache.ids`` does not."""
+        m: Any = self
+        dev = h.device
+        kids = m.trie._children()
+        root = kids.get(0, {})
+        cap = m.cfg.max_word_bytes or 0
+        if p0 == 0 and new and new[0] < 256:  # a row that starts inside a document: the sink comes first
+            cache.ctx = m.run_backbone(m.sink(1, h.dtype), torch.zeros(1, dtype=torch.long, device=dev),
+                                       caches=cache.backbone)[:, -1]
+            cache.n_words = 1
+        ctx_rows: list[torch.Tensor] = []
+        nodes: list[int] = []
+        forced: list[bool] = []
+        for j, tok in enumerate(new):
+            t = p0 + j
+            cache.ids.append(tok)
+            if tok >= 256:
+                if cache.plen > 0:  # a special ends the open patch (ready at the special)
+                    self._close_patch(cache, t - 1, dev)
+                self._close_patch(cache, t, dev, special=True)
+                cache.seg_start = t + 1
+                closed = True
+            else:
+                cache.plen += 1
+                cache.last_h = h[0, j]
+                nxt = kids.get(cache.node, {}).get(tok)
+                cache.node = nxt if nxt is not None else root.get(tok, 0)
+                closed = bits[j] or (cap > 0 and cache.plen >= cap)
+                if closed:
+                    self._close_patch(cache, t, dev)
+            cache.bits.append(closed)
+            ctx_rows.append(cache.ctx[0] if cache.ctx is not None else m.first_word)
+            nodes.append(cache.node)
+            forced.append(cap > 0 and (1 if closed else cache.plen + 1) >= cap)
+        table = torch.stack(ctx_rows).unsqueeze(0)  # (1, n, D)
+        cos, sin = m._byte_rope(torch.arange(p0, p0 + len(new), device=dev))
+        y = m._run(m.decoder, h, cos, sin, caches=cache.dec, inject=[p(table) for p in m.ctx_proj])
+        prior = None
+        if m.cfg.lm_prior:
+            prior = m.prior(table[0], torch.arange(len(new), device=dev), torch.tensor(nodes, device=dev)).unsqueeze(0)
+        logits = m.fuse(m.lm_head(m.norm(y)), prior, torch.tensor([forced], device=dev))  # (1, n, 2V)
+        cache.last_logits = logits[0, -1]
+        return logits
+
+    def _close_patch(self, cache: ByteifiedCache, t: int, dev: torch.device, special: bool = False) -> None:
+        """Pool the open patch (ending at byte t) or a special's patch, run one backbone step; its output is the
+        context from byte t on."""
+        m: Any = self
+        if special or cache.last_h is None:
+            vec = m.sink(1, m.embed.weight.dtype)
+        else:
+            vec = m.pool(cache.last_h.view(1, 1, -1), torch.zeros(1, 1, dtype=torch.long, device=dev))  # (1, 1, D)
+            if m.cfg.patch_token_embed:
+                patch = cache.ids[cache.patch_start : t + 1]
+                tok = m.patch_tokens(patch, [True] + [False] * (len(patch) - 1))[-1]
+                if tok >= 0:
+                    vec = vec + m.source_embed.weight[tok].to(vec.dtype)
+        pos = torch.tensor([cache.n_words], device=dev)
+        cache.ctx = m.run_backbone(vec, pos, caches=cache.backbone)[:, -1]  # (1, D)
+        cache.n_words += 1
+        cache.patch_start, cache.plen, cache.node, cache.last_h = t + 1, 0, 0, None
