@@ -197,11 +197,13 @@ class ByteifyConfig:
     alm_weight: float = 1.0  # stage 1
     stage2_alm_weight: float = 0.0  # stage 2: optional distillation (> 0 runs the teacher for token log-probs)
     alm_tau: float = 5.0  # binarisation temperature (Bolmo: 5)
-    alm_debias: bool = True  # append "the next unit starts a word" to both sides (space debiasing)
+    alm_debias: bool = False  # append "the next unit starts a word" to both sides (the fused head's patch
+    # probability already includes the patch's end, so it compares with a token's probability as it is)
     boundary_weight: float = 4.0  # BCE of the boundary predictor against token ends (Bolmo: 4)
     backbone_lr_mult: float = 0.5  # stage 2: backbone learning rate / local models' (Bolmo: half)
     freeze_backbone: bool = False  # stage 2: keep the backbone frozen
-    train_boundary: bool = False  # stage 2: keep training the boundary predictor (Bolmo freezes it)
+    train_boundary: bool = True  # stage 2: keep the boundary loss (Bolmo's stage 2: ce + 4 x boundary BCE), so the
+    # encoder under the predictor cannot drift away from the token ends; labels from the tokenizer alone
     init_from: str | None = None  # stage 2: a stage-1 checkpoint (file or sharded folder) to start from
 
 

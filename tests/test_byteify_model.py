@@ -521,7 +521,10 @@ def test_set_trainable_per_stage_and_backbone_lr(byteified):
         assert trains("boundary.") == {True} and trains("encoder.") == {True} and trains("pool.") == {True}
         assert trains("source_embed.") == {False}
         set_trainable(m, ByteifyConfig(stage=2))
-        assert trains("backbone.") == {True} and trains("boundary.") == {False}
+        assert trains("backbone.") == {True} and trains("boundary.") == {True}  # Bolmo's stage 2 keeps its loss
+        set_trainable(m, ByteifyConfig(stage=2, train_boundary=False))
+        assert trains("boundary.") == {False}
+        set_trainable(m, ByteifyConfig(stage=2))
         assert trains("source_embed.") == {False} and trains("decoder.") == {True}
         groups = backbone_lr_groups(m, param_groups(m, 0.1), 1e-3, 0.25)
         backbone = {id(p) for n, p in m.named_parameters() if n.startswith(("backbone.", "backbone_norm."))}

@@ -9,14 +9,15 @@ decoder blocks as the backbone; this module is the part that needs the source mo
   LM head, vocabulary buffers, and the patch projection initialised to the embeddings' statistics), which
   ``bytelm.lit.strategies.build_model_for`` loads into a plain, ZeRO-3-partitioned or FSDP2-sharded model;
 - ``set_trainable(model, cfg)``: stage 1 freezes the backbone; stage 2 trains it (at ``backbone_lr_mult`` of
-  the learning rate) unless ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 only unless
-  ``byteify.train_boundary`` (Bolmo freezes it in stage 2); the source embeddings never train;
-- ``ByteifyObjective``: the stage-1 losses against the teacher (= the source model, frozen):
-  ``encoder`` (patch vectors through the first k frozen blocks vs the teacher's hidden state after block k at
-  the same token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` on token
-  likelihoods, space-debiased) and ``boundary`` (BCE of the boundary predictor against token ends); the byte
-  cross-entropy is the module's own loss, with the decoder conditioned on the teacher's final hidden states.
-  Stage 2 keeps ``boundary`` (when the predictor trains) and ``alm`` when ``stage2_alm_weight`` > 0.
+  the learning rate) unless ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 and, with
+  ``byteify.train_boundary`` (the default), in stage 2; the source embeddings never train;
+- ``ByteifyObjective``: the losses against the teacher (= the source model, frozen). Stage 1: ``encoder``
+  (patch vectors through the first k frozen blocks vs the teacher's hidden state after block k at the same
+  token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` between the fused head's
+  probability of a patch and the teacher's of the token) and ``boundary`` (BCE of the boundary predictor
+  against token ends); the joint (byte, bit) cross-entropy is the module's own loss, with the decoder
+  conditioned on the teacher's final hidden states. Stage 2 keeps ``boundary`` (labels from the tokenizer
+  alone: no teacher forward) and ``alm`` when ``stage2_alm_weight`` > 0.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def is_backbone(name: str) -> bool:
 
 def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
     """requires_grad by stage (module docstring). With word patches (the ablation) the boundary predictor has
-    no loss and stays frozen (DDP refuses parameters that get no gradient)."""
+    no loss and stays frozen (DDP refuses parameters that get no gradient)."""  # noqa: D401
     words = getattr(getattr(model, "cfg", None), "chunker", "gate") == "words"
     for name, p in model.named_parameters():
         train = True
@@ -263,6 +264,7 @@ class ByteifyObjective(torch.nn.Module):
         self.needs_teacher = cfg.byteify.stage == 1 or self.alm_weight > 0
         self.words = cfg.model.chunker == "words"  # the word-patch ablation: no boundary predictor to train
         self.max_word_bytes = cfg.model.max_word_bytes
+        self.threshold = cfg.model.boundary_threshold  # boundary_f1 scores the decisions the model makes
 
     @property
     def teacher(self) -> Teacher:
@@ -335,21 +337,41 @@ class ByteifyObjective(torch.nn.Module):
             space=cat(space, (0,), torch.float32), start_ctx=start_ctx.half().cpu(), start_probe=start_probe.half().cpu(),
         )
 
+    @torch.no_grad()
+    def token_ends(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) bool: the source tokenizer's token ends on each document's bytes of the batch (tokenizer only,
+        no teacher forward: the cheap boundary labels)."""
+        B, T = ids.shape
+        segs = byte_segments(ids, doc_ids)
+        a = ids.cpu()
+        out = torch.zeros(B * T, dtype=torch.bool)
+        for i in range(0, len(segs), 64):
+            chunk = segs[i : i + 64]
+            enc = self.teacher.encode([bytes(a[r, s:e].to(torch.uint8).tolist()) for r, s, e in chunk])
+            for b, (r, s, _) in enumerate(chunk):
+                n = int(enc.attention_mask[b].sum())
+                sp = enc.spans[b, 1:n]
+                sp = sp[sp[:, 1] > sp[:, 0]]
+                out[r * T + s + sp[:, 1] - 1] = True
+        return out.view(B, T)
+
     # -- batch preparation ---------------------------------------------------------------------------------
     def prepare(self, batch: dict[str, torch.Tensor]) -> None:
         """Stage 1: put teacher token ends (``patch_end``) and teacher context (``context``) into the batch, and
         ask the model for the probe; keep the token targets for the loss. Stage 2: only what the losses need."""
         self._tt = None
+        self._ends: torch.Tensor | None = None
         if not self.training:
             return
         ids, doc_ids = batch["input_ids"], batch.get("doc_ids")
-        need_tokens = self.c.stage == 1 or self.alm_weight > 0 or self.c.train_boundary
-        if not need_tokens:
+        B, T = ids.shape
+        dev = ids.device
+        if self.c.stage == 2 and self.alm_weight == 0:
+            if self.c.train_boundary and not self.words:  # boundary labels from the tokenizer alone
+                self._ends = self.token_ends(ids, doc_ids).to(dev)
             return
         tt = self.targets(ids, doc_ids)
         self._tt = tt
-        B, T = ids.shape
-        dev = ids.device
         ends = torch.zeros(B * T, dtype=torch.bool)
         ends[tt.pos] = True
         self._ends = ends.view(B, T).to(dev)
@@ -376,8 +398,9 @@ class ByteifyObjective(torch.nn.Module):
         total = zero
         metrics: dict[str, torch.Tensor] = {}
         tt = getattr(self, "_tt", None)
+        ends = getattr(self, "_ends", None)
         hid = out.hidden
-        if tt is None:
+        if ends is None:
             return total, metrics
         ids = batch["input_ids"]
         B, T = ids.shape
@@ -385,15 +408,16 @@ class ByteifyObjective(torch.nn.Module):
             mask = ids < 256
             mask[:, -1] = False  # the row's last byte has no next byte to look at
             bl = hid["boundary_logits"]
-            per = F.binary_cross_entropy_with_logits(bl, self._ends.float(), reduction="none")
+            per = F.binary_cross_entropy_with_logits(bl, ends.float(), reduction="none")
             n = mask.sum()
             bce = (per * mask).sum() / _shared_count(n).clamp(min=1e-6)
-            pred = (bl > 0) & mask
-            tp = (pred & self._ends).sum().float()
+            pred = (bl > self.threshold) & mask
+            tp = (pred & ends).sum().float()
             metrics["boundary_bce"] = bce.detach() * _shared_count(n) / n.clamp(min=1)
-            metrics["boundary_f1"] = (2 * tp / (pred.sum() + (self._ends & mask).sum()).clamp(min=1)).detach()
+            metrics["boundary_f1"] = (2 * tp / (pred.sum() + (ends & mask).sum()).clamp(min=1)).detach()
+            metrics["boundary_acc"] = (((bl > self.threshold) == ends) & mask).sum() / n.clamp(min=1)
             total = total + self.c.boundary_weight * bce
-        if self.c.stage == 1 and self.c.encoder_weight > 0 and "probe" in hid:
+        if tt is not None and self.c.stage == 1 and self.c.encoder_weight > 0 and "probe" in hid:
             probe = hid["probe"]  # (B, W, D) after k blocks
             last = hid["patch_last"]  # (B, W)
             flat = (last + torch.arange(B, device=dev).unsqueeze(1) * T).view(-1)
@@ -410,32 +434,34 @@ class ByteifyObjective(torch.nn.Module):
             enc = (dist * v).sum() / _shared_count(n).clamp(min=1e-6)
             metrics["encoder_l2"] = enc.detach() * _shared_count(n) / n.clamp(min=1)
             total = total + self.c.encoder_weight * enc
-        if self.alm_weight > 0:
-            alm, n = self.alm(logits, ids, tt)
+        if tt is not None and self.alm_weight > 0:
+            alm, n = self.alm(out, ids, tt)
             metrics["alm"] = alm.detach() * _shared_count(n) / n.clamp(min=1)
             total = total + self.alm_weight * alm
         return total, metrics
 
-    def alm(self, logits: torch.Tensor, ids: torch.Tensor, tt: TokenTargets) -> tuple[torch.Tensor, torch.Tensor]:
-        """Binarised ALM on token chunks: student log-likelihood of a token's bytes (+ log P(next byte starts a
-        word) when debiased) vs the teacher's (+ log P(next token starts a word)). Tokens whose first byte is
-        the row's first input have no student prediction and are skipped."""
+    def alm(self, out: Any, ids: torch.Tensor, tt: TokenTargets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Binarised ALM on token chunks: the student's log-likelihood of a token's (byte, bit) symbols (its
+        bytes, none of them ending a patch but the last: the fused head's probability of the whole patch,
+        comparable with the teacher's token probability) vs the teacher's log-prob of the token; with
+        ``alm_debias`` both sides add "the next unit starts a word". Tokens whose first byte is the row's first
+        input have no student prediction and are skipped."""
         from bytelm.distill.objective import _shared_count
 
         B, T = ids.shape
+        logits = out.logits
         dev = logits.device
-        V = 259
-        logp = torch.log_softmax(logits[..., :V].float(), -1).reshape(B * T, V)  # row j predicts input j+1
-        nxt = torch.cat([ids[:, 1:], torch.zeros(B, 1, dtype=ids.dtype, device=dev)], 1).reshape(-1)
-        byte_lp = logp.gather(1, nxt.clamp(0, V - 1).unsqueeze(1)).squeeze(1)  # (B*T,) log p(input j+1 | <= j)
-        csum = torch.cat([torch.zeros(1, device=dev), byte_lp.cumsum(0)])
+        sym_lp = out.hidden["target_logprobs"].reshape(B * T)  # (B*T,) log p(symbol j+1 | <= j)
+        csum = torch.cat([torch.zeros(1, device=dev), sym_lp.cumsum(0)])
         first, last = tt.first.to(dev), tt.pos.to(dev)
         ok = tt.exact.to(dev) & (first % T > 0)
-        s_lp = csum[last] - csum[first - 1]  # sum of log p over predictions of bytes first..last (same row)
+        s_lp = csum[last] - csum[first - 1]  # sum over the predictions of bytes first..last (same row)
         t_lp = tt.logp.to(dev)
         if self.c.alm_debias:
-            sp = torch.logsumexp(logp[:, list(STUDENT_SPACE_IDS)], -1)  # (B*T,) next input is a space / EOS
-            s_lp = s_lp + sp[last]
+            V = logits.shape[-1] // 2
+            lp = torch.log_softmax(logits.float(), -1).reshape(B * T, 2 * V)
+            cols = [i + k * V for i in STUDENT_SPACE_IDS for k in (0, 1)]
+            s_lp = s_lp + torch.logsumexp(lp[:, cols], -1)[last]  # the next symbol is a space / EOS
             t_lp = t_lp + tt.space.to(dev)
         n = ok.sum()
         loss = alm_chunk_loss(t_lp.unsqueeze(0), s_lp.unsqueeze(0), ok.unsqueeze(0), self.c.alm_tau,
