@@ -149,6 +149,16 @@ class ByteLMModule(L.LightningModule):
         out = self(batch)
         groups = batch.get("group")
         gids = [0] if groups is None else sorted({int(g) for g in groups.tolist()})
+        lp = out.hidden.get("target_logprobs")  # models that score their own targets (byteified: joint symbols)
+        if lp is not None:
+            for g in gids:
+                keep = (batch["targets"] >= 0) & (batch["targets"] < 256)
+                if groups is not None:
+                    keep = keep & (groups == g).unsqueeze(1)
+                acc = self._val_sums.setdefault(g, [0.0, 0.0])
+                acc[0] -= float((lp.double() * keep).sum())
+                acc[1] += float(keep.sum())
+            return
         if out.loss is not None and "nll_sum" in out.metrics:  # models with their own objective (MrT5)
             # one sum per batch: a batch that mixes groups counts towards the total only (key -1)
             acc = self._val_sums.setdefault(gids[0] if len(gids) == 1 else -1, [0.0, 0.0])
