@@ -25,7 +25,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the packag
 
 
 # the values of the choice fields that other modules check against too (one definition)
-READER_SOURCES = ("shakespeare", "chatterbot", "files", "hub", "prepared")  # one corpus each (bytelm.data)
+READER_SOURCES = ("shakespeare", "chatterbot", "pysource", "files", "hub", "prepared")  # one corpus each (bytelm.data)
 SOURCES = (*READER_SOURCES, "mixture")
 STRATEGIES = ("single", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")  # Lightning names
@@ -37,7 +37,8 @@ class SourceConfig:
 
     source: str = choice("shakespeare", *SOURCES)  # mixture: the weighted components in data.mixture
     label: str = ""  # validation report group ("" = the source's own: shakespeare, files, ...; chatterbot keeps languages)
-    paths: list[str] = field(default_factory=list)  # files, globs or folders (files); prepared folders (prepared)
+    # files: files, globs or folders; prepared: prepared folders; pysource: source roots ([] = the stdlib)
+    paths: list[str] = field(default_factory=list)
     val_paths: list[str] = field(default_factory=list)  # files: validation files ([] = hold out val_fraction)
     format: str = choice("auto", "auto", "txt", "jsonl", "parquet")  # files: auto = by extension
     text_field: str = "text"  # jsonl / parquet / hub: the text column ("a.b" = nested jsonl field)
@@ -48,6 +49,7 @@ class SourceConfig:
     val_split: str = "validation"  # hub: split validated on ("" = hold out val_fraction of train_split)
     val_fraction: float = 0.01  # files/hub without a validation set: documents held out (by content hash)
     languages: list[str] = field(default_factory=list)  # chatterbot: languages to use ([] = all)
+    max_bytes: int = 0  # pysource: bytes read per split (0 = all)
     weight: float = 1.0  # mixture: share of training rows (normalised over the mixture)
 
 

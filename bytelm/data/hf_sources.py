@@ -1,10 +1,11 @@
 """Every source as a Hugging Face ``datasets.IterableDataset`` of document records (``documents.features()``).
 
-``doc_dataset(src, split)`` is the single entry point: the embedded corpora (Shakespeare, chatterbot), local
-files (txt / jsonl / parquet, globs), Hub datasets (``datasets.load_dataset``; a local dataset folder works
-the same way) and prepared shards (``bytelm-prepare``). The result is lazy: nothing is read until it is
-iterated, so the same object serves an in-memory corpus (iterated once in the main process), a streaming one
-(iterated by every dataloader worker) and ``split_dataset_by_node`` (each rank a disjoint set of shards).
+``doc_dataset(src, split)`` is the single entry point: the embedded corpora (Shakespeare, chatterbot), the
+interpreter's own Python sources (pysource), local files (txt / jsonl / parquet, globs), Hub datasets
+(``datasets.load_dataset``; a local dataset folder works the same way) and prepared shards (``bytelm-prepare``).
+The result is lazy: nothing is read until it is iterated, so the same object serves an in-memory corpus
+(iterated once in the main process), a streaming one (iterated by every dataloader worker) and
+``split_dataset_by_node`` (each rank a disjoint set of shards).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def doc_dataset(src: Any, split: str, *, on_error: str = "raise", min_shards: in
         return IterableDataset.from_generator(
             chatterbot_generator, features=features(), gen_kwargs={"shards": shards, "split": split}
         )
+    if kind == "pysource":
+        from bytelm.data.pysource import pysource_files, pysource_generator
+
+        files = pysource_files(split, list(src.paths), int(src.max_bytes))
+        kw = {"paths": [p for p, _ in files], "names": [n for _, n in files]}
+        return _relabel(IterableDataset.from_generator(pysource_generator, features=features(), gen_kwargs=kw), src)
     if kind == "files":
         return _files(src, split, on_error, min_shards)
     if kind == "hub":

@@ -1,6 +1,6 @@
 """What ``data.*`` selects, as documents, corpora or streams. The embedded Shakespeare corpus is the default.
 
-``data.source`` names one source (``shakespeare | chatterbot | files | hub | prepared``) configured by the
+``data.source`` names one source (``shakespeare | chatterbot | pysource | files | hub | prepared``) configured by the
 other ``data.*`` keys, or ``mixture``: the weighted components listed in ``data.mixture`` (each a
 ``SourceConfig``). Every source is read through ``datasets`` (``hf_sources.doc_dataset``).
 
@@ -65,7 +65,7 @@ def validation_groups(data_cfg: Any, max_bytes: int = 0) -> dict[str, list[Docum
         for d in iter_documents(src, "validation", on_error=on_error, streaming=streaming):
             g = d.group or label
             if max_bytes > 0 and size.get(g, 0) > max_bytes:
-                if all(v > max_bytes for v in size.values()) and src.source in ("files", "hub"):
+                if all(v > max_bytes for v in size.values()) and src.source in ("files", "hub", "pysource"):
                     break  # single-group streams: nothing more will be evaluated
                 continue
             groups.setdefault(g, []).append(d)
