@@ -194,6 +194,8 @@ def test_token_ends_match_the_tokenizer(objective):
     assert set(tt.pos.tolist()) == want
     assert bool(tt.exact.all()) and tt.ctx.shape == (len(want), teacher.model.config.hidden_size)
     assert bool((tt.first <= tt.pos).all()) and bool((tt.logp <= 0).all())
+    # the tokenizer-only labels (stage 2's boundary loss) are the same ends, without a teacher forward
+    assert set(objective.token_ends(ids, None).flatten().nonzero().flatten().tolist()) == want
 
 
 def test_disk_cache_returns_identical_targets_and_recomputes_corrupt_entries(tiny_source, tmp_path, caplog):

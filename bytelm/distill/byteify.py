@@ -340,20 +340,17 @@ class ByteifyObjective(torch.nn.Module):
     @torch.no_grad()
     def token_ends(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """(B, T) bool: the source tokenizer's token ends on each document's bytes of the batch (tokenizer only,
-        no teacher forward: the cheap boundary labels)."""
+        no teacher forward: the cheap boundary labels of ``bytelm.distill.token_ends``)."""
+        from bytelm.distill.token_ends import token_end_masks
+
         B, T = ids.shape
         segs = byte_segments(ids, doc_ids)
         a = ids.cpu()
-        out = torch.zeros(B * T, dtype=torch.bool)
-        for i in range(0, len(segs), 64):
-            chunk = segs[i : i + 64]
-            enc = self.teacher.encode([bytes(a[r, s:e].to(torch.uint8).tolist()) for r, s, e in chunk])
-            for b, (r, s, _) in enumerate(chunk):
-                n = int(enc.attention_mask[b].sum())
-                sp = enc.spans[b, 1:n]
-                sp = sp[sp[:, 1] > sp[:, 0]]
-                out[r * T + s + sp[:, 1] - 1] = True
-        return out.view(B, T)
+        masks = token_end_masks(self.teacher.tokenizer, [bytes(a[r, s:e].to(torch.uint8).tolist()) for r, s, e in segs])
+        out = torch.zeros(B, T, dtype=torch.bool)
+        for (r, s, e), m in zip(segs, masks, strict=True):
+            out[r, s:e] = torch.from_numpy(m)
+        return out
 
     # -- batch preparation ---------------------------------------------------------------------------------
     def prepare(self, batch: dict[str, torch.Tensor]) -> None:
