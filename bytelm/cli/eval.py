@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="row length in bytes (default: the model's training seq_len; teacher: 1024-byte chunks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--name", default=None, help="name shown in the output (default: the run name)")
+    p.add_argument("--segmenter", choices=("learned", "tokenizer"), default="learned",
+                   help="byteified models: where patches end when scoring: the model's boundary predictor "
+                        "(tokenizer-free) or the source tokenizer's token ends; either way bpb is the joint "
+                        "(byte, boundary) cross-entropy (docs/byteify.md)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --segmenter tokenizer: the source model's folder or .gguf (default: the checkpoint's "
+                        "byteify.source)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     return p
@@ -80,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         scorer = load_scorer(args.model, device=args.device, batch_size=args.batch_size, seq_len=args.seq_len,
-                             name=args.name)
-    except (FileNotFoundError, IsADirectoryError) as e:
+                             name=args.name, segmenter=args.segmenter, tokenizer=args.tokenizer)
+    except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         sys.exit(f"bytelm-eval: {e}")
     res = run_suite(scorer, opts, progress=args.progress)
     res["command"] = reproduce_command(args.model, opts)

@@ -341,16 +341,9 @@ class ByteifyObjective(torch.nn.Module):
     def token_ends(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """(B, T) bool: the source tokenizer's token ends on each document's bytes of the batch (tokenizer only,
         no teacher forward: the cheap boundary labels of ``bytelm.distill.token_ends``)."""
-        from bytelm.distill.token_ends import token_end_masks
+        from bytelm.distill.token_ends import batch_token_ends
 
-        B, T = ids.shape
-        segs = byte_segments(ids, doc_ids)
-        a = ids.cpu()
-        masks = token_end_masks(self.teacher.tokenizer, [bytes(a[r, s:e].to(torch.uint8).tolist()) for r, s, e in segs])
-        out = torch.zeros(B, T, dtype=torch.bool)
-        for (r, s, e), m in zip(segs, masks, strict=True):
-            out[r, s:e] = torch.from_numpy(m)
-        return out
+        return batch_token_ends(self.teacher.tokenizer, ids, doc_ids)
 
     # -- batch preparation ---------------------------------------------------------------------------------
     def prepare(self, batch: dict[str, torch.Tensor]) -> None:

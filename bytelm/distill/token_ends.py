@@ -25,7 +25,7 @@ import numpy as np
 
 from bytelm.distill.tokens import byte_spans, has_dummy_prefix, prepare_text, token_bytes_table
 
-__all__ = ["token_end_mask", "token_end_masks", "token_ends_from_spans"]
+__all__ = ["batch_token_ends", "token_end_mask", "token_end_masks", "token_ends_from_spans"]
 
 # tokenizer -> (vocabulary bytes, dummy prefix): building the table reads the whole vocabulary (~0.1 s)
 _VOCAB: weakref.WeakKeyDictionary[Any, tuple[list[bytes | None], bool]] = weakref.WeakKeyDictionary()
@@ -77,3 +77,21 @@ def token_end_masks(tokenizer: Any, texts: Sequence[bytes], batch_size: int = 25
 def token_end_mask(tokenizer: Any, data: bytes) -> np.ndarray:
     """(len(data),) bool: True at the last byte of every token of ``data`` under ``tokenizer``."""
     return token_end_masks(tokenizer, [data])[0]
+
+
+def batch_token_ends(tokenizer: Any, ids: Any, doc_ids: Any = None) -> Any:
+    """(B, T) bool torch tensor: the tokenizer's token ends on every run of bytes of a batch of byte ids, each
+    run (bytes between specials, within one document) tokenized on its own (the ``tokenizer`` segmenter of a
+    byteified model; the same runs stage 1's teacher reads)."""
+    import torch
+
+    from bytelm.distill.byteify import byte_segments
+
+    B, T = ids.shape
+    segs = byte_segments(ids, doc_ids)
+    a = ids.cpu()
+    masks = token_end_masks(tokenizer, [bytes(a[r, s:e].to(torch.uint8).tolist()) for r, s, e in segs])
+    out = torch.zeros(B, T, dtype=torch.bool)
+    for (r, s, e), m in zip(segs, masks, strict=True):
+        out[r, s:e] = torch.from_numpy(m)
+    return out.to(ids.device)

@@ -42,7 +42,8 @@ from bytelm.lit.metrics import bits_per_byte, byte_nll_sum
 log = logging.getLogger(__name__)
 
 TEACHER_ALIASES = ("teacher", "smollm2")
-_NOT_METRICS = ("nll_sum", "n_bytes", "prefix_len", "encoder_len")
+_NOT_METRICS = ("nll_sum", "n_bytes", "prefix_len", "encoder_len", "target_logprobs")
+SEGMENTERS = ("learned", "tokenizer")  # where a byteified model's patches end when it is scored
 
 
 @dataclass
@@ -110,8 +111,13 @@ class ByteScorer:
         native: bool = True,
         invalid_utf8: str = "keep",
         name: str = "model",
+        segmenter: Any = None,
     ) -> None:
+        """``segmenter`` (models with a fused (byte, boundary) head only): None = the model's own (the learned
+        boundary predictor), or ``f(ids, doc_ids) -> (B, T) bool`` patch ends (e.g. the source tokenizer's,
+        ``tokenizer_segmenter``). Either way the score is the joint (byte, bit) cross-entropy."""
         self.model = model.eval()
+        self.segmenter = segmenter
         self.arch, self.kind = arch, arch if native else "hf-bytes"
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.device = torch.device(device)
@@ -136,11 +142,22 @@ class ByteScorer:
         return {"name": self.name, "kind": self.kind, "params": count_parameters(self.model), "seq_len": self.seq_len,
                 "source": self.source}
 
+    @property
+    def fused(self) -> bool:
+        """The model predicts (byte, ends-a-patch) symbols and scores them itself (the byteified model)."""
+        return self.native and bool(getattr(self.model, "fused_head", False))
+
     def _forward(self, ids: torch.Tensor, targets: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(logits (B, L, V) predicting the last L targets, metrics)."""
+        """(logits (B, L, V) predicting the last L targets, metrics). A fused model gets its patch ends from
+        ``self.segmenter`` when one is set, and reports its joint log-probs (``target_logprobs``) in metrics."""
         if self.native:
+            if self.fused and self.segmenter is not None and "patch_end" not in kw:
+                kw["patch_end"] = self.segmenter(ids, kw.get("doc_ids"))
             out = self.model(ids, targets=targets, **kw)
-            return out.logits, dict(out.metrics)
+            metrics = dict(out.metrics)
+            if "target_logprobs" in out.hidden:
+                metrics["target_logprobs"] = out.hidden["target_logprobs"]
+            return out.logits, metrics
         return self.model(input_ids=ids).logits, {}
 
     @torch.no_grad()
@@ -196,12 +213,43 @@ class ByteScorer:
         kw: dict[str, Any] = {}
         if self.native and self.arch == "mrt5":
             kw["prefix_len"] = 1 + len(ctx)  # encoder reads BOS + context, decoder scores the continuation
-        logits, _ = self._forward(ids, tgt, **kw)
+        if self.fused:
+            kw["patch_end"] = self._continuation_bits(ids, 1 + len(ctx))
+        logits, metrics = self._forward(ids, tgt, **kw)
+        if "target_logprobs" in metrics:  # joint (byte, bit) log-probs of the continuation's symbols
+            return [float(x) for x in metrics["target_logprobs"].double().sum(1)]
         tgt = tgt[:, T - logits.shape[1]:]
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, L, V)
         mask = tgt != IGNORE
         lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # (B, L)
         return [float(x) for x in lp.sum(1)]
+
+
+    def _continuation_bits(self, ids: torch.Tensor, n_ctx: int) -> torch.Tensor:
+        """Patch ends of padded ``BOS context continuation`` rows for a fused model. The context's bits never
+        depend on the continuation: the segmenter's on the context alone, the last one chosen by the model's
+        head (``prompt_bits``), or the tokenizer's on the context alone; the continuation's come from the
+        segmenter over the row (the tokenizer's on the continuation alone) and are scored with its bytes."""
+        m: Any = self.model
+        ctx = ids[:1, :n_ctx]
+        if self.segmenter is None:
+            ctx_bits = torch.tensor([m.prompt_bits(ctx[0].tolist())], device=ids.device)
+            bits = m.segment(ids)[0]
+        else:
+            ctx_bits = self.segmenter(ctx, None)
+            rest = ids[:, n_ctx:]
+            bits = torch.cat([torch.zeros_like(ids[:, :n_ctx], dtype=torch.bool), self.segmenter(rest, None)], 1)
+        bits = bits.clone()
+        bits[:, :n_ctx] = ctx_bits.expand(ids.shape[0], -1)
+        return bits
+
+
+def tokenizer_segmenter(tokenizer: Any) -> Any:
+    """The ``tokenizer`` segmenter: a byteified model's patches end at the source tokenizer's token ends (exact
+    for users who keep the tokenizer; ``bytelm.distill.token_ends``)."""
+    from bytelm.distill.token_ends import batch_token_ends
+
+    return lambda ids, doc_ids=None: batch_token_ends(tokenizer, ids, doc_ids)
 
 
 # --------------------------------------------------------------------------------------------- subword teacher
@@ -330,9 +378,31 @@ def load_scorer(
     batch_size: int = 8,
     seq_len: int | None = None,
     name: str | None = None,
+    segmenter: str = "learned",
+    tokenizer: str | None = None,
 ) -> Scorer:
     """Scorer for a checkpoint file, a run folder, an exported HF folder, a ``.gguf`` / HF subword model, or
-    ``teacher`` / ``smollm2`` (the offline SmolLM2-135M teacher)."""
+    ``teacher`` / ``smollm2`` (the offline SmolLM2-135M teacher). ``segmenter`` (byteified models): ``learned``
+    (the model's boundary predictor) or ``tokenizer`` (the source tokenizer's token ends; ``tokenizer`` = its
+    path, default the checkpoint's ``byteify.source`` or the offline SmolLM2)."""
+    if segmenter not in SEGMENTERS:
+        raise ValueError(f"segmenter must be one of {list(SEGMENTERS)}, got {segmenter!r}")
+    scorer = _load_scorer(spec, device=device, batch_size=batch_size, seq_len=seq_len, name=name)
+    if segmenter == "tokenizer":
+        if not isinstance(scorer, ByteScorer) or not scorer.fused:
+            raise ValueError(f"segmenter='tokenizer' applies to byteified models only; {str(spec)!r} is a "
+                             f"{scorer.kind} model")
+        from bytelm.distill.teacher import load_tokenizer, smollm2_gguf_path
+
+        src = tokenizer or (scorer.cfg.byteify.source if scorer.cfg is not None else None) or smollm2_gguf_path()
+        if not Path(src).exists():
+            raise FileNotFoundError(f"tokenizer {str(src)!r} does not exist (pass the source model's folder or .gguf)")
+        scorer.segmenter = tokenizer_segmenter(load_tokenizer(src))
+        scorer.name = f"{scorer.name} (tokenizer segmenter)"
+    return scorer
+
+
+def _load_scorer(spec: str | Path, *, device: str, batch_size: int, seq_len: int | None, name: str | None) -> Scorer:
     s = str(spec)
     if s.lower() in TEACHER_ALIASES or s.endswith(".gguf"):
         from bytelm.distill.teacher import load_teacher
