@@ -504,6 +504,42 @@ def test_step0_with_the_tokenizer_segmenter_equals_the_teacher(byteified):
     assert s_nll <= t_nll + 1e-3  # never worse: the byte model renormalises the specials' mass away
 
 
+def test_eval_with_the_tokenizer_segmenter_equals_the_teacher_scorer(byteified):
+    """bytelm.eval's scorers, untrained model: the corpus bpb (packed rows, BOS doc EOS) and lm-eval-style
+    continuation log-probs (context and continuation tokenized separately) equal the teacher's; with the learned
+    segmenter the number is a different, still joint, score."""
+    from bytelm.distill.byteify import load_source_once
+    from bytelm.distill.teacher import Teacher
+    from bytelm.eval.scoring import ByteScorer, TeacherScorer, tokenizer_segmenter
+
+    m, cfg = byteified
+    hf, tok = load_source_once(cfg.byteify.source)
+    teacher = TeacherScorer(Teacher(hf, tok), chunk_bytes=4096)
+    ours = ByteScorer.from_config(m, cfg, segmenter=tokenizer_segmenter(tok), seq_len=512, batch_size=2)
+    texts = [STEP0_TEXT.encode(), "Second document: \u00e9t\u00e9, 42 apples.".encode()]
+    a, b = ours.corpus_nll(texts), teacher.corpus_nll(texts)
+    assert a.n_bytes == b.n_bytes == sum(len(t) for t in texts)
+    assert a.bpb == pytest.approx(b.bpb, rel=1e-4)
+    conts = [b" the cat", b" a dog, twice", "\u00e9t\u00e9".encode()]
+    ctx = b"Once upon a time,"
+    got = ours.continuation_logprobs(ctx, conts)
+    want = teacher.continuation_logprobs(ctx, conts)
+    # the byte model sums the last byte's bit out (the continuation as a prefix of what follows): never lower
+    assert all(g >= w - 1e-3 for g, w in zip(got, want, strict=True)), (got, want)
+    # with the last bit known (an EOS after the continuation), the joint is the teacher's number
+    bits = token_end_bits(teacher.teacher, ctx, 1)
+    for c, w in zip(conts, want, strict=True):
+        ids = torch.tensor([[BOS_ID, *ctx, *c, EOS_ID]])
+        pe = torch.cat([bits, token_end_bits(teacher.teacher, c, 0), torch.ones(1, 1, dtype=torch.bool)], 1)
+        tgt = torch.full_like(ids, IGNORE)
+        tgt[0, len(ctx) : len(ctx) + len(c)] = torch.tensor(list(c))
+        with torch.no_grad():
+            lp = m(ids, patch_end=pe, targets=tgt).hidden["target_logprobs"]
+        assert float(lp.sum()) == pytest.approx(w, rel=1e-4, abs=1e-3)
+    learned = ByteScorer.from_config(m, cfg, seq_len=512, batch_size=2).corpus_nll(texts)
+    assert learned.n_bytes == a.n_bytes and math.isfinite(learned.bpb) and learned.bpb != pytest.approx(a.bpb)
+
+
 # ----------------------------------------------------------------------------------- stages and config
 def test_set_trainable_per_stage_and_backbone_lr(byteified):
     from bytelm.config import ByteifyConfig

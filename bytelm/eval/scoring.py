@@ -214,7 +214,7 @@ class ByteScorer:
         if self.native and self.arch == "mrt5":
             kw["prefix_len"] = 1 + len(ctx)  # encoder reads BOS + context, decoder scores the continuation
         if self.fused:
-            kw["patch_end"] = self._continuation_bits(ids, 1 + len(ctx))
+            kw["patch_end"] = self._continuation_bits(ids, 1 + len(ctx), continuations)
         logits, metrics = self._forward(ids, tgt, **kw)
         if "target_logprobs" in metrics:  # joint (byte, bit) log-probs of the continuation's symbols
             return [float(x) for x in metrics["target_logprobs"].double().sum(1)]
@@ -225,22 +225,27 @@ class ByteScorer:
         return [float(x) for x in lp.sum(1)]
 
 
-    def _continuation_bits(self, ids: torch.Tensor, n_ctx: int) -> torch.Tensor:
-        """Patch ends of padded ``BOS context continuation`` rows for a fused model. The context's bits never
-        depend on the continuation: the segmenter's on the context alone, the last one chosen by the model's
-        head (``prompt_bits``), or the tokenizer's on the context alone; the continuation's come from the
-        segmenter over the row (the tokenizer's on the continuation alone) and are scored with its bytes."""
+    def _continuation_bits(self, ids: torch.Tensor, n_ctx: int, continuations: Sequence[bytes]) -> torch.Tensor:
+        """Patch ends of padded ``BOS context continuation[:-1]`` rows for a fused model. The context's bits never
+        depend on the continuation: the segmenter's on the context alone, its last one chosen by the model's head
+        (``prompt_bits``), or the tokenizer's on the context alone. The continuation's come from the segmenter
+        over the whole row (the tokenizer's on the whole continuation alone) and are scored with its bytes; the
+        last byte's bit is summed out (``joint_logprobs``), so a continuation is scored as a prefix of whatever
+        follows it."""
         m: Any = self.model
-        ctx = ids[:1, :n_ctx]
+        B, T = ids.shape
+        full = torch.cat([ids, torch.full((B, 1), PAD_ID, dtype=ids.dtype, device=ids.device)], 1)
+        for i, c in enumerate(continuations):  # the rows with their last byte, so the segmenter sees it
+            full[i, n_ctx + len(c) - 1] = c[-1]
         if self.segmenter is None:
-            ctx_bits = torch.tensor([m.prompt_bits(ctx[0].tolist())], device=ids.device)
-            bits = m.segment(ids)[0]
+            ctx_bits = torch.tensor([m.prompt_bits(ids[0, :n_ctx].tolist())], device=ids.device)
+            bits = m.segment(full)[0]
         else:
-            ctx_bits = self.segmenter(ctx, None)
-            rest = ids[:, n_ctx:]
-            bits = torch.cat([torch.zeros_like(ids[:, :n_ctx], dtype=torch.bool), self.segmenter(rest, None)], 1)
-        bits = bits.clone()
-        bits[:, :n_ctx] = ctx_bits.expand(ids.shape[0], -1)
+            ctx_bits = self.segmenter(ids[:1, :n_ctx], None)
+            bits = torch.cat([torch.zeros(B, n_ctx, dtype=torch.bool, device=ids.device),
+                              self.segmenter(full[:, n_ctx:], None)], 1)
+        bits = bits[:, :T].clone()
+        bits[:, :n_ctx] = ctx_bits.expand(B, -1)
         return bits
 
 
