@@ -39,6 +39,8 @@ def _perturb(model: torch.nn.Module) -> None:
         last.bias.fill_(0.0)
         model.prior_scale.fill_(0.7)
         model.pool.proj.bias.add_(0.01 * torch.randn(model.pool.proj.bias.shape, generator=g))
+        model.pool.proj.weight.add_(0.05 * torch.randn(model.pool.proj.weight.shape, generator=g))
+        model.lm_head.weight.add_(0.3 * torch.randn(model.lm_head.weight.shape, generator=g))
 
 
 @pytest.fixture(scope="module")
@@ -94,26 +96,51 @@ def test_folder_carries_the_source_vocabulary(exported):
     assert "byteified subword LM" in card and "val/bpb | 4.5000" in card
 
 
+def causal_logits(model, ids: list[int]) -> tuple[torch.Tensor, list[bool]]:
+    """bytelm's own causal-bit pass: (n, V) byte logits (bit summed out) and the bits the head chose."""
+    from bytelm.models.byteified import fused_marginal
+
+    c = model.new_cache()
+    with torch.no_grad():
+        fused = model(torch.tensor([ids]), cache=c, causal_bits=True).logits[0]
+    return fused_marginal(fused), c.bits
+
+
 def test_reload_gives_checkpoint_logits(exported, hf):
-    """Rows starting with BOS and inside a document (the sink), specials mid-row; right padding as lm-eval does."""
+    """``segment=True``: the checkpoint's fused logits and bits, rows starting with BOS and inside a document
+    (the sink), specials mid-row, right padding, the joint loss. Plain forward: the causal-bit byte logits of
+    bytelm's own cache, unchanged by later bytes (an honest next-byte distribution)."""
     model, _ = exported
     assert type(hf.model).__name__ == "ByteifiedLM"
     assert hf.model.source_embed.weight.requires_grad is False
     ids = torch.tensor([[BOS_ID, *b"Hello world, this is a test"], [*b"no bos: 1234 \xe4\xb8\x96!", EOS_ID, BOS_ID, *b"ok then!?"]])
     rows = [list(b"The quick brown fox"), list(b"jumps")]
     with torch.no_grad():
-        ref, got = model(ids).logits, hf(ids).logits
-        assert got.shape == ref.shape
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        ref, got = model(ids), hf(ids, segment=True)
+        assert got.logits.shape == ref.logits.shape == (*ids.shape, 2 * model.cfg.vocab_size)
+        torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
+        assert torch.equal(got.boundary_bits, ref.hidden["closed"])
         padded = torch.zeros(2, len(rows[0]), dtype=torch.long)
         mask = torch.zeros_like(padded)
         for i, r in enumerate(rows):
             padded[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        logits = hf(input_ids=padded, attention_mask=mask).logits
+        seg = hf(input_ids=padded, attention_mask=mask, segment=True).logits
+        plain = hf(input_ids=padded, attention_mask=mask)
         for i, r in enumerate(rows):
-            torch.testing.assert_close(logits[i, : len(r)], model(torch.tensor([r])).logits[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(seg[i, : len(r)], model(torch.tensor([r])).logits[0], atol=1e-5, rtol=0)
+            want, bits = causal_logits(model, r)
+            torch.testing.assert_close(plain.logits[i, : len(r)], want, atol=1e-4, rtol=0)
+            assert plain.boundary_bits[i, : len(r)].tolist() == bits
         x = torch.tensor([rows[0]])
-        torch.testing.assert_close(hf(input_ids=x, labels=x).loss, F.cross_entropy(model(x).logits[0, :-1], x[0, 1:]))
+        tgt = torch.cat([x[:, 1:], torch.full((1, 1), -100)], 1)
+        torch.testing.assert_close(hf(input_ids=x, labels=x, segment=True).loss, model(x, targets=tgt).loss)
+        torch.testing.assert_close(hf(input_ids=x, labels=x).loss,
+                                   F.cross_entropy(causal_logits(model, rows[0])[0][:-1], x[0, 1:]), atol=1e-5, rtol=0)
+        base = hf(x).logits
+        for t in (3, 9, 15):
+            y = x.clone()
+            y[0, t] = (int(y[0, t]) + 101) % 256
+            assert (hf(y).logits[0, :t] - base[0, :t]).abs().max() < 1e-5, t
 
 
 def test_generate_with_cache_equals_full_forwards(exported, hf):
@@ -154,8 +181,7 @@ def test_lm_eval_loglikelihood(exported):
     got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
     for (ctx, cont), (ll, _) in zip(pairs, got, strict=True):
         c, t = list(ctx.encode()) or [BOS_ID], list(cont.encode())
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([c + t])).logits[0].float(), -1)
+        logp = torch.log_softmax(causal_logits(model, c + t)[0].float(), -1)  # the honest causal-bit logits
         assert ll == pytest.approx(sum(logp[len(c) - 1 + i, b].item() for i, b in enumerate(t)), abs=1e-3)
 
 
@@ -187,10 +213,10 @@ def test_untied_source_and_config_round_trip(tmp_path):
     assert config.to_model_config().lm_prior is ModelConfig().lm_prior
     ids = torch.tensor([list(b"the youth, the thing \xe4\xb8\x96 you") + [EOS_ID, *b"ou th"]])
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf(ids, segment=True).logits, model(ids).logits, atol=1e-5, rtol=0)
         p = torch.tensor([list(b"you the")])
-        assert torch.equal(hf.generate(p, max_new_tokens=6, do_sample=False),
-                           hf.generate(p, max_new_tokens=6, do_sample=False, use_cache=False))
+        assert hf.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1] :].tolist() == list(
+            generate(model, b"you the", 6, temperature=0))
 
 
 # a fresh interpreter in which `import bytelm` fails: transformers only
@@ -212,7 +238,7 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
     tok = AutoTokenizer.from_pretrained(ref["folder"])
     model = AutoModelForCausalLM.from_pretrained(ref["folder"], trust_remote_code=True).eval()
     with torch.no_grad():
-        logits = model(ref["ids"]).logits
+        logits = model(ref["ids"], segment=True).logits  # the fused (byte, bit) logits of the parallel path
         gen = model.generate(tok(ref["prompt"], return_tensors="pt").input_ids, max_new_tokens=6, do_sample=False)
     print("REPORT" + json.dumps({
         "max_err": (logits - ref["logits"]).abs().max().item(), "gen": gen[0].tolist(),

@@ -9,15 +9,20 @@ Generation (``model.generate``) runs transformers' own loop (logits processors, 
 streamers, pipelines) on top of **bytelm's own KV-cache objects**: ``BytelmCache`` sits in ``generate``'s
 ``cache`` slot and holds one bytelm cache per batch row (or one batched cache for the flat model when no row is
 padded). The hierarchical model's cache (``HierCache``) decides word boundaries online exactly as bytelm's
-generator does, so the word-level state is bytelm's, not a re-implementation; the byteified model's
-(``ByteifiedCache``) closes patches online with its boundary predictor in the same way. Left padding (batched
-generation, pipelines) is removed per row before the prompt goes in, so padded rows generate exactly what
-they would alone.
+generator does, so the word-level state is bytelm's, not a re-implementation. The byteified model's
+(``ByteifiedCache``) is fed (byte, boundary-bit) symbols: the prompt's bits come from its segmenter except the
+last byte's, which its fused head decides, and each sampled byte takes the bit the head prefers for it; the
+sampled distribution is the head's with the bit summed out. Its boundary decisions are state, so it always
+generates with its cache (``use_cache=False`` is ignored for it). Left padding (batched generation, pipelines)
+is removed per row before the prompt goes in, so padded rows generate exactly what they would alone.
 
 Plain ``forward(input_ids, attention_mask)`` (what lm-evaluation-harness calls for log-likelihoods) returns
 ``logits`` (B, T, V): right padding runs as one batch (every bytelm model is causal, so padding after a
 position cannot change it); any other mask (left padding, holes) runs each row's unmasked ids on their own
-and scatters the logits back to their positions (masked positions get zeros).
+and scatters the logits back to their positions (masked positions get zeros). A byteified model's plain
+forward decides every boundary with its head (no lookahead), so those byte logits are an honest causal
+distribution; ``segment=True`` / ``patch_end=`` give the fused (byte, bit) logits of the parallel path with
+``boundary_bits`` for joint scoring (``BytelmCausalLMOutput``; docs/byteify.md).
 """
 
 from __future__ import annotations
@@ -42,8 +47,18 @@ from bytelm.data.bytes import (  # VOCAB_SIZE: ids a model may emit (the table i
 )
 from bytelm.hf.configuration_bytelm import BytelmConfig
 from bytelm.models.build import build_model
+from bytelm.models.byteified import fused_marginal
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class BytelmCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus, for a byteified model (fused (byte, boundary) head), the fused logits
+    (B, T, 2V: ``[:V]`` the byte continues its patch, ``[V:]`` it ends it) and the boundary bits used (B, T)."""
+
+    fused_logits: torch.Tensor | None = None
+    boundary_bits: torch.Tensor | None = None
 
 
 def _with_cache(cls: type, cache: Any, **kw: Any) -> Any:
@@ -219,6 +234,8 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         past_key_values: BytelmCache | None = None,
         vocab_only: bool = False,
+        patch_end: torch.Tensor | None = None,
+        segment: bool = False,
         **kwargs: Any,
     ) -> Any:
         """``logits`` (B, T, V) for ``input_ids`` (B, T); with ``cache`` only the ids not yet fed are passed
@@ -233,8 +250,12 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
         if cache is not None and not isinstance(cache, BytelmCache):
             raise TypeError(f"bytelm models keep their own cache (BytelmCache), got {type(cache).__name__}")
         n = input_ids.shape[1]
+        if self.fused and cache is None:
+            return self._forward_fused(input_ids, attention_mask, labels, patch_end, segment, vocab_only, return_dict)
         if cache is not None:
             logits = self._forward_cached(input_ids, attention_mask, cache)
+            if self.fused:  # generation samples a byte; its bit then follows from the head (ByteifiedCache)
+                logits = fused_marginal(logits)
         else:
             m = _mask_rows(attention_mask, n)
             if m is None:
@@ -249,6 +270,61 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
         if return_dict is False:
             return (loss, logits) if loss is not None else (logits,)
         return _with_cache(CausalLMOutputWithPast, cache, loss=loss, logits=logits)
+
+    @property
+    def fused(self) -> bool:
+        """The wrapped model predicts (byte, ends-a-patch) symbols (the byteified model)."""
+        return bool(getattr(self.model, "fused_head", False))
+
+    def _forward_fused(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: Any,
+                       patch_end: torch.Tensor | None, segment: bool, vocab_only: bool, return_dict: bool | None) -> Any:
+        """A byteified model without a cache (docs/byteify.md, "Scoring through transformers").
+
+        - ``segment=True`` or ``patch_end=`` (B, T) bool: one parallel forward with the model's segmenter's bits
+          (or the given ones, e.g. the source tokenizer's token ends): ``logits`` are the fused (B, T, 2V) symbols
+          and ``boundary_bits`` the bits used; the joint cross-entropy of (byte, bit) is the honest score
+          (``labels`` give it as ``loss``);
+        - default: every byte's bit is the one the fused head prefers after the bytes before it (no lookahead),
+          row by row through the cache, so ``logits`` (B, T, V), the bit summed out, form a causal next-byte
+          distribution that any client (lm-evaluation-harness, a plain cross-entropy) may score as is."""
+        B, T = input_ids.shape
+        m = _mask_rows(attention_mask, T)
+        if segment or patch_end is not None:
+            if m is not None and not _right_padded(m):
+                raise ValueError("segment=True / patch_end= take right-padded rows (or no attention_mask)")
+            ids = input_ids if m is None else input_ids.masked_fill(~m, PAD_ID)
+            targets = None
+            if labels is not None:
+                targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+                if m is not None:
+                    targets = targets.masked_fill(~torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1), IGNORE_INDEX)
+            out = self.model(ids, patch_end=patch_end, targets=targets)
+            logits, bits, loss = out.logits, out.hidden["closed"], out.loss
+            fused = logits
+        else:
+            rows = m if m is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            fused = bits = None
+            for b in range(B):
+                pos = torch.nonzero(rows[b]).flatten()
+                ids = input_ids[b, pos]
+                if ids.numel() == 0:
+                    continue
+                c = self.model.new_cache()  # type: ignore[operator]
+                lg = self.model(ids.unsqueeze(0), cache=c, causal_bits=True).logits[0]  # (n_b, 2V)
+                if fused is None:
+                    fused = lg.new_zeros(B, T, lg.shape[-1])
+                    bits = torch.zeros(B, T, dtype=torch.bool, device=lg.device)
+                assert bits is not None
+                fused[b, pos] = lg
+                bits[b, pos] = torch.tensor(c.bits, device=lg.device)
+            assert fused is not None, "no real ids in the batch"
+            logits = fused_marginal(fused)
+            loss = self._lm_loss(logits, labels, shift=True) if labels is not None else None
+        if vocab_only:
+            logits = logits[..., :VOCAB_SIZE]
+        if return_dict is False:
+            return (loss, logits) if loss is not None else (logits,)
+        return BytelmCausalLMOutput(loss=loss, logits=logits, fused_logits=fused, boundary_bits=bits)
 
     def _forward_cached(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: BytelmCache
@@ -286,7 +362,7 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         cache = cache if cache is not None else past_key_values
         inputs: dict[str, Any] = {"attention_mask": attention_mask, "vocab_only": True}
-        if use_cache is False:
+        if use_cache is False and not self.fused:  # a byteified model's boundary decisions live in its cache
             inputs.update(input_ids=input_ids, use_cache=False)
         else:
             cache = cache if cache is not None else BytelmCache()

@@ -46,7 +46,6 @@ import torch
 from torch import nn
 
 from bytelm.data.bytes import PAD_ID
-from bytelm.data.packed import IGNORE
 from bytelm.models.byte_prior import PRIOR_FLOOR, SPECIAL_LOGP, fused_log_prior
 from bytelm.models.byteified_cache import ByteifiedDecoding
 from bytelm.models.chunking import close_chunks, doc_starts, run_lengths
@@ -56,8 +55,9 @@ from bytelm.models.layers import RMSNorm
 from bytelm.models.vocab_trie import VocabTrie
 from bytelm.models.word_layout import LastPooling, layout_words
 
-__all__ = ["PRIOR_FLOOR", "SPECIAL_LOGP", "BoundaryPredictor", "ByteifiedLM", "joint_logprobs"]
+__all__ = ["PRIOR_FLOOR", "SPECIAL_LOGP", "BoundaryPredictor", "ByteifiedLM", "fused_marginal", "joint_logprobs"]
 
+IGNORE = -100  # target id that is not scored (bytelm.data.packed.IGNORE; not imported: exports ship this file)
 SINK_MASKED = -2  # word-doc id of a masked sink: no patch attends to it
 MASKED = -1e4  # logit of a symbol a rule forbids (the "continues" half where the size cap ends the patch)
 
@@ -302,10 +302,11 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):
         probe_blocks: int = 0,  # > 0: also run the patch vectors through this many blocks (hidden["probe"])
         expanded: torch.Tensor | None = None,  # (B, T) precomputed expanded ids
         cache: object | None = None,
+        causal_bits: bool = False,  # with ``cache``: bytes without bits take the head's preferred bit
         **_: object,
     ) -> ModelOutput:
         if cache is not None:
-            return self._forward_cached(input_ids, cache, patch_end)  # type: ignore[arg-type]
+            return self._forward_cached(input_ids, cache, patch_end, causal_bits)  # type: ignore[arg-type]
         B, T = input_ids.shape
         dev = input_ids.device
         cos, sin = self._byte_rope(torch.arange(T, device=dev))

@@ -84,8 +84,10 @@ class ByteifiedDecoding:
 
     @torch.no_grad()
     def _forward_cached(self, new_ids: torch.Tensor, cache: ByteifiedCache,
-                        patch_end: torch.Tensor | None = None) -> ModelOutput:
-        """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their fused logits (1, n, 2V)."""
+                        patch_end: torch.Tensor | None = None, causal: bool = False) -> ModelOutput:
+        """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their fused logits (1, n, 2V).
+        ``causal``: every byte fed without a bit takes the head's preferred bit (no segmenter at all; the
+        byte marginals of the result are then an honest causal byte distribution, ``fused_marginal``)."""
         m: Any = self
         if new_ids.shape[0] != 1:
             raise ValueError("cached byteified decoding supports batch size 1")
@@ -94,6 +96,12 @@ class ByteifiedDecoding:
         h = self._encode_new(new_ids, cache)  # (1, n, d)
         if patch_end is not None:
             return ModelOutput(logits=self._feed(cache, new, h, [bool(b) for b in patch_end.reshape(-1).tolist()], p0))
+        if causal:
+            outs = []
+            for j, tok in enumerate(new):
+                bit = self.preferred_bit(cache.last_logits, tok) if tok < 256 else True
+                outs.append(self._feed(cache, [tok], h[:, j : j + 1], [bit], p0 + j))
+            return ModelOutput(logits=torch.cat(outs, 1))
         bits = [False] * n
         if n > 1:  # a prompt: the segmenter sets the bits of all but the last byte
             if m.cfg.chunker == "words":

@@ -118,26 +118,14 @@ def sample_symbol(
     generator: torch.Generator | None = None,
     allow_eos: bool = True,
 ) -> tuple[int, bool]:
-    """One (byte, ends-its-patch) symbol of a fused head, sampled jointly (the same filters as ``sample_next``
-    over the 2 x VOCAB_SIZE symbols). ``temperature == 0`` is greedy."""
+    """One (byte, ends-its-patch) symbol of a fused head: the byte sampled from the head's distribution with the
+    bit summed out (``sample_next``'s filters), then the bit the head prefers for that byte. This is what
+    ``transformers``' generation loop does with an exported model, so both give the same bytes for a seed."""
     V = logits.shape[-1] // 2
-    halves = [_filter_logits(logits[k * V : (k + 1) * V], allow_eos=allow_eos) for k in (0, 1)]
-    x = torch.cat(halves)  # (2 * VOCAB_SIZE,)
-    if temperature <= 0:
-        k = int(x.argmax())
-    else:
-        x = x / temperature
-        if top_k > 0 and top_k < int(torch.isfinite(x).sum()):
-            kth = torch.topk(x, top_k).values[-1]
-            x = torch.where(x < kth, -torch.inf, x)
-        if top_p < 1.0:
-            srt, order = torch.sort(x, descending=True)
-            probs = torch.softmax(srt, -1)
-            drop = probs.cumsum(-1) - probs >= top_p
-            drop[0] = False
-            x[order[drop]] = -torch.inf
-        k = int(torch.multinomial(torch.softmax(x, -1).cpu(), 1, generator=generator))
-    return k % VOCAB_SIZE, k >= VOCAB_SIZE
+    marg = torch.logaddexp(logits[:V].float(), logits[V:].float())  # (V,)
+    byte = sample_next(marg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                       allow_eos=allow_eos)
+    return byte, bool(logits[V + byte] > logits[byte])
 
 
 def _iter_generate_fused(
