@@ -103,7 +103,7 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
         # stage 2 starts from the stage-1 weights (same sharding: the same local shards)
         assert rec["start_sums"] == pytest.approx(a["ranks"][r]["end_sums"], rel=1e-6, abs=1e-9)
         assert all(math.isfinite(v) for v in rec["losses"].values())
-        assert rec["changed"]["backbone."] and not rec["changed"]["boundary."]
+        assert rec["changed"]["backbone."] and rec["changed"]["boundary."]  # stage 2 keeps the boundary loss
     check_validated(c, 1)
     print(f"{strategy}: stage 1 {a['wall']:.0f}s, resume {b['wall']:.0f}s, stage 2 {c['wall']:.0f}s")
 
