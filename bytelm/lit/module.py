@@ -84,7 +84,7 @@ class ByteLMModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor], model: Any = None):
         assert self.model is not None, "configure_model() was not called"
-        extra = {k: batch[k] for k in ("patch_end", "context", "probe_blocks") if k in batch}  # byteify stage 1
+        extra = {k: batch[k] for k in ("patch_end", "context", "probe_blocks", "boundary_only") if k in batch}  # byteify
         return (model or self.model)(
             batch["input_ids"], targets=batch.get("targets"), doc_ids=batch.get("doc_ids"),
             word_start=batch.get("word_start"), **extra,

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bytelm.data.bytes import PAD_ID
@@ -289,6 +290,15 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):
         x = self.embed_bytes(input_ids, expanded)
         return self._run(self.encoder, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window)
 
+    def _boundary_only(self, ids: torch.Tensor, h: torch.Tensor, ends: torch.Tensor | None) -> ModelOutput:
+        """The boundary phase's forward: no backbone, no decoder; ``loss`` = BCE of the boundary logits against
+        ``ends`` (so ``train/bpb`` reads as bits per byte of the boundary labels)."""
+        if ends is None:
+            raise ValueError("boundary_only=True needs patch_end (the token ends the predictor learns)")
+        b_logits = self.boundary(h)
+        loss, _ = _boundary_bce(b_logits, ids, ends.bool())
+        return ModelOutput(logits=b_logits.unsqueeze(-1), loss=loss, hidden={"boundary_logits": b_logits})
+
     # -- forward -------------------------------------------------------------------------------------------
 
     def forward(  # type: ignore[override]
@@ -303,6 +313,7 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):
         expanded: torch.Tensor | None = None,  # (B, T) precomputed expanded ids
         cache: object | None = None,
         causal_bits: bool = False,  # with ``cache``: bytes without bits take the head's preferred bit
+        boundary_only: bool = False,  # the boundary phase: encoder + boundary logits, loss = BCE vs patch_end
         **_: object,
     ) -> ModelOutput:
         if cache is not None:
@@ -311,6 +322,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):
         dev = input_ids.device
         cos, sin = self._byte_rope(torch.arange(T, device=dev))
         h = self.encode(input_ids, doc_ids, expanded)  # (B, T, d)
+        if boundary_only:
+            return self._boundary_only(input_ids, h, patch_end)
         seg, b_logits = self.segment(input_ids, h, doc_ids)
         ends = seg if patch_end is None else patch_end.bool()
         closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)
@@ -355,6 +368,14 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):
             metrics["n_bytes"] = is_byte.sum()
             hidden["target_logprobs"] = lp
         return ModelOutput(logits=logits, loss=loss, metrics=metrics, hidden=hidden)
+
+
+def _boundary_bce(b_logits: torch.Tensor, ids: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean BCE of boundary logits against given ends over real bytes but each row's last, and that mask."""
+    mask = ids < 256
+    mask[:, -1] = False  # the row's last byte has no next byte to look at
+    per = F.binary_cross_entropy_with_logits(b_logits, ends.float(), reduction="none")
+    return (per * mask).sum() / mask.sum().clamp(min=1), mask
 
 
 def fused_marginal(logits: torch.Tensor) -> torch.Tensor:
