@@ -278,7 +278,7 @@ def test_joint_logprobs_equal_a_naive_loop():
 
 # ----------------------------------------------------------------------- causality of the joint scoring
 ADVERSARIAL = [
-    *"abc ".encode(), BOS_ID, EOS_ID, 0xC3, 0xA9, 0x80, 0xFF, 0xE3, 0xF0, 0x9F, 0x98, 0x80,
+    *b"abc ", BOS_ID, EOS_ID, 0xC3, 0xA9, 0x80, 0xFF, 0xE3, 0xF0, 0x9F, 0x98, 0x80,
     *"\u00a0\u0332\u4e2d\u3002\u0449".encode(),
 ]
 

@@ -119,3 +119,23 @@ def boundary_report(
                 raise ValueError(f"predict returned shape {pred.shape} for {len(data)} bytes ({group})")
             rows.append((group, pred, true))
     return grouped_boundary_scores(rows, aggregates)
+
+
+def model_predictor(model: Any, window: int = 512, context: int = 64) -> Predictor:
+    """A byteified model's own segmenter as a ``predict(bytes) -> bool array``: windows of ``window`` bytes, each
+    read after up to ``context`` earlier bytes (so a window's first decisions see what precedes them), the
+    segmenter's lookahead limited to the window's end."""
+    import torch
+
+    def predict(data: bytes) -> np.ndarray:
+        out = np.zeros(len(data), dtype=bool)
+        dev = next(model.parameters()).device
+        for a in range(0, len(data), window):
+            lo, hi = max(0, a - context), min(len(data), a + window)
+            ids = torch.tensor([list(data[lo:hi])], device=dev)
+            with torch.no_grad():
+                ends = model.segment(ids)[0][0].cpu().numpy()
+            out[a:hi] = ends[a - lo :]
+        return out
+
+    return predict

@@ -122,7 +122,7 @@ def joint_logprobs(
     return torch.where(valid, lp, torch.zeros_like(lp))
 
 
-class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):
+class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
     """Hierarchical byte LM around a source LM's blocks (module docstring). ``cfg.arch == 'byteified'``."""
 
     fused_head = True  # logits are (B, T, 2V) (byte, ends-patch) symbols; generation and scoring read them so
