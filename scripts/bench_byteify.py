@@ -60,14 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", default=None, help="source / teacher: HF folder or .gguf (default: the offline "
                    "SmolLM2-135M GGUF, or the checkpoint's byteify.source)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (debug=cpu model and batches, 2 prompts, "
-                   "16 bytes, 1 repeat): a smoke test")
+                   "8 bytes, 1 repeat): a smoke test")
     p.add_argument("--no-train", action="store_true", help="skip the stage-1 step rows")
     p.add_argument("--out", default="out/bench_byteify.json", help="JSON report")
     p.add_argument("overrides", nargs="*", help="extra config overrides (key=value, after "
                    "experiment=byteify_smollm2), e.g. byteify.encoder_blocks=1 for a 2-block source")
     args = p.parse_args(argv)
     if args.quick:
-        args.new_bytes = min(args.new_bytes, 16)
+        args.new_bytes = min(args.new_bytes, 8)
         args.repeats = 1
     if args.train_repeats is None:
         args.train_repeats = args.repeats
@@ -127,9 +127,9 @@ class TeacherGen:
             k *= 2
 
 
-def backbone_steps(model: Any, prompt: bytes, n: int) -> tuple[int, int, int]:
-    """(backbone steps while generating, bytes fed during them, n_words at the end) of one greedy generation:
-    ``ByteifiedCache.n_words`` after the prompt and after the last fed byte."""
+def backbone_steps(model: Any, prompt: bytes, n: int) -> tuple[bytes, int, int, int]:
+    """One greedy generation of ``n`` bytes: (the bytes, backbone steps while generating, bytes fed during them,
+    n_words at the end), from ``ByteifiedCache.n_words`` after the prompt and after the last fed byte."""
     from bytelm.models.generate import generate
 
     seen: list[int] = []
@@ -141,10 +141,10 @@ def backbone_steps(model: Any, prompt: bytes, n: int) -> tuple[int, int, int]:
 
     h = model.register_forward_hook(hook, with_kwargs=True)
     try:
-        generate(model, prompt, n, temperature=0, min_new_bytes=n)
+        out = generate(model, prompt, n, temperature=0, min_new_bytes=n)
     finally:
         h.remove()
-    return seen[-1] - seen[0], len(seen) - 1, seen[-1]
+    return out, seen[-1] - seen[0], len(seen) - 1, seen[-1]
 
 
 def bench_generation(args: argparse.Namespace, model: Any, teacher: TeacherGen,
@@ -158,8 +158,7 @@ def bench_generation(args: argparse.Namespace, model: Any, teacher: TeacherGen,
         pb = text.encode("utf-8")
         ids = teacher.prompt_ids(pb)
         k, toks = teacher.tokens_for(ids, n)
-        out = generate(model, pb, n, temperature=0, min_new_bytes=n)
-        steps, fed, words = backbone_steps(model, pb, n)
+        out, steps, fed, words = backbone_steps(model, pb, n)
         rows[name] = {
             "prompt": text, "prompt_bytes": len(pb), "prompt_tokens": int(ids.shape[1] - 1),
             "byteified_bytes": len(out), "byteified_text": out.decode("utf-8", "replace"),

@@ -248,12 +248,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[tuple[str, Any]] = [("teacher", lambda: load_scorer("teacher", seq_len=512,
                                                                     name="SmolLM2-135M (teacher, 512-byte windows)"))]
-    rows.append(("step0:tokenizer", lambda: byteified_scorer(None, "byteified, step 0, tokenizer segmenter",
+    rows.append(("step0:tokenizer", lambda: byteified_scorer(None, "byteified, step 0 (tokenizer segmenter)",
                                                              "tokenizer", args.extra)))
     for key, label in (("stage1", "stage 1"), ("stage2", "stage 2")):
         for seg in ("learned", "tokenizer"):
-            rows.append((f"{key}:{seg}", lambda k=key, lab=label, s=seg: byteified_scorer(
-                result["runs"][k]["ckpt"], f"byteified, {lab}, {s} segmenter", s, [])))
+            rows.append((f"{key}:{seg}", lambda k=key, lab=label, s=seg: byteified_scorer(  # type: ignore[misc]
+                result["runs"][k]["ckpt"], f"byteified, {lab}" + (" (learned segmenter)" if s == "learned" else ""),
+                s, [])))
     if "words" in result["runs"]:
         rows.append(("words:words", lambda: load_scorer(result["runs"]["words"]["ckpt"], batch_size=4,
                                                         name="byteified, word patches (stage 1)")))
