@@ -48,6 +48,7 @@ bench: setup  ## CPU benchmarks (ratios measured side by side), JSON under out/
 	$(PY) scripts/bench_models.py
 	$(PY) scripts/bench_splitter.py
 	$(PY) scripts/bench_mrt5.py
+	$(PY) scripts/bench_byteify.py
 
 results: setup  ## train every compared model and regenerate docs/results.md, its plots and the README table (~45 min CPU)
 	bash scripts/make_results.sh

@@ -340,9 +340,9 @@ _ARCH_TEXT = {
     "byteified": (
         "a byteified subword LM: a hierarchical byte-level LM whose backbone is a source LM's transplanted "
         "decoder blocks, with a byte encoder (plus the source's embedding of the longest vocabulary token ending "
-        "at each byte), a learned patch-boundary predictor, a byte decoder and the source LM head's next-byte "
-        "prior; the source vocabulary and its frozen embeddings ship in the weights, so no subword tokenizer "
-        "is needed"
+        "at each byte), a learned patch-boundary predictor and a byte decoder whose fused head predicts (byte, "
+        "ends-the-patch) symbols from the source LM head's exact prior; the source vocabulary and its frozen "
+        "embeddings ship in the weights, so no subword tokenizer is needed"
     ),
 }
 
@@ -415,6 +415,18 @@ def model_card(
         + "; greedy and seeded sampling give the same bytes as bytelm's generator.",
         "",
     ]
+    if arch == "byteified":
+        lines += [
+            "## Scoring",
+            "",
+            "`model(ids).logits` are next-byte logits with every patch boundary chosen by the model's own head from "
+            "the bytes before it, so a plain cross-entropy on them (lm-evaluation-harness) is an honest score. "
+            "`model(ids, segment=True)` runs the learned boundary predictor instead (or pass your own "
+            "`patch_end=`): its `logits` are the fused (byte, ends-the-patch) symbols, 2 x the vocabulary, and "
+            "`boundary_bits` the boundaries used; score the symbol `byte + V * bit` of each next byte (bytelm's "
+            "bits per byte; see bytelm's docs/byteify.md, \"Honest scoring\").",
+            "",
+        ]
     metrics = dict(metadata.get("metrics") or {})
     progress = {k: metadata[k] for k in ("global_step", "epoch") if k in metadata}
     if metrics or progress:
