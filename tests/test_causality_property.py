@@ -85,10 +85,13 @@ KINDS: dict[str, Kind] = {
 HIER_WORDS = ["hier_words_query", "hier_words_last"]
 
 
-def logits_of(kind: Kind, m: nn.Module, ids: list[int]) -> torch.Tensor:
-    """(T, V) logits by row position (positions before ``kind.first`` are NaN: no prediction is made there)."""
+def logits_of(kind: Kind, m: nn.Module, ids: list[int], docs: bool = False) -> torch.Tensor:
+    """(T, V) logits by row position (positions before ``kind.first`` are NaN: no prediction is made there).
+    ``docs``: packed documents, a new one at each BOS (``doc_ids``, a causal function of the ids)."""
+    x = torch.tensor([ids])
+    kw = dict(kind.kwargs, doc_ids=(x == BOS_ID).cumsum(1)) if docs else kind.kwargs
     with torch.no_grad():
-        out = m(torch.tensor([ids]), **kind.kwargs).logits[0].float()
+        out = m(x, **kw).logits[0].float()
     return _by_position(out, len(ids))
 
 
@@ -167,20 +170,21 @@ REGRESSIONS = [
 
 @pytest.mark.parametrize("name", list(KINDS))
 def test_changing_byte_t_changes_no_earlier_prediction(name: str) -> None:
-    """For random adversarial rows, substituting the id at t leaves every logit at a position < t unchanged,
-    and cutting the row after t leaves the logits up to t unchanged."""
+    """For random adversarial rows (every other one packed: a document starts at each BOS), substituting the
+    id at t leaves every logit at a position < t unchanged, and cutting the row after t leaves the logits up
+    to t unchanged."""
     kind = KINDS[name]
     m = kind.build()
     rng = random.Random(f"causal-{name}")
-    for _ in range(8):
-        ids = adversarial(rng, rng.randint(18, 34))
-        base = logits_of(kind, m, ids)
+    for row in range(8):
+        ids, docs = adversarial(rng, rng.randint(18, 34)), row % 2 == 1
+        base = logits_of(kind, m, ids, docs)
         lo = kind.first + 1  # substitutions earlier than this have no later-made prediction to test
         for t in sorted(rng.sample(range(lo, len(ids)), 5)):
             var = substitute(rng, ids, t)
-            assert_same_before(base, logits_of(kind, m, var), t, f"{name} {ids} id {t} -> {var[t]}")
+            assert_same_before(base, logits_of(kind, m, var, docs), t, f"{name} {ids} id {t} -> {var[t]}")
         t = rng.randrange(lo + 2, len(ids))
-        short = logits_of(kind, m, ids[:t])
+        short = logits_of(kind, m, ids[:t], docs)
         assert_same_before(base, short, t, f"{name} {ids} cut at {t}")
 
 
