@@ -335,31 +335,70 @@ def _hf_byte_config(folder: Path) -> dict[str, Any] | None:
     return conf if "bytelm" in text else None
 
 
-_BYTELM_CLASSES = ("FlatByteLM", "HierarchicalByteLM", "MrT5")
+_BYTELM_CLASSES = ("FlatByteLM", "HierarchicalByteLM", "MrT5", "ByteifiedLM")
 
 
 def _load_exported(path: Path, conf: dict[str, Any], *, device: str, batch_size: int, seq_len: int | None,
                    name: str) -> ByteScorer:
-    """A ``bytelm-export`` folder through transformers (``trust_remote_code``). Scoring goes through the bytelm
-    module the HF wrapper holds (the folder's own copy of the code), so packed rows keep their document masks
-    and the model's metrics (bytes per word, kept ratio) are reported, as for a checkpoint."""
+    """A ``bytelm-export`` folder through transformers (``trust_remote_code``), scored like its checkpoint:
+    through the bytelm module the HF wrapper holds (the folder's own copy of the code), so packed rows carry
+    document ids and never attend across documents, in rows of the training length (``_exported_data``), and
+    the model's metrics (bytes per word, kept ratio) are reported."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     arch = str(conf.get("arch") or "flat")
     auto: Any = AutoModelForSeq2SeqLM if arch == "mrt5" else AutoModelForCausalLM
     hf: Any = auto.from_pretrained(str(path), trust_remote_code=True, local_files_only=True)
     hf = hf.to(device).eval()
-    rows = seq_len or int(conf.get("max_seq_len") or 1024)
+    data = _exported_data(path, conf)
+    rows = seq_len or data.get("seq_len")
+    if not rows:
+        rows = int(conf.get("max_seq_len") or 1024)
+        log.warning("%s records no training row length; scoring in rows of max_seq_len=%d", path, rows)
     inner = getattr(hf, "model", None)
     native = isinstance(inner, torch.nn.Module) and type(inner).__name__ in _BYTELM_CLASSES
     if not native and arch == "mrt5":
         raise ValueError(f"{str(path)!r}: an encoder-decoder without its bytelm module cannot be scored")
+    if not native:
+        log.warning("%s: no bytelm module inside; packed rows are scored without document masks", path)
     words = native and arch == "hierarchical" and conf.get("chunker", "words") == "words"
     module: Any = inner if native else hf
-    scorer = ByteScorer(module, arch=arch, seq_len=rows, batch_size=batch_size, device=device,
-                        native=native, words=words, max_word_bytes=int(conf.get("max_word_bytes") or 100), name=name)
+    scorer = ByteScorer(module, arch=arch, seq_len=int(rows), batch_size=batch_size, device=device, native=native,
+                        words=words, max_word_bytes=int(conf.get("max_word_bytes") or 100),
+                        invalid_utf8=str(data.get("invalid_utf8") or "keep"), name=name)
     scorer.kind, scorer.source = arch, "hf-export"
     return scorer
+
+
+def _exported_data(path: Path, conf: dict[str, Any]) -> dict[str, Any]:
+    """The training data settings a checkpoint is scored with (``seq_len``, ``invalid_utf8``), for an exported
+    folder: ``train_seq_len`` / ``train_invalid_utf8`` in config.json (``bytelm-export`` writes them), else the
+    ``data`` section of the training configuration in the folder's model card (folders exported before
+    config.json held them), else nothing."""
+    keys = {"seq_len": conf.get("train_seq_len"), "invalid_utf8": conf.get("train_invalid_utf8")}
+    if all(v is not None for v in keys.values()):
+        return keys
+    card = _card_training_data(path / "README.md")
+    return {k: v if v is not None else card.get(k) for k, v in keys.items()}
+
+
+def _card_training_data(readme: Path) -> dict[str, Any]:
+    """``data`` of the "## Training configuration" YAML block of a bytelm model card ({} if there is none)."""
+    import yaml
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    block = text.split("## Training configuration", 1)[-1] if "## Training configuration" in text else ""
+    if "```yaml" not in block:
+        return {}
+    try:
+        train = yaml.safe_load(block.split("```yaml", 1)[1].split("```", 1)[0])
+    except yaml.YAMLError:
+        return {}
+    data = train.get("data") if isinstance(train, dict) else None
+    return dict(data) if isinstance(data, dict) else {}
 
 
 def resolve_checkpoint(path: Path) -> Path:

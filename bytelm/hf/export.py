@@ -284,10 +284,12 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.safetensors"):  # a re-export must not leave stale shards behind
         old.unlink()
-    extra = {}
-    seq_len = ((train_config or {}).get("data") or {}).get("seq_len")
-    if isinstance(seq_len, int):
-        extra["train_seq_len"] = seq_len  # the row length the model was trained (and validated) on
+    extra: dict[str, Any] = {}
+    data = (train_config or {}).get("data") or {}
+    if isinstance(data.get("seq_len"), int):
+        extra["train_seq_len"] = data["seq_len"]  # the row length the model was trained (and validated) on
+    if isinstance(data.get("invalid_utf8"), str):
+        extra["train_invalid_utf8"] = data["invalid_utf8"]  # bytelm.eval scores the folder as its checkpoint
     hf = wrap_model(model.to("cpu"), model_cfg, **extra).to(DTYPES[dtype])
     hf.save_pretrained(out, max_shard_size=max_shard_size)
     hf.generation_config.save_pretrained(out)

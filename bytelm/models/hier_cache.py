@@ -2,10 +2,11 @@
 
 Words are decided online (DESIGN.md §2): after each new byte the complete characters from the start of the
 current rule word are re-split with the same splitter (bytes of an unfinished UTF-8 character wait, so the size
-cap never cuts inside a character the full forward keeps whole), the ready rule of ``layout_words`` is applied,
-and a word is pooled and runs one backbone step once it is ready. With the learned chunker the gate's decisions
-are applied byte by byte by the rules of ``bytelm.models.chunking``. The result equals the full forward (tested
-to 1e-4; see hierarchical.py's docstring for the splitter properties this relies on).
+cap never cuts inside a character the full forward keeps whole), the ready rule of ``layout_words(decided=True)``
+(``decision_times``) is applied to the bytes seen so far, and a word is pooled and runs one backbone step once
+it is ready. With the learned chunker the gate's decisions are applied byte by byte by the rules of
+``bytelm.models.chunking``. The result equals the full forward (tested to 1e-4; see hierarchical.py's docstring
+for the splitter properties this relies on).
 
 ``CachedDecoding`` is a mixin of ``HierarchicalByteLM`` (and so of ``ByteifiedLM``, which overrides the cache).
 """
@@ -19,11 +20,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from bytelm.data.words_online import _starts_with_ignorable
 from bytelm.models.config import ModelConfig, ModelOutput
 from bytelm.models.layers import KVCache
-from bytelm.models.word_layout import _CHAR_LEN, pending_utf8
+from bytelm.models.word_layout import decision_times, pending_utf8
 
 _ANCHOR_WINDOW = 512  # cached decoding re-splits at most this far back before the current word
+_CONTEXT = 16  # bytes before a word that starts with a combining mark, re-split with it (as words_online.py)
+
+
+def _context_start(ids: list[int], base: int) -> int:
+    """Where to start re-splitting so that the word at ``base`` is split with up to ``_CONTEXT`` bytes before it
+    when it starts with a combining mark (or other ignorable character), which may be glued to those bytes; the
+    context starts at a character and after any special."""
+    head = [i for i in ids[base : base + 4] if i < 256]
+    if not head or ids[base] >= 256 or not _starts_with_ignorable(bytes(head)):
+        return base
+    ctx = max(0, base - _CONTEXT)
+    specials = [j for j in range(ctx, base) if ids[j] >= 256]
+    ctx = specials[-1] + 1 if specials else ctx
+    while ctx < base and 0x80 <= ids[ctx] < 0xC0:
+        ctx += 1
+    return ctx
 
 
 @dataclass
@@ -95,29 +113,44 @@ class CachedDecoding:
         if self.gate is not None:
             return self._decode_cached(h, cos, sin, pos, cache, *self._gate_chunks_cached(new_ids, h, cache))
 
-        # which words became ready: re-split from the start of the rule word (before the size cap) that holds
-        # the oldest unready word, and apply the ready rule of layout_words (running max included)
-        # only complete characters are split (DESIGN.md §2: incomplete UTF-8 stays in the current word): the size
-        # cap must never cut inside a character that later bytes complete, which the full forward never does
-        base = cache.anchor
+        starts, ready_at = self._words_cached(cache)
+        return self._decode_cached(h, cos, sin, pos, cache, starts, ready_at)
+
+    def _words_cached(self, cache: HierCache) -> tuple[list[int], list[int]]:
+        """Word starts (oldest pending first) and the ready times of the words that became ready, by the rules of
+        ``layout_words(decided=True)`` applied to the bytes seen so far.
+
+        The bytes from the rule word (before the size cap) that holds the oldest unready word are re-split; only
+        complete characters are split (incomplete UTF-8 stays in the current word), so the size cap never cuts
+        inside a character that later bytes complete. ``decision_times`` on the same bytes says when each word
+        end is decided; it reads no byte past the time it returns, so on a prefix it gives the full forward's
+        times wherever they are <= the last byte. A word that starts with a combining mark is split with a few
+        bytes before it (whether the mark is glued to them decides its words)."""
+        base, last = cache.anchor, cache.length - 1
         done = cache.length - pending_utf8(cache.ids)
-        capped = np.flatnonzero(self.word_starts_row(cache.ids[base:done])) + base
-        starts = [cache.pend_start] + [int(x) for x in capped if x > cache.pend_start]
-        last = p0 + n - 1
+        ctx = _context_start(cache.ids, base) if base < done else base
+        window = cache.ids[ctx:]
+        capped = np.zeros(len(window), dtype=bool)
+        capped[: done - ctx] = self.word_starts_row(window[: done - ctx])
+        capped[base - ctx] = True
+        starts = [cache.pend_start] + [int(x) + ctx for x in np.flatnonzero(capped) if x + ctx > cache.pend_start]
         ready_at: list[int] = []
+        if len(starts) == 1:  # no word end in sight (most bytes): nothing to decide
+            return starts, ready_at
+        decided = decision_times(torch.tensor([window]), torch.from_numpy(capped).unsqueeze(0))[0].tolist()
         for s_next in starts[1:]:
-            r = max(cache.r_max, s_next + _CHAR_LEN[min(cache.ids[s_next], 256)] - 1)
+            r = max(cache.r_max, decided[s_next - ctx] + ctx)  # decision_times counts from the window start
             if r > last:
                 break
             ready_at.append(r)
             cache.r_max = r
         if ready_at:  # move the re-split anchor to the rule word holding the new oldest unready word
             new_pend = starts[len(ready_at)]
-            rule = np.flatnonzero(self.word_starts_row(cache.ids[base:done], capped=False)) + base
-            cache.anchor = int(rule[rule <= new_pend].max())
+            rule = np.flatnonzero(self.word_starts_row(window[: done - ctx], capped=False)) + ctx
+            cache.anchor = max([base, *rule[rule <= new_pend].tolist()])
             if new_pend - cache.anchor > _ANCHOR_WINDOW:  # bound the re-split (as words_online.py does)
                 cache.anchor = new_pend
-        return self._decode_cached(h, cos, sin, pos, cache, starts, ready_at)
+        return starts, ready_at
 
     def _gate_chunks_cached(self, new_ids: torch.Tensor, h: torch.Tensor, cache: HierCache) -> tuple[list[int], list[int]]:
         """Chunk starts (oldest pending first, then one per closed chunk) and ready times for the new bytes, by

@@ -10,16 +10,20 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
 - **Specials are words of their own.** BOS/EOS/PAD (ids >= 256) each form a one-byte word, and the byte after
   a special starts a new word, whatever ``word_start`` says. So a PAD run at the end of a row is a run of
   one-byte words after every real word; the stacks are causal, so it cannot affect anything before it.
-- **When does a byte see a word?** A word is known to be complete only when the first *complete character*
-  of the next word exists (DESIGN.md §2: incomplete UTF-8 stays in the current word while generating). For a
-  word ``w`` whose successor starts at ``s`` with a character of ``c`` bytes (``c`` from the lead byte), the
-  word is *ready* at ``r_w = s + c - 1`` (running max over words, so words become ready in order). Byte ``t``
-  receives the backbone output of the latest word with ``r_w <= t`` in its own document, or the learned
-  first-word vector when there is none. For ASCII ``c = 1`` and this is exactly "bytes of word w get the
-  output of word w-1". For a word that starts with a multi-byte character, its first ``c - 1`` bytes still
-  get the older vector: handing them the newer one would tell position ``s`` that the *next* bytes complete
-  a character that starts a word, a leak from the future that would also make cached generation disagree
-  with the full forward. The last word of a document is ready at the next document's start (never used).
+- **When does a byte see a word?** Only once the bytes seen so far *decide* where the word ends
+  (docs/hierarchical.md). A word ``w`` whose successor starts at ``s`` is *ready* at ``r_w``, the position from which
+  no later byte can move or remove that end (``word_layout.decision_times``; running max over words, so words
+  become ready in order). Byte ``t`` receives the backbone output of the latest word with ``r_w <= t`` in its
+  own document, or the learned first-word vector when there is none. Usually ``r_w`` is the last byte of the
+  first character at ``s``: for ASCII this is exactly "bytes of word w get the output of word w-1", and a word
+  opening with a multi-byte character hands the newer vector to its bytes only from that character's last byte
+  on (earlier, it would tell position ``s`` that the *next* bytes complete a character that starts a word).
+  Later than that where the splitter needs more bytes: an invalid UTF-8 sequence is settled only when the byte
+  that breaks it arrives (``E3 80`` before ``C3``), and two splitter rules look further ahead (a combining mark
+  after U+00A0 removes the end of a single space before it; ``1⁄2`` is one word). Reading a word earlier leaked
+  later bytes into earlier predictions and made cached generation disagree with the full forward (both were
+  found and are now tests: tests/test_causality_property.py). The last word of a document is ready at the next
+  document's start (never used).
 - **Pooling query positions.** The learned query sits at the word's first byte and keys at their byte
   positions, so RoPE sees the within-word offset (0, 1, 2, ...) and the pooled vector does not depend on
   where the word is in the row (packed documents give the same result as alone). Because the query is one
@@ -30,14 +34,14 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
   (first decoder layer, or every layer with ``decoder_cross='all'``, one projection per layer).
 - **Learned chunks** (``chunker='gate'``, ``bytelm/models/chunking.py``): the MrT5 delete gate reads the
   encoder output (minus its running mean with ``gate.center``); a kept byte closes its chunk, and the chunk
-  is ready *at* that byte (the decision used bytes up to it only), so ``layout_words(closed=...)`` skips the
-  lookahead for it. The task loss reaches the gate through a straight-through factor on each chunk vector
+  is ready *at* that byte (the decision used bytes up to it only), so ``layout_words(closed=...)`` makes it
+  ready there. The task loss reaches the gate through a straight-through factor on each chunk vector
   (value 1, gradient of the closing byte's keep probability); the regulariser ``alpha * mean(G)`` with the PI
   controller holds the deletion ratio at ``gate.target_ratio`` and trains the gate only (detached input).
   Cached decoding applies the same rules byte by byte.
 - **Cached decoding** (``new_cache()``, ``forward(ids, cache=...)``, batch 1, one document; ``hier_cache.py``)
-  decides words online with the same splitter and the same ready rule, and equals the full forward (tested
-  to 1e-4).
+  decides words online with the same splitter and the same ready rule (``decision_times`` on the bytes it has
+  gives the full forward's ready times up to the last byte), and equals the full forward (tested to 1e-4).
 - **Attention metadata** is built once per forward for each of the three stacks (``attention.stack_meta``): the
   byte encoder and decoder share one when their windows agree (same bytes, same documents), the backbone has
   its own over words (documents of words: ``WordLayout.word_doc``).
@@ -245,7 +249,7 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
             closed, word_start = gate_closed(input_ids, G, self.cfg.gate.tau_del, self.cfg.max_word_bytes, doc_ids)
         elif word_start is None:  # training rows bring them (data layer); host work, outside any compiled graph
             word_start = self.word_starts_batch(input_ids, doc_ids)
-        lay = layout_words(input_ids, word_start, doc_ids, closed)
+        lay = layout_words(input_ids, word_start, doc_ids, closed, decided=True)
         W = lay.start.shape[1]
 
         words = self._pool(h, lay.word_id, lay.offset, lay.end, W)  # (B, W, D)

@@ -5,6 +5,8 @@ docstring): where the words of a batch are, when each byte may see a word, and o
   changes forced to be word starts (the data layer computes the same starts for training rows);
 - ``layout_words``: vectorised bookkeeping for the training path (word ids, offsets, word spans, the ready
   rule that says which word vector each byte receives); its one host sync is the word count W;
+- ``decision_times`` (with ``char_emit_times``): when the bytes seen so far decide that a word ends at a
+  position, the ready rule of the hierarchical model; no host work, so the training forward stays compilable;
 - ``QueryPooling`` (HAT: one learned query attending within the word) and ``LastPooling`` (Bolmo: the last
   byte's state).
 """
@@ -83,6 +85,115 @@ def pending_utf8(ids: Sequence[int]) -> int:
     return 0
 
 
+def _ahead(x: torch.Tensor, k: int, fill: int | bool) -> torch.Tensor:
+    """(B, T) -> (B, T): the value ``k`` positions later (``fill`` past the end of the row)."""
+    pad = torch.full((x.shape[0], min(k, x.shape[1])), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([x[:, k:], pad], 1)
+
+
+def _behind(x: torch.Tensor, k: int, fill: int | bool) -> torch.Tensor:
+    """(B, T) -> (B, T): the value ``k`` positions earlier (``fill`` before the start of the row)."""
+    pad = torch.full((x.shape[0], min(k, x.shape[1])), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x[:, : max(x.shape[1] - k, 0)]], 1)
+
+
+def _first_at_or_after(flag: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> (B, T) long: the first position ``>= p`` where ``flag`` holds (``_NEVER`` if none)."""
+    pos = torch.arange(flag.shape[1], device=flag.device).expand_as(flag)
+    return torch.where(flag, pos, _NEVER).flip(1).cummin(1).values.flip(1)
+
+
+def _at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T) read at ``idx`` (B, N); ``_NEVER`` where ``idx`` is past the end of the row."""
+    T = x.shape[1]
+    padded = torch.cat([x, torch.full((x.shape[0], 1), _NEVER, dtype=x.dtype, device=x.device)], 1)
+    return padded.gather(1, idx.clamp(max=T))
+
+
+def char_emit_times(ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) long: when an incremental UTF-8 decoder emits the character that holds each byte (the position
+    of the byte that settles it; ``_NEVER`` when that is past the end of the row). Bytes are what the word
+    splitter reads: complete characters, and the bytes of an invalid sequence one by one.
+
+    A valid character is emitted at its last byte. An invalid sequence (a lead byte with fewer valid
+    continuation bytes than it announces, e.g. ``E3 80`` before ``C3``) is emitted when the byte that breaks it
+    arrives, so its bytes are settled *later* than their own positions: until then they may still be the start
+    of a character. Stray continuation bytes, other invalid bytes, ASCII and specials are emitted at once. A
+    document start (and a special) breaks a sequence, as the end of a text does. Python's decoder (which the
+    splitter uses) takes the maximal valid prefix of a sequence as one error, so that is what is modelled."""
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    cont = (ids >= 0x80) & (ids < 0xC0)
+    if doc_start is not None:
+        cont = cont & ~doc_start
+    n = utf8_char_len(ids)  # (B, T) bytes a lead byte announces (1 for anything else)
+    b1 = _ahead(ids, 1, 0)
+    # no overlong forms or code points past U+10FFFF; ED A0..BF (a surrogate) counts as a valid prefix: Python's
+    # decoder waits for the third byte before it rejects the whole sequence (at the same time as a valid one)
+    second_ok = ~(((ids == 0xE0) & (b1 < 0xA0)) | ((ids == 0xF0) & (b1 < 0x90)) | ((ids == 0xF4) & (b1 > 0x8F)))
+    got1 = (n >= 2) & _ahead(cont, 1, False) & second_ok
+    got2 = got1 & (n >= 3) & _ahead(cont, 2, False)
+    got3 = got2 & (n >= 4) & _ahead(cont, 3, False)
+    m = 1 + got1.long() + got2.long() + got3.long()  # (B, T) valid prefix of the sequence a lead opens
+    lead_emit = torch.where(m == n, pos + n - 1, pos + m)  # complete: last byte; broken: the breaking byte
+    lead_emit = torch.where(lead_emit < T, lead_emit, _NEVER)
+    out = torch.where(n >= 2, lead_emit, pos)
+    for j in (1, 2, 3):  # continuation bytes inside a lead's sequence are emitted with it
+        covered = _behind((n >= 2) & (m > j), j, False)
+        out = torch.where(covered, _behind(lead_emit, j, 0), out)
+    return out
+
+
+def decision_times(ids: torch.Tensor, word_start: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) long: for a word start at ``s``, the position from which the bytes seen so far decide that a word
+    ends at ``s`` (``_NEVER``: not within the row). A word may be read from that position on, never before.
+
+    Usually that is when the first character at ``s`` is emitted (``char_emit_times``: for valid UTF-8 its last
+    byte). The rule-based splitter looks further ahead in two places, where a later character can still remove
+    the word end at ``s`` (the only two: tests/test_causality_property.py checks every pair of its character
+    classes):
+
+    - U+0009, U+00A0, U+2007 or U+202F right after a single-space word (whitespace that is neither U+0020-like
+      nor a line break): a combining mark after it (for U+202F also a letter or digit) makes it part of a word,
+      which the space then joins (``_after_single_space``);
+    - U+2044 FRACTION SLASH, a UAX #29 separator that is not punctuation: ``1⁄2`` is one word, ``1⁄`` two
+      (``_after_fraction_slash``).
+
+    Each rule reads only bytes up to the time it returns, so the result is a stopping time: the model that
+    uses it stays causal, and cached decoding computes the same times from the bytes it has."""
+    emit = char_emit_times(ids, doc_start)
+    within = ids if doc_start is None else ids.masked_fill(doc_start, -1)  # bytes of the same document only
+    out = torch.maximum(emit, _after_single_space(ids, within, word_start.bool(), emit))
+    return torch.maximum(out, _after_fraction_slash(ids, within, doc_start))
+
+
+def _after_single_space(ids: torch.Tensor, within: torch.Tensor, ws: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
+    """(B, T): at a word start ``s`` after a single-space word, holding U+0009, U+00A0, U+2007 or U+202F, the
+    emission of the character after it (after the whole run, for U+202F), which shows whether anything glues
+    on; 0 elsewhere."""
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    b1, b2 = _ahead(within, 1, -1), _ahead(within, 2, -1)
+    narrow = (ids == 0xE2) & (b1 == 0x80) & (b2 == 0xAF)  # U+202F
+    spaces = (ids == 0x09) | ((ids == 0xC2) & (b1 == 0xA0)) | ((ids == 0xE2) & (b1 == 0x80) & (b2 == 0x87)) | narrow
+    after_space = ws & _behind((ids == 0x20) & ws, 1, False)  # the word before s is a single U+0020
+    in_narrow = narrow | _behind(narrow, 1, False) | _behind(narrow, 2, False)
+    char_end = torch.where(ids == 0x09, pos + 1, torch.where(ids == 0xC2, pos + 2, pos + 3))
+    deciding = torch.where(narrow, _first_at_or_after(~in_narrow), char_end)  # the character that decides
+    return torch.where(spaces & after_space, _at(emit, deciding), 0)
+
+
+def _after_fraction_slash(ids: torch.Tensor, within: torch.Tensor, doc_start: torch.Tensor | None) -> torch.Tensor:
+    """(B, T): at U+2044, the next ASCII byte, special or document start after it; 0 elsewhere. The character
+    after the slash and its combining marks decides; ASCII is never a combining mark, so this is a
+    conservative (never early) stand-in that needs no Unicode tables."""
+    b1, b2 = _ahead(within, 1, -1), _ahead(within, 2, -1)
+    slash = (ids == 0xE2) & (b1 == 0x81) & (b2 == 0x84)
+    stop = (ids < 0x80) | (ids >= 256)
+    if doc_start is not None:
+        stop = stop | doc_start
+    return torch.where(slash, _ahead(_first_at_or_after(stop), 3, _NEVER), 0)
+
+
 @dataclass
 class WordLayout:
     """Where the words of a batch are. W = max words in a row; padded word slots sit after real ones."""
@@ -102,11 +213,17 @@ def layout_words(
     word_start: torch.Tensor,  # (B, T) bool
     doc_ids: torch.Tensor | None = None,  # (B, T)
     closed: torch.Tensor | None = None,  # (B, T) bool: a word is known to end at this byte when it arrives
+    *,
+    decided: bool = False,
 ) -> WordLayout:
     """Vectorised word bookkeeping for the training path (one host sync for W).
 
+    Ready times: with ``decided`` (the hierarchical model) a word is ready when its end is decided by the bytes
+    seen so far (``decision_times``: the splitter's lookahead, invalid UTF-8 settled late); without it, the
+    older rule "the next word's first character is complete, its length read from its lead byte", which
+    ByteifiedLM still uses (with invalid UTF-8 or the splitter's lookahead it lets a word be read too early).
     ``closed`` (learned chunker): a word whose last byte is closed is ready at that byte itself (the gate
-    decided the end from the bytes up to it); other words keep the lookahead rule of the module docstring."""
+    decided the end from the bytes up to it)."""
     B, T = ids.shape
     dev = ids.device
     pos = torch.arange(T, device=dev).expand(B, T)  # (B, T)
@@ -124,9 +241,11 @@ def layout_words(
     start = start[:, :W].contiguous()  # (B, W)
     nxt = torch.cat([start[:, 1:], torch.full((B, 1), T, dtype=torch.long, device=dev)], 1)  # (B, W)
     offset = pos - start.gather(1, word_id)  # (B, T)
-    # ready time r_w = s_{w+1} + c(s_{w+1}) - 1 (see the module docstring); last word of a doc: s_{w+1}
-    clen = torch.cat([utf8_char_len(ids), torch.ones(B, 1, dtype=torch.long, device=dev)], 1)  # (B, T+1)
-    ready = nxt + clen.gather(1, nxt) - 1
+    if decided:  # ready when the end is decided (decision_times); last word of a doc: at the next doc's start
+        ready = _at(decision_times(ids, ws, doc_start), nxt)  # (B, W)
+    else:  # r_w = s_{w+1} + c(s_{w+1}) - 1, c read from the lead byte
+        clen = torch.cat([utf8_char_len(ids), torch.ones(B, 1, dtype=torch.long, device=dev)], 1)  # (B, T+1)
+        ready = nxt + clen.gather(1, nxt) - 1
     nxt_is_doc_start = torch.cat([doc_start, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1).gather(1, nxt)
     ready = torch.where(nxt_is_doc_start, nxt, ready)
     ready = torch.where(nxt >= T, _NEVER, ready)
