@@ -6,6 +6,7 @@ Hydra composes ``conf/`` into the typed ``bytelm.config.Config``; ``--help`` lis
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     result = run(cfg)
     bpb = result["metrics"].get("val/bpb")
     if result["trainer"].is_global_zero:  # once per run (RANK is not set in every launcher's ranks)
-        print(f"[bytelm] {cfg.name}: step {result['global_step']}, val bpb {bpb}, checkpoints in "
+        val = f", val bpb {float(bpb)}" if bpb is not None and math.isfinite(float(bpb)) else ""  # none: said by omission
+        print(f"[bytelm] {cfg.name}: step {result['global_step']}{val}, checkpoints in "
               f"{Path(cfg.trainer.out_dir) / 'checkpoints'}", flush=True)
     if result["signal"] is not None:  # stopped by SIGTERM / SIGINT: say so in the exit status
         sys.exit(128 + int(result["signal"]))
