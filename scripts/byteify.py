@@ -37,7 +37,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-STAGE_LR = {0: 1e-3, 1: 1e-3, 2: 1e-4}  # stage 2: a tenth of stage 1's local rate (Bolmo: 5.2e-5 vs 7e-4)
+STAGE_LR = {0: 2e-3, 1: 1e-3, 2: 1e-4}  # stage 2: a tenth of stage 1's local rate (Bolmo: 5.2e-5 vs 7e-4)
 
 
 def train(name: str, out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -177,8 +177,8 @@ def print_table(result: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/byteify", help="output folder (runs, HF export, results.json)")
-    p.add_argument("--stage0-steps", type=int, default=600, help="boundary-phase steps (0: skip the phase)")
-    p.add_argument("--stage0-batch", type=int, default=16, help="boundary-phase rows per step (512 bytes each)")
+    p.add_argument("--stage0-steps", type=int, default=200, help="boundary-phase steps (0: skip the phase)")
+    p.add_argument("--stage0-batch", type=int, default=8, help="boundary-phase rows per step (512 bytes each)")
     p.add_argument("--stage1-steps", type=int, default=150, help="stage-1 training steps")
     p.add_argument("--stage2-steps", type=int, default=40, help="stage-2 training steps")
     p.add_argument("--data", default="byteify_mixture", help="training data config for every stage")
