@@ -14,7 +14,9 @@ Measured (variants alternated within every repeat, so machine noise hits them al
    teacher labelling (the teacher forward runs and writes its targets to an empty ``distill.cache_dir``) and
    once reading the same batch's targets from the disk cache.
 
-Wall-clock and process CPU time (the latter resists load from other processes) are both reported.
+Wall-clock and process CPU time (the latter resists load from other processes) are both reported. On a machine
+shared with other jobs use ``--threads 1``: with 2 threads at load ~5 on 2 cores, OpenMP spin-waits made the
+teacher's generation 5-10x slower (measured), and the two models do not suffer alike.
 
     python scripts/bench_byteify.py                        # SmolLM2-135M, 256 new bytes, 3 repeats
     python scripts/bench_byteify.py --checkpoint runs/byteify/stage1 --new-bytes 128
