@@ -29,6 +29,44 @@ PRIOR_FLOOR = -30.0  # log-prior of symbols the source calls impossible (keeps e
 SPECIAL_LOGP = -12.0  # log-prior of (BOS/EOS/PAD, ends): ~1e-5 of the mass, so step 0 stays at the source's bpb
 
 
+def prior_cumsum(trie: VocabTrie, head: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(R, V'+1) fp64 prefix sums of the source head's probabilities in byte order for R context vectors (one
+    LM-head matmul per context: per patch, not per byte). The columns are picked after the matmul, which moves
+    R x V' numbers instead of the whole V x D head."""
+    with torch.no_grad():
+        order = trie.order.to(table.device)
+        logits = (table.detach().float() @ head.float().t()).index_select(1, order)  # (R, V') byte-spelled tokens
+        p = torch.softmax(logits, -1)
+        return torch.nn.functional.pad(p.cumsum(1, dtype=torch.float64), (1, 0))
+
+
+def fused_from_cumsum(
+    trie: VocabTrie,
+    cum: torch.Tensor,  # (R, V'+1) from ``prior_cumsum``
+    row_of: torch.Tensor,  # (M,) row of ``cum`` each query reads
+    nodes: torch.Tensor,  # (M,) trie node of each query's open-patch bytes (0 = empty)
+    vocab_size: int,
+) -> torch.Tensor:  # (M, 2V) log-probs: [:V] the byte continues its patch, [V:] it ends it
+    """The prior of the module docstring from prefix sums, in fp32 (ratios in fp64)."""
+    V = vocab_size
+    M = row_of.shape[0]
+    out = torch.full((M, 2 * V), PRIOR_FLOOR, device=cum.device)
+    out[:, V + 256 : V + min(V, 259)] = SPECIAL_LOGP  # (special, ends); padded columns stay at the floor
+    if M == 0:
+        return out
+    with torch.no_grad():
+        trie = trie.to(cum.device)
+        end, cont, total = trie.fused_masses(cum, row_of, nodes)  # (M, 256) x 2, (M,)
+        ok = total > 1e-300
+        if not bool(ok.all()):  # no token goes on after s (rounding only: open_nodes restarts): read the root
+            e0, c0, t0 = trie.fused_masses(cum, row_of[~ok], torch.zeros_like(nodes[~ok]))
+            end[~ok], cont[~ok], total[~ok] = e0, c0, t0
+        logz = total.clamp(min=1e-300).log().unsqueeze(-1)  # (M, 1)
+        out[:, :256] = (cont.clamp(min=1e-300).log() - logz).float().clamp(min=PRIOR_FLOOR)
+        out[:, V : V + 256] = (end.clamp(min=1e-300).log() - logz).float().clamp(min=PRIOR_FLOOR)
+    return out
+
+
 def fused_log_prior(
     trie: VocabTrie,
     head: torch.Tensor,  # (V_src, D) the source LM head
@@ -36,27 +74,10 @@ def fused_log_prior(
     rows: torch.Tensor,  # (M,) row of ``table`` each query reads
     nodes: torch.Tensor,  # (M,) trie node of each query's open-patch bytes (0 = empty)
     vocab_size: int,  # V of the byte model (256 bytes + specials + padding)
-) -> torch.Tensor:  # (M, 2V) log-probs: [:V] the byte continues its patch, [V:] it ends it
-    """The prior of the module docstring for M queries, without gradient, in fp32 (sums in fp64)."""
-    V = vocab_size
-    M = rows.shape[0]
-    dev = table.device
-    out = torch.full((M, 2 * V), PRIOR_FLOOR, device=dev)
-    out[:, V + 256 : V + min(V, 259)] = SPECIAL_LOGP  # (special, ends); padded columns stay at the floor
-    if M == 0:
-        return out
-    with torch.no_grad():
-        trie = trie.to(dev)
-        used, r_of = torch.unique(rows, return_inverse=True)
-        w = head.index_select(0, trie.order).float()  # (V', D) the source's byte-spelled tokens in byte order
-        p = torch.softmax(table.detach()[used].float() @ w.t(), -1)  # (R', V')
-        cum = torch.nn.functional.pad(p.cumsum(1, dtype=torch.float64), (1, 0))  # (R', V'+1)
-        end, cont, total = trie.fused_masses(cum, r_of, nodes)  # (M, 256) x 2, (M,)
-        ok = total > 1e-300
-        if not bool(ok.all()):  # no token goes on after s (rounding only: open_nodes restarts): read the root
-            e0, c0, t0 = trie.fused_masses(cum, r_of[~ok], torch.zeros_like(nodes[~ok]))
-            end[~ok], cont[~ok], total[~ok] = e0, c0, t0
-        logz = total.clamp(min=1e-300).log().unsqueeze(-1)  # (M, 1)
-        out[:, :256] = (cont.clamp(min=1e-300).log() - logz).float().clamp(min=PRIOR_FLOOR)
-        out[:, V : V + 256] = (end.clamp(min=1e-300).log() - logz).float().clamp(min=PRIOR_FLOOR)
-    return out
+) -> torch.Tensor:  # (M, 2V) log-probs
+    """The prior for M queries: one head matmul per context row that a query reads."""
+    if rows.shape[0] == 0:
+        return fused_from_cumsum(trie, torch.zeros(0, 1, dtype=torch.float64, device=table.device), rows, nodes,
+                                 vocab_size)
+    used, r_of = torch.unique(rows, return_inverse=True)
+    return fused_from_cumsum(trie, prior_cumsum(trie, head, table[used]), r_of, nodes, vocab_size)

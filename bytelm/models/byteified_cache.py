@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from bytelm.models.byte_prior import fused_from_cumsum, prior_cumsum
 from bytelm.models.config import ModelOutput
 from bytelm.models.layers import KVCache
 
@@ -40,6 +41,7 @@ class ByteifiedCache:
     last_h: torch.Tensor | None = None  # (d,) encoder state of the open patch's latest byte
     n_words: int = 0  # backbone positions used (sink included)
     ctx: torch.Tensor | None = None  # (1, D) backbone output of the latest closed patch
+    ctx_cum: torch.Tensor | None = None  # (1, V'+1) its head's prefix sums (prior_cumsum): one matmul per patch
     node: int = 0  # trie node of the open patch's bytes (VocabTrie.open_nodes)
     seg_start: int = 0  # start of the current segment (after the latest special), for expanded ids
     last_logits: torch.Tensor | None = None  # (2V,) fused logits of the latest position
@@ -141,10 +143,11 @@ class ByteifiedDecoding:
         root = kids.get(0, {})
         cap = m.cfg.max_word_bytes or 0
         if p0 == 0 and new and new[0] < 256:  # a row that starts inside a document: the sink comes first
-            cache.ctx = m.run_backbone(m.sink(1, h.dtype), torch.zeros(1, dtype=torch.long, device=dev),
-                                       caches=cache.backbone)[:, -1]
+            self._set_ctx(cache, m.run_backbone(m.sink(1, h.dtype), torch.zeros(1, dtype=torch.long, device=dev),
+                                                caches=cache.backbone)[:, -1])
             cache.n_words = 1
         ctx_rows: list[torch.Tensor] = []
+        cums: list[torch.Tensor | None] = []
         nodes: list[int] = []
         forced: list[bool] = []
         for j, tok in enumerate(new):
@@ -166,6 +169,7 @@ class ByteifiedDecoding:
                     self._close_patch(cache, t, dev)
             cache.bits.append(closed)
             ctx_rows.append(cache.ctx[0] if cache.ctx is not None else m.first_word)
+            cums.append(cache.ctx_cum)
             nodes.append(cache.node)
             forced.append(cap > 0 and (1 if closed else cache.plen + 1) >= cap)
         table = torch.stack(ctx_rows).unsqueeze(0)  # (1, n, D)
@@ -173,7 +177,15 @@ class ByteifiedDecoding:
         y = m._run(m.decoder, h, cos, sin, caches=cache.dec, inject=[p(table) for p in m.ctx_proj])
         prior = None
         if m.cfg.lm_prior:
-            prior = m.prior(table[0], torch.arange(len(new), device=dev), torch.tensor(nodes, device=dev)).unsqueeze(0)
+            if any(c is None for c in cums):  # no context yet (cannot happen after the sink): the full computation
+                prior = m.prior(table[0], torch.arange(len(new), device=dev), torch.tensor(nodes, device=dev))
+            else:  # the prefix sums of each patch, computed once when it closed
+                uniq: dict[int, int] = {}
+                row_of = [uniq.setdefault(id(c), len(uniq)) for c in cums]
+                cum = torch.cat([c for c in {id(c): c for c in cums}.values() if c is not None], 0)  # type: ignore[misc]
+                prior = fused_from_cumsum(m.trie, cum, torch.tensor(row_of, device=dev),
+                                          torch.tensor(nodes, device=dev), m.cfg.vocab_size)
+            prior = prior.unsqueeze(0)
         logits = m.fuse(m.lm_head(m.norm(y)), prior, torch.tensor([forced], device=dev))  # (1, n, 2V)
         cache.last_logits = logits[0, -1]
         return logits
@@ -192,6 +204,12 @@ class ByteifiedDecoding:
                 if tok >= 0:
                     vec = vec + m.source_embed.weight[tok].to(vec.dtype)
         pos = torch.tensor([cache.n_words], device=dev)
-        cache.ctx = m.run_backbone(vec, pos, caches=cache.backbone)[:, -1]  # (1, D)
+        self._set_ctx(cache, m.run_backbone(vec, pos, caches=cache.backbone)[:, -1])  # (1, D)
         cache.n_words += 1
         cache.patch_start, cache.plen, cache.node, cache.last_h = t + 1, 0, 0, None
+
+    def _set_ctx(self, cache: ByteifiedCache, ctx: torch.Tensor) -> None:
+        """A new context patch (1, D), with its head's prefix sums for the prior of the bytes that read it."""
+        m: Any = self
+        cache.ctx = ctx
+        cache.ctx_cum = prior_cumsum(m.trie, m.head_weight(), ctx) if m.cfg.lm_prior else None
