@@ -375,6 +375,8 @@ def write_markdown(args: argparse.Namespace, opts: EvalOptions, results: dict[st
     if skipped := [n for n, r in results.items() if r.get("multilingual_skipped")]:
         notes.append(f"- No multilingual numbers for {', '.join(skipped)}: trained without the dialogs and no "
                      "`--multilingual-run` given.")
+    notes.append("- Byteified models (`make byteify`: SmolLM2-135M's blocks as the backbone) are compared with "
+                 "their teacher per segmenter and stage, on the same bytes, in docs/byteify.md (\"Measured results\").")
     curve_notes = [f"- {n}: {c.source}" for n, c in curves.items()]
     if curve_notes or notes:
         L += ["## Notes", "", *notes]
