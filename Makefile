@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: setup  ## train hierarchical + flat byte models on CPU, compare bpb, generate, export
 	$(PY) scripts/demo.py
 
-byteify: setup  ## byteify SmolLM2-135M on CPU: stage 1 + stage 2, evaluation against the teacher, HF export (runs/byteify)
+byteify: setup  ## byteify SmolLM2-135M on CPU: boundary phase + stage 1 + stage 2, evaluation against the teacher per segmenter, HF export (runs/byteify)
 	$(PY) scripts/byteify.py $(BYTEIFY_ARGS)
 
 test: setup  ## the CPU test suite (what CI runs)
