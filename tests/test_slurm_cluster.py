@@ -301,23 +301,28 @@ def test_hydra_sweep_submits_one_job_per_point(cluster, tmp_path):
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    ok = False
     try:
         out, _ = proc.communicate(timeout=420)
+        ok = proc.returncode == 0
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"sweep still running after 420 s:\n{out[-4000:]}") from None
     finally:
-        for p in sweep.glob(".submitit/*"):  # a job left behind by a failure
-            if re.fullmatch(r"\d+_\d+", p.name):
-                cluster.cancel(p.name)
+        if not ok:  # jobs left behind by a failure (after a success they are only finishing: see below)
+            for p in sweep.glob(".submitit/*"):
+                if re.fullmatch(r"\d+_\d+", p.name):
+                    cluster.cancel(p.name)
     assert proc.returncode == 0, out[-4000:]
     # submitit submits the points as one job array: JOBID_0, JOBID_1
     jobs = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(jobs) == 2, jobs
     for jid in jobs:
-        info = cluster.job(jid)
+        # the launcher returns once submitit has read each job's result, which the job writes before its
+        # process exits: a job may still be RUNNING/COMPLETING for a moment (cancelling it then was a flake)
+        info = cluster.wait(jid, lambda i: i.get("JobState") in DONE, 120, "ended")
         assert info["JobState"] == "COMPLETED", info
     lrs = set()
     for n in ("0", "1"):
