@@ -265,7 +265,6 @@ class ByteifyObjective(torch.nn.Module):
                              f"blocks (byteify.source={cfg.byteify.source!r})")
         self._teacher = Teacher(model, tok)  # plain attribute: never in the state dict
         self.alm_weight = cfg.byteify.alm_weight if cfg.byteify.stage == 1 else cfg.byteify.stage2_alm_weight
-        self.needs_teacher = cfg.byteify.stage == 1 or self.alm_weight > 0
         self.words = cfg.model.chunker == "words"  # the word-patch ablation: no boundary predictor to train
         self.max_word_bytes = cfg.model.max_word_bytes
         self.threshold = cfg.model.boundary_threshold  # boundary_f1 scores the decisions the model makes

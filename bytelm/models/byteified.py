@@ -324,8 +324,13 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         h = self.encode(input_ids, doc_ids, expanded)  # (B, T, d)
         if boundary_only:
             return self._boundary_only(input_ids, h, patch_end)
-        seg, b_logits = self.segment(input_ids, h, doc_ids)
-        ends = seg if patch_end is None else patch_end.bool()
+        b_logits = self.boundary(h) if self.cfg.chunker == "gate" else None  # also the boundary loss's input
+        if patch_end is not None:
+            ends = patch_end.bool()
+        elif b_logits is not None:
+            ends = b_logits.detach() > self.cfg.boundary_threshold
+        else:  # word patches: the splitter runs only when no ends are given
+            ends = self.segment(input_ids, h, doc_ids)[0]
         closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)
         lay = layout_words(input_ids, word_start, doc_ids, closed)  # every patch is ready at its last byte
         W = lay.start.shape[1]

@@ -139,8 +139,7 @@ class ByteifiedDecoding:
         them; returns fused logits (1, n, 2V). The encoder already holds these bytes; ``cache.ids`` does not."""
         m: Any = self
         dev = h.device
-        kids = m.trie._children()
-        root = kids.get(0, {})
+        trie = m.trie
         cap = m.cfg.max_word_bytes or 0
         if p0 == 0 and new and new[0] < 256:  # a row that starts inside a document: the sink comes first
             self._set_ctx(cache, m.run_backbone(m.sink(1, h.dtype), torch.zeros(1, dtype=torch.long, device=dev),
@@ -162,8 +161,7 @@ class ByteifiedDecoding:
             else:
                 cache.plen += 1
                 cache.last_h = h[0, j]
-                nxt = kids.get(cache.node, {}).get(tok)
-                cache.node = nxt if nxt is not None else root.get(tok, 0)
+                cache.node = trie.open_step(cache.node, tok)
                 closed = bits[j] or (cap > 0 and cache.plen >= cap)
                 if closed:
                     self._close_patch(cache, t, dev)

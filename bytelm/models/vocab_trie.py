@@ -124,6 +124,14 @@ class VocabTrie:
         cum = torch.nn.functional.pad(torch.cumsum(p, dim=1), (1, 0))  # (R', V'+1)
         return self.masses_from_cumsum(cum, row_of, nodes)
 
+    def _query_edges(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every edge of every queried node, flattened: (E,) the query of each edge and (E,) its edge id."""
+        counts = self.child_count[nodes]  # (M,)
+        q = torch.repeat_interleave(torch.arange(nodes.shape[0], device=nodes.device), counts)  # (E,)
+        base = torch.cumsum(counts, 0) - counts  # (M,) first edge slot of each query
+        e = self.child_first[nodes][q] + (torch.arange(q.shape[0], device=nodes.device) - base[q])  # (E,)
+        return q, e
+
     def masses_from_cumsum(
         self, cum: torch.Tensor, row_of: torch.Tensor, nodes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,10 +139,7 @@ class VocabTrie:
         zero column, row_of (M,) the row of each query, nodes (M,). Returns (M, 256) and (M,) in cum's dtype."""
         M = row_of.shape[0]
         dtype, rows = cum.dtype, row_of
-        counts = self.child_count[nodes]  # (M,)
-        q = torch.repeat_interleave(torch.arange(M, device=rows.device), counts)  # (E,) query of each edge
-        base = torch.cumsum(counts, 0) - counts  # (M,) first edge slot of each query
-        e = self.child_first[nodes][q] + (torch.arange(q.shape[0], device=rows.device) - base[q])  # (E,)
+        q, e = self._query_edges(nodes)
         r = row_of[q]
         mass = cum[r, self.edge_hi[e]] - cum[r, self.edge_lo[e]]  # (E,)
         out = torch.zeros(M, 256, dtype=dtype, device=rows.device)
@@ -153,10 +158,7 @@ class VocabTrie:
         each query. Returns end (M, 256), cont (M, 256) and total (M,) in cum's dtype."""
         M = row_of.shape[0]
         dev = row_of.device
-        counts = self.child_count[nodes]  # (M,)
-        q = torch.repeat_interleave(torch.arange(M, device=dev), counts)  # (E,) query of each edge
-        base = torch.cumsum(counts, 0) - counts  # (M,) first edge slot of each query
-        e = self.child_first[nodes][q] + (torch.arange(q.shape[0], device=dev) - base[q])  # (E,)
+        q, e = self._query_edges(nodes)
         r = row_of[q]
         lo = cum[r, self.edge_lo[e]]
         exact = (cum[r, self.edge_xhi[e]] - lo).clamp(min=0.0)  # (E,)
@@ -209,41 +211,25 @@ class VocabTrie:
             self._child_map = kids
         return self._child_map
 
-    def prediction_nodes(self, ids: Sequence[int], closed: Sequence[bool], starts: Sequence[bool]) -> list[int]:
-        """Trie node of the prefix that position ``t``'s prediction continues, for one row: the root (0) after a
-        byte that closes its patch, else the node of the open patch's bytes so far; -1 where no token extends
-        that prefix (or after a special), i.e. where the naive marginal says nothing."""
-        kids = self._children()
-        out: list[int] = []
-        cur = 0
-        for t, tok in enumerate(ids):
-            if starts[t]:
-                cur = 0
-            if cur >= 0:
-                cur = kids.get(cur, {}).get(tok, -1) if tok < 256 else -1
-            out.append(0 if closed[t] else cur)
-        return out
-
     def open_nodes(self, ids: Sequence[int], closed: Sequence[bool]) -> list[int]:
         """For each position ``t`` of one row: the trie node of the *open patch's bytes after byte t* (what the
         prediction at ``t`` continues): the root (0) after a byte that closes its patch or a special, else the
         node of the bytes since the patch began. Where no token strictly extends those bytes the walk restarts
         at the current byte, as if a token began there (the prior then reads that pseudo-token), and at the
         root if no token extends that byte either. Uses bytes and patch ends up to ``t`` only."""
-        kids = self._children()
-        root = kids.get(0, {})
         out: list[int] = []
         cur = 0
         for t, tok in enumerate(ids):
-            if tok >= 256:
-                cur = 0
-            else:
-                nxt = kids.get(cur, {}).get(tok)
-                cur = nxt if nxt is not None else root.get(tok, 0)
-                if closed[t]:
-                    cur = 0
+            cur = 0 if tok >= 256 or closed[t] else self.open_step(cur, tok)
             out.append(cur)
         return out
+
+    def open_step(self, node: int, byte: int) -> int:
+        """One step of ``open_nodes``'s walk: the node of the open bytes ``node`` + ``byte`` (restarting at
+        ``byte``, then at the root, where no token extends them). The cached decoder walks with it too."""
+        kids = self._children()
+        nxt = kids.get(node, {}).get(byte)
+        return nxt if nxt is not None else kids.get(0, {}).get(byte, 0)
 
     def _suffix_trie(self) -> dict[int, list]:
         """Reversed-token trie: ``node[byte] = [children, token id or -1]``, walked from a byte backwards."""
