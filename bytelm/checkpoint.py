@@ -46,7 +46,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CorruptCheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})") from e
+        raise CorruptCheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CorruptCheckpointError(f"checkpoint {str(path)!r} has no state_dict: not a bytelm checkpoint")
     return ckpt
@@ -61,7 +63,7 @@ def config_of(ckpt: dict[str, Any]) -> Config:
 
 def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     sd = ckpt["state_dict"]
-    return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
@@ -117,7 +119,9 @@ def _torch_load(p: Path) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise CorruptCheckpointError(f"checkpoint file {str(p)!r} cannot be read ({type(e).__name__}: {e})") from e
+        raise CorruptCheckpointError(
+            f"checkpoint file {str(p)!r} cannot be read ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _deepspeed_tag_dir(path: Path) -> Path:
@@ -182,13 +186,17 @@ def validate_checkpoint(path: str | Path) -> None:
         for rel, size in need.items():
             f = path / rel
             if not f.is_file() or f.stat().st_size < size:
-                raise CorruptCheckpointError(f"distributed checkpoint {str(path)!r}: shard {rel} missing or short")
+                raise CorruptCheckpointError(
+                    f"distributed checkpoint {str(path)!r}: shard {rel} missing or short"
+                )
     else:
-        raise CorruptCheckpointError(f"{str(path)!r} is a folder but not a DeepSpeed or distributed checkpoint")
+        raise CorruptCheckpointError(
+            f"{str(path)!r} is a folder but not a DeepSpeed or distributed checkpoint"
+        )
 
 
 def _strip_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
 
 
 def _fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -214,8 +222,10 @@ def _consolidate_dcp(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
     cfg = config_of(_dcp_meta(path))
     full: dict[str, Any] = {}
     _load_state_dict(  # single process, no process group: reads every shard of the model weights
-        full, storage_reader=FileSystemReader(str(path)),
-        planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True,
+        full,
+        storage_reader=FileSystemReader(str(path)),
+        planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+        no_dist=True,
     )
     return _strip_model_prefix(dict(full["state_dict"])), cfg
 

@@ -56,8 +56,11 @@ def schema_of(cls: type) -> type:
             sub = schema_of(typing.get_args(tp)[0])
             specs.append((f.name, list[sub], dataclasses.field(default_factory=list)))  # type: ignore[valid-type]
         else:
-            fld = (dataclasses.field(default_factory=f.default_factory)
-                   if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
+            fld = (
+                dataclasses.field(default_factory=f.default_factory)
+                if f.default_factory is not dataclasses.MISSING
+                else dataclasses.field(default=f.default)
+            )
             specs.append((f.name, hints[f.name], fld))
     return dataclasses.make_dataclass(cls.__name__, specs)
 

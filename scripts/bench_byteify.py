@@ -50,23 +50,41 @@ PROMPTS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(__doc__ or "").split("\n\n", 1)[-1],
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--new-bytes", type=int, default=256, help="bytes generated per prompt (both models)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
-    p.add_argument("--train-repeats", type=int, default=None, help="timed stage-1 step pairs (default --repeats)")
-    p.add_argument("--checkpoint", default=None, help="trained byteified model for the generation rows (a "
-                   "bytelm checkpoint or run folder); the stage-1 rows always use a model built from the source")
-    p.add_argument("--source", default=None, help="source / teacher: HF folder or .gguf (default: the offline "
-                   "SmolLM2-135M GGUF, or the checkpoint's byteify.source)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (debug=cpu model and batches, 2 prompts, "
-                   "8 bytes, 1 repeat): a smoke test")
+    p.add_argument(
+        "--train-repeats", type=int, default=None, help="timed stage-1 step pairs (default --repeats)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="trained byteified model for the generation rows (a "
+        "bytelm checkpoint or run folder); the stage-1 rows always use a model built from the source",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="source / teacher: HF folder or .gguf (default: the offline "
+        "SmolLM2-135M GGUF, or the checkpoint's byteify.source)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (debug=cpu model and batches, 2 prompts, 8 bytes, 1 repeat): a smoke test",
+    )
     p.add_argument("--no-train", action="store_true", help="skip the stage-1 step rows")
     p.add_argument("--out", default="out/bench_byteify.json", help="JSON report")
-    p.add_argument("overrides", nargs="*", help="extra config overrides (key=value, after "
-                   "experiment=byteify_smollm2), e.g. byteify.encoder_blocks=1 for a 2-block source")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="extra config overrides (key=value, after "
+        "experiment=byteify_smollm2), e.g. byteify.encoder_blocks=1 for a 2-block source",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.new_bytes = min(args.new_bytes, 8)
@@ -102,14 +120,25 @@ class TeacherGen:
         self.pad = t.pad_id
 
     def prompt_ids(self, prompt: bytes) -> torch.Tensor:
-        ids = self.tok(prompt.decode("utf-8"), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = self.tok(prompt.decode("utf-8"), add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
         return torch.tensor([[self.start, *ids]])
 
     def generate(self, ids: torch.Tensor, k: int) -> list[int]:
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=k,
-                                  min_new_tokens=k, use_cache=True, pad_token_id=self.pad, temperature=None,
-                                  top_p=None, top_k=None)
-        return out[0, ids.shape[1]:].tolist()
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=k,
+            min_new_tokens=k,
+            use_cache=True,
+            pad_token_id=self.pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        return out[0, ids.shape[1] :].tolist()
 
     def n_bytes(self, tokens: list[int]) -> int:
         return sum(len(self.table[t] or b"") if 0 <= t < len(self.table) else 0 for t in tokens)
@@ -149,8 +178,9 @@ def backbone_steps(model: Any, prompt: bytes, n: int) -> tuple[bytes, int, int, 
     return out, seen[-1] - seen[0], len(seen) - 1, seen[-1]
 
 
-def bench_generation(args: argparse.Namespace, model: Any, teacher: TeacherGen,
-                     prompts: list[tuple[str, str]]) -> dict[str, Any]:
+def bench_generation(
+    args: argparse.Namespace, model: Any, teacher: TeacherGen, prompts: list[tuple[str, str]]
+) -> dict[str, Any]:
     from bytelm.models.generate import generate
 
     n = args.new_bytes
@@ -162,13 +192,22 @@ def bench_generation(args: argparse.Namespace, model: Any, teacher: TeacherGen,
         k, toks = teacher.tokens_for(ids, n)
         out, steps, fed, words = backbone_steps(model, pb, n)
         rows[name] = {
-            "prompt": text, "prompt_bytes": len(pb), "prompt_tokens": int(ids.shape[1] - 1),
-            "byteified_bytes": len(out), "byteified_text": out.decode("utf-8", "replace"),
-            "backbone_steps": steps, "bytes_fed": fed, "n_words_end": words,
+            "prompt": text,
+            "prompt_bytes": len(pb),
+            "prompt_tokens": int(ids.shape[1] - 1),
+            "byteified_bytes": len(out),
+            "byteified_text": out.decode("utf-8", "replace"),
+            "backbone_steps": steps,
+            "bytes_fed": fed,
+            "n_words_end": words,
             "patches_per_byte": steps / max(fed, 1),
-            "teacher_tokens": k, "teacher_bytes": teacher.n_bytes(toks),
+            "teacher_tokens": k,
+            "teacher_bytes": teacher.n_bytes(toks),
             "teacher_text": b"".join(teacher.table[t] or b"" for t in toks).decode("utf-8", "replace"),
-            "byteified_wall_s": [], "byteified_cpu_s": [], "teacher_wall_s": [], "teacher_cpu_s": [],
+            "byteified_wall_s": [],
+            "byteified_cpu_s": [],
+            "teacher_wall_s": [],
+            "teacher_cpu_s": [],
         }
         rows[name]["teacher_tokens_per_byte"] = k / max(rows[name]["teacher_bytes"], 1)
     for rep in range(args.repeats):
@@ -206,9 +245,11 @@ def bench_generation(args: argparse.Namespace, model: Any, teacher: TeacherGen,
     tot["ratio_wall"] = tot["byteified_bytes_per_s"] / tot["teacher_bytes_per_s"]
     tot["ratio_cpu"] = tot["byteified_bytes_per_cpu_s"] / tot["teacher_bytes_per_cpu_s"]
     tot["patches_per_byte"] = sum(r["backbone_steps"] for r in rows.values()) / max(
-        sum(r["bytes_fed"] for r in rows.values()), 1)
+        sum(r["bytes_fed"] for r in rows.values()), 1
+    )
     tot["teacher_tokens_per_byte"] = sum(r["teacher_tokens"] for r in rows.values()) / max(
-        sum(r["teacher_bytes"] for r in rows.values()), 1)
+        sum(r["teacher_bytes"] for r in rows.values()), 1
+    )
     return {"prompts": rows, "total": tot}
 
 
@@ -271,8 +312,12 @@ def bench_stage1(args: argparse.Namespace, cfg: Any, module: Any, objective: Any
         assert any(root.glob("empty*/*/*.pt")), "the teacher rows did not label their batch"
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    res: dict[str, Any] = {"batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
-                           "steps_per_variant": args.train_repeats, "losses": losses}
+    res: dict[str, Any] = {
+        "batch_size": cfg.data.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "steps_per_variant": args.train_repeats,
+        "losses": losses,
+    }
     for who in ("teacher", "cache"):
         res[f"{who}_wall_s"] = times[who]
         res[f"{who}_cpu_s"] = cpu[who]
@@ -329,35 +374,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     m = model.cfg
     src = source or "SmolLM2-135M-Instruct (offline GGUF)"
-    print(f"\nByteified vs teacher ({src}), backbone {m.n_layers} x d_model {m.d_model}, local d_byte {m.d_byte} x "
-          f"({m.encoder_layers} enc + {m.decoder_layers} dec), {torch.get_num_threads()} threads, "
-          f"load {os.getloadavg()[0]:.2f}; medians of {args.repeats} alternated repeats")
-    print(f"\nGeneration (greedy, KV cache), {args.new_bytes} new bytes per prompt"
-          f"{' (checkpoint ' + args.checkpoint + ')' if args.checkpoint else ' (untrained byteified model)'}")
-    print(f"{'prompt':<13} {'byteified B/s':>13} {'teacher B/s':>12} {'tok/s':>7} {'B/tok':>6} "
-          f"{'ratio wall':>10} {'ratio cpu':>9} {'patches/B':>9} {'tokens/B':>8}")
+    print(
+        f"\nByteified vs teacher ({src}), backbone {m.n_layers} x d_model {m.d_model}, local d_byte {m.d_byte} x "
+        f"({m.encoder_layers} enc + {m.decoder_layers} dec), {torch.get_num_threads()} threads, "
+        f"load {os.getloadavg()[0]:.2f}; medians of {args.repeats} alternated repeats"
+    )
+    print(
+        f"\nGeneration (greedy, KV cache), {args.new_bytes} new bytes per prompt"
+        f"{' (checkpoint ' + args.checkpoint + ')' if args.checkpoint else ' (untrained byteified model)'}"
+    )
+    print(
+        f"{'prompt':<13} {'byteified B/s':>13} {'teacher B/s':>12} {'tok/s':>7} {'B/tok':>6} "
+        f"{'ratio wall':>10} {'ratio cpu':>9} {'patches/B':>9} {'tokens/B':>8}"
+    )
     for name, r in [*gen["prompts"].items(), ("all", gen["total"])]:
         tps = f"{r['teacher_tokens_per_s']:>7.1f}" if "teacher_tokens_per_s" in r else f"{'':>7}"
         bpt = f"{r['teacher_bytes_per_token']:>6.2f}" if "teacher_bytes_per_token" in r else f"{'':>6}"
-        print(f"{name:<13} {r['byteified_bytes_per_s']:>13.1f} {r['teacher_bytes_per_s']:>12.1f} {tps} {bpt} "
-              f"{r['ratio_wall']:>9.2f}x {r['ratio_cpu']:>8.2f}x {r['patches_per_byte']:>9.3f} "
-              f"{r['teacher_tokens_per_byte']:>8.3f}")
+        print(
+            f"{name:<13} {r['byteified_bytes_per_s']:>13.1f} {r['teacher_bytes_per_s']:>12.1f} {tps} {bpt} "
+            f"{r['ratio_wall']:>9.2f}x {r['ratio_cpu']:>8.2f}x {r['patches_per_byte']:>9.3f} "
+            f"{r['teacher_tokens_per_byte']:>8.3f}"
+        )
     if train is not None:
-        print(f"\nStage-1 training step (fwd + bwd + AdamW), batch {train['batch_size']} x {train['seq_len']} bytes, "
-              f"median of {train['steps_per_variant']} steps each")
+        print(
+            f"\nStage-1 training step (fwd + bwd + AdamW), batch {train['batch_size']} x {train['seq_len']} bytes, "
+            f"median of {train['steps_per_variant']} steps each"
+        )
         print(f"{'variant':<22} {'s/step wall':>11} {'s/step cpu':>10}")
-        print(f"{'teacher labelling':<22} {train['teacher_s_per_step']:>11.2f} {train['teacher_cpu_s_per_step']:>10.2f}")
-        print(f"{'teacher cache (disk)':<22} {train['cache_s_per_step']:>11.2f} {train['cache_cpu_s_per_step']:>10.2f}")
+        print(
+            f"{'teacher labelling':<22} {train['teacher_s_per_step']:>11.2f} {train['teacher_cpu_s_per_step']:>10.2f}"
+        )
+        print(
+            f"{'teacher cache (disk)':<22} {train['cache_s_per_step']:>11.2f} {train['cache_cpu_s_per_step']:>10.2f}"
+        )
         print(f"{'ratio':<22} {train['ratio_wall']:>10.2f}x {train['ratio_cpu']:>9.2f}x")
     report = {
         "config": {
-            "source": source, "checkpoint": args.checkpoint, "quick": args.quick, "new_bytes": args.new_bytes,
-            "repeats": args.repeats, "train_repeats": args.train_repeats, "d_model": m.d_model,
-            "n_layers": m.n_layers, "d_byte": m.d_byte, "encoder_layers": m.encoder_layers,
-            "decoder_layers": m.decoder_layers, "model_build_s": t_build,
+            "source": source,
+            "checkpoint": args.checkpoint,
+            "quick": args.quick,
+            "new_bytes": args.new_bytes,
+            "repeats": args.repeats,
+            "train_repeats": args.train_repeats,
+            "d_model": m.d_model,
+            "n_layers": m.n_layers,
+            "d_byte": m.d_byte,
+            "encoder_layers": m.encoder_layers,
+            "decoder_layers": m.decoder_layers,
+            "model_build_s": t_build,
         },
         "env": {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(),
             "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },

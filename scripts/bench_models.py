@@ -47,7 +47,8 @@ FALLBACK_TEXT = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(__doc__ or "").split("\n\n", 1)[-1],
     )
     p.add_argument("--seq-len", type=int, default=2048, help="training context in bytes")
@@ -67,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-uncached", action="store_true", help="skip uncached generation (slow: O(n^2))")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled training forward")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variant")
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compiled variant"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--text", default=None, help="text file (default: Shakespeare training split, if cached)")
@@ -81,8 +84,13 @@ def configs(a: argparse.Namespace) -> dict[str, ModelConfig]:
     return {
         "flat": ModelConfig(arch="flat", **common),  # type: ignore[arg-type]
         "hierarchical": ModelConfig(
-            arch="hierarchical", d_byte=a.d_byte, n_heads_byte=a.n_heads_byte, encoder_layers=a.byte_layers,
-            decoder_layers=a.byte_layers, encoder_window=a.encoder_window, pooling=a.pooling,
+            arch="hierarchical",
+            d_byte=a.d_byte,
+            n_heads_byte=a.n_heads_byte,
+            encoder_layers=a.byte_layers,
+            decoder_layers=a.byte_layers,
+            encoder_window=a.encoder_window,
+            pooling=a.pooling,
             **common,  # type: ignore[arg-type]
         ),
     }
@@ -181,7 +189,9 @@ def peak_memory_mb(a, name, batch, device) -> float | None:
 def time_generation(model, prompt: bytes, n: int, use_cache: bool, device) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    out = generate(model, prompt, max_new_bytes=n, temperature=1.0, seed=0, use_cache=use_cache, min_new_bytes=n)
+    out = generate(
+        model, prompt, max_new_bytes=n, temperature=1.0, seed=0, use_cache=use_cache, min_new_bytes=n
+    )
     _sync(device)
     assert len(out) == n
     return n / (time.perf_counter() - t0)
@@ -191,8 +201,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    device = torch.device(
+        "cuda"
+        if a.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if a.device == "auto" else a.device)
+    )
     amp = device.type == "cuda"  # these CPUs have no native bf16 (DESIGN.md §4): fp32 there
     text = load_text(a)
     batch = make_batch(a, text)
@@ -208,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in cfgs:
             twin = build_model(cfgs[name]).to(device)
             twin.load_state_dict(models[name].state_dict())
-            models[f"{name}+compile"], fns[f"{name}+compile"] = twin, CompiledForward(twin, backend=a.compile_backend)
+            models[f"{name}+compile"], fns[f"{name}+compile"] = (
+                twin,
+                CompiledForward(twin, backend=a.compile_backend),
+            )
             opts[f"{name}+compile"] = torch.optim.AdamW(twin.parameters(), lr=1e-4)
     compile_s: dict[str, float] = {}
     for name in models:
@@ -273,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary[f"compile_speedup_{name}"] = res[f"{name}+compile"]["compile_speedup"]
     report = {
         "args": vars(a),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})",
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or 'cpu'})",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -298,8 +316,10 @@ def _fmt(v: Any) -> str:
 
 def print_table(rep: dict[str, Any]) -> None:
     a = rep["args"]
-    print(f"\ndevice {rep['device']}, torch {rep['torch']}, {rep['threads']} threads; context {a['seq_len']} bytes, "
-          f"batch {a['batch']}; backbone d_model {a['d_model']} x {a['n_layers']} layers")
+    print(
+        f"\ndevice {rep['device']}, torch {rep['torch']}, {rep['threads']} threads; context {a['seq_len']} bytes, "
+        f"batch {a['batch']}; backbone d_model {a['d_model']} x {a['n_layers']} layers"
+    )
     rows = [
         ("params (M)", lambda r: r["params"] / 1e6),
         ("train step (s)", lambda r: r["step_s"]),

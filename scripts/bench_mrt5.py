@@ -31,7 +31,9 @@ from bytelm.models.mrt5 import MrT5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d-byte", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--encoder-layers", type=int, default=12)
@@ -44,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--ckpt", default=None, help="checkpoint with a trained MrT5 (times its learned ratio too)")
+    p.add_argument(
+        "--ckpt", default=None, help="checkpoint with a trained MrT5 (times its learned ratio too)"
+    )
     p.add_argument("--text", default=None, help="text file for the input bytes (default: synthetic English)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/bench_mrt5.json")
@@ -71,8 +75,10 @@ def make_input(args: argparse.Namespace, vocab_bytes: int = 256) -> torch.Tensor
     if args.text:
         data = Path(args.text).read_bytes()
     else:
-        data = b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of " \
-               b"foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light. "
+        data = (
+            b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+            b"foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light. "
+        )
     data = (data * math.ceil(n * args.batch / len(data) + 1))[: n * args.batch + args.batch * 7]
     rows = [list(data[i * 7 + i * n : i * 7 + (i + 1) * n]) for i in range(args.batch)]
     return torch.tensor(rows, dtype=torch.long).clamp(max=vocab_bytes - 1)
@@ -114,12 +120,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.ckpt:
         model = load_checkpoint(args.ckpt)
         cfg = model.cfg
-        print(f"loaded {args.ckpt}: d_byte={cfg.d_byte}, encoder {cfg.encoder_layers} (gate at {cfg.gate.layer}), "
-              f"decoder {cfg.decoder_layers}, softmax1={cfg.gate.softmax1}")
+        print(
+            f"loaded {args.ckpt}: d_byte={cfg.d_byte}, encoder {cfg.encoder_layers} (gate at {cfg.gate.layer}), "
+            f"decoder {cfg.decoder_layers}, softmax1={cfg.gate.softmax1}"
+        )
     else:
         cfg = ModelConfig(
-            arch="mrt5", d_byte=args.d_byte, n_heads_byte=args.heads, encoder_layers=args.encoder_layers,
-            decoder_layers=args.decoder_layers, gate=GateConfig(layer=args.gate_layer),
+            arch="mrt5",
+            d_byte=args.d_byte,
+            n_heads_byte=args.heads,
+            encoder_layers=args.encoder_layers,
+            decoder_layers=args.decoder_layers,
+            gate=GateConfig(layer=args.gate_layer),
         )
         built = build_model(cfg)
         assert isinstance(built, MrT5)
@@ -167,31 +179,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     base, base_cpu = statistics.median(times["no deletion"]), statistics.median(cpu["no deletion"])
     results = []
-    print(f"\nMrT5 forward (hard deletion), d_byte={cfg.d_byte}, encoder {cfg.encoder_layers} layers (gate at "
-          f"{cfg.gate.layer}), decoder {cfg.decoder_layers} layers, batch {args.batch} x ({enc_len} enc + "
-          f"{args.dec_len} dec) bytes, {torch.get_num_threads()} threads, median of {args.repeats} round-robin "
-          f"repeats; wall clock and process CPU time (the latter resists load from other processes)")
-    print(f"{'setting':<14} {'deleted':>8} {'enc len':>8} {'wall ms':>9} {'cpu ms':>9} {'speed-up wall':>14} {'cpu':>6}")
+    print(
+        f"\nMrT5 forward (hard deletion), d_byte={cfg.d_byte}, encoder {cfg.encoder_layers} layers (gate at "
+        f"{cfg.gate.layer}), decoder {cfg.decoder_layers} layers, batch {args.batch} x ({enc_len} enc + "
+        f"{args.dec_len} dec) bytes, {torch.get_num_threads()} threads, median of {args.repeats} round-robin "
+        f"repeats; wall clock and process CPU time (the latter resists load from other processes)"
+    )
+    print(
+        f"{'setting':<14} {'deleted':>8} {'enc len':>8} {'wall ms':>9} {'cpu ms':>9} {'speed-up wall':>14} {'cpu':>6}"
+    )
     for name, target, _ in rows:
         med, mc = statistics.median(times[name]), statistics.median(cpu[name])
         st = stats[name]
         res = {
-            "setting": name, "target_ratio": target, "deletion_ratio": st["deletion_ratio"],
-            "encoder_len_after": st["encoder_len"], "wall_median_s": med, "cpu_median_s": mc,
-            "wall_s": times[name], "cpu_s": cpu[name], "speedup_wall": base / med, "speedup_cpu": base_cpu / mc,
+            "setting": name,
+            "target_ratio": target,
+            "deletion_ratio": st["deletion_ratio"],
+            "encoder_len_after": st["encoder_len"],
+            "wall_median_s": med,
+            "cpu_median_s": mc,
+            "wall_s": times[name],
+            "cpu_s": cpu[name],
+            "speedup_wall": base / med,
+            "speedup_cpu": base_cpu / mc,
         }
         results.append(res)
         dr = "-" if math.isnan(st["deletion_ratio"]) else f"{st['deletion_ratio']:.1%}"
-        print(f"{name:<14} {dr:>8} {int(st['encoder_len']):>8d} {med * 1e3:>9.0f} {mc * 1e3:>9.0f} "
-              f"{base / med:>13.2f}x {base_cpu / mc:>5.2f}x")
+        print(
+            f"{name:<14} {dr:>8} {int(st['encoder_len']):>8d} {med * 1e3:>9.0f} {mc * 1e3:>9.0f} "
+            f"{base / med:>13.2f}x {base_cpu / mc:>5.2f}x"
+        )
     report = {
         "config": {
-            "d_byte": cfg.d_byte, "n_heads_byte": cfg.n_heads_byte, "encoder_layers": cfg.encoder_layers,
-            "decoder_layers": cfg.decoder_layers, "gate_layer": cfg.gate.layer, "enc_len": enc_len,
-            "dec_len": args.dec_len, "batch": args.batch, "repeats": args.repeats, "ckpt": args.ckpt,
+            "d_byte": cfg.d_byte,
+            "n_heads_byte": cfg.n_heads_byte,
+            "encoder_layers": cfg.encoder_layers,
+            "decoder_layers": cfg.decoder_layers,
+            "gate_layer": cfg.gate.layer,
+            "enc_len": enc_len,
+            "dec_len": args.dec_len,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "ckpt": args.ckpt,
         },
         "env": {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(),
             "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },

@@ -31,10 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="boundary_report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--tokenizer", default=None,
-                   help="HF tokenizer folder or .gguf file (default: the offline SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--predict", action="append", default=None, metavar="NAME|MODULE:FUNCTION",
-                   help="predictor to score (repeatable); default: every built-in baseline")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF tokenizer folder or .gguf file (default: the offline SmolLM2-135M-Instruct GGUF)",
+    )
+    p.add_argument(
+        "--predict",
+        action="append",
+        default=None,
+        metavar="NAME|MODULE:FUNCTION",
+        help="predictor to score (repeatable); default: every built-in baseline",
+    )
     p.add_argument("--data", default="byteify_mixture", help="data config (bytelm/conf/data/<name>.yaml)")
     p.add_argument("--max-bytes", type=int, default=65536, help="bytes per group (0 = the whole split)")
     p.add_argument("--json", type=Path, default=None, help="also write {predictor: {row: scores}} here")
@@ -56,7 +64,9 @@ def resolve_predictor(spec: str) -> Callable[[bytes], Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def texts_and_rows(data: str, max_bytes: int) -> tuple[dict[str, list[bytes]], dict[str, list[str]], list[str]]:
+def texts_and_rows(
+    data: str, max_bytes: int
+) -> tuple[dict[str, list[bytes]], dict[str, list[str]], list[str]]:
     """Validation texts per group, the aggregates (corpora, scripts) and the row order of the table."""
     from bytelm.config import load_config
     from bytelm.data.chatterbot import GROUP_PREFIX

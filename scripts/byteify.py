@@ -37,7 +37,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-STAGE_LR = {0: 2e-3, 1: 1e-3, 2: 3e-5}  # stage 2: 1e-4 moved the pretrained backbone too far in 40 steps (docs)
+STAGE_LR = {
+    0: 2e-3,
+    1: 1e-3,
+    2: 3e-5,
+}  # stage 2: 1e-4 moved the pretrained backbone too far in 40 steps (docs)
 
 
 def train(name: str, out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -56,8 +60,13 @@ def train(name: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     val = res["metrics"].get("val/bpb")
     tail = f", val bpb {float(val):.4f}" if val is not None and math.isfinite(float(val)) else ""
     print(f"   {name}: {res['global_step']} steps in {wall / 60:.1f} min{tail}", flush=True)
-    return {"name": name, "wall_s": round(wall, 1), "steps": res["global_step"], "ckpt": str(ckpt),
-            "command": shlex.join(["python", "-m", "bytelm.train", *overrides])}
+    return {
+        "name": name,
+        "wall_s": round(wall, 1),
+        "steps": res["global_step"],
+        "ckpt": str(ckpt),
+        "command": shlex.join(["python", "-m", "bytelm.train", *overrides]),
+    }
 
 
 def outside_text(max_bytes: int) -> bytes:
@@ -73,15 +82,24 @@ def evaluate(scorer: Any, args: argparse.Namespace) -> dict[str, Any]:
     from bytelm.eval.suite import EvalOptions, run_suite
 
     tasks = tuple(t for t in ("bpb", "robustness", "cute", "multilingual") if t not in args.skip_tasks)
-    opts = EvalOptions(tasks=tasks, max_bytes=args.eval_bytes, cute_items=args.cute_items, kinds=("swap", "case"),
-                       levels=(0.05,), languages=tuple(args.languages), ml_split="validation")
+    opts = EvalOptions(
+        tasks=tasks,
+        max_bytes=args.eval_bytes,
+        cute_items=args.cute_items,
+        kinds=("swap", "case"),
+        levels=(0.05,),
+        languages=tuple(args.languages),
+        ml_split="validation",
+    )
     t0 = time.perf_counter()
     res = run_suite(scorer, opts, progress=True)
     r = scorer.corpus_nll([outside_text(args.eval_bytes)], progress=True)
     res["outside_bpb"] = r.bpb
     res["eval_s"] = round(time.perf_counter() - t0, 1)
-    print(f"   {scorer.name}: held-out {res['bpb']['bpb']:.4f} bpb, outside {r.bpb:.4f} bpb ({res['eval_s']:.0f} s)",
-          flush=True)
+    print(
+        f"   {scorer.name}: held-out {res['bpb']['bpb']:.4f} bpb, outside {r.bpb:.4f} bpb ({res['eval_s']:.0f} s)",
+        flush=True,
+    )
     return res
 
 
@@ -142,22 +160,43 @@ def fmt(x: Any, spec: str = ".3f") -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The measured rows as a markdown table (docs/byteify.md carries it)."""
-    langs = sorted({lang for r in result["eval"].values() for lang in r.get("multilingual", {}).get("languages", {})})
-    head = ["model", "held-out works", "Python docs", "dialogs (pooled)", "noise Δbpb", "CUTE acc",
-            "boundary acc", "boundary F1", "gen bytes/s", *langs]
+    langs = sorted(
+        {lang for r in result["eval"].values() for lang in r.get("multilingual", {}).get("languages", {})}
+    )
+    head = [
+        "model",
+        "held-out works",
+        "Python docs",
+        "dialogs (pooled)",
+        "noise Δbpb",
+        "CUTE acc",
+        "boundary acc",
+        "boundary F1",
+        "gen bytes/s",
+        *langs,
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, r in result["eval"].items():
         ml = r.get("multilingual", {})
         b = result.get("boundary", {}).get(key.split(":")[0], {}).get("all", {})
-        cells = [r["model"]["name"], fmt(r["bpb"]["bpb"]), fmt(r["outside_bpb"]), fmt(ml.get("pooled_bpb")),
-                 fmt(r.get("robustness", {}).get("mean_delta"), "+.3f"), fmt(r.get("cute", {}).get("acc")),
-                 fmt(b.get("accuracy"), ".4f") if key.endswith(":learned") else "—",
-                 fmt(b.get("f1"), ".4f") if key.endswith(":learned") else "—",
-                 fmt(r.get("gen_bytes_per_s"), ".1f"),
-                 *[fmt(ml.get("languages", {}).get(lang, {}).get("bpb")) for lang in langs]]
+        cells = [
+            r["model"]["name"],
+            fmt(r["bpb"]["bpb"]),
+            fmt(r["outside_bpb"]),
+            fmt(ml.get("pooled_bpb")),
+            fmt(r.get("robustness", {}).get("mean_delta"), "+.3f"),
+            fmt(r.get("cute", {}).get("acc")),
+            fmt(b.get("accuracy"), ".4f") if key.endswith(":learned") else "—",
+            fmt(b.get("f1"), ".4f") if key.endswith(":learned") else "—",
+            fmt(r.get("gen_bytes_per_s"), ".1f"),
+            *[fmt(ml.get("languages", {}).get(lang, {}).get("bpb")) for lang in langs],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    walls = ", ".join(f"{k} {v['wall_s'] / 60:.1f} min ({v['steps']} steps)" for k, v in result["runs"].items()
-                      if isinstance(v.get("wall_s"), float) and math.isfinite(v["wall_s"]))
+    walls = ", ".join(
+        f"{k} {v['wall_s'] / 60:.1f} min ({v['steps']} steps)"
+        for k, v in result["runs"].items()
+        if isinstance(v.get("wall_s"), float) and math.isfinite(v["wall_s"])
+    )
     return "\n".join(lines) + f"\n\nWall-clock: {walls}.\n"
 
 
@@ -167,10 +206,12 @@ def print_table(result: dict[str, Any]) -> None:
     for key, r in result["eval"].items():
         b = result.get("boundary", {}).get(key.split(":")[0], {}).get("all", {})
         acc = b.get("accuracy", float("nan")) if key.endswith(":learned") else float("nan")
-        print(f"{r['model']['name'][:43]:<44}{fmt(r['bpb']['bpb']):>8}{fmt(r['outside_bpb']):>8}"
-              f"{fmt(r.get('multilingual', {}).get('pooled_bpb')):>9}"
-              f"{fmt(r.get('robustness', {}).get('mean_delta'), '+.3f'):>9}{fmt(r.get('cute', {}).get('acc')):>7}"
-              f"{fmt(acc, '.4f'):>8}{fmt(r.get('gen_bytes_per_s'), '.1f'):>9}")
+        print(
+            f"{r['model']['name'][:43]:<44}{fmt(r['bpb']['bpb']):>8}{fmt(r['outside_bpb']):>8}"
+            f"{fmt(r.get('multilingual', {}).get('pooled_bpb')):>9}"
+            f"{fmt(r.get('robustness', {}).get('mean_delta'), '+.3f'):>9}{fmt(r.get('cute', {}).get('acc')):>7}"
+            f"{fmt(acc, '.4f'):>8}{fmt(r.get('gen_bytes_per_s'), '.1f'):>9}"
+        )
     print("(bits per byte; byteified rows: joint (byte, boundary) cross-entropy)\n", flush=True)
 
 
@@ -178,18 +219,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/byteify", help="output folder (runs, HF export, results.json)")
     p.add_argument("--stage0-steps", type=int, default=200, help="boundary-phase steps (0: skip the phase)")
-    p.add_argument("--stage0-batch", type=int, default=8, help="boundary-phase rows per step (512 bytes each)")
+    p.add_argument(
+        "--stage0-batch", type=int, default=8, help="boundary-phase rows per step (512 bytes each)"
+    )
     p.add_argument("--stage1-steps", type=int, default=150, help="stage-1 training steps")
     p.add_argument("--stage2-steps", type=int, default=40, help="stage-2 training steps")
     p.add_argument("--data", default="byteify_mixture", help="training data config for every stage")
     p.add_argument("--eval-bytes", type=int, default=16384, help="bytes per evaluated set")
     p.add_argument("--boundary-bytes", type=int, default=16384, help="bytes per group for the boundary table")
     p.add_argument("--cute-items", type=int, default=10, help="items per CUTE-style task")
-    p.add_argument("--languages", nargs="*", default=["english", "chinese", "russian", "spanish", "german", "japanese"],
-                   help="chatterbot languages evaluated (held-out dialogs)")
-    p.add_argument("--skip-tasks", nargs="*", default=[], help="evaluation tasks to skip (bpb robustness cute multilingual)")
-    p.add_argument("--baseline", action="store_true", help="also train hat_tiny from scratch for the same wall-clock")
-    p.add_argument("--ablation", action="store_true", help="also run stage 1 with word patches (model.chunker=words)")
+    p.add_argument(
+        "--languages",
+        nargs="*",
+        default=["english", "chinese", "russian", "spanish", "german", "japanese"],
+        help="chatterbot languages evaluated (held-out dialogs)",
+    )
+    p.add_argument(
+        "--skip-tasks",
+        nargs="*",
+        default=[],
+        help="evaluation tasks to skip (bpb robustness cute multilingual)",
+    )
+    p.add_argument(
+        "--baseline", action="store_true", help="also train hat_tiny from scratch for the same wall-clock"
+    )
+    p.add_argument(
+        "--ablation", action="store_true", help="also run stage 1 with word patches (model.chunker=words)"
+    )
     p.add_argument("--skip-export", action="store_true")
     p.add_argument("--extra", nargs="*", default=[], help="extra Hydra overrides for every stage")
     p.add_argument("--reuse", action="store_true", help="reuse the checkpoints of stages already in --out")
@@ -214,53 +270,117 @@ def main(argv: list[str] | None = None) -> None:
     def stage(name: str, steps: int, overrides: list[str]) -> dict[str, Any]:
         ckpt = out / name / "checkpoints" / "last.ckpt"
         if args.reuse and ckpt.exists():
-            prev = json.loads((out / "results.json").read_text())["runs"].get(name, {}) if (out / "results.json").exists() else {}
+            prev = (
+                json.loads((out / "results.json").read_text())["runs"].get(name, {})
+                if (out / "results.json").exists()
+                else {}
+            )
             print(f"   {name}: reusing {ckpt}", flush=True)
             return {**prev, "name": name, "ckpt": str(ckpt)}
-        return train(name, out, [*base, *overrides, f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}"])
+        return train(
+            name, out, [*base, *overrides, f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}"]
+        )
 
     init: list[str] = []
     if args.stage0_steps > 0:
-        print(f"== 1/5 boundary phase: encoder + boundary predictor on token ends ({args.stage0_steps} steps)", flush=True)
-        result["runs"]["stage0"] = stage("stage0", args.stage0_steps, [
-            "byteify.stage=0", f"data.batch_size={args.stage0_batch}", f"optim.lr={STAGE_LR[0]}", "optim.warmup_steps=20"])
+        print(
+            f"== 1/5 boundary phase: encoder + boundary predictor on token ends ({args.stage0_steps} steps)",
+            flush=True,
+        )
+        result["runs"]["stage0"] = stage(
+            "stage0",
+            args.stage0_steps,
+            [
+                "byteify.stage=0",
+                f"data.batch_size={args.stage0_batch}",
+                f"optim.lr={STAGE_LR[0]}",
+                "optim.warmup_steps=20",
+            ],
+        )
         init = [f"byteify.init_from={result['runs']['stage0']['ckpt']}"]
     print(f"== 2/5 stage 1: backbone frozen, teacher-token patches ({args.stage1_steps} steps)", flush=True)
     result["runs"]["stage1"] = stage("stage1", args.stage1_steps, [*init, f"optim.lr={STAGE_LR[1]}"])
     print(f"== 3/5 stage 2: end to end on predicted patches ({args.stage2_steps} steps)", flush=True)
-    result["runs"]["stage2"] = stage("stage2", args.stage2_steps, [
-        "byteify.stage=2", f"byteify.init_from={result['runs']['stage1']['ckpt']}", f"optim.lr={STAGE_LR[2]}",
-        "optim.warmup_steps=5"])
+    result["runs"]["stage2"] = stage(
+        "stage2",
+        args.stage2_steps,
+        [
+            "byteify.stage=2",
+            f"byteify.init_from={result['runs']['stage1']['ckpt']}",
+            f"optim.lr={STAGE_LR[2]}",
+            "optim.warmup_steps=5",
+        ],
+    )
     budget = sum(r.get("wall_s", 0.0) for r in result["runs"].values() if isinstance(r.get("wall_s"), float))
     if args.ablation:
         print("== stage 1 with word patches (ablation)", flush=True)
-        result["runs"]["words"] = stage("words", args.stage1_steps, ["model.chunker=words", f"optim.lr={STAGE_LR[1]}"])
+        result["runs"]["words"] = stage(
+            "words", args.stage1_steps, ["model.chunker=words", f"optim.lr={STAGE_LR[1]}"]
+        )
     if args.baseline:
         mm, ss = divmod(int(budget), 60)
         hh, mm = divmod(mm, 60)
         print(f"== hat_tiny from scratch for the same wall-clock ({budget / 60:.1f} min)", flush=True)
-        result["runs"]["hat_tiny"] = train("hat_tiny", out, ["experiment=hat_tiny", "trainer.max_steps=100000",
-                                                              f"trainer.max_time=00:{hh:02d}:{mm:02d}:{ss:02d}",
-                                                              "trainer.val_every=1000000", "trainer.ckpt_every=1000000"])
+        result["runs"]["hat_tiny"] = train(
+            "hat_tiny",
+            out,
+            [
+                "experiment=hat_tiny",
+                "trainer.max_steps=100000",
+                f"trainer.max_time=00:{hh:02d}:{mm:02d}:{ss:02d}",
+                "trainer.val_every=1000000",
+                "trainer.ckpt_every=1000000",
+            ],
+        )
 
     print(f"== 4/5 evaluation ({args.eval_bytes:,} bytes per set)", flush=True)
     from bytelm.eval.scoring import load_scorer
 
-    rows: list[tuple[str, Any]] = [("teacher", lambda: load_scorer("teacher", seq_len=512,
-                                                                    name="SmolLM2-135M (teacher, 512-byte windows)"))]
-    rows.append(("step0:tokenizer", lambda: byteified_scorer(None, "byteified, step 0 (tokenizer segmenter)",
-                                                             "tokenizer", args.extra)))
+    rows: list[tuple[str, Any]] = [
+        (
+            "teacher",
+            lambda: load_scorer("teacher", seq_len=512, name="SmolLM2-135M (teacher, 512-byte windows)"),
+        )
+    ]
+    rows.append(
+        (
+            "step0:tokenizer",
+            lambda: byteified_scorer(
+                None, "byteified, step 0 (tokenizer segmenter)", "tokenizer", args.extra
+            ),
+        )
+    )
     for key, label in (("stage1", "stage 1"), ("stage2", "stage 2")):
         for seg in ("learned", "tokenizer"):
-            rows.append((f"{key}:{seg}", lambda k=key, lab=label, s=seg: byteified_scorer(  # type: ignore[misc]
-                result["runs"][k]["ckpt"], f"byteified, {lab}" + (" (learned segmenter)" if s == "learned" else ""),
-                s, [])))
+            rows.append(
+                (
+                    f"{key}:{seg}",
+                    lambda k=key, lab=label, s=seg: byteified_scorer(  # type: ignore[misc]
+                        result["runs"][k]["ckpt"],
+                        f"byteified, {lab}" + (" (learned segmenter)" if s == "learned" else ""),
+                        s,
+                        [],
+                    ),
+                )
+            )
     if "words" in result["runs"]:
-        rows.append(("words:words", lambda: load_scorer(result["runs"]["words"]["ckpt"], batch_size=4,
-                                                        name="byteified, word patches (stage 1)")))
+        rows.append(
+            (
+                "words:words",
+                lambda: load_scorer(
+                    result["runs"]["words"]["ckpt"], batch_size=4, name="byteified, word patches (stage 1)"
+                ),
+            )
+        )
     if "hat_tiny" in result["runs"]:
-        rows.append(("hat_tiny", lambda: load_scorer(result["runs"]["hat_tiny"]["ckpt"], batch_size=4,
-                                                     name="hat_tiny from scratch")))
+        rows.append(
+            (
+                "hat_tiny",
+                lambda: load_scorer(
+                    result["runs"]["hat_tiny"]["ckpt"], batch_size=4, name="hat_tiny from scratch"
+                ),
+            )
+        )
     for key, make in rows:
         scorer = make()
         res = evaluate(scorer, args)
@@ -270,7 +390,10 @@ def main(argv: list[str] | None = None) -> None:
         if key.endswith(":learned"):
             result["boundary"][key.split(":")[0]] = boundary_table(scorer, args.boundary_bytes)
             b = result["boundary"][key.split(":")[0]]
-            print(f"   boundary accuracy {b['all']['accuracy']:.4f}, F1 {b['all']['f1']:.4f} (all groups)", flush=True)
+            print(
+                f"   boundary accuracy {b['all']['accuracy']:.4f}, F1 {b['all']['f1']:.4f} (all groups)",
+                flush=True,
+            )
         (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     print_table(result)
 
@@ -279,8 +402,9 @@ def main(argv: list[str] | None = None) -> None:
         from bytelm.hf.export import export_checkpoint, generate_from_folder
 
         folder = export_checkpoint(result["runs"]["stage2"]["ckpt"], out / "hf")
-        text = generate_from_folder(folder, "HAMLET:\nTo be, or not to be", max_new_tokens=80, temperature=0.7,
-                                    top_k=40, seed=0)
+        text = generate_from_folder(
+            folder, "HAMLET:\nTo be, or not to be", max_new_tokens=80, temperature=0.7, top_k=40, seed=0
+        )
         print(f"exported to {folder}\nHAMLET:\nTo be, or not to be{text}\n")
         result["export"], result["hf_sample"] = str(folder), text
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))

@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="bytelm checkpoint (.ckpt) or run folder of an MrT5 run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--max-bytes", type=int, default=0, help="validation bytes (0 = the run's data.val_max_bytes)")
+    p.add_argument(
+        "--max-bytes", type=int, default=0, help="validation bytes (0 = the run's data.val_max_bytes)"
+    )
     p.add_argument("--out", default="out/eval_mrt5.json")
     return p.parse_args(argv)
 
@@ -47,8 +49,11 @@ def evaluate(model: MrT5, batches: list[dict[str, torch.Tensor]], hard: bool) ->
             real += rows_real
         enc_len += float(out.metrics["encoder_len"])
     return {
-        "bpb": nll / max(n, 1) / math.log(2), "bytes": n, "deletion_ratio": deleted / real if real else float("nan"),
-        "encoder_len_mean": enc_len / max(len(batches), 1), "seconds": time.perf_counter() - t0,
+        "bpb": nll / max(n, 1) / math.log(2),
+        "bytes": n,
+        "deletion_ratio": deleted / real if real else float("nan"),
+        "encoder_len_mean": enc_len / max(len(batches), 1),
+        "seconds": time.perf_counter() - t0,
     }
 
 

@@ -83,8 +83,13 @@ def model_configs(dry: bool) -> dict[str, ModelConfig]:
     from bytelm.config import load_config
 
     hat = load_config(["experiment=hat_small"] + (["debug=cpu"] if dry else [])).model
-    flat = ModelConfig(arch="flat", d_model=hat.d_model, n_layers=hat.n_layers, n_heads=hat.n_heads,
-                       max_seq_len=hat.max_seq_len)
+    flat = ModelConfig(
+        arch="flat",
+        d_model=hat.d_model,
+        n_layers=hat.n_layers,
+        n_heads=hat.n_heads,
+        max_seq_len=hat.max_seq_len,
+    )
     return {"hat_small": hat, "flat_same_backbone": flat}
 
 
@@ -96,8 +101,9 @@ def check_auto(a: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> 
     stacks = {
         "byte stacks (packed documents)": Needs(dev.type, dtype, True, True, T, T, docs=True),
         "word backbone (packed documents)": Needs(dev.type, dtype, True, True, W, W, docs=True),
-        "mrt5 encoder (gate bias, softmax1)": Needs(dev.type, dtype, True, False, T, T, key_bias=True, key_mask=True,
-                                                     null_key=True),
+        "mrt5 encoder (gate bias, softmax1)": Needs(
+            dev.type, dtype, True, False, T, T, key_bias=True, key_mask=True, null_key=True
+        ),
         "mrt5 decoder (causal)": Needs(dev.type, dtype, True, True, T, T),
     }
     out: dict[str, Any] = {}
@@ -164,8 +170,12 @@ def check_agreement(a: argparse.Namespace, dev: torch.device, dtype: torch.dtype
     for backend in ("flash", "flex"):
         if backend in logits:
             d = float((logits[backend] - logits["sdpa"]).abs().max())
-            res[f"model_{backend}"] = {"loss": losses[backend], "loss_sdpa": losses["sdpa"], "max_abs_diff_logits": d,
-                                       "ok": d <= 10 * a.tol}
+            res[f"model_{backend}"] = {
+                "loss": losses[backend],
+                "loss_sdpa": losses["sdpa"],
+                "max_abs_diff_logits": d,
+                "ok": d <= 10 * a.tol,
+            }
             log(f"hat_small {backend} vs sdpa: {res[f'model_{backend}']}")
         else:
             res[f"model_{backend}"] = losses[backend]
@@ -195,11 +205,17 @@ def _train_steps(model, fn, opt, batch, n: int, dev: torch.device) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def check_throughput(a: argparse.Namespace, dev: torch.device, peak: float | None, deadline: float) -> dict[str, Any]:
+def check_throughput(
+    a: argparse.Namespace, dev: torch.device, peak: float | None, deadline: float
+) -> dict[str, Any]:
     batch = make_batch(a.batch, a.seq_len, dev)
     bpw = float(batch["word_start"].numel() / batch["word_start"].sum())
-    res: dict[str, Any] = {"batch": a.batch, "seq_len": a.seq_len, "bytes_per_word": bpw,
-                           "compile_backend": a.compile_backend}
+    res: dict[str, Any] = {
+        "batch": a.batch,
+        "seq_len": a.seq_len,
+        "bytes_per_word": bpw,
+        "compile_backend": a.compile_backend,
+    }
     for name, cfg in model_configs(a.cpu_dry_run).items():
         fpb = flops_per_byte(cfg, a.seq_len, bpw)
         for variant in ("eager", "compiled"):
@@ -221,8 +237,15 @@ def check_throughput(a: argparse.Namespace, dev: torch.device, peak: float | Non
     return res
 
 
-def _measure(a: argparse.Namespace, cfg: ModelConfig, variant: str, batch: dict[str, torch.Tensor],
-             dev: torch.device, fpb: float, peak: float | None) -> dict[str, Any]:
+def _measure(
+    a: argparse.Namespace,
+    cfg: ModelConfig,
+    variant: str,
+    batch: dict[str, torch.Tensor],
+    dev: torch.device,
+    fpb: float,
+    peak: float | None,
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(cfg).to(dev).train()
     fn = CompiledForward(model, backend=a.compile_backend) if variant == "compiled" else model
@@ -235,9 +258,14 @@ def _measure(a: argparse.Namespace, cfg: ModelConfig, variant: str, batch: dict[
     warm_s = time.perf_counter() - t0
     step = _train_steps(model, fn, opt, batch, a.steps, dev)
     bps = a.batch * a.seq_len / step
-    return {"step_s": step, "bytes_per_s": bps, "flops_per_byte": fpb, "warmup_s": warm_s,
-            "mfu": fpb * bps / peak if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+    return {
+        "step_s": step,
+        "bytes_per_s": bps,
+        "flops_per_byte": fpb,
+        "warmup_s": warm_s,
+        "mfu": fpb * bps / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+    }
 
 
 def check_strategies(a: argparse.Namespace, dev: torch.device, deadline: float, out: Path) -> dict[str, Any]:
@@ -246,26 +274,48 @@ def check_strategies(a: argparse.Namespace, dev: torch.device, deadline: float, 
     corpus_file.write_bytes(corpus())
     for name in STRATEGIES:
         if dev.type != "cuda" and name != "single":
-            res[name] = skip(name, "ZeRO / FSDP2 on one GPU need CUDA (their CPU runs: tests/test_distributed.py)")
+            res[name] = skip(
+                name, "ZeRO / FSDP2 on one GPU need CUDA (their CPU runs: tests/test_distributed.py)"
+            )
             continue
         left = deadline - time.monotonic()
         if left < 30:
             res[name] = skip(name, "time budget spent")
             continue
         result = out / f"strategy_{name}.json"
-        cmd = [sys.executable, __file__, "--strategy-run", name, "--result", str(result), "--corpus", str(corpus_file),
-               "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--cpu-dry-run"] if a.cpu_dry_run else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--strategy-run",
+            name,
+            "--result",
+            str(result),
+            "--corpus",
+            str(corpus_file),
+            "--steps",
+            str(a.steps),
+            "--warmup",
+            str(a.warmup),
+        ] + (["--cpu-dry-run"] if a.cpu_dry_run else [])
         log(f"strategy {name}: {' '.join(cmd[1:])}")
         if a.cpu_dry_run:  # in this process: the same function, without a second interpreter's start-up
-            strategy_run(argparse.Namespace(**{**vars(a), "strategy_run": name, "result": str(result),
-                                               "corpus": str(corpus_file)}))
+            strategy_run(
+                argparse.Namespace(
+                    **{**vars(a), "strategy_run": name, "result": str(result), "corpus": str(corpus_file)}
+                )
+            )
             res[name] = json.loads(result.read_text())
             continue
         try:
             p = subprocess.run(cmd, timeout=min(a.strategy_timeout, left), capture_output=True, text=True)
             (out / f"strategy_{name}.log").write_text(p.stdout[-20000:] + p.stderr[-20000:])
-            res[name] = json.loads(result.read_text()) if p.returncode == 0 and result.exists() else {
-                "error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else ''}"}
+            res[name] = (
+                json.loads(result.read_text())
+                if p.returncode == 0 and result.exists()
+                else {
+                    "error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else ''}"
+                }
+            )
         except subprocess.TimeoutExpired:
             res[name] = {"error": f"timed out after {min(a.strategy_timeout, left):.0f} s"}
         log(f"strategy {name}: {res[name]}")
@@ -281,12 +331,23 @@ def strategy_run(a: argparse.Namespace) -> None:
 
     dry = a.cpu_dry_run
     steps = a.warmup + a.steps
-    over = ["experiment=hat_tiny" if dry else "experiment=hat_small", f"strategy={a.strategy_run}", "logger=none",
-            "trainer.devices=1", f"trainer.max_steps={steps}", f"trainer.val_every={10 * steps}",
-            f"trainer.ckpt_every={10 * steps}", "trainer.save_last=false", "trainer.progress=false",
-            f"trainer.out_dir={Path(a.result).parent / ('run_' + a.strategy_run)}", "data.source=files",
-            f"data.paths=[{a.corpus}]", f"data.val_paths=[{a.corpus}]", "data.txt_unit=paragraph",
-            "data.val_max_bytes=4096"] + (["debug=cpu", "trainer.max_steps=" + str(steps)] if dry else [])
+    over = [
+        "experiment=hat_tiny" if dry else "experiment=hat_small",
+        f"strategy={a.strategy_run}",
+        "logger=none",
+        "trainer.devices=1",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_every={10 * steps}",
+        f"trainer.ckpt_every={10 * steps}",
+        "trainer.save_last=false",
+        "trainer.progress=false",
+        f"trainer.out_dir={Path(a.result).parent / ('run_' + a.strategy_run)}",
+        "data.source=files",
+        f"data.paths=[{a.corpus}]",
+        f"data.val_paths=[{a.corpus}]",
+        "data.txt_unit=paragraph",
+        "data.val_max_bytes=4096",
+    ] + (["debug=cpu", "trainer.max_steps=" + str(steps)] if dry else [])
     cfg = load_config(over)
     times: list[float] = []
 
@@ -308,11 +369,21 @@ def strategy_run(a: argparse.Namespace) -> None:
     bps = cfg.data.batch_size * cfg.data.seq_len / step
     fpb = flops_per_byte(cfg.model, cfg.data.seq_len)
     peak = peak_flops() if torch.cuda.is_available() else None
-    Path(a.result).write_text(json.dumps({
-        "strategy": a.strategy_run, "steps": res["global_step"], "step_s": step, "bytes_per_s": bps,
-        "mfu": fpb * bps / peak if peak else None, "loss": res["metrics"].get("train/loss"),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-    }))
+    Path(a.result).write_text(
+        json.dumps(
+            {
+                "strategy": a.strategy_run,
+                "steps": res["global_step"],
+                "step_s": step,
+                "bytes_per_s": bps,
+                "mfu": fpb * bps / peak if peak else None,
+                "loss": res["metrics"].get("train/loss"),
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
+                if torch.cuda.is_available()
+                else None,
+            }
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -332,23 +403,42 @@ def _f(v: Any, fmt: str = "{:,.0f}") -> str:
 
 
 def markdown(rep: dict[str, Any]) -> str:
-    lines = [f"GPU check {rep['date']}: {rep['device']}, torch {rep['torch']}, flash-attn {rep['flash_attn']}"
-             + (" (CPU dry run)" if rep["cpu_dry_run"] else ""), "",
-             "| configuration | bytes/s | MFU | peak memory (GiB) | note |", "| --- | ---: | ---: | ---: | --- |"]
-    rows = {**{k: v for k, v in rep.get("throughput", {}).items() if isinstance(v, dict)},
-            **{f"hat_small, {k}": v for k, v in rep.get("strategies", {}).items() if isinstance(v, dict)}}
+    lines = [
+        f"GPU check {rep['date']}: {rep['device']}, torch {rep['torch']}, flash-attn {rep['flash_attn']}"
+        + (" (CPU dry run)" if rep["cpu_dry_run"] else ""),
+        "",
+        "| configuration | bytes/s | MFU | peak memory (GiB) | note |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    rows = {
+        **{k: v for k, v in rep.get("throughput", {}).items() if isinstance(v, dict)},
+        **{f"hat_small, {k}": v for k, v in rep.get("strategies", {}).items() if isinstance(v, dict)},
+    }
     for name, r in rows.items():
         note = r.get("skipped") or r.get("error") or ""
-        lines.append(f"| {name} | {_f(r.get('bytes_per_s'))} | {_f(r.get('mfu'), '{:.1%}')} | "
-                     f"{_f(r.get('peak_mem_gib'), '{:.2f}')} | {note} |")
-    lines += ["", "| agreement with SDPA (packed documents) | max abs difference | ok |", "| --- | ---: | --- |"]
+        lines.append(
+            f"| {name} | {_f(r.get('bytes_per_s'))} | {_f(r.get('mfu'), '{:.1%}')} | "
+            f"{_f(r.get('peak_mem_gib'), '{:.2f}')} | {note} |"
+        )
+    lines += [
+        "",
+        "| agreement with SDPA (packed documents) | max abs difference | ok |",
+        "| --- | ---: | --- |",
+    ]
     for name, r in rep.get("agreement", {}).items():
         if isinstance(r, dict):
             d = r.get("max_abs_diff_out", r.get("max_abs_diff_logits"))
-            lines.append(f"| {name} | {_f(d, '{:.2e}')} | {r.get('ok', r.get('skipped') or r.get('error'))} |")
+            lines.append(
+                f"| {name} | {_f(d, '{:.2e}')} | {r.get('ok', r.get('skipped') or r.get('error'))} |"
+            )
     auto = rep.get("auto", {})
-    lines += ["", "auto: " + "; ".join(f"{k} -> {v['backend']}" for k, v in auto.items() if isinstance(v, dict)
-                                       and "backend" in v)]
+    lines += [
+        "",
+        "auto: "
+        + "; ".join(
+            f"{k} -> {v['backend']}" for k, v in auto.items() if isinstance(v, dict) and "backend" in v
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -358,11 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-dry-run", action="store_true", help="the same logic on CPU with tiny sizes")
     p.add_argument("--budget-s", type=float, default=360.0, help="time budget of the measuring sections")
     p.add_argument("--peak-flops", type=float, default=0.0, help="bf16 peak FLOP/s of the GPU (0: by name)")
-    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run eager)")
+    p.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default inductor; dry run eager)"
+    )
     p.add_argument("--strategy-timeout", type=float, default=150.0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--strategy-run", default=None, help=argparse.SUPPRESS)  # internal: one strategy subprocess
+    p.add_argument(
+        "--strategy-run", default=None, help=argparse.SUPPRESS
+    )  # internal: one strategy subprocess
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -384,15 +478,19 @@ def main(argv: list[str] | None = None) -> int:
         from bytelm.models.attention_ref import REFERENCE
 
         attention.load_flash = lambda: REFERENCE  # type: ignore[assignment]
-        log("CPU dry run: tiny sizes, fp32, flash = pure-torch reference kernel, compile backend "
-            f"{a.compile_backend} (inductor on CPU takes minutes)")
+        log(
+            "CPU dry run: tiny sizes, fp32, flash = pure-torch reference kernel, compile backend "
+            f"{a.compile_backend} (inductor on CPU takes minutes)"
+        )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     deadline = t_start + a.budget_s
     fa = attention.load_flash()
     rep: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_dry_run": dry, "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu_dry_run": dry,
+        "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "flash_attn": "reference kernel" if dry else ("installed" if fa else "not installed"),
         "peak_flops_bf16": peak_flops(a.peak_flops) if not dry else None,

@@ -39,7 +39,9 @@ def samples() -> dict[str, list[bytes]]:
     return {
         "Shakespeare validation": [d.data for d in shakespeare_documents("validation")],
         "Shakespeare (all)": [d.data for d in shakespeare_documents("all")],
-        "chatterbot, 28 languages (all)": [d.data for s in ("train", "validation") for d in chatterbot_documents(s)],
+        "chatterbot, 28 languages (all)": [
+            d.data for s in ("train", "validation") for d in chatterbot_documents(s)
+        ],
         "Latin-1 French (invalid UTF-8)": [fr.encode("latin-1")],
         "cp1251 Russian (invalid UTF-8)": [ru.encode("cp1251")],
         "random bytes": [bytes(rng.randrange(256) for _ in range(100_000))],

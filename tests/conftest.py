@@ -47,9 +47,18 @@ def make_tiny_source(folder, *, layers: int = 2, hidden: int = 64, tied: bool = 
     tok = load_tokenizer(smollm2_gguf_path())
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=tied, max_position_embeddings=2048, bos_token_id=None, eos_token_id=None,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(str(folder))

@@ -46,8 +46,11 @@ def naive(q, k, v, *, causal=True, q_offset=0, doc_ids=None, key_bias=None, key_
 
 def _qkv(B=2, H=2, Tq=9, Tk=9, hd=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, Tq, hd, generator=g), torch.randn(B, H, Tk, hd, generator=g),
-            torch.randn(B, H, Tk, hd, generator=g))
+    return (
+        torch.randn(B, H, Tq, hd, generator=g),
+        torch.randn(B, H, Tk, hd, generator=g),
+        torch.randn(B, H, Tk, hd, generator=g),
+    )
 
 
 DOCS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1]])
@@ -83,7 +86,16 @@ def test_sdpa_matches_naive(name: str) -> None:
 
 # ------------------------------------------------------------------ flash (reference kernel) and flex on CPU
 
-FLASH_CASES = ["causal", "full", "q_offset", "q_offset_window", "doc_ids", "doc_ids_full", "window", "window_full"]
+FLASH_CASES = [
+    "causal",
+    "full",
+    "q_offset",
+    "q_offset_window",
+    "doc_ids",
+    "doc_ids_full",
+    "window",
+    "window_full",
+]
 
 
 @pytest.fixture
@@ -115,8 +127,15 @@ def test_varlen_info_segments_rows_and_documents() -> None:
     assert m == 6
 
 
-FLEX_CASES = [("causal", False), ("doc_ids", False), ("window_full", False), ("q_offset_window", False),
-              ("key_mask", True), ("everything", False), ("everything", True)]  # eager flex traces each: ~1 s
+FLEX_CASES = [
+    ("causal", False),
+    ("doc_ids", False),
+    ("window_full", False),
+    ("q_offset_window", False),
+    ("key_mask", True),
+    ("everything", False),
+    ("everything", True),
+]  # eager flex traces each: ~1 s
 
 
 @pytest.mark.parametrize("name,null_key", FLEX_CASES)
@@ -190,20 +209,35 @@ def _needs(**kw: Any) -> attention.Needs:
     return attention.Needs(**{**base, **kw})
 
 
-@pytest.mark.parametrize("flash,needs,expected", [
-    (True, dict(docs=True), Backend.FLASH),  # packed training rows: flash varlen
-    (True, dict(), Backend.FLASH),
-    (True, dict(docs=True, dtype=torch.float32), Backend.FLEX),  # fp32: no flash, documents need a block mask
-    (False, dict(docs=True), Backend.FLEX),  # flash not installed
-    (False, dict(window=8), Backend.FLEX),
-    (False, dict(), Backend.SDPA),  # plain causal: SDPA's is_causal kernels, no mask
-    (True, dict(causal=False, key_bias=True, key_mask=True, null_key=True), Backend.SDPA),  # MrT5 encoder: (B,1,1,S)
-    (True, dict(causal=False, tq=32, key_bias=True, key_mask=True, null_key=True), Backend.SDPA),  # cross-attention
-    (True, dict(key_bias=True), Backend.FLEX),  # causal + bias: flex's score_mod
-    (True, dict(tq=1, tk=65, q_offset=64), Backend.FLASH),  # a cached decoding step
-    (False, dict(tq=1, tk=65, q_offset=64), Backend.SDPA),
-    (True, dict(device="cpu", docs=True), Backend.SDPA),
-])
+@pytest.mark.parametrize(
+    "flash,needs,expected",
+    [
+        (True, dict(docs=True), Backend.FLASH),  # packed training rows: flash varlen
+        (True, dict(), Backend.FLASH),
+        (
+            True,
+            dict(docs=True, dtype=torch.float32),
+            Backend.FLEX,
+        ),  # fp32: no flash, documents need a block mask
+        (False, dict(docs=True), Backend.FLEX),  # flash not installed
+        (False, dict(window=8), Backend.FLEX),
+        (False, dict(), Backend.SDPA),  # plain causal: SDPA's is_causal kernels, no mask
+        (
+            True,
+            dict(causal=False, key_bias=True, key_mask=True, null_key=True),
+            Backend.SDPA,
+        ),  # MrT5 encoder: (B,1,1,S)
+        (
+            True,
+            dict(causal=False, tq=32, key_bias=True, key_mask=True, null_key=True),
+            Backend.SDPA,
+        ),  # cross-attention
+        (True, dict(key_bias=True), Backend.FLEX),  # causal + bias: flex's score_mod
+        (True, dict(tq=1, tk=65, q_offset=64), Backend.FLASH),  # a cached decoding step
+        (False, dict(tq=1, tk=65, q_offset=64), Backend.SDPA),
+        (True, dict(device="cpu", docs=True), Backend.SDPA),
+    ],
+)
 def test_auto_choice_on_cuda(monkeypatch, flash: bool, needs: dict, expected: Backend) -> None:
     kernels = FlashKernels(REFERENCE.func, REFERENCE.varlen_func) if flash else None
     monkeypatch.setattr(attention, "load_flash", lambda: kernels)

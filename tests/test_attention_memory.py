@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench_attention_memory", ROOT / "scripts" / "bench_attention_memory.py")
+_spec = importlib.util.spec_from_file_location(
+    "bench_attention_memory", ROOT / "scripts" / "bench_attention_memory.py"
+)
 assert _spec is not None and _spec.loader is not None
 bam = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bam)

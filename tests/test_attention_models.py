@@ -18,8 +18,16 @@ from bytelm.models.attention_ref import REFERENCE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 40  # bytes per row; packed documents are shorter, so a T x T tensor can only come from a dense mask
-SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_byte=16, n_heads_byte=2, encoder_layers=2, decoder_layers=1,
-             max_word_bytes=8)
+SMALL = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    d_byte=16,
+    n_heads_byte=2,
+    encoder_layers=2,
+    decoder_layers=1,
+    max_word_bytes=8,
+)
 KINDS = {
     "flat": dict(arch="flat"),
     "hier_words": dict(arch="hierarchical"),
@@ -83,10 +91,14 @@ def test_flash_refuses_mrt5_masks_and_gate_bias_unless_fallback(ref_flash) -> No
     batch = _batch()
     with pytest.raises(AttentionBackendError, match="mrt5 encoder: flash-attn takes no padding mask"):
         _logits(_model("mrt5", "flash"), batch)
-    with pytest.raises(AttentionBackendError, match="mrt5 encoder after the gate: flash-attn cannot add a per-key bias"):
+    with pytest.raises(
+        AttentionBackendError, match="mrt5 encoder after the gate: flash-attn cannot add a per-key bias"
+    ):
         _logits(_model("mrt5", "flash", gate=dataclasses.replace(ModelConfig().gate, layer=0)), batch)
     ref = _logits(_model("mrt5", "sdpa"), batch)
-    out = _logits(_model("mrt5", "flash", attn_fallback=True), batch)  # the decoder's self-attention runs flash
+    out = _logits(
+        _model("mrt5", "flash", attn_fallback=True), batch
+    )  # the decoder's self-attention runs flash
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -28,8 +28,14 @@ def naive(pred, true, mask=None) -> dict[str, float]:
         fn += t and not p
         tn += not p and not t
     n = tp + fp + fn + tn
-    return {"accuracy": (tp + tn) / n, "precision": tp / (tp + fp), "recall": tp / (tp + fn),
-            "f1": 2 * tp / (2 * tp + fp + fn), "n": n, "ends": tp + fn}
+    return {
+        "accuracy": (tp + tn) / n,
+        "precision": tp / (tp + fp),
+        "recall": tp / (tp + fn),
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "n": n,
+        "ends": tp + fn,
+    }
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -44,15 +50,24 @@ def test_scores_match_a_naive_loop(seed):
         for k in want:
             assert got[k] == pytest.approx(want[k], abs=1e-12), k
     # any shape; torch tensors work as they are
-    two = boundary_scores(torch.from_numpy(pred.reshape(5, 100)), torch.from_numpy(true.reshape(5, 100)),
-                          torch.from_numpy(mask.reshape(5, 100)))
+    two = boundary_scores(
+        torch.from_numpy(pred.reshape(5, 100)),
+        torch.from_numpy(true.reshape(5, 100)),
+        torch.from_numpy(mask.reshape(5, 100)),
+    )
     assert two == boundary_scores(pred, true, mask)
 
 
 def test_degenerate_groups_and_shape_errors():
     none = np.zeros(4, dtype=bool)
-    assert boundary_scores(none, none) == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
-                                           "n": 4.0, "ends": 0.0}
+    assert boundary_scores(none, none) == {
+        "accuracy": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
+        "f1": 1.0,
+        "n": 4.0,
+        "ends": 0.0,
+    }
     miss = boundary_scores(none, ~none)
     assert miss["accuracy"] == 0.0 and miss["precision"] == 0.0 and miss["f1"] == 0.0
     assert boundary_scores(none, none, none)["n"] == 0.0
@@ -105,8 +120,23 @@ def test_report_script_help_and_a_small_report(tmp_path, capsys):
         mod.main(["--help"])
     assert e.value.code == 0 and "--predict" in capsys.readouterr().out
     out = tmp_path / "b.json"
-    assert mod.main(["--data", "shakespeare", "--max-bytes", "1000", "--json", str(out),
-                     "--predict", "space_punct", "--predict", "bytelm.eval.boundary_baselines:pretokenizer_rule"]) == 0
+    assert (
+        mod.main(
+            [
+                "--data",
+                "shakespeare",
+                "--max-bytes",
+                "1000",
+                "--json",
+                str(out),
+                "--predict",
+                "space_punct",
+                "--predict",
+                "bytelm.eval.boundary_baselines:pretokenizer_rule",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| shakespeare |" in table and "space_punct acc" in table
     got = json.loads(out.read_text())

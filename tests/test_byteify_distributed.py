@@ -43,14 +43,23 @@ def launch(out: Path, overrides: list[str]) -> dict[str, Any]:
         env.pop(k, None)
     args = [f"trainer.out_dir={out}", "trainer.devices=2", "trainer.accelerator=cpu", *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(HERE), str(out / "record"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE), str(out / "record"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the rank it started (same session)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"2-process run hung (> {TIMEOUT}s), killed:\n{stdout[-2000:]}\n{stderr[-4000:]}") from None
+        raise AssertionError(
+            f"2-process run hung (> {TIMEOUT}s), killed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+        ) from None
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
@@ -59,9 +68,20 @@ def launch(out: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def byteify_args(source: Path, strategy: str, *extra: str) -> list[str]:
-    return ["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={source}", "byteify.encoder_blocks=1",
-            "distill.cache_dir=null", f"strategy={strategy}", "trainer.collective_timeout_s=120", "logger.kind=none",
-            f"data.seq_len={SEQ_LEN}", f"data.batch_size={PER_RANK_BATCH}", "trainer.keep_last=3", *extra]
+    return [
+        "experiment=byteify_smollm2",
+        "debug=cpu",
+        f"byteify.source={source}",
+        "byteify.encoder_blocks=1",
+        "distill.cache_dir=null",
+        f"strategy={strategy}",
+        "trainer.collective_timeout_s=120",
+        "logger.kind=none",
+        f"data.seq_len={SEQ_LEN}",
+        f"data.batch_size={PER_RANK_BATCH}",
+        "trainer.keep_last=3",
+        *extra,
+    ]
 
 
 def check_validated(run: dict[str, Any], times: int) -> None:
@@ -72,8 +92,12 @@ def check_validated(run: dict[str, Any], times: int) -> None:
 
 @pytest.mark.parametrize("strategy", ["fsdp2", pytest.param("deepspeed_zero3", marks=pytest.mark.slow)])
 def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_source, tmp_path):
-    steps = ["trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.val_every=2",
-             f"data.val_max_bytes={VAL_UNEVEN_ROWS}"]
+    steps = [
+        "trainer.max_steps=4",
+        "trainer.ckpt_every=2",
+        "trainer.val_every=2",
+        f"data.val_max_bytes={VAL_UNEVEN_ROWS}",
+    ]
     a = launch(tmp_path / "a", byteify_args(tiny_source, strategy, *steps))
     for rec in a["ranks"]:
         assert sorted(int(s) for s in rec["losses"]) == [1, 2, 3, 4]
@@ -95,9 +119,19 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
             assert abs(v - full[s]) < 1e-6, (strategy, r, s, v, full[s])
         assert b["ranks"][r]["end_sums"] == pytest.approx(a["ranks"][r]["end_sums"], rel=1e-6, abs=1e-9)
 
-    c = launch(tmp_path / "c", byteify_args(
-        tiny_source, strategy, "trainer.max_steps=2", "trainer.ckpt_every=1000", "trainer.val_every=2",
-        f"data.val_max_bytes={VAL_UNEVEN_ROWS}", "byteify.stage=2", f"byteify.init_from={ck / 'last.ckpt'}"))
+    c = launch(
+        tmp_path / "c",
+        byteify_args(
+            tiny_source,
+            strategy,
+            "trainer.max_steps=2",
+            "trainer.ckpt_every=1000",
+            "trainer.val_every=2",
+            f"data.val_max_bytes={VAL_UNEVEN_ROWS}",
+            "byteify.stage=2",
+            f"byteify.init_from={ck / 'last.ckpt'}",
+        ),
+    )
     for r in range(2):
         rec = c["ranks"][r]
         # stage 2 starts from the stage-1 weights (same sharding: the same local shards)
@@ -111,8 +145,17 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
 def test_validation_with_different_batch_counts_per_rank(strategy, tiny_source, tmp_path):
-    run = launch(tmp_path, byteify_args(tiny_source, strategy, "trainer.max_steps=2", "trainer.val_every=2",
-                                        "trainer.ckpt_every=1000", f"data.val_max_bytes={VAL_UNEVEN_BATCHES}"))
+    run = launch(
+        tmp_path,
+        byteify_args(
+            tiny_source,
+            strategy,
+            "trainer.max_steps=2",
+            "trainer.val_every=2",
+            "trainer.ckpt_every=1000",
+            f"data.val_max_bytes={VAL_UNEVEN_BATCHES}",
+        ),
+    )
     check_validated(run, 1)
 
 
@@ -121,7 +164,9 @@ PREFIXES = ("backbone.", "boundary.", "encoder.", "source_embed.", "decoder.")
 
 
 def _local(p: Any) -> Any:
-    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition, without its padding (rank r holds [r * part, (r + 1) * part))
+    if hasattr(
+        p, "ds_tensor"
+    ):  # ZeRO-3 partition, without its padding (rank r holds [r * part, (r + 1) * part))
         import torch.distributed as dist
 
         part = p.ds_tensor.numel()

@@ -34,7 +34,11 @@ def _perturb(model: torch.nn.Module) -> None:
     logits of magnitude ~1 (about half the bytes close a patch, none sits near the threshold), prior_scale != 1."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        last = model.boundary.mlp[-1] if isinstance(model.boundary.mlp, torch.nn.Sequential) else model.boundary.mlp
+        last = (
+            model.boundary.mlp[-1]
+            if isinstance(model.boundary.mlp, torch.nn.Sequential)
+            else model.boundary.mlp
+        )
         last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 3 / last.weight.shape[1] ** 0.5)
         last.bias.fill_(0.0)
         model.prior_scale.fill_(0.7)
@@ -51,7 +55,9 @@ def exported(tiny_source, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("byteify_hf")
     # learned patch boundaries (chunker=gate): the model that generates (the HAT-word ablation has no cached path)
-    cfg = load_config(["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={tiny_source}", "model.chunker=gate"])
+    cfg = load_config(
+        ["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={tiny_source}", "model.chunker=gate"]
+    )
     torch.manual_seed(0)
     model = build_model_for(cfg).eval()  # fills cfg.model's source fields and loads the source's tensors
     _perturb(model)
@@ -77,9 +83,24 @@ def test_folder_carries_the_source_vocabulary(exported):
 
     model, folder = exported
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["arch"] == "byteified" and cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_bytelm.BytelmForCausalLM"
-    for k in ("source_vocab", "source_vocab_bytes", "source_start_id", "source_tied", "lm_prior", "boundary_hidden",
-              "n_kv_heads", "head_dim", "mlp_hidden", "norm_eps", "qkv_bias", "backbone_window"):
+    assert (
+        cfg["arch"] == "byteified"
+        and cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_bytelm.BytelmForCausalLM"
+    )
+    for k in (
+        "source_vocab",
+        "source_vocab_bytes",
+        "source_start_id",
+        "source_tied",
+        "lm_prior",
+        "boundary_hidden",
+        "n_kv_heads",
+        "head_dim",
+        "mlp_hidden",
+        "norm_eps",
+        "qkv_bias",
+        "backbone_window",
+    ):
         assert cfg[k] == getattr(model.cfg, k), k
     assert cfg["bytelm_rope_scaling"]["kind"] == "none"
     assert "rope_scaling" not in cfg and "rope_parameters" not in cfg  # transformers' own key stays untouched
@@ -113,7 +134,12 @@ def test_reload_gives_checkpoint_logits(exported, hf):
     model, _ = exported
     assert type(hf.model).__name__ == "ByteifiedLM"
     assert hf.model.source_embed.weight.requires_grad is False
-    ids = torch.tensor([[BOS_ID, *b"Hello world, this is a test"], [*b"no bos: 1234 \xe4\xb8\x96!", EOS_ID, BOS_ID, *b"ok then!?"]])
+    ids = torch.tensor(
+        [
+            [BOS_ID, *b"Hello world, this is a test"],
+            [*b"no bos: 1234 \xe4\xb8\x96!", EOS_ID, BOS_ID, *b"ok then!?"],
+        ]
+    )
     rows = [list(b"The quick brown fox"), list(b"jumps")]
     with torch.no_grad():
         ref, got = model(ids), hf(ids, segment=True)
@@ -127,15 +153,21 @@ def test_reload_gives_checkpoint_logits(exported, hf):
         seg = hf(input_ids=padded, attention_mask=mask, segment=True).logits
         plain = hf(input_ids=padded, attention_mask=mask)
         for i, r in enumerate(rows):
-            torch.testing.assert_close(seg[i, : len(r)], model(torch.tensor([r])).logits[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                seg[i, : len(r)], model(torch.tensor([r])).logits[0], atol=1e-5, rtol=0
+            )
             want, bits = causal_logits(model, r)
             torch.testing.assert_close(plain.logits[i, : len(r)], want, atol=1e-4, rtol=0)
             assert plain.boundary_bits[i, : len(r)].tolist() == bits
         x = torch.tensor([rows[0]])
         tgt = torch.cat([x[:, 1:], torch.full((1, 1), -100)], 1)
         torch.testing.assert_close(hf(input_ids=x, labels=x, segment=True).loss, model(x, targets=tgt).loss)
-        torch.testing.assert_close(hf(input_ids=x, labels=x).loss,
-                                   F.cross_entropy(causal_logits(model, rows[0])[0][:-1], x[0, 1:]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            hf(input_ids=x, labels=x).loss,
+            F.cross_entropy(causal_logits(model, rows[0])[0][:-1], x[0, 1:]),
+            atol=1e-5,
+            rtol=0,
+        )
         base = hf(x).logits
         for t in (3, 9, 15):
             y = x.clone()
@@ -147,9 +179,13 @@ def test_generate_with_cache_equals_full_forwards(exported, hf):
     model, _ = exported
     ids = torch.tensor([list(PROMPT)])
     cached = hf.generate(ids, max_new_tokens=8, do_sample=False)
-    full = hf.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)  # the full forward at every step
+    full = hf.generate(
+        ids, max_new_tokens=8, do_sample=False, use_cache=False
+    )  # the full forward at every step
     assert torch.equal(cached, full)
-    assert bytes(t for t in cached[0, ids.shape[1] :].tolist() if t < 256) == generate(model, PROMPT, 8, temperature=0)
+    assert bytes(t for t in cached[0, ids.shape[1] :].tolist() if t < 256) == generate(
+        model, PROMPT, 8, temperature=0
+    )
     prompts = [b"Now is", PROMPT]  # left-padded batch: each row generates what it generates alone (own cache)
     n = max(map(len, prompts))
     batch = torch.tensor([[256] * (n - len(p)) + list(p) for p in prompts])
@@ -190,13 +226,41 @@ def test_untied_source_and_config_round_trip(tmp_path):
     vocabulary: every field survives config.json (no transformers rope warnings) and the logits reload."""
     from transformers import AutoModelForCausalLM
 
-    table = [None, *(bytes([b]) for b in range(256)), b"th", b"the", b" the", b"ing", b"ou", b"you", b"\xe4\xb8\x96"]
+    table = [
+        None,
+        *(bytes([b]) for b in range(256)),
+        b"th",
+        b"the",
+        b" the",
+        b"ing",
+        b"ou",
+        b"you",
+        b"\xe4\xb8\x96",
+    ]
     cfg = ModelConfig(
-        arch="byteified", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_hidden=48, qkv_bias=True,
-        norm_eps=1e-5, rope_scaling=RopeScalingConfig(kind="llama3", factor=8.0, original_max_position=64),
-        backbone_window=5, d_byte=16, n_heads_byte=2, encoder_layers=1, decoder_layers=1, pooling="last", chunker="gate",
-        source_vocab=len(table), source_vocab_bytes=sum(len(t or b"") for t in table), source_tied=False,
-        boundary_hidden=8, max_word_bytes=6, max_seq_len=128,
+        arch="byteified",
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        mlp_hidden=48,
+        qkv_bias=True,
+        norm_eps=1e-5,
+        rope_scaling=RopeScalingConfig(kind="llama3", factor=8.0, original_max_position=64),
+        backbone_window=5,
+        d_byte=16,
+        n_heads_byte=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        pooling="last",
+        chunker="gate",
+        source_vocab=len(table),
+        source_vocab_bytes=sum(len(t or b"") for t in table),
+        source_tied=False,
+        boundary_hidden=8,
+        max_word_bytes=6,
+        max_seq_len=128,
     )
     torch.manual_seed(1)
     model = build_model(cfg).eval()
@@ -216,7 +280,8 @@ def test_untied_source_and_config_round_trip(tmp_path):
         torch.testing.assert_close(hf(ids, segment=True).logits, model(ids).logits, atol=1e-5, rtol=0)
         p = torch.tensor([list(b"you the")])
         assert hf.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1] :].tolist() == list(
-            generate(model, b"you the", 6, temperature=0))
+            generate(model, b"you the", 6, temperature=0)
+        )
 
 
 # a fresh interpreter in which `import bytelm` fails: transformers only
@@ -259,8 +324,13 @@ def test_loads_without_bytelm_in_subprocess(exported, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "check.py"), str(tmp_path / "ref.pt")], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        [sys.executable, "-I", str(tmp_path / "check.py"), str(tmp_path / "ref.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT", 1)[1])

@@ -24,8 +24,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a hand-made vocabulary: nested prefixes, a duplicate byte string, specials (None), an empty token, multi-byte
 # UTF-8 (é = c3 a9) and tokens that nothing extends
-HAND = [b"a", b"ab", b"abc", b"b", b"bc", b"c", b"ca", b"cab", None, b"\xc3", b"\xc3\xa9", b"ab", b"",
-        b" a", b" ab", b"abcab", b"\xc3\xa9t\xc3\xa9", b"zz", None, b"b c"]
+HAND = [
+    b"a",
+    b"ab",
+    b"abc",
+    b"b",
+    b"bc",
+    b"c",
+    b"ca",
+    b"cab",
+    None,
+    b"\xc3",
+    b"\xc3\xa9",
+    b"ab",
+    b"",
+    b" a",
+    b" ab",
+    b"abcab",
+    b"\xc3\xa9t\xc3\xa9",
+    b"zz",
+    None,
+    b"b c",
+]
 
 
 # ------------------------------------------------------------------------------------------ brute force
@@ -149,10 +169,23 @@ def test_open_nodes_equal_brute_force():
 # ------------------------------------------------------------------------------------- small hand model
 def small_model(table: list[bytes | None], seed: int = 0, tied: bool = False, **kw) -> ByteifiedLM:
     kw = {"chunker": "gate", **kw}
-    cfg = ModelConfig(arch="byteified", d_model=16, n_layers=2, n_heads=2, d_byte=16, n_heads_byte=2,
-                      encoder_layers=1, decoder_layers=1, pooling="last", decoder_cross="all",
-                      source_vocab=len(table), source_vocab_bytes=sum(len(t or b"") for t in table),
-                      source_start_id=table.index(None), source_tied=tied, **kw)
+    cfg = ModelConfig(
+        arch="byteified",
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_byte=16,
+        n_heads_byte=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        pooling="last",
+        decoder_cross="all",
+        source_vocab=len(table),
+        source_vocab_bytes=sum(len(t or b"") for t in table),
+        source_start_id=table.index(None),
+        source_tied=tied,
+        **kw,
+    )
     torch.manual_seed(seed)
     m = ByteifiedLM(cfg)
     m.init_weights()
@@ -293,7 +326,18 @@ def test_generation_with_cache_equals_full_forwards(chunker):
 
 # ----------------------------------------------------------------------- causality of the joint scoring
 ADVERSARIAL = [
-    *b"abc ", BOS_ID, EOS_ID, 0xC3, 0xA9, 0x80, 0xFF, 0xE3, 0xF0, 0x9F, 0x98, 0x80,
+    *b"abc ",
+    BOS_ID,
+    EOS_ID,
+    0xC3,
+    0xA9,
+    0x80,
+    0xFF,
+    0xE3,
+    0xF0,
+    0x9F,
+    0x98,
+    0x80,
     *"\u00a0\u0332\u4e2d\u3002\u0449".encode(),
 ]
 
@@ -357,7 +401,7 @@ def set_boundary_rate(m: ByteifiedLM, ids: torch.Tensor, rate: float) -> None:
         assert (m.boundary(h).abs() > 1e-3).all()  # a margin: the full and the cached path decide alike
 
 
-TEXT = "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e text, \U0001F600 emoji and long_words_here ok"
+TEXT = "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e text, \U0001f600 emoji and long_words_here ok"
 
 
 def _cached_logits(m: ByteifiedLM, ids: list[int], chunks: list[int], bits: list[bool]) -> torch.Tensor:
@@ -366,7 +410,9 @@ def _cached_logits(m: ByteifiedLM, ids: list[int], chunks: list[int], bits: list
     while p < len(ids):
         n = chunks[k % len(chunks)]
         k += 1
-        outs.append(m(torch.tensor([ids[p : p + n]]), cache=cache, patch_end=torch.tensor([bits[p : p + n]])).logits)
+        outs.append(
+            m(torch.tensor([ids[p : p + n]]), cache=cache, patch_end=torch.tensor([bits[p : p + n]])).logits
+        )
         p += n
     return torch.cat(outs, 1)
 
@@ -485,7 +531,6 @@ def test_backbone_through_the_model_equals_the_teacher(byteified):
         assert (probe - want_p).abs().max() < 1e-4, lead
 
 
-
 def token_end_bits(teacher, data: bytes, lead: int) -> torch.Tensor:
     """(1, lead + len(data)) bool: the source tokenizer's token ends on ``data`` (after ``lead`` specials)."""
     enc = teacher.encode([data])
@@ -495,8 +540,10 @@ def token_end_bits(teacher, data: bytes, lead: int) -> torch.Tensor:
     return bits
 
 
-STEP0_TEXT = ("The byteified model, caf\u00e9 and \u65e5\u672c\u8a9e, reads raw bytes.  Spaces   here\n\tand "
-              "\u041f\u0440\u0438\u0432\u0435\u0442, def f(x):\n    return x ** 2  # code\n")
+STEP0_TEXT = (
+    "The byteified model, caf\u00e9 and \u65e5\u672c\u8a9e, reads raw bytes.  Spaces   here\n\tand "
+    "\u041f\u0440\u0438\u0432\u0435\u0442, def f(x):\n    return x ** 2  # code\n"
+)
 
 
 def test_step0_with_the_tokenizer_segmenter_equals_the_teacher(byteified):
@@ -507,7 +554,10 @@ def test_step0_with_the_tokenizer_segmenter_equals_the_teacher(byteified):
     from bytelm.distill.teacher import Teacher
 
     m, cfg = byteified
-    assert float(m.lm_head.weight.detach().abs().max()) == 0.0 and float(m.pool.proj.weight.detach().abs().max()) == 0.0
+    assert (
+        float(m.lm_head.weight.detach().abs().max()) == 0.0
+        and float(m.pool.proj.weight.detach().abs().max()) == 0.0
+    )
     teacher = Teacher(*load_source_once(cfg.byteify.source))
     data = STEP0_TEXT.encode()
     with torch.no_grad():
@@ -575,7 +625,9 @@ def test_set_trainable_per_stage_and_backbone_lr(byteified):
         assert trains("boundary.") == {True} and trains("encoder.") == {True} and trains("pool.") == {True}
         assert trains("source_embed.") == {False}
         set_trainable(m, ByteifyConfig(stage=2))
-        assert trains("backbone.") == {True} and trains("boundary.") == {True}  # Bolmo's stage 2 keeps its loss
+        assert trains("backbone.") == {True} and trains("boundary.") == {
+            True
+        }  # Bolmo's stage 2 keeps its loss
         set_trainable(m, ByteifyConfig(stage=2, train_boundary=False))
         assert trains("boundary.") == {False}
         set_trainable(m, ByteifyConfig(stage=2))
@@ -595,17 +647,22 @@ def test_set_trainable_per_stage_and_backbone_lr(byteified):
         set_trainable(m, ByteifyConfig(stage=1))
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("byteify.stage=3", "byteify.stage"),
-    ("byteify.encoder_weight=-1", "byteify.encoder_weight"),
-    ("byteify.boundary_weight=-0.5", "byteify.boundary_weight"),
-    ("byteify.alm_tau=0", "byteify.alm_tau"),
-    ("byteify.encoder_blocks=9", "byteify.encoder_blocks"),  # more than the source's 2 blocks
-])
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("byteify.stage=3", "byteify.stage"),
+        ("byteify.encoder_weight=-1", "byteify.encoder_weight"),
+        ("byteify.boundary_weight=-0.5", "byteify.boundary_weight"),
+        ("byteify.alm_tau=0", "byteify.alm_tau"),
+        ("byteify.encoder_blocks=9", "byteify.encoder_blocks"),  # more than the source's 2 blocks
+    ],
+)
 def test_config_errors_name_the_key(tiny_source, override, needle):
     from bytelm.config import load_config
     from bytelm.distill.byteify import ByteifyObjective
 
     with pytest.raises(ValueError, match=needle):  # byteify.stage already fails when the config is loaded
-        cfg = load_config(["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={tiny_source}", override])
+        cfg = load_config(
+            ["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={tiny_source}", override]
+        )
         ByteifyObjective(cfg)

@@ -23,8 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def byteify_cfg(tiny_source, *extra: str):
-    return load_config(["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={tiny_source}",
-                        "byteify.encoder_blocks=1", "distill.cache_dir=null", *extra])
+    return load_config(
+        [
+            "experiment=byteify_smollm2",
+            "debug=cpu",
+            f"byteify.source={tiny_source}",
+            "byteify.encoder_blocks=1",
+            "distill.cache_dir=null",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +59,15 @@ def random_tokens(rng: random.Random, B: int, T: int, ids: torch.Tensor, D: int 
     N = len(pos)
     g = torch.Generator().manual_seed(rng.randint(0, 10**6))
     return TokenTargets(
-        pos=torch.tensor(pos), first=torch.tensor(first), ctx=torch.randn(N, D, generator=g).half(),
-        probe=torch.randn(N, D, generator=g).half(), exact=torch.rand(N, generator=g) < 0.8,
-        logp=-torch.rand(N, generator=g) * 8, space=-torch.rand(N, generator=g) * 3,
-        start_ctx=torch.randn(D, generator=g).half(), start_probe=torch.randn(D, generator=g).half(),
+        pos=torch.tensor(pos),
+        first=torch.tensor(first),
+        ctx=torch.randn(N, D, generator=g).half(),
+        probe=torch.randn(N, D, generator=g).half(),
+        exact=torch.rand(N, generator=g) < 0.8,
+        logp=-torch.rand(N, generator=g) * 8,
+        space=-torch.rand(N, generator=g) * 3,
+        start_ctx=torch.randn(D, generator=g).half(),
+        start_probe=torch.randn(D, generator=g).half(),
     )
 
 
@@ -116,8 +129,13 @@ def test_encoder_and_boundary_losses_equal_naive(objective):
     last = torch.stack([torch.sort(torch.randperm(T, generator=g)[:W]).values for _ in range(B)])
     start = torch.where(torch.arange(W) < W - 2, last, T).long()
     end = torch.where(torch.arange(W) < W - 2, last + 1, T).long()
-    hidden = {"boundary_logits": torch.randn(B, T, generator=g) * 2, "probe": torch.randn(B, W, D, generator=g),
-              "patch_last": last, "word_end": end, "word_start": start}
+    hidden = {
+        "boundary_logits": torch.randn(B, T, generator=g) * 2,
+        "probe": torch.randn(B, W, D, generator=g),
+        "patch_last": last,
+        "word_end": end,
+        "word_start": start,
+    }
     out = SimpleNamespace(logits=torch.zeros(B, T, 640), hidden=hidden)
     objective._tt, objective._ends = tt, ends
     objective._patch_targets = tt  # patches = teacher tokens (stage 1, learned boundaries)
@@ -163,8 +181,12 @@ def test_encoder_and_boundary_losses_equal_naive(objective):
 
 # ------------------------------------------------------------------------------------------ teacher targets
 def test_byte_segments_on_packed_rows():
-    ids = torch.tensor([[BOS_ID, 97, 98, EOS_ID, BOS_ID, 99, 100, 101, EOS_ID, PAD_ID],
-                        [97, 98, 99, 100, EOS_ID, BOS_ID, 97, 97, 97, 97]])
+    ids = torch.tensor(
+        [
+            [BOS_ID, 97, 98, EOS_ID, BOS_ID, 99, 100, 101, EOS_ID, PAD_ID],
+            [97, 98, 99, 100, EOS_ID, BOS_ID, 97, 97, 97, 97],
+        ]
+    )
     doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, -2], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
     assert byte_segments(ids, doc) == [(0, 1, 3), (0, 5, 8), (1, 0, 4), (1, 6, 10)]
     # documents that change without a special are segments of their own too
@@ -226,7 +248,9 @@ def test_encoder_loss_decreases_on_a_repeated_batch(tiny_source):
 
     # the encoder loss alone, on pooled patch vectors (with model.patch_token_embed the exact token embedding
     # already puts a token patch at the teacher's input, so the loss starts near 0)
-    cfg = byteify_cfg(tiny_source, "byteify.alm_weight=0", "byteify.boundary_weight=0", "model.patch_token_embed=false")
+    cfg = byteify_cfg(
+        tiny_source, "byteify.alm_weight=0", "byteify.boundary_weight=0", "model.patch_token_embed=false"
+    )
     torch.manual_seed(0)
     model = build_model_for(cfg).train()
     obj = ByteifyObjective(cfg).train()
@@ -238,8 +262,9 @@ def test_encoder_loss_decreases_on_a_repeated_batch(tiny_source):
     for _ in range(15):
         batch = {"input_ids": ids}
         obj.prepare(batch)
-        out = model(ids, patch_end=batch["patch_end"], context=batch["context"],
-                    probe_blocks=batch["probe_blocks"])
+        out = model(
+            ids, patch_end=batch["patch_end"], context=batch["context"], probe_blocks=batch["probe_blocks"]
+        )
         loss, metrics = obj(batch, out)
         enc.append(float(metrics["encoder_l2"]))
         opt.zero_grad()
@@ -264,8 +289,9 @@ class Record(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses[trainer.global_step] = float(loss)
-        self.metrics[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()
-                                             if k.startswith("train/")}
+        self.metrics[trainer.global_step] = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
+        }
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.end = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
@@ -299,8 +325,14 @@ def test_stage1_freezes_the_backbone_and_stage2_starts_from_it(tiny_source, tmp_
 
     monkeypatch.setattr(ByteifyObjective, "_compute", no_teacher)
     rec2 = Record()
-    cfg2 = byteify_cfg(tiny_source, *base, "trainer.max_steps=2", "byteify.stage=2", f"byteify.init_from={ckpt}",
-                       f"trainer.out_dir={tmp_path / 's2'}")
+    cfg2 = byteify_cfg(
+        tiny_source,
+        *base,
+        "trainer.max_steps=2",
+        "byteify.stage=2",
+        f"byteify.init_from={ckpt}",
+        f"trainer.out_dir={tmp_path / 's2'}",
+    )
     run(cfg2, callbacks=[rec2])
     for k, v in rec1.end.items():  # stage 2 starts from the stage-1 weights
         assert torch.equal(rec2.start[k], v), k
@@ -324,19 +356,32 @@ def test_stage0_trains_only_the_boundary_path_without_the_teacher(tiny_source, t
     monkeypatch.setattr(ByteifyObjective, "_compute", no_teacher)
     base = ["trainer.val_every=3", "trainer.ckpt_every=3", "trainer.max_steps=3", "data.val_max_bytes=300"]
     rec = Record()
-    res = run(byteify_cfg(tiny_source, *base, "byteify.stage=0", f"trainer.out_dir={tmp_path / 's0'}"), callbacks=[rec])
+    res = run(
+        byteify_cfg(tiny_source, *base, "byteify.stage=0", f"trainer.out_dir={tmp_path / 's0'}"),
+        callbacks=[rec],
+    )
     assert res["global_step"] == 3
     for m in rec.metrics.values():
         assert math.isfinite(m["train/boundary_bce"]) and 0 <= m["train/boundary_acc"] <= 1
-        assert m["train/loss"] == pytest.approx(m["train/boundary_bce"], rel=1e-5)  # the model's loss is the BCE
+        assert m["train/loss"] == pytest.approx(
+            m["train/boundary_bce"], rel=1e-5
+        )  # the model's loss is the BCE
     changed = {k.split(".")[0] for k in rec.start if not torch.equal(rec.start[k], rec.end[k])}
     assert changed == {"embed", "encoder", "expand_proj", "boundary"}, changed
     assert math.isfinite(res["metrics"]["val/bpb"])  # validation runs the whole model (learned segmenter)
     monkeypatch.undo()
     rec1 = Record()
     ckpt = tmp_path / "s0" / "checkpoints" / "last.ckpt"
-    run(byteify_cfg(tiny_source, *base, "trainer.max_steps=1", f"byteify.init_from={ckpt}",
-                    f"trainer.out_dir={tmp_path / 's1'}"), callbacks=[rec1])
+    run(
+        byteify_cfg(
+            tiny_source,
+            *base,
+            "trainer.max_steps=1",
+            f"byteify.init_from={ckpt}",
+            f"trainer.out_dir={tmp_path / 's1'}",
+        ),
+        callbacks=[rec1],
+    )
     for k, v in rec.end.items():
         assert torch.equal(rec1.start[k], v), k
 
@@ -350,7 +395,10 @@ def test_resume_of_a_byteify_run_is_exact(tiny_source, tmp_path):
     mid = tmp_path / "a" / "checkpoints" / "step0000002.ckpt"
     assert mid.exists()
     b = Record()
-    run(byteify_cfg(tiny_source, *base, f"trainer.out_dir={tmp_path / 'b'}", f"ckpt_path={mid}"), callbacks=[b])
+    run(
+        byteify_cfg(tiny_source, *base, f"trainer.out_dir={tmp_path / 'b'}", f"ckpt_path={mid}"),
+        callbacks=[b],
+    )
     assert sorted(b.losses) == [3, 4]
     for s, v in b.losses.items():
         assert v == pytest.approx(a.losses[s], abs=1e-6), (s, v, a.losses[s])

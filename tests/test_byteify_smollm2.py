@@ -48,10 +48,14 @@ def test_step0_equals_smollm2_on_held_out_hamlet(smollm2_byteified):
         out = Teacher(hf, tok)([data])
         t_nll = -float((out.token_logprobs * out.encoding.content_mask)[0].sum())
         ids = torch.tensor([[BOS_ID, *data]])
-        bits = torch.cat([torch.ones(1, 1, dtype=torch.bool), torch.from_numpy(token_end_mask(tok, data))[None]], 1)
+        bits = torch.cat(
+            [torch.ones(1, 1, dtype=torch.bool), torch.from_numpy(token_end_mask(tok, data))[None]], 1
+        )
         targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], 1)
         got = model(ids, patch_end=bits, targets=targets)
     assert int(got.metrics["n_bytes"]) == len(data) > 1900
     s_nll = float(got.metrics["nll_sum"])
-    print(f"SmolLM2 {t_nll / len(data) / 0.6931471805599453:.6f} bpb, byteified step 0 {s_nll / len(data) / 0.6931471805599453:.6f} bpb")
+    print(
+        f"SmolLM2 {t_nll / len(data) / 0.6931471805599453:.6f} bpb, byteified step 0 {s_nll / len(data) / 0.6931471805599453:.6f} bpb"
+    )
     assert s_nll == pytest.approx(t_nll, rel=1e-4), (s_nll, t_nll)

@@ -24,8 +24,18 @@ ALPHA = "abcdefghijklmnopqrstuvwxyz"
 
 def tiny(chunker: str, cap: int) -> torch.nn.Module:
     torch.manual_seed(cap)
-    cfg = ModelConfig(arch="hierarchical", d_model=32, n_layers=1, n_heads=2, d_byte=16, n_heads_byte=2,
-                      encoder_layers=1, decoder_layers=1, max_word_bytes=cap, chunker=chunker)
+    cfg = ModelConfig(
+        arch="hierarchical",
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_byte=16,
+        n_heads_byte=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        max_word_bytes=cap,
+        chunker=chunker,
+    )
     return build_model(cfg).eval()
 
 
@@ -73,8 +83,13 @@ def test_cached_equals_full_forward_at_the_cap(chunker: str) -> None:
         text = capped_text(rng, cap)
         ids = list(text)
         full = m(torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(cached_logits(m, ids), full, atol=1e-4, rtol=0,
-                                   msg=lambda s, c=cap, t=text: f"cap {c}, text {t!r}: {s}")
+        torch.testing.assert_close(
+            cached_logits(m, ids),
+            full,
+            atol=1e-4,
+            rtol=0,
+            msg=lambda s, c=cap, t=text: f"cap {c}, text {t!r}: {s}",
+        )
         if chunker == "words" and cap >= 4:  # the full forward's cap cuts at character boundaries
             starts = split_word_starts(ids, cap)
             assert not any(starts[i] and 0x80 <= ids[i] < 0xC0 for i in range(len(ids))), (case, text)
@@ -92,7 +107,9 @@ def test_exported_model_cached_equals_full_forward_at_the_cap(tmp_path) -> None:
         folder = export_model(m, m.cfg, tmp_path / chunker)  # type: ignore[arg-type]
         hf = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
         cache_cls = sys.modules[type(hf).__module__].BytelmCache
-        ids = list("abcd中 wxyzé".encode() + capped_text(rng, cap, n_words=4))  # a (cap-1)-byte word + a character
+        ids = list(
+            "abcd中 wxyzé".encode() + capped_text(rng, cap, n_words=4)
+        )  # a (cap-1)-byte word + a character
         with torch.no_grad():
             full = hf(torch.tensor([ids]), use_cache=False).logits[0]
             cache = cache_cls()

@@ -80,7 +80,9 @@ KINDS: dict[str, Kind] = {
     "flat": Kind(dict(TINY, arch="flat")),
     "hier_words_query": Kind(dict(HIER, pooling="query")),
     "hier_words_last": Kind(dict(HIER, pooling="last", decoder_cross="all")),
-    "hier_gate": Kind(dict(HIER, chunker="gate", gate=GateConfig(bias_init=1.0, center=True))),  # G away from tau
+    "hier_gate": Kind(
+        dict(HIER, chunker="gate", gate=GateConfig(bias_init=1.0, center=True))
+    ),  # G away from tau
     "mrt5_soft": prefix_lm(dict(MRT5, gate=GateConfig(layer=1, bias_init=3.0, center=True))),
     "mrt5_hard": prefix_lm(dict(MRT5, gate=GateConfig(layer=1, bias_init=0.5, center=True, hard_eval=True))),
 }
@@ -100,7 +102,7 @@ def logits_of(kind: Kind, m: nn.Module, ids: list[int], docs: bool = False) -> t
 def _by_position(out: torch.Tensor, T: int) -> torch.Tensor:
     """(L, V) logits of the last L positions -> (T, V), NaN before them."""
     full = torch.full((T, out.shape[-1]), float("nan"))
-    full[T - len(out):] = out
+    full[T - len(out) :] = out
     return full
 
 
@@ -125,14 +127,76 @@ def assert_same_before(a: torch.Tensor, b: torch.Tensor, t: int, msg: str, tol: 
 
 COMBINING = [chr(c) for c in (0x0300, 0x0301, 0x0308, 0x0332, 0x036F)]
 PIECES = [
-    "a", "e", "Z", "1", "9", " ", "  ", "   ", "\u00a0", "\t", "\n", ".", ",", "'", "-", "_", "$", "«",
-    "é", "ж", "в", "Ж", "中", "。", "ぁ", "ア", "😀", "🇦", "\u2044", "\u202f", "\u2007", "\u3000", "\u200d",
-    *COMBINING, " \u00a0", "\u00a0\u0332",
+    "a",
+    "e",
+    "Z",
+    "1",
+    "9",
+    " ",
+    "  ",
+    "   ",
+    "\u00a0",
+    "\t",
+    "\n",
+    ".",
+    ",",
+    "'",
+    "-",
+    "_",
+    "$",
+    "«",
+    "é",
+    "ж",
+    "в",
+    "Ж",
+    "中",
+    "。",
+    "ぁ",
+    "ア",
+    "😀",
+    "🇦",
+    "\u2044",
+    "\u202f",
+    "\u2007",
+    "\u3000",
+    "\u200d",
+    *COMBINING,
+    " \u00a0",
+    "\u00a0\u0332",
 ]
-RAW = [b"\xe3\x80", b"\xe3", b"\x80", b"\xbf", b"\xc3", b"\xff", b"\xc0", b"\xf0\x9f", b"\xf0\x9f\x98",
-       b"\xed\xa0", b"\xe0\x80", b"\xe3\x80\xc3"]
-SUBSTITUTES = [0x20, 0x61, 0x65, 0x2E, 0x0A, 0x09, 0x80, 0xB2, 0xA0, 0xC2, 0xCC, 0xE3, 0xE4, 0xF0, 0xFF,
-               BOS_ID, EOS_ID]
+RAW = [
+    b"\xe3\x80",
+    b"\xe3",
+    b"\x80",
+    b"\xbf",
+    b"\xc3",
+    b"\xff",
+    b"\xc0",
+    b"\xf0\x9f",
+    b"\xf0\x9f\x98",
+    b"\xed\xa0",
+    b"\xe0\x80",
+    b"\xe3\x80\xc3",
+]
+SUBSTITUTES = [
+    0x20,
+    0x61,
+    0x65,
+    0x2E,
+    0x0A,
+    0x09,
+    0x80,
+    0xB2,
+    0xA0,
+    0xC2,
+    0xCC,
+    0xE3,
+    0xE4,
+    0xF0,
+    0xFF,
+    BOS_ID,
+    EOS_ID,
+]
 
 
 def adversarial(rng: random.Random, n: int) -> list[int]:
@@ -213,8 +277,9 @@ def test_regression_word_end_decided_late(name: str, a: bytes, b: bytes, t: int)
     assert float((la[t:] - lb[t:]).abs().max()) > 1e-3  # the rows do differ from t on (the test can see)
     for row in (a, b):
         ids = [BOS_ID, *row]
-        assert_same_before(logits_of(kind, m, ids), cached_logits(kind, m, ids), len(ids), f"cache {row!r}",
-                           tol=CACHE_TOL)
+        assert_same_before(
+            logits_of(kind, m, ids), cached_logits(kind, m, ids), len(ids), f"cache {row!r}", tol=CACHE_TOL
+        )
 
 
 @pytest.mark.parametrize("name", HIER_WORDS)
@@ -248,7 +313,10 @@ def test_regressions_ready_times() -> None:
     for a, b, t in REGRESSIONS:
         for decided, same in ((True, True), (False, False)):
             la, lb = _layout(a, decided=decided), _layout(b, decided=decided)
-            assert ([_seen(la, p) for p in range(t)] == [_seen(lb, p) for p in range(t)]) == same, (a, decided)
+            assert ([_seen(la, p) for p in range(t)] == [_seen(lb, p) for p in range(t)]) == same, (
+                a,
+                decided,
+            )
     # words 中 | " " | U+00A0 | вв (ctx k = the output of word k-1): 中 from the space on, U+00A0 from в's end
     assert _layout("中 \u00a0вв".encode()).ctx_idx[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 3, 3, 3]
     assert _layout(b"eeeee\xe3\x80\xc3").ctx_idx[0].tolist() == [0] * 7 + [1]
@@ -272,7 +340,9 @@ def test_char_emit_times_match_the_incremental_decoder() -> None:
         assert g == _emit_reference(r), r
     # a document start breaks a sequence: E4 is settled (invalid) where the next document starts
     docs = torch.tensor([[0, 0, 1, 1]])
-    assert char_emit_times(torch.tensor([[0x61, 0xE4, 0xB8, 0xAD]]), docs != docs.roll(1, 1)).tolist() == [[0, 2, 2, 3]]
+    assert char_emit_times(torch.tensor([[0x61, 0xE4, 0xB8, 0xAD]]), docs != docs.roll(1, 1)).tolist() == [
+        [0, 2, 2, 3]
+    ]
 
 
 def test_layout_reads_only_decided_words() -> None:

@@ -65,8 +65,13 @@ def test_swap_in_replaces_folders(tmp_path):
 
 
 def test_keep_last_k_and_resume_past_corrupt_newest(tmp_path, caplog):
-    base = ["debug=cpu", "trainer.val_every=1000", "trainer.ckpt_every=2", "trainer.keep_last=2",
-            f"trainer.out_dir={tmp_path}"]
+    base = [
+        "debug=cpu",
+        "trainer.val_every=1000",
+        "trainer.ckpt_every=2",
+        "trainer.keep_last=2",
+        f"trainer.out_dir={tmp_path}",
+    ]
     run(load_config([*base, "trainer.max_steps=8"]))
     ck = tmp_path / "checkpoints"
     names = sorted(p.name for p in ck.iterdir())
@@ -103,8 +108,13 @@ def test_consolidate_single_file_to_safetensors(tmp_path):
 
     model = build_model(cfg.model)
     ckpt = tmp_path / "m.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "bytelm_config": config_to_dict(cfg)}, ckpt)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "bytelm_config": config_to_dict(cfg),
+        },
+        ckpt,
+    )
     out, side = consolidate(ckpt, tmp_path / "out" / "m.safetensors")
     assert side.name == "m.json" and '"tie_embeddings": true' in side.read_text()
     loaded, cfg2 = load_model(out)
@@ -150,7 +160,9 @@ def test_deepspeed_folder_missing_shard_is_corrupt(tmp_path):
     folder = tmp_path / "step0000004.ckpt"
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "latest").write_text("checkpoint")
-    torch.save({"dp_world_size": 2, "bytelm_config": {}}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"dp_world_size": 2, "bytelm_config": {}}, folder / "checkpoint" / "mp_rank_00_model_states.pt"
+    )
     torch.save({}, folder / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(CorruptCheckpointError, match="1 optimizer shards for 2 ranks"):
         validate_checkpoint(folder)
@@ -169,8 +181,13 @@ def test_consolidate_cli_on_run_folder(tmp_path, capsys):
 
     model = build_model(cfg.model)
     (tmp_path / "checkpoints").mkdir()
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "bytelm_config": config_to_dict(cfg)}, tmp_path / "checkpoints" / "last.ckpt")
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "bytelm_config": config_to_dict(cfg),
+        },
+        tmp_path / "checkpoints" / "last.ckpt",
+    )
     out = tmp_path / "w.safetensors"
     assert main([str(tmp_path), str(out)]) == 0
     assert out.is_file() and (tmp_path / "w.json").is_file()

@@ -27,8 +27,16 @@ def entry_point(target: str):
 
 def test_every_console_script_resolves():
     s = scripts()
-    assert {"bytelm-train", "bytelm-eval", "bytelm-generate", "bytelm-export", "bytelm-consolidate",
-            "bytelm-prepare", "bytelm-distill-compare", "bytelm-memory"} <= set(s)
+    assert {
+        "bytelm-train",
+        "bytelm-eval",
+        "bytelm-generate",
+        "bytelm-export",
+        "bytelm-consolidate",
+        "bytelm-prepare",
+        "bytelm-distill-compare",
+        "bytelm-memory",
+    } <= set(s)
     for name, target in s.items():
         assert callable(entry_point(target)), name
 
@@ -75,11 +83,18 @@ def test_memory_cli_prints_the_scaling_table(capsys):
     """``bytelm-memory`` (defaults) prints the table docs/scaling.md shows, row for row."""
     from bytelm.lit.memory import main, parse_size
 
-    assert parse_size("1.3B") == pytest.approx(1.3e9) and parse_size("350M") == 350e6 and parse_size("7e9") == 7e9
+    assert (
+        parse_size("1.3B") == pytest.approx(1.3e9)
+        and parse_size("350M") == 350e6
+        and parse_size("7e9") == 7e9
+    )
     main([])
     out = capsys.readouterr().out
-    doc_rows = [ln for ln in (ROOT / "docs" / "scaling.md").read_text().splitlines()
-                if re.match(r"\| [0-9.]+[MB] \|", ln)]
+    doc_rows = [
+        ln
+        for ln in (ROOT / "docs" / "scaling.md").read_text().splitlines()
+        if re.match(r"\| [0-9.]+[MB] \|", ln)
+    ]
     assert len(doc_rows) == 6
     for ln in doc_rows:
         assert ln in out, ln

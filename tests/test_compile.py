@@ -23,8 +23,16 @@ from bytelm.models.hierarchical import split_word_starts
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 40
-TINY = dict(d_model=32, n_layers=1, n_heads=2, d_byte=16, n_heads_byte=2, encoder_layers=1, decoder_layers=1,
-            max_word_bytes=8)
+TINY = dict(
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    d_byte=16,
+    n_heads_byte=2,
+    encoder_layers=1,
+    decoder_layers=1,
+    max_word_bytes=8,
+)
 KINDS = {
     "flat": dict(arch="flat"),
     "hier_words": dict(arch="hierarchical"),
@@ -43,7 +51,9 @@ def _model(kind: str) -> torch.nn.Module:
 def _batch() -> dict[str, torch.Tensor]:
     text = b"the quick brown fox jumps over a lazy dog; " * 3
     ids = torch.stack([torch.tensor(list(text[i * 7 : i * 7 + T + 1])) for i in range(2)])
-    docs = torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in ([13, 20, 7], [25, 15])])
+    docs = torch.stack(
+        [torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in ([13, 20, 7], [25, 15])]
+    )
     x = ids[:, :-1]
     ws = np.stack([split_word_starts(r.numpy(), 8, d.numpy()) for r, d in zip(x, docs, strict=True)])
     return {"input_ids": x, "targets": ids[:, 1:], "doc_ids": docs, "word_start": torch.from_numpy(ws)}
@@ -51,7 +61,11 @@ def _batch() -> dict[str, torch.Tensor]:
 
 def _loss(fn, b: dict[str, torch.Tensor]) -> torch.Tensor:
     out = fn(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"], word_start=b["word_start"])
-    loss = out.loss if out.loss is not None else F.cross_entropy(out.logits.float().flatten(0, 1), b["targets"].flatten())
+    loss = (
+        out.loss
+        if out.loss is not None
+        else F.cross_entropy(out.logits.float().flatten(0, 1), b["targets"].flatten())
+    )
     return loss + out.aux_loss if out.aux_loss is not None else loss
 
 
@@ -68,7 +82,9 @@ def _check_compiled_equals_eager(kind: str, backend: str, steps: int = 2) -> Non
         lc.backward()
         for (name, p), q in zip(eager.named_parameters(), comp.parameters(), strict=True):
             if p.grad is not None:
-                torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(
+                    q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+                )
                 p.grad = q.grad = None
 
 
@@ -87,8 +103,9 @@ def test_inductor_training_forward_equals_eager(kind: str) -> None:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_no_graph_breaks(kind: str) -> None:
     b = _batch()
-    n, reasons = graph_breaks(_model(kind), b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"],
-                              word_start=b["word_start"])
+    n, reasons = graph_breaks(
+        _model(kind), b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"], word_start=b["word_start"]
+    )
     assert n == 0, reasons
 
 
@@ -101,9 +118,20 @@ def _train(tmp_path, tiny_overrides, experiment: str, backend: str) -> dict:
     from bytelm.config import load_config
     from bytelm.train import run
 
-    cfg = load_config([f"experiment={experiment}", *tiny_overrides, "trainer.max_steps=3", "trainer.val_every=3",
-                       "trainer.ckpt_every=3", "trainer.compile=true", f"trainer.compile_backend={backend}",
-                       "model.n_layers=1", "data.seq_len=32", "data.batch_size=2"])
+    cfg = load_config(
+        [
+            f"experiment={experiment}",
+            *tiny_overrides,
+            "trainer.max_steps=3",
+            "trainer.val_every=3",
+            "trainer.ckpt_every=3",
+            "trainer.compile=true",
+            f"trainer.compile_backend={backend}",
+            "model.n_layers=1",
+            "data.seq_len=32",
+            "data.batch_size=2",
+        ]
+    )
     res = run(cfg)
     assert res["global_step"] == 3
     assert res["module"]._compiled  # steps 2 and 3 ran compiled

@@ -30,8 +30,18 @@ def _choice_fields(cls: type, prefix: str = "") -> list[tuple[str, tuple[str, ..
 FIELDS = _choice_fields(Config)
 # what issue 18 names: each must be a choice field
 REQUIRED = {
-    "model.arch", "model.chunker", "model.pooling", "model.decoder_cross", "model.attn_backend", "optim.schedule",
-    "data.on_error", "data.source", "strategy.name", "trainer.precision", "logger.kind", "distill.kind",
+    "model.arch",
+    "model.chunker",
+    "model.pooling",
+    "model.decoder_cross",
+    "model.attn_backend",
+    "optim.schedule",
+    "data.on_error",
+    "data.source",
+    "strategy.name",
+    "trainer.precision",
+    "logger.kind",
+    "distill.kind",
     "distill.alm_mode",
 }
 
@@ -135,9 +145,17 @@ def test_schema_enum_members_are_the_options():
 def test_cli_cfg_job_fails_before_building_and_misspelt_experiment_fails():
     """`--cfg job` prints the config without running anything: it must already reject a misspelt value;
     a misspelt experiment name must not silently train the default model."""
-    r = subprocess.run([sys.executable, "-m", "bytelm.train", "experiment=hat_tiny", "logger.kind=wandbb",
-                        "--cfg", "job"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bytelm.train", "experiment=hat_tiny", "logger.kind=wandbb", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "logger.kind" in r.stderr and "wandbb" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "bytelm.train", "experiment=hat_tiy", "debug=cpu", "--cfg", "job"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bytelm.train", "experiment=hat_tiy", "debug=cpu", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "experiment/hat_tiy" in r.stderr and "hat_tiny" in r.stderr, r.stderr[-2000:]

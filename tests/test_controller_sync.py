@@ -28,10 +28,22 @@ def build(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     gate = GateConfig(layer=1, bias_init=0.0, target_ratio=0.6, ki=1e-2, alpha_min=-1.0, center=True)
     if kind == "hier_gate":
-        cfg = ModelConfig(arch="hierarchical", d_model=32, n_layers=1, n_heads=2, d_byte=16, n_heads_byte=2,
-                          encoder_layers=1, decoder_layers=1, chunker="gate", gate=gate)
+        cfg = ModelConfig(
+            arch="hierarchical",
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            d_byte=16,
+            n_heads_byte=2,
+            encoder_layers=1,
+            decoder_layers=1,
+            chunker="gate",
+            gate=gate,
+        )
     else:
-        cfg = ModelConfig(arch="mrt5", d_byte=16, n_heads_byte=2, encoder_layers=2, decoder_layers=1, gate=gate)
+        cfg = ModelConfig(
+            arch="mrt5", d_byte=16, n_heads_byte=2, encoder_layers=2, decoder_layers=1, gate=gate
+        )
     return build_model(cfg).train()
 
 
@@ -63,9 +75,17 @@ def run_steps(m: torch.nn.Module, rows_of_step) -> dict[str, float]:
 def test_controller_state_is_global_and_identical_on_every_rank(kind, tmp_path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     init = tmp_path / "pg_init"
-    procs = [subprocess.Popen([sys.executable, str(HERE), kind, str(tmp_path / f"rank{r}.json"), str(r), str(init)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE), kind, str(tmp_path / f"rank{r}.json"), str(r), str(init)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     logs = []
     try:
         for p in procs:
@@ -95,8 +115,9 @@ def _worker(kind: str, out: str, rank: int, init: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
     try:
         lo = rank * ROWS_PER_RANK
         state = run_steps(build(kind), lambda s: global_batch(s)[lo : lo + ROWS_PER_RANK])

@@ -23,12 +23,20 @@ def test_default_shakespeare_goes_through_the_pipeline():
     b = next(iter(dm.train_dataloader()))
     T, B = cfg.data.seq_len, cfg.data.batch_size
     assert {k: tuple(v.shape) for k, v in b.items()} == {
-        "input_ids": (B, T), "targets": (B, T), "doc_ids": (B, T), "word_start": (B, T)}
+        "input_ids": (B, T),
+        "targets": (B, T),
+        "doc_ids": (B, T),
+        "word_start": (B, T),
+    }
     assert b["word_start"].dtype == torch.bool and b["doc_ids"].dtype == torch.long
     assert dm.val_group_names == ["shakespeare"]
     v = next(iter(dm.val_dataloader()))
     assert (v["group"] == 0).all()
-    assert dm.stats["val/documents"] >= 1 and dm.stats["train/documents"] > 30 and dm.stats["train/empty_skipped"] == 0
+    assert (
+        dm.stats["val/documents"] >= 1
+        and dm.stats["train/documents"] > 30
+        and dm.stats["train/empty_skipped"] == 0
+    )
 
 
 def test_mixture_reports_languages_and_scripts():
@@ -38,7 +46,10 @@ def test_mixture_reports_languages_and_scripts():
     names = dm.val_group_names
     assert "shakespeare" in names and "chatterbot/japanese" in names and len(names) == 29
     rep = dm.val_report_groups
-    assert [names[i] for i in rep["chatterbot/script/Han"]] == ["chatterbot/chinese", "chatterbot/traditionalchinese"]
+    assert [names[i] for i in rep["chatterbot/script/Han"]] == [
+        "chatterbot/chinese",
+        "chatterbot/traditionalchinese",
+    ]
     groups = torch.cat([b["group"] for b in dm.val_dataloader()])
     assert set(groups.tolist()) == set(range(len(names)))
 
@@ -49,11 +60,25 @@ def test_streaming_training_resumes_byte_exact(tmp_path):
     data = tmp_path / "corpus"
     data.mkdir()
     for f in range(4):
-        (data / f"p{f}.jsonl").write_text("".join(
-            json.dumps({"text": f"file {f} document {i}: " + "lorem ipsum dolor " * (i % 5)}) + "\n" for i in range(30)))
-    base = ["experiment=flat_tiny", "debug=cpu", "trainer.val_every=1000", "trainer.ckpt_every=2",
-            "data.source=files", f"data.paths=[{data}/*.jsonl]", "data.streaming=true", "data.num_workers=2",
-            "data.shuffle_docs=8", "data.seq_len=48", "trainer.max_steps=5"]
+        (data / f"p{f}.jsonl").write_text(
+            "".join(
+                json.dumps({"text": f"file {f} document {i}: " + "lorem ipsum dolor " * (i % 5)}) + "\n"
+                for i in range(30)
+            )
+        )
+    base = [
+        "experiment=flat_tiny",
+        "debug=cpu",
+        "trainer.val_every=1000",
+        "trainer.ckpt_every=2",
+        "data.source=files",
+        f"data.paths=[{data}/*.jsonl]",
+        "data.streaming=true",
+        "data.num_workers=2",
+        "data.shuffle_docs=8",
+        "data.seq_len=48",
+        "trainer.max_steps=5",
+    ]
     seen: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
 
     class Record(L.Callback):
@@ -63,7 +88,10 @@ def test_streaming_training_resumes_byte_exact(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen[self.key].append(batch["input_ids"].clone())
 
-    res = run(load_config([*base, f"trainer.out_dir={tmp_path / 'a'}"]), callbacks=[Record("a"), DataStatsCallback(1)])
+    res = run(
+        load_config([*base, f"trainer.out_dir={tmp_path / 'a'}"]),
+        callbacks=[Record("a"), DataStatsCallback(1)],
+    )
     assert res["metrics"]["data/train/documents"] > 0  # input counts from the workers are logged
     ck = tmp_path / "a" / "checkpoints" / "step0000002.ckpt"
     run(load_config([*base, f"trainer.out_dir={tmp_path / 'b'}", f"ckpt_path={ck}"]), callbacks=[Record("b")])
@@ -80,7 +108,9 @@ def test_validation_split_is_even_over_ranks_and_sums_to_one_process(experiment,
     from bytelm.lit.module import ByteLMModule
 
     torch.manual_seed(0)
-    cfg = load_config([f"experiment={experiment}", "debug=cpu", "data.val_max_bytes=2200", "data.batch_size=1"])
+    cfg = load_config(
+        [f"experiment={experiment}", "debug=cpu", "data.val_max_bytes=2200", "data.batch_size=1"]
+    )
     dm = ByteDataModule(cfg)
     dm.setup("validate")
     module = ByteLMModule(cfg)

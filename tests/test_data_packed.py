@@ -67,7 +67,7 @@ def test_random_windows_are_a_function_of_seed_and_index():
 def test_tiled_windows_cover_each_byte_once():
     c = PackedCorpus(docs(b"x" * 100, b"y" * 50))
     t = TiledWindows(c, 16)
-    n = sum(int(((t[i]["targets"] >= 0)).sum()) for i in range(len(t)))
+    n = sum(int((t[i]["targets"] >= 0).sum()) for i in range(len(t)))
     assert n == len(c) - 1 - 1  # every next-id prediction except EOS->BOS
 
 
@@ -112,6 +112,8 @@ def test_random_windows_over_shards_stay_inside_one_shard():
 def test_grouped_tiles_label_rows():
     from bytelm.data.packed import GroupedTiles
 
-    g = GroupedTiles([TiledWindows(PackedCorpus(docs(b"a" * 30)), 8), TiledWindows(PackedCorpus(docs(b"b" * 9)), 8)])
+    g = GroupedTiles(
+        [TiledWindows(PackedCorpus(docs(b"a" * 30)), 8), TiledWindows(PackedCorpus(docs(b"b" * 9)), 8)]
+    )
     labels = [int(g[i]["group"]) for i in range(len(g))]
     assert labels == [0] * 4 + [1] * 2

@@ -18,8 +18,14 @@ def tree(tmp_path):
         p = root / f"pkg{i % 4}" / f"mod{i}.py"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(f"x = {i}\n".encode() + b"# " + b"y" * i + b"\n")
-    for bad in ("pydoc_data/topics.py", "test/test_x.py", "pkg1/tests/t.py", "idlelib/idle_test/t.py",
-                "site-packages/foo/bar.py", "__pycache__/m.py"):
+    for bad in (
+        "pydoc_data/topics.py",
+        "test/test_x.py",
+        "pkg1/tests/t.py",
+        "idlelib/idle_test/t.py",
+        "site-packages/foo/bar.py",
+        "__pycache__/m.py",
+    ):
         (root / bad).parent.mkdir(parents=True, exist_ok=True)
         (root / bad).write_text("DOCS = 'never train on this'\n")
     (root / "pkg0" / "notes.txt").write_text("not python\n")
@@ -31,7 +37,9 @@ def test_fake_tree_split_exclusions_and_cap(tree):
     names = {n for _, n in every}
     assert len(names) == 60 and all(n.startswith("pkg") and n.endswith(".py") for n in names)
     train, val = pysource_files("train", [str(tree)]), pysource_files("validation", [str(tree)])
-    assert {n for _, n in train} | {n for _, n in val} == names and not {n for _, n in train} & {n for _, n in val}
+    assert {n for _, n in train} | {n for _, n in val} == names and not {n for _, n in train} & {
+        n for _, n in val
+    }
     assert all(path_score(n) < VAL_FRACTION for _, n in val)
     for path, _ in every:  # new content: the same split (it depends on the relative path alone)
         with open(path, "ab") as f:
@@ -65,5 +73,7 @@ def test_byteify_mixture_composes_with_every_group():
     groups = validation_groups(cfg.data, max_bytes=1)
     langs = [g for g in groups if g.startswith("chatterbot/")]
     assert "shakespeare" in groups and GROUP in groups and len(langs) == 28
-    with pytest.raises(Exception, match="pysource"):  # a misspelt source lists the options, pysource among them
+    with pytest.raises(
+        Exception, match="pysource"
+    ):  # a misspelt source lists the options, pysource among them
         load_config(["data.source=pysorce"])

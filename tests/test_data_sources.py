@@ -29,21 +29,34 @@ def test_txt_jsonl_parquet_and_globs(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"first file\n\nwith \xff raw \x00 bytes")
     (tmp_path / "b.txt").write_bytes(b"second file")
     (tmp_path / "c.jsonl").write_text(
-        json.dumps({"meta": {"body": "caf\u00e9"}}) + "\n\n" + json.dumps({"meta": {"body": "\u4e16\u754c \ud83d"}}) + "\n"
+        json.dumps({"meta": {"body": "caf\u00e9"}})
+        + "\n\n"
+        + json.dumps({"meta": {"body": "\u4e16\u754c \ud83d"}})
+        + "\n"
     )
-    pq.write_table(pa.table({"content": ["p1", None, "p3"], "n": [1, 2, 3]}), tmp_path / "d.parquet", row_group_size=2)
+    pq.write_table(
+        pa.table({"content": ["p1", None, "p3"], "n": [1, 2, 3]}), tmp_path / "d.parquet", row_group_size=2
+    )
     docs = load_documents(files_cfg(tmp_path / "*.txt"), "train")
-    assert texts(docs) == [b"first file\n\nwith \xff raw \x00 bytes", b"second file"]  # raw bytes, in path order
+    assert texts(docs) == [
+        b"first file\n\nwith \xff raw \x00 bytes",
+        b"second file",
+    ]  # raw bytes, in path order
     assert {d.group for d in docs} == {"files"}
     paras = load_documents(files_cfg(tmp_path / "a.txt", txt_unit="paragraph"), "train")
     assert texts(paras) == [b"first file", b"with \xff raw \x00 bytes"]
     lines = load_documents(files_cfg(tmp_path / "a.txt", txt_unit="line"), "train")
     assert texts(lines) == [b"first file", b"", b"with \xff raw \x00 bytes"]
     js = load_documents(files_cfg(tmp_path / "c.jsonl", text_field="meta.body"), "train")
-    assert texts(js) == ["caf\u00e9".encode(), "\u4e16\u754c ".encode() + b"\xed\xa0\xbd"]  # lone surrogate kept
+    assert texts(js) == [
+        "caf\u00e9".encode(),
+        "\u4e16\u754c ".encode() + b"\xed\xa0\xbd",
+    ]  # lone surrogate kept
     pdocs = load_documents(files_cfg(tmp_path / "d.parquet", text_field="content", label="pq"), "train")
     assert texts(pdocs) == [b"p1", b"", b"p3"] and pdocs[0].group == "pq"
-    folder = load_documents(files_cfg(tmp_path, format="auto", text_field="content", on_error="skip"), "train")
+    folder = load_documents(
+        files_cfg(tmp_path, format="auto", text_field="content", on_error="skip"), "train"
+    )
     assert len(folder) > 5  # a folder: every file below it, formats by extension
 
 
@@ -63,7 +76,9 @@ def test_large_line_files_are_cut_into_disjoint_shards(tmp_path):
 
 def test_malformed_jsonl_names_file_and_line_or_is_counted(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text('{"text": "ok"}\n{"text": "fine"}\n{"text": broken\n{"other": 1}\n{"text": 5}\n{"text": "end"}\n')
+    p.write_text(
+        '{"text": "ok"}\n{"text": "fine"}\n{"text": broken\n{"other": 1}\n{"text": 5}\n{"text": "end"}\n'
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed jsonl line"):
         load_documents(files_cfg(p), "train")
     docs = load_documents(files_cfg(p, on_error="skip"), "train")
@@ -89,12 +104,25 @@ def test_missing_file_is_an_error_naming_it_or_a_counted_skip(tmp_path):
 def test_bad_input_kept_replaced_or_counted():
     from bytelm.data.documents import Document
 
-    docs = [Document("e", b""), Document("v", b"valid"), Document("b", b"bad\xff\xc3"), Document("n", b"nul\x00\x01"),
-            Document("l", b"y" * 40)]
+    docs = [
+        Document("e", b""),
+        Document("v", b"valid"),
+        Document("b", b"bad\xff\xc3"),
+        Document("n", b"nul\x00\x01"),
+        Document("l", b"y" * 40),
+    ]
     keep = PackedCorpus(docs, context=16)
-    assert keep.stats.as_dict() | {} == InputStats(
-        documents=4, bytes=5 + 5 + 5 + 40, empty_skipped=1, invalid_utf8_docs=1, control_byte_docs=1,
-        long_docs_split=1).as_dict()
+    assert (
+        keep.stats.as_dict() | {}
+        == InputStats(
+            documents=4,
+            bytes=5 + 5 + 5 + 40,
+            empty_skipped=1,
+            invalid_utf8_docs=1,
+            control_byte_docs=1,
+            long_docs_split=1,
+        ).as_dict()
+    )
     assert keep.document(1) == b"bad\xff\xc3"
     rep = PackedCorpus(docs, invalid_utf8="replace")
     assert rep.document(1) == "bad\ufffd\ufffd".encode() and rep.stats.replaced == 1

@@ -70,14 +70,35 @@ def test_packed_rows_follow_document_boundaries():
         exp = want_ws[n * T : n * T + int(real.sum())].copy()
         exp[0] = True
         assert np.array_equal(got, exp)
-    assert ds.stats()["empty_skipped"] == 1 and ds.stats()["long_docs_split"] == sum(len(d) + 2 > T for d in kept)
+    assert ds.stats()["empty_skipped"] == 1 and ds.stats()["long_docs_split"] == sum(
+        len(d) + 2 > T for d in kept
+    )
     assert ds.stats()["invalid_utf8_docs"] == 1 and ds.stats()["control_byte_docs"] == 1
 
 
 def test_batched_word_starts_equal_per_document():
     rng = random.Random(1)
-    alphabet = [b"a", b"B", b" ", b"\n", b"\r", b"\t", b".", b"'", b"\xcc\x81", b"\xe2\x80\x8d", b"\xf0\x9f\x99\x82",
-                b"\xff", b"\xe3\x81", b"1", b",", b"\xe4\xb8\x96", b"\x00", b"\xef\xbb\xbf", b"\xf0\x9f\x87\xa6"]
+    alphabet = [
+        b"a",
+        b"B",
+        b" ",
+        b"\n",
+        b"\r",
+        b"\t",
+        b".",
+        b"'",
+        b"\xcc\x81",
+        b"\xe2\x80\x8d",
+        b"\xf0\x9f\x99\x82",
+        b"\xff",
+        b"\xe3\x81",
+        b"1",
+        b",",
+        b"\xe4\xb8\x96",
+        b"\x00",
+        b"\xef\xbb\xbf",
+        b"\xf0\x9f\x87\xa6",
+    ]
     docs = [b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(600)]
     docs += [b"w" * rng.randint(90, 250) for _ in range(10)]  # the size cap
     for cap, some in ((100, docs), (7, docs[::5])):
@@ -97,8 +118,9 @@ def test_two_ranks_two_workers_read_every_document_once_per_epoch(tmp_path):
     for epochs in (1, 2):
         per_rank: list[Counter] = []
         for rank in range(2):
-            ds = train_stream(_cfg(tmp_path, seq_len=T, shuffle_docs=3), rank=rank, world=2, num_workers=2,
-                              epochs=epochs)
+            ds = train_stream(
+                _cfg(tmp_path, seq_len=T, shuffle_docs=3), rank=rank, world=2, num_workers=2, epochs=epochs
+            )
             seen: Counter = Counter()
             for batch in StatefulDataLoader(ds, batch_size=2, num_workers=2):
                 for row in batch["input_ids"]:
@@ -114,13 +136,19 @@ def test_two_ranks_two_workers_read_every_document_once_per_epoch(tmp_path):
 def test_streaming_resume_is_byte_exact(tmp_path):
     rng = random.Random(2)
     for f in range(4):
-        write_jsonl(tmp_path / f"a{f}.jsonl", ["".join(rng.choice("abc de.") for _ in range(rng.randint(0, 60)))
-                                              for _ in range(12)])
-        (tmp_path / f"b{f}.txt").write_bytes(b"\n".join(bytes(rng.choice(b"xyz \xff") for _ in range(rng.randint(1, 50)))
-                                                        for _ in range(10)))
-    mix = [SourceConfig(source="files", paths=[str(tmp_path / "a*.jsonl")], val_fraction=0.0, weight=0.7),
-           SourceConfig(source="files", paths=[str(tmp_path / "b*.txt")], txt_unit="line", val_fraction=0.0,
-                        weight=0.3)]
+        write_jsonl(
+            tmp_path / f"a{f}.jsonl",
+            ["".join(rng.choice("abc de.") for _ in range(rng.randint(0, 60))) for _ in range(12)],
+        )
+        (tmp_path / f"b{f}.txt").write_bytes(
+            b"\n".join(bytes(rng.choice(b"xyz \xff") for _ in range(rng.randint(1, 50))) for _ in range(10))
+        )
+    mix = [
+        SourceConfig(source="files", paths=[str(tmp_path / "a*.jsonl")], val_fraction=0.0, weight=0.7),
+        SourceConfig(
+            source="files", paths=[str(tmp_path / "b*.txt")], txt_unit="line", val_fraction=0.0, weight=0.3
+        ),
+    ]
     cfg = DataConfig(source="mixture", mixture=mix, seq_len=32, shuffle_docs=4, seed=5)
 
     def loader():

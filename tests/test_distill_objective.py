@@ -42,8 +42,13 @@ def teacher():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
         )
         return Teacher(LlamaForCausalLM(cfg), tok)
 
@@ -67,8 +72,12 @@ def real_batch(arch: str) -> tuple[dict[str, torch.Tensor], torch.nn.Module, obj
 
 
 def forward(model, batch):
-    return model(batch["input_ids"], targets=batch["targets"], doc_ids=batch["doc_ids"],
-                 word_start=batch.get("word_start"))
+    return model(
+        batch["input_ids"],
+        targets=batch["targets"],
+        doc_ids=batch["doc_ids"],
+        word_start=batch.get("word_start"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -117,7 +126,9 @@ def test_segments_of_a_packed_row():
     assert seg2.texts == [b"abc"] and seg2.has_next.tolist() == [False]
     assert len(text_segments(torch.full((2, 5), IGNORE))) == 0
     # words: input positions [0,1) [1,4) [4,5) ...; text byte i of segment 0 is input 1 + i
-    w_idx, w_end, w_mask = segment_words(seg, torch.tensor([[0, 1, 3, 4, 11]]), torch.tensor([[1, 3, 4, 8, 11]]), 11)
+    w_idx, w_end, w_mask = segment_words(
+        seg, torch.tensor([[0, 1, 3, 4, 11]]), torch.tensor([[1, 3, 4, 8, 11]]), 11
+    )
     assert w_end[0][w_mask[0]].tolist() == [2] and w_idx[0][w_mask[0]].tolist() == [1]
 
 
@@ -189,10 +200,19 @@ def test_train_run_checkpoint_has_projection_not_teacher(teacher, tmp_path, monk
     from bytelm.train import run
 
     monkeypatch.setattr(objective_mod, "load_teacher", lambda *a, **k: teacher)
-    cfg = load_config([
-        "experiment=distill_smollm2_tiny", "distill=alm_latent", "distill.tau=1.0", "distill.cache_dir=null",
-        *TINY, "trainer.max_steps=3", "trainer.val_every=3", "trainer.ckpt_every=3", f"trainer.out_dir={tmp_path}",
-    ])
+    cfg = load_config(
+        [
+            "experiment=distill_smollm2_tiny",
+            "distill=alm_latent",
+            "distill.tau=1.0",
+            "distill.cache_dir=null",
+            *TINY,
+            "trainer.max_steps=3",
+            "trainer.val_every=3",
+            "trainer.ckpt_every=3",
+            f"trainer.out_dir={tmp_path}",
+        ]
+    )
     res = run(cfg)
     assert res["global_step"] == 3
     m = res["metrics"]

@@ -33,9 +33,16 @@ ROOT = HERE.parent.parent
 STEPS, CKPT_AT, GLOBAL_BATCH, VAL_EVERY = 6, 3, 6, 2
 # 37 validation rows of 64 bytes: 19/18 rows (7/6 batches of 3) on 2 ranks, 13/12/12 (7/6/6 batches of 2) on 3
 VAL_BYTES = 2340
-BASE = ["debug=cpu", f"trainer.max_steps={STEPS}", f"trainer.val_every={VAL_EVERY}", f"trainer.ckpt_every={CKPT_AT}",
-        "trainer.keep_last=3", "logger.kind=none", f"data.val_max_bytes={VAL_BYTES}",
-        "trainer.collective_timeout_s=60"]
+BASE = [
+    "debug=cpu",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.val_every={VAL_EVERY}",
+    f"trainer.ckpt_every={CKPT_AT}",
+    "trainer.keep_last=3",
+    "logger.kind=none",
+    f"data.val_max_bytes={VAL_BYTES}",
+    "trainer.collective_timeout_s=60",
+]
 TIMEOUT = 600
 
 pytestmark = pytest.mark.distributed
@@ -57,8 +64,15 @@ def _args(out: Path, overrides: list[str], devices: int, accelerator: str = "cpu
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     """A job in a session of its own (so every rank it launches can be killed with it)."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
@@ -77,8 +91,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
 def launch(out: Path, overrides: list[str], devices: int, accelerator: str = "cpu") -> dict[str, Any]:
     """Run one training job (``devices`` processes); returns its per-rank records and wall time."""
     t0 = time.perf_counter()
-    proc = start([sys.executable, str(HERE), str(out / "record"), *_args(out, overrides, devices, accelerator)],
-                 _env())
+    proc = start(
+        [sys.executable, str(HERE), str(out / "record"), *_args(out, overrides, devices, accelerator)], _env()
+    )
     stdout, stderr = finish(proc, TIMEOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -152,21 +167,30 @@ def test_two_processes_match_single_and_resume_exactly(strategy, single, tmp_pat
             assert local <= full * 0.6, (strategy, r, local, full)
         else:
             assert local == full
-    print(f"{strategy}: 2-proc run {a['wall']:.1f}s, resume {b['wall']:.1f}s, "
-          f"max |loss - single| {max(abs(got[s] - ref[s]) for s in got):.2e}")
+    print(
+        f"{strategy}: 2-proc run {a['wall']:.1f}s, resume {b['wall']:.1f}s, "
+        f"max |loss - single| {max(abs(got[s] - ref[s]) for s in got):.2e}"
+    )
 
     if strategy in ("deepspeed_zero3", "fsdp2"):
         check_consolidation(ck / "last.ckpt", single["out"] / "checkpoints" / "last.ckpt", tmp_path)
 
 
 @pytest.mark.parametrize(
-    "strategy", [pytest.param("ddp", marks=pytest.mark.slow), pytest.param("deepspeed_zero3", marks=pytest.mark.slow),
-                 "fsdp2"])
+    "strategy",
+    [
+        pytest.param("ddp", marks=pytest.mark.slow),
+        pytest.param("deepspeed_zero3", marks=pytest.mark.slow),
+        "fsdp2",
+    ],
+)
 def test_three_processes_validate_an_uneven_split(strategy, single, tmp_path):
     """3 ranks, 37 validation rows (13/12/12): the same number of validation batches on every rank (ZeRO-3 and
     FSDP2 forwards are collectives), the losses and the validation bpb of the single process."""
     steps = VAL_EVERY
-    a = launch(tmp_path, [f"strategy={strategy}", f"trainer.max_steps={steps}", "trainer.ckpt_every=1000"], devices=3)
+    a = launch(
+        tmp_path, [f"strategy={strategy}", f"trainer.max_steps={steps}", "trainer.ckpt_every=1000"], devices=3
+    )
     ref, got = global_losses(single), global_losses(a)
     assert sorted(got) == list(range(1, steps + 1))
     for s in got:
@@ -179,10 +203,22 @@ def test_cli_uneven_validation_prints_one_final_line(tmp_path):
     """The command of the bug report (FSDP2, 2 ranks, 2100 validation bytes: 33 rows), through the CLI: it
     validates, ends, and the final ``[bytelm] ... val bpb`` line appears once, not once per rank."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bytelm.train", "experiment=hat_tiny", "debug=cpu", "strategy=fsdp2",
-           "trainer.accelerator=cpu", "trainer.devices=2", "data.val_max_bytes=2100", "trainer.max_steps=2",
-           "trainer.val_every=2", "trainer.collective_timeout_s=60", f"trainer.out_dir={out}",
-           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bytelm.train",
+        "experiment=hat_tiny",
+        "debug=cpu",
+        "strategy=fsdp2",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.val_max_bytes=2100",
+        "trainer.max_steps=2",
+        "trainer.val_every=2",
+        "trainer.collective_timeout_s=60",
+        f"trainer.out_dir={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
     proc = start(cmd, _env())
     stdout, stderr = finish(proc, TIMEOUT)
     assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
@@ -193,13 +229,23 @@ def test_cli_uneven_validation_prints_one_final_line(tmp_path):
 
 def _stalled_run(tmp_path: Path, strategy: str, extra: list[str]) -> subprocess.Popen:
     """A 2-rank run whose rank 1 stops responding (sleeps in Python) at the start of step 2."""
-    args = _args(tmp_path, [f"strategy={strategy}", "trainer.max_steps=1000", "trainer.ckpt_every=1",
-                            "trainer.val_every=1000", *extra], devices=2)
+    args = _args(
+        tmp_path,
+        [
+            f"strategy={strategy}",
+            "trainer.max_steps=1000",
+            "trainer.ckpt_every=1",
+            "trainer.val_every=1000",
+            *extra,
+        ],
+        devices=2,
+    )
     return start([sys.executable, str(HERE), str(tmp_path / "record"), *args], _env(BYTELM_TEST_STALL="1:2"))
 
 
 @pytest.mark.parametrize(
-    "strategy", [pytest.param(s, marks=pytest.mark.slow) if s != "fsdp2" else s for s in STRATEGIES])
+    "strategy", [pytest.param(s, marks=pytest.mark.slow) if s != "fsdp2" else s for s in STRATEGIES]
+)
 def test_a_stalled_rank_fails_the_run_within_the_collective_timeout(strategy, tmp_path):
     """Rank 1 stalls; rank 0 waits in a collective for ``trainer.collective_timeout_s`` (30 s: the same timeout
     bounds the start-up rendezvous, which a loaded 2-core machine needs), then raises and takes the ranks it
@@ -231,8 +277,11 @@ def test_signal_stops_a_running_job_with_a_checkpoint(sig, tmp_path):
     ``last.ckpt`` and the job exits with 128 + signum within seconds."""
     from bytelm.checkpoint import validate_checkpoint
 
-    args = _args(tmp_path, ["strategy=ddp", "trainer.max_steps=100000", "trainer.ckpt_every=1000",
-                            "trainer.val_every=1000"], devices=2)
+    args = _args(
+        tmp_path,
+        ["strategy=ddp", "trainer.max_steps=100000", "trainer.ckpt_every=1000", "trainer.val_every=1000"],
+        devices=2,
+    )
     proc = start([sys.executable, str(HERE), str(tmp_path / "record"), *args], _env())
     _wait_for(tmp_path / "record.rank0.step2", proc, 300)
     t0 = time.perf_counter()
@@ -248,7 +297,9 @@ def test_signal_stops_a_running_job_with_a_checkpoint(sig, tmp_path):
 def test_sigterm_ends_a_job_stuck_in_a_collective(tmp_path):
     """Rank 1 stalls, the collective timeout is long (600 s): SIGTERM to rank 0 cannot wait for a step
     boundary, so the job ends ``trainer.stop_grace_s`` (3 s) after the signal, taking rank 1 along."""
-    proc = _stalled_run(tmp_path, "deepspeed_zero3", ["trainer.collective_timeout_s=600", "trainer.stop_grace_s=3"])
+    proc = _stalled_run(
+        tmp_path, "deepspeed_zero3", ["trainer.collective_timeout_s=600", "trainer.stop_grace_s=3"]
+    )
     _wait_for(tmp_path / "record.rank0.step2", proc, 300)
     time.sleep(1.0)  # rank 0 is now waiting in a collective of step 2
     t0 = time.perf_counter()
@@ -267,7 +318,9 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(strategy, tmp_p
     """Rank 1 alone gets a NaN loss at the second step: both ranks skip that step (no rank updates, none
     hangs in a collective), count it, and training goes on."""
     monkeypatch.setenv("BYTELM_TEST_NAN_STEP", "1:1")
-    a = launch(tmp_path, [f"strategy={strategy}", "trainer.max_steps=3", "trainer.ckpt_every=1000"], devices=2)
+    a = launch(
+        tmp_path, [f"strategy={strategy}", "trainer.max_steps=3", "trainer.ckpt_every=1000"], devices=2
+    )
     for r in range(2):
         assert a["ranks"][r]["changed"] == [True, False, True], (strategy, r, a["ranks"][r])
         assert a["ranks"][r]["bad_steps"] == 1
@@ -306,12 +359,16 @@ def test_cuda_bf16_matches_single_gpu(strategy, tmp_path):
     for s in got:  # bf16: agreement to bf16 rounding, not to the last bit
         assert abs(got[s] - want[s]) < 3e-2, (strategy, s, got[s], want[s])
     mid = tmp_path / "a" / "checkpoints" / f"step{CKPT_AT:07d}.ckpt"
-    b = launch(tmp_path / "b", [*gpu, f"strategy={strategy}", f"ckpt_path={mid}"], devices=n, accelerator="gpu")
+    b = launch(
+        tmp_path / "b", [*gpu, f"strategy={strategy}", f"ckpt_path={mid}"], devices=n, accelerator="gpu"
+    )
     for r in range(n):
         for s, v in b["ranks"][r]["losses"].items():
             assert abs(v - a["ranks"][r]["losses"][s]) < 1e-2, (strategy, r, s)
-    print(f"cuda {strategy} x{n}: max |loss - single| {max(abs(got[s] - want[s]) for s in got):.2e}, "
-          f"run {a['wall']:.1f}s")
+    print(
+        f"cuda {strategy} x{n}: max |loss - single| {max(abs(got[s] - want[s]) for s in got):.2e}, "
+        f"run {a['wall']:.1f}s"
+    )
 
 
 def check_consolidation(sharded: Path, reference: Path, tmp_path: Path) -> None:

@@ -8,8 +8,23 @@ import pytest
 
 from bytelm.eval.cute import TASKS, corpus_vocabulary, generate_items, generate_suite
 
-VOCAB = ["apple", "banana", "cherry", "orange", "lemon", "melon", "grape", "peach", "plum", "mango", "kiwi",
-         "papaya", "guava", "quince", "berry"]
+VOCAB = [
+    "apple",
+    "banana",
+    "cherry",
+    "orange",
+    "lemon",
+    "melon",
+    "grape",
+    "peach",
+    "plum",
+    "mango",
+    "kiwi",
+    "papaya",
+    "guava",
+    "quince",
+    "berry",
+]
 
 
 def _answer(item) -> str:
@@ -45,7 +60,9 @@ def test_answers_are_right_and_candidates_distinct(task):
             d, c = re.match(r'Replace every "(.)" with "(.)"', query).groups()
             assert ans == w.replace(d, c) and c not in w and d in w
         assert f'"{w}"' in query
-        assert all(c[1:-1] != w for i, c in enumerate(it.candidates) if i != it.answer)  # never the word itself
+        assert all(
+            c[1:-1] != w for i, c in enumerate(it.candidates) if i != it.answer
+        )  # never the word itself
         # the solved examples are right too
         for line in it.context.split("\n")[:-1]:
             if task == "reverse":
@@ -72,8 +89,14 @@ def test_majority_baseline_hand_computed():
         cands = (f" {answer}\n", " x\n", " y\n", " z\n")
         return Item(task=task, context="q", candidates=cands, answer=0, word="w")
 
-    items = [item("count", "1"), item("count", "1"), item("count", "2"), item("count", "1"),
-             item("spell", "a b"), item("spell", "c d")]
+    items = [
+        item("count", "1"),
+        item("count", "1"),
+        item("count", "2"),
+        item("count", "1"),
+        item("spell", "a b"),
+        item("spell", "c d"),
+    ]
     got = majority_baseline(items)
     assert got == {"count": 0.75, "spell": 0.5}
     # on the generated suite, count's answer prior is far above chance: why results.md shows this column

@@ -32,13 +32,31 @@ TEXTS = [  # several documents per row, one longer than a row, multilingual, inv
 def write_ckpt(path: Path, arch: str) -> Path:
     """A Lightning-format bytelm checkpoint with random weights, trained (nominally) on rows of SEQ_LEN."""
     torch.manual_seed(0)
-    model_cfg = ModelConfig(arch=arch, d_model=32, n_layers=2, n_heads=2, d_byte=32, n_heads_byte=2,
-                            encoder_layers=1, decoder_layers=1, max_seq_len=256, max_word_bytes=8, init_std=0.1)
+    model_cfg = ModelConfig(
+        arch=arch,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_byte=32,
+        n_heads_byte=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        max_seq_len=256,
+        max_word_bytes=8,
+        init_std=0.1,
+    )
     cfg = Config(name=f"tiny-{arch}", model=model_cfg)
     cfg.data.seq_len = SEQ_LEN
     model = build_model(cfg.model)
-    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "bytelm_config": config_to_dict(cfg), "global_step": 1, "epoch": 0}, path)
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+            "bytelm_config": config_to_dict(cfg),
+            "global_step": 1,
+            "epoch": 0,
+        },
+        path,
+    )
     return path
 
 
@@ -66,8 +84,13 @@ def test_exported_folder_bpb_equals_checkpoint_bpb(arch: str, tmp_path: Path) ->
     assert b.bpb == pytest.approx(a.bpb, rel=1e-6, abs=1e-6)
     # the comparison can see a missing document mask or another row length
     assert isinstance(exported, ByteScorer)
-    leaky = ByteScorer(DropDocIds(exported.model), arch=arch, seq_len=SEQ_LEN, words=exported.words,
-                       max_word_bytes=exported.max_word_bytes)
+    leaky = ByteScorer(
+        DropDocIds(exported.model),
+        arch=arch,
+        seq_len=SEQ_LEN,
+        words=exported.words,
+        max_word_bytes=exported.max_word_bytes,
+    )
     assert abs(leaky.corpus_nll(TEXTS).bpb - a.bpb) > 1e-3
     other = load_scorer(folder, seq_len=256)
     assert abs(other.corpus_nll(TEXTS).bpb - a.bpb) > 1e-3

@@ -32,7 +32,7 @@ class NextByteModel(nn.Module):
         logits.scatter_(-1, ((ids + 1) % 256).unsqueeze(-1), LN2)
         if self.prefix_lm:
             s = prefix_len if prefix_len is not None else T // 2
-            logits = logits[:, s - 1:]
+            logits = logits[:, s - 1 :]
         return ModelOutput(logits=logits, metrics=dict(self.metrics))
 
 
@@ -91,7 +91,8 @@ def test_continuation_logprobs_hand_computed(prefix_lm):
     # a prefix-LM (MrT5) gets the context as its prefix and scores the same continuation bytes
     model = NextByteModel(prefix_lm=prefix_lm)
     lp2 = ByteScorer(model, arch="mrt5" if prefix_lm else "flat", seq_len=32).continuation_logprobs(
-        b"ab", [b"cd", b"cx"])
+        b"ab", [b"cd", b"cx"]
+    )
     h, m = math.log(2 / 321), math.log(1 / 321)
     assert lp2 == pytest.approx([2 * h, h + m], rel=1e-6)
 
@@ -125,8 +126,11 @@ class FakeTeacher:
         content = torch.zeros(len(chunks), L, dtype=torch.bool)
         for i, c in enumerate(chunks):
             content[i, 1 : 1 + (len(c) + 1) // 2] = True
-        enc = _Enc(content_mask=content, attention_mask=content.clone(),
-                   n_covered=torch.tensor([len(c) for c in chunks]))
+        enc = _Enc(
+            content_mask=content,
+            attention_mask=content.clone(),
+            n_covered=torch.tensor([len(c) for c in chunks]),
+        )
         return SimpleNamespace(encoding=enc, token_logprobs=torch.full((len(chunks), L), -LN2))
 
     def _model(self, input_ids, attention_mask=None, use_cache=False):
@@ -160,7 +164,9 @@ def test_teacher_continuation_logprobs_hand_computed():
 # ------------------------------------------------------------------------------------------- helpers
 def test_take_bytes_equal_shares_and_char_boundaries():
     texts = [b"a" * 100, b"b" * 10, "é".encode() * 50]
-    got = take_bytes(texts, 61, min_share=1)  # shares of 20, 5, 1; the short text is taken whole; é is not cut
+    got = take_bytes(
+        texts, 61, min_share=1
+    )  # shares of 20, 5, 1; the short text is taken whole; é is not cut
     assert [len(t) for t in got] == [26, 10, 24]
     assert got[2].decode("utf-8")  # still valid UTF-8
     assert take_bytes(texts, 0) == texts

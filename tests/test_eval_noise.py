@@ -6,8 +6,10 @@ import pytest
 
 from bytelm.eval.noise import KINDS, apply_noise, noise_documents
 
-TEXT = (b"To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        b"The slings and arrows of outrageous fortune. ") * 8 + "Caf\u00e9 \u4f60\u597d".encode()
+TEXT = (
+    b"To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+    b"The slings and arrows of outrageous fortune. "
+) * 8 + "Caf\u00e9 \u4f60\u597d".encode()
 N = len(TEXT)
 
 
@@ -46,7 +48,7 @@ def test_case(frac):
     assert len(r.positions) == k and len(r.data) == N
     changed = [i for i in range(N) if r.data[i] != TEXT[i]]
     assert changed == list(r.positions)
-    assert all(r.data[i:i + 1].swapcase() == TEXT[i:i + 1] for i in changed)
+    assert all(r.data[i : i + 1].swapcase() == TEXT[i : i + 1] for i in changed)
 
 
 @pytest.mark.parametrize("frac", [0.05, 0.15])

@@ -24,11 +24,25 @@ def tiny_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval_runs")
     out = {}
-    for name, exp, extra in (("flat_tiny", "flat_tiny", []), ("hat_tiny", "hat_tiny", []),
-                             ("hat_tiny_mixture", "hat_tiny", ["data=mixture"])):
+    for name, exp, extra in (
+        ("flat_tiny", "flat_tiny", []),
+        ("hat_tiny", "hat_tiny", []),
+        ("hat_tiny_mixture", "hat_tiny", ["data=mixture"]),
+    ):
         d = root / name
-        run(load_config([f"experiment={exp}", *extra, "debug=cpu", f"trainer.out_dir={d}", "trainer.max_steps=2",
-                         "trainer.val_every=1", "logger.kind=csv"]))
+        run(
+            load_config(
+                [
+                    f"experiment={exp}",
+                    *extra,
+                    "debug=cpu",
+                    f"trainer.out_dir={d}",
+                    "trainer.max_steps=2",
+                    "trainer.val_every=1",
+                    "logger.kind=csv",
+                ]
+            )
+        )
         assert (d / "checkpoints" / "last.ckpt").is_file()
         out[name] = d
     return out
@@ -48,21 +62,52 @@ def test_report_on_two_tiny_checkpoints(tiny_runs, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
     t0 = time.perf_counter()
-    raw = report.main([
-        "--run", f"flat={tiny_runs['flat_tiny'] / 'checkpoints' / 'last.ckpt'}",
-        "--run", f"hierarchical={tiny_runs['hat_tiny']}",
-        "--multilingual-run", f"hierarchical={tiny_runs['hat_tiny_mixture']}",
-        "--teacher", str(tmp_path / "missing.gguf"),  # cannot load: the row is skipped with its reason
-        "--max-bytes", "1024", "--cute-items", "2", "--languages", "english,japanese",
-        "--bench", str(tmp_path / "no_bench"), "--out", str(out), "--readme", str(readme),
-    ])
+    raw = report.main(
+        [
+            "--run",
+            f"flat={tiny_runs['flat_tiny'] / 'checkpoints' / 'last.ckpt'}",
+            "--run",
+            f"hierarchical={tiny_runs['hat_tiny']}",
+            "--multilingual-run",
+            f"hierarchical={tiny_runs['hat_tiny_mixture']}",
+            "--teacher",
+            str(tmp_path / "missing.gguf"),  # cannot load: the row is skipped with its reason
+            "--max-bytes",
+            "1024",
+            "--cute-items",
+            "2",
+            "--languages",
+            "english,japanese",
+            "--bench",
+            str(tmp_path / "no_bench"),
+            "--out",
+            str(out),
+            "--readme",
+            str(readme),
+        ]
+    )
     took = time.perf_counter() - t0
     assert took < 60, f"report took {took:.1f} s"
     md = out.read_text()
-    for needle in ("## Main table", "**flat**", "**hierarchical**", "## Multilingual", "japanese",
-                   "## Robustness", "swap@0.05", "space@0.15", "## Character-level", "Teacher reference row skipped",
-                   "missing.gguf", "bytelm-eval", "make bench", "majority answer", "multilingual bpb †",
-                   "English bpb (mixture run)", "No multilingual numbers for flat"):
+    for needle in (
+        "## Main table",
+        "**flat**",
+        "**hierarchical**",
+        "## Multilingual",
+        "japanese",
+        "## Robustness",
+        "swap@0.05",
+        "space@0.15",
+        "## Character-level",
+        "Teacher reference row skipped",
+        "missing.gguf",
+        "bytelm-eval",
+        "make bench",
+        "majority answer",
+        "multilingual bpb †",
+        "English bpb (mixture run)",
+        "No multilingual numbers for flat",
+    ):
         assert needle in md, needle
     assert "overall" not in md  # no average over scripts a model never saw
     for img in ("bpb_vs_flops", "bpb_vs_wall", "robustness", "multilingual", "cute"):
@@ -70,15 +115,26 @@ def test_report_on_two_tiny_checkpoints(tiny_runs, tmp_path, capsys):
         assert p.is_file() and p.stat().st_size > 1000, img
         assert f"img/{img}.png" in md
     rd = readme.read_text()
-    assert "old" not in rd and "**hierarchical**" in rd and "docs/img/bpb_vs_flops.png" in rd and rd.endswith("after\n")
+    assert (
+        "old" not in rd
+        and "**hierarchical**" in rd
+        and "docs/img/bpb_vs_flops.png" in rd
+        and rd.endswith("after\n")
+    )
     printed = capsys.readouterr().out
     assert printed.count("bytelm-eval ") >= 2  # the command of each row is printed
     assert set(raw["results"]) == {"flat", "hierarchical"}
     h = raw["results"]["hierarchical"]
     # multilingual numbers only from a model that trained on the dialogs, scored on the held-out ones
     assert "multilingual" not in raw["results"]["flat"] and raw["results"]["flat"]["multilingual_skipped"]
-    assert h["multilingual"]["split"] == "validation" and set(h["multilingual"]["languages"]) == {"english", "japanese"}
-    assert h["multilingual_run"]["name"] == str(tiny_runs["hat_tiny_mixture"]) and h["multilingual_run"]["english_bpb"] > 0
+    assert h["multilingual"]["split"] == "validation" and set(h["multilingual"]["languages"]) == {
+        "english",
+        "japanese",
+    }
+    assert (
+        h["multilingual_run"]["name"] == str(tiny_runs["hat_tiny_mixture"])
+        and h["multilingual_run"]["english_bpb"] > 0
+    )
     header = next(ln for ln in md.splitlines() if ln.startswith("| model | type |"))
     assert [c.strip() for c in header.strip("|").split("|")] == report.MAIN_HEADER
     curves = {n: report.Curve(**c) for n, c in raw["curves"].items()}
@@ -111,7 +167,9 @@ def test_multilingual_language_without_scored_bytes():
 def test_report_rejects_a_multilingual_run_without_its_row(tiny_runs):
     report = _report_module()
     with pytest.raises(SystemExit, match="no --run names"):
-        report.main(["--run", f"flat={tiny_runs['flat_tiny']}", "--multilingual-run", f"nope={tiny_runs['hat_tiny']}"])
+        report.main(
+            ["--run", f"flat={tiny_runs['flat_tiny']}", "--multilingual-run", f"nope={tiny_runs['hat_tiny']}"]
+        )
 
 
 def test_report_cache_reuses_evaluations(tiny_runs, tmp_path):
@@ -167,7 +225,11 @@ def test_tiny_experiments_carry_their_rows_settings():
     for name in ("hat_tiny_gate", "mrt5_tiny", "mrt5_tiny_nogate", "flat_tiny"):
         c = load_config([f"experiment={name}"])
         assert (c.data.seq_len, c.data.batch_size, c.data.val_max_bytes, c.trainer.val_every) == (
-            hat.data.seq_len, hat.data.batch_size, hat.data.val_max_bytes, hat.trainer.val_every), name
+            hat.data.seq_len,
+            hat.data.batch_size,
+            hat.data.val_max_bytes,
+            hat.trainer.val_every,
+        ), name
         if name != "flat_tiny":
             assert c.trainer.max_steps == hat.trainer.max_steps, name
     bytes_seen = hat.trainer.max_steps * hat.data.batch_size * hat.data.seq_len
@@ -186,7 +248,8 @@ def test_train_command_from_run_folder(tmp_path, monkeypatch):
     (run / "hydra" / ".hydra").mkdir(parents=True)
     (run / "checkpoints").mkdir()
     (run / "hydra" / ".hydra" / "overrides.yaml").write_text(
-        f"- experiment=hat_tiny\n- trainer.out_dir={tmp_path}/runs/a\n- model.gate.ki=0.01\n")
+        f"- experiment=hat_tiny\n- trainer.out_dir={tmp_path}/runs/a\n- model.gate.ki=0.01\n"
+    )
     want = "python -m bytelm.train experiment=hat_tiny trainer.out_dir=runs/a model.gate.ki=0.01"
     assert report.train_command(str(run / "checkpoints" / "last.ckpt")) == want
     assert report.train_command(str(run)) == want
@@ -201,8 +264,20 @@ def test_cli_json_and_text(tiny_runs, capsys):
     from bytelm.cli.eval import main
 
     ckpt = tiny_runs["flat_tiny"] / "checkpoints" / "last.ckpt"
-    main([str(ckpt), "--tasks", "bpb,robustness", "--max-bytes", "512", "--noise-kinds", "delete",
-          "--noise-levels", "0.1", "--json"])
+    main(
+        [
+            str(ckpt),
+            "--tasks",
+            "bpb,robustness",
+            "--max-bytes",
+            "512",
+            "--noise-kinds",
+            "delete",
+            "--noise-levels",
+            "0.1",
+            "--json",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert set(res) >= {"model", "bpb", "robustness", "command"}
     assert res["bpb"]["bytes"] == 512 and res["bpb"]["bytes_per_s"] > 0
@@ -264,7 +339,10 @@ def test_exported_folder_scores_like_its_checkpoint(tiny_runs, tmp_path):
     exported = load_scorer(folder, seq_len=native.describe()["seq_len"])
     assert exported.describe()["source"] == "hf-export" and exported.kind == "hierarchical"
     a, b = eval_english(native, 600), eval_english(exported, 600)
-    assert b["bpb"] == pytest.approx(a["bpb"], abs=1e-5) and b["bytes_per_word"] == pytest.approx(a["bytes_per_word"])
+    assert b["bpb"] == pytest.approx(a["bpb"], abs=1e-5) and b["bytes_per_word"] == pytest.approx(
+        a["bytes_per_word"]
+    )
     ctx, conts = b'Spell "cat":', [b" c a t\n", b" c t a\n"]
-    assert exported.continuation_logprobs(ctx, conts) == pytest.approx(native.continuation_logprobs(ctx, conts),
-                                                                       abs=1e-4)
+    assert exported.continuation_logprobs(ctx, conts) == pytest.approx(
+        native.continuation_logprobs(ctx, conts), abs=1e-4
+    )

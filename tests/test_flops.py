@@ -21,8 +21,16 @@ CFGS = {
     "flat": dict(arch="flat", d_model=64, n_layers=3, n_heads=4),
     "hier_query": dict(arch="hierarchical", d_model=96, n_layers=3, n_heads=4, d_byte=32, n_heads_byte=2),
     "hier_last_all": dict(
-        arch="hierarchical", d_model=64, n_layers=2, n_heads=4, d_byte=48, n_heads_byte=2, pooling="last",
-        decoder_cross="all", encoder_layers=1, decoder_layers=3,
+        arch="hierarchical",
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        d_byte=48,
+        n_heads_byte=2,
+        pooling="last",
+        decoder_cross="all",
+        encoder_layers=1,
+        decoder_layers=3,
     ),
 }
 

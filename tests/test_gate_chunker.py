@@ -16,14 +16,26 @@ from bytelm.models.hierarchical import HierarchicalByteLM, layout_words
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TEXT = "Hi, wörld! 中文字 don't  stop\n\tcafé 🙂 HTTPServer camelCase 3.14 $5 «x» and more words here".encode()
+TEXT = (
+    "Hi, wörld! 中文字 don't  stop\n\tcafé 🙂 HTTPServer camelCase 3.14 $5 «x» and more words here".encode()
+)
 
 
 def make(seed: int = 0, bias: float = 0.0, center: bool = True, **kw) -> HierarchicalByteLM:
     torch.manual_seed(seed)
-    base = dict(arch="hierarchical", d_model=64, n_layers=2, n_heads=4, d_byte=32, n_heads_byte=2,
-                encoder_layers=2, decoder_layers=2, chunker="gate", max_word_bytes=100,
-                gate=GateConfig(bias_init=bias, target_ratio=0.6, ki=1e-2, alpha_min=-1.0, center=center))
+    base = dict(
+        arch="hierarchical",
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        d_byte=32,
+        n_heads_byte=2,
+        encoder_layers=2,
+        decoder_layers=2,
+        chunker="gate",
+        max_word_bytes=100,
+        gate=GateConfig(bias_init=bias, target_ratio=0.6, ki=1e-2, alpha_min=-1.0, center=center),
+    )
     base.update(kw)
     m = build_model(ModelConfig(**base))  # type: ignore[arg-type]
     assert isinstance(m, HierarchicalByteLM)
@@ -34,8 +46,13 @@ def naive_closed(ids: list[int], G: list[float], tau: float, cap: int, docs: lis
     """One byte at a time, the rules of bytelm.models.chunking written out."""
     closed, starts, length = [], [], 0
     for t, tok in enumerate(ids):
-        start = (t == 0 or closed[t - 1] or tok >= 256 or ids[t - 1] >= 256
-                 or (docs is not None and docs[t] != docs[t - 1]))
+        start = (
+            t == 0
+            or closed[t - 1]
+            or tok >= 256
+            or ids[t - 1] >= 256
+            or (docs is not None and docs[t] != docs[t - 1])
+        )
         length = 1 if start else length + 1
         c = tok >= 256 or G[t] > tau or length >= cap
         closed.append(c)
@@ -126,7 +143,9 @@ def test_causality_with_docs_and_padding_and_ignored_word_start() -> None:
         torch.testing.assert_close(m(var, doc_ids=d).logits[0, :t], base[0, :t], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(("kw", "chunk"), [(dict(), 1), (dict(pooling="last", max_word_bytes=5, center=False), 7)])
+@pytest.mark.parametrize(
+    ("kw", "chunk"), [(dict(), 1), (dict(pooling="last", max_word_bytes=5, center=False), 7)]
+)
 def test_teacher_forced_cache_equals_full_forward(kw, chunk: int) -> None:
     m = make(**kw)
     ids = [BOS_ID, *TEXT, *TEXT[::-1]]
@@ -177,14 +196,18 @@ def test_controller_drives_deletion_ratio_to_target() -> None:
     data = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long()
     delta, steps = 0.6, 110
     # b = -1.4 * Phi^-1(delta): the centred gate score spreads with std ~|w| ~ 1.4, so this starts near delta
-    m = make(gate=GateConfig(bias_init=-0.35, center=True, target_ratio=delta, ki=1e-2, alpha_min=-1.0)).train()
+    m = make(
+        gate=GateConfig(bias_init=-0.35, center=True, target_ratio=delta, ki=1e-2, alpha_min=-1.0)
+    ).train()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)
     hist = []
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = 3e-3 * (1 - 0.9 * step / steps)
-        rows = torch.stack([data[i : i + 65] for i in torch.randint(0, len(data) - 65, (8,), generator=g).tolist()])
+        rows = torch.stack(
+            [data[i : i + 65] for i in torch.randint(0, len(data) - 65, (8,), generator=g).tolist()]
+        )
         out = m(rows[:, :-1])
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), rows[:, 1:].flatten())
         assert out.aux_loss is not None
@@ -192,7 +215,9 @@ def test_controller_drives_deletion_ratio_to_target() -> None:
         if step == 5:  # the regulariser alone puts no gradient on the encoder
             out.aux_loss.backward(retain_graph=True)
             assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.encoder.parameters())
-            assert m.gate is not None and m.gate.proj.bias.grad is not None and m.gate.proj.bias.grad.abs() > 0
+            assert (
+                m.gate is not None and m.gate.proj.bias.grad is not None and m.gate.proj.bias.grad.abs() > 0
+            )
             opt.zero_grad()
         (loss + out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)

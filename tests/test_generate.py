@@ -130,8 +130,14 @@ def test_stop_bytes_eos_and_streaming() -> None:
     for cache in (True, False):
         assert generate(m, b"ab", max_new_bytes=100, temperature=0, use_cache=cache) == text  # then EOS
         assert generate(m, b"ab", max_new_bytes=5, temperature=0, use_cache=cache) == text[:5]
-        assert generate(m, b"ab", temperature=0, stop_bytes=b"\n", use_cache=cache) == text[: text.index(b"\n") + 1]
-        assert generate(m, b"ab", temperature=0, stop_bytes="文".encode(), use_cache=cache) == "héllo 中文".encode()
+        assert (
+            generate(m, b"ab", temperature=0, stop_bytes=b"\n", use_cache=cache)
+            == text[: text.index(b"\n") + 1]
+        )
+        assert (
+            generate(m, b"ab", temperature=0, stop_bytes="文".encode(), use_cache=cache)
+            == "héllo 中文".encode()
+        )
     pieces = list(stream(m, b"ab", max_new_bytes=100, temperature=0))
     assert "".join(pieces) == text.decode("utf-8", errors="replace")
     assert "中" in pieces and "🙂" in pieces and "é" in pieces  # whole characters, never split

@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_cpu_dry_run(tmp_path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "OMP_NUM_THREADS": "2"}
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-dry-run"], env=env,
-                       capture_output=True, text=True, timeout=400)
+    p = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rep["cpu_dry_run"]

@@ -28,8 +28,16 @@ PROMPT = b"To be, or not to be: "
 def tiny_config(arch: str) -> ModelConfig:
     gated = arch == "hierarchical_gate"
     cfg = ModelConfig(
-        arch="hierarchical" if gated else arch, d_model=64, n_layers=2, n_heads=2, d_byte=32, n_heads_byte=2,
-        encoder_layers=2, decoder_layers=1, max_seq_len=256, tie_embeddings=arch.startswith("hierarchical"),
+        arch="hierarchical" if gated else arch,
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        d_byte=32,
+        n_heads_byte=2,
+        encoder_layers=2,
+        decoder_layers=1,
+        max_seq_len=256,
+        tie_embeddings=arch.startswith("hierarchical"),
         chunker="gate" if gated else "words",
     )
     cfg.gate.layer = 1
@@ -83,8 +91,18 @@ def test_folder_contents(exported):
     shards = sorted(folder.glob("model-*.safetensors"))
     assert len(shards) > 1 and (folder / "model.safetensors.index.json").exists()
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == 258
-    for name in ("tokenizer.json", "tokenizer_config.json", "modeling_bytelm.py", "configuration_bytelm.py",
-                 "tokenization_bytelm.py", "flat.py", "hierarchical.py", "words.py", "mrt5.py", "README.md"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "modeling_bytelm.py",
+        "configuration_bytelm.py",
+        "tokenization_bytelm.py",
+        "flat.py",
+        "hierarchical.py",
+        "words.py",
+        "mrt5.py",
+        "README.md",
+    ):
         assert (folder / name).exists(), name
     for py in folder.glob("*.py"):  # self-contained: no bytelm import survives
         assert not re.search(r"^\s*(from|import)\s+bytelm\b", py.read_text(), re.M), py.name
@@ -126,8 +144,10 @@ def test_export_from_fsdp2_folder(tmp_path):
     folder = tmp_path / "step5.ckpt"
     state = {"state_dict": {"model." + k: v for k, v in model.state_dict().items()}}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
-    torch.save({"bytelm_config": config_to_dict(cfg), "global_step": 5, "bytelm_metrics": {"val/bpb": 2.5}},
-               folder / "meta.pt")
+    torch.save(
+        {"bytelm_config": config_to_dict(cfg), "global_step": 5, "bytelm_metrics": {"val/bpb": 2.5}},
+        folder / "meta.pt",
+    )
     out = export_checkpoint(folder, tmp_path / "out")
     assert "| val/bpb | 2.5000 |" in (out / "README.md").read_text()
     ids = torch.tensor([list(PROMPT)])
@@ -215,8 +235,13 @@ def test_loads_without_bytelm_in_subprocess(exported, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     proc = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "check.py"), str(tmp_path / "ref.pt")], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        [sys.executable, "-I", str(tmp_path / "check.py"), str(tmp_path / "ref.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT", 1)[1])

@@ -19,8 +19,17 @@ PROMPT = b"Shall I compare thee "
 
 
 def tiny(arch: str) -> ModelConfig:
-    cfg = ModelConfig(arch=arch, d_model=64, n_layers=2, n_heads=2, d_byte=32, n_heads_byte=2, encoder_layers=2,
-                      decoder_layers=1, max_seq_len=256)
+    cfg = ModelConfig(
+        arch=arch,
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        d_byte=32,
+        n_heads_byte=2,
+        encoder_layers=2,
+        decoder_layers=1,
+        max_seq_len=256,
+    )
     cfg.gate.layer = 1
     return cfg
 
@@ -52,8 +61,9 @@ def test_greedy_and_sampling_match_bytelm(models, arch):
         t = kw.get("temperature", 1.0)
         torch.manual_seed(seed)
         out = hf.generate(ids, max_new_tokens=16, do_sample=True, **kw)
-        ref = generate(model, PROMPT, 16, temperature=t, top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0),
-                       seed=seed)
+        ref = generate(
+            model, PROMPT, 16, temperature=t, top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0), seed=seed
+        )
         assert new_bytes(out[0], ids.shape[1]) == ref, (seed, kw)
 
 
@@ -127,7 +137,8 @@ def test_pipeline_and_generate_from_folder(models, folder):
     text = pipe("To be", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text == "To be" + generate(model, b"To be", 8, temperature=0).decode("utf-8", errors="replace")
     assert generate_from_folder(folder, "To be", 8) == generate(model, b"To be", 8, temperature=0).decode(
-        "utf-8", errors="replace")
+        "utf-8", errors="replace"
+    )
     sampled = generate_from_folder(folder, b"", 6, temperature=0.9, top_k=50, seed=3)  # empty prompt: BOS
     assert sampled == generate(model, b"", 6, temperature=0.9, top_k=50, seed=3).decode("utf-8", "replace")
 
@@ -154,9 +165,12 @@ def test_lm_eval_harness(models, folder, tmp_path):
 
     # the same through `simple_evaluate` on a tiny local multiple-choice task (what `lm_eval --model hf` runs)
     data = tmp_path / "data.jsonl"
-    data.write_text('{"q": "The cat sat on the", "choices": [" mat", " sky"], "answer": 0}\n'
-                    '{"q": "Two plus two is", "choices": [" four", " five"], "answer": 0}\n')
-    (tmp_path / "task.yaml").write_text(textwrap.dedent(f"""
+    data.write_text(
+        '{"q": "The cat sat on the", "choices": [" mat", " sky"], "answer": 0}\n'
+        '{"q": "Two plus two is", "choices": [" four", " five"], "answer": 0}\n'
+    )
+    (tmp_path / "task.yaml").write_text(
+        textwrap.dedent(f"""
         task: bytelm_tiny
         dataset_path: json
         dataset_kwargs:
@@ -170,13 +184,20 @@ def test_lm_eval_harness(models, folder, tmp_path):
         doc_to_target: "{{{{answer}}}}"
         metric_list:
           - metric: acc
-        """))
+        """)
+    )
     from lm_eval.tasks import TaskManager
 
-    res = lm_eval.simple_evaluate(model=lm, tasks=["bytelm_tiny"],
-                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
-    expect = sum(
-        _manual_loglikelihood(model, q, a) > _manual_loglikelihood(model, q, b)
-        for q, a, b in (("The cat sat on the", " mat", " sky"), ("Two plus two is", " four", " five"))
-    ) / 2
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["bytelm_tiny"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+    )
+    expect = (
+        sum(
+            _manual_loglikelihood(model, q, a) > _manual_loglikelihood(model, q, b)
+            for q, a, b in (("The cat sat on the", " mat", " sky"), ("Two plus two is", " four", " five"))
+        )
+        / 2
+    )
     assert res["results"]["bytelm_tiny"]["acc,none"] == pytest.approx(expect)

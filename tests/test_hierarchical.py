@@ -18,8 +18,15 @@ TEXT = "Hi, wörld! 中文字 don't  stop\n\tcafé 🙂 HTTPServer camelCase 3.1
 
 def tiny(**kw) -> ModelConfig:
     base = dict(
-        arch="hierarchical", d_model=64, n_layers=2, n_heads=4, d_byte=32, n_heads_byte=2, encoder_layers=2,
-        decoder_layers=2, max_word_bytes=100,
+        arch="hierarchical",
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        d_byte=32,
+        n_heads_byte=2,
+        encoder_layers=2,
+        decoder_layers=2,
+        max_word_bytes=100,
     )
     base.update(kw)
     return ModelConfig(**base)  # type: ignore[arg-type]

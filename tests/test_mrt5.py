@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(seed: int = 0, **kw) -> MrT5:
     torch.manual_seed(seed)
     gate = kw.pop("gate", GateConfig(layer=1))
-    cfg = ModelConfig(arch="mrt5", d_byte=32, n_heads_byte=2, encoder_layers=3, decoder_layers=2, gate=gate, **kw)
+    cfg = ModelConfig(
+        arch="mrt5", d_byte=32, n_heads_byte=2, encoder_layers=3, decoder_layers=2, gate=gate, **kw
+    )
     m = build_model(cfg)
     assert isinstance(m, MrT5)
     return m
@@ -97,7 +99,9 @@ def test_controller_updates_in_forward_and_is_used_next_step():
     err = 0.6 - r1
     expect = max(0.0, 0.1 * 0.5 * err + 1e-5 * err)
     assert float(out2.metrics["alpha"]) == pytest.approx(expect, abs=1e-6)
-    assert float(out2.aux_loss.detach()) == pytest.approx(expect * float(out2.metrics["gate_mean"]), rel=1e-5, abs=1e-7)
+    assert float(out2.aux_loss.detach()) == pytest.approx(
+        expect * float(out2.metrics["gate_mean"]), rel=1e-5, abs=1e-7
+    )
     # eval forwards leave the controller alone
     m.eval()
     before = m.controller.state_dict()
@@ -144,7 +148,11 @@ def test_hard_deletion_shortens_later_layers():
         blk.register_forward_pre_hook(lambda _m, a, i=i: seen.__setitem__(f"enc{i}", a[0].shape[1]))
         for i, blk in enumerate(m.encoder)
     ]
-    hooks.append(m.decoder[0].cross.wkv.register_forward_pre_hook(lambda _m, a: seen.__setitem__("cross", a[0].shape[1])))
+    hooks.append(
+        m.decoder[0].cross.wkv.register_forward_pre_hook(
+            lambda _m, a: seen.__setitem__("cross", a[0].shape[1])
+        )
+    )
     s = 40
     prefix = rows[:, :s]
     expect = int(torch.isin(prefix, keep).sum(1).max())
@@ -348,7 +356,9 @@ def test_validation_metrics_sum_continuation_nll():
     y_pad[:, s - 1 :] = PAD_ID
     with torch.no_grad():
         out = m(x, targets=y_pad)
-    assert float(out.metrics["nll_sum"]) == 0.0 and int(out.metrics["n_bytes"]) == 0 and float(out.loss) == 0.0
+    assert (
+        float(out.metrics["nll_sum"]) == 0.0 and int(out.metrics["n_bytes"]) == 0 and float(out.loss) == 0.0
+    )
 
 
 def test_gate_layer_past_the_encoder_is_clamped_with_a_warning(caplog):
@@ -391,7 +401,6 @@ def test_real_text_closed_loop_reaches_delta():
     final = sum(hist[-40:]) / 40
     print(f"real text, delta={delta}: deletion ratio over the last 40 of {len(hist)} steps = {final:.3f}")
     assert abs(final - delta) < 0.05, (final, hist[::10])
-
 
 
 def test_debug_cpu_training_run(tmp_path, tiny_overrides):

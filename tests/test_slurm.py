@@ -26,7 +26,7 @@ def _fake_bin(folder: Path) -> Path:
     (folder / "scontrol").write_text(
         "#!/bin/bash\n"
         'if [[ "$1 $2" == "show hostnames" ]]; then\n'
-        '  python3 - "$3" <<\'EOF\'\n'
+        "  python3 - \"$3\" <<'EOF'\n"
         "import re, sys\n"
         "m = re.fullmatch(r'(\\w+)\\[(\\d+)-(\\d+)\\]', sys.argv[1])\n"
         "if m:\n"
@@ -41,8 +41,7 @@ def _fake_bin(folder: Path) -> Path:
         'echo "$@" >> "$FAKE_SCONTROL_LOG"\n'
     )
     (folder / "srun").write_text(
-        "#!/bin/bash\n"
-        'echo "SRUN MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT ARGS: $*"\n'
+        '#!/bin/bash\necho "SRUN MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT ARGS: $*"\n'
     )
     for f in ("scontrol", "srun"):
         (folder / f).chmod(0o755)
@@ -77,12 +76,22 @@ def test_sbatch_renders_and_launches(nodes, tmp_path):
     fake = _fake_bin(tmp_path / "bin")
     nodelist = "gpu[001-004]" if nodes == 4 else "gpu001"
     env = {
-        "PATH": f"{fake}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_JOB_ID": "31337",
-        "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NODELIST": nodelist,
-        "SLURM_SUBMIT_DIR": str(tmp_path), "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "SLURM_JOB_ID": "31337",
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_NTASKS_PER_NODE": "8",
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
     }
-    out = subprocess.run(["bash", str(script), "experiment=hat_small", "strategy=deepspeed_zero2"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", str(script), "experiment=hat_small", "strategy=deepspeed_zero2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("SRUN"))
     assert "MASTER_ADDR=gpu001 " in line and "MASTER_PORT=31337" in line
     assert f"trainer.num_nodes={nodes}" in line and "trainer.devices=8" in line
@@ -105,12 +114,22 @@ def test_sbatch_shell_forwards_sigusr1_to_srun_and_keeps_its_exit_status(srun_ex
         "exit 99\n"
     )
     env = {
-        "PATH": f"{fake}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_JOB_ID": "5",
-        "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NODELIST": "gpu001",
-        "SLURM_SUBMIT_DIR": str(tmp_path), "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "SLURM_JOB_ID": "5",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS_PER_NODE": "8",
+        "SLURM_JOB_NODELIST": "gpu001",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
     }
-    proc = subprocess.Popen(["bash", str(script), "experiment=hat_tiny"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(script), "experiment=hat_tiny"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 30
         while not (tmp_path / "srun.started").exists():
@@ -141,39 +160,86 @@ def test_fake_slurm_environment_gives_rank_and_world_size(tmp_path):
         " world=t.world_size, local=t.local_rank, node=t.node_rank, addr=env.main_address,"
         " cb=any(isinstance(c, RequeueOnSignal) for c in t.callbacks))))\n"
     )
-    env = dict(os.environ, SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4", SLURM_PROCID="5", SLURM_LOCALID="1",
-               SLURM_NODEID="1", SLURM_JOB_NAME="bytelm", SLURM_JOB_ID="77", SLURM_NODELIST="node[1-2]",
-               SLURM_JOB_NUM_NODES="2", PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        SLURM_NTASKS="8",
+        SLURM_NTASKS_PER_NODE="4",
+        SLURM_PROCID="5",
+        SLURM_LOCALID="1",
+        SLURM_NODEID="1",
+        SLURM_JOB_NAME="bytelm",
+        SLURM_JOB_ID="77",
+        SLURM_NODELIST="node[1-2]",
+        SLURM_JOB_NUM_NODES="2",
+        PYTHONPATH=str(ROOT),
+    )
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(k, None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
-    assert info == {"env": "SLURMEnvironment", "requeue": False, "rank": 5, "world": 8, "local": 1, "node": 1,
-                    "addr": "node1", "cb": True}
+    assert info == {
+        "env": "SLURMEnvironment",
+        "requeue": False,
+        "rank": 5,
+        "world": 8,
+        "local": 1,
+        "node": 1,
+        "addr": "node1",
+        "cb": True,
+    }
 
 
 def _train_cmd(out_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "bytelm.train", "debug=cpu", f"trainer.out_dir={out_dir}",
-            "trainer.val_every=100000", "trainer.ckpt_every=2", "trainer.keep_last=1", "ckpt_path=last", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "bytelm.train",
+        "debug=cpu",
+        f"trainer.out_dir={out_dir}",
+        "trainer.val_every=100000",
+        "trainer.ckpt_every=2",
+        "trainer.keep_last=1",
+        "ckpt_path=last",
+        *extra,
+    ]
 
 
 def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path):
     import torch
 
     fake = _fake_bin(tmp_path / "bin")
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
-               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_NAME="bytelm",
-               SLURM_JOB_ID="4242", SLURM_NODELIST="localhost", SLURM_JOB_NUM_NODES="1",
-               FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PATH=f"{fake}:{os.environ['PATH']}",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_JOB_NAME="bytelm",
+        SLURM_JOB_ID="4242",
+        SLURM_NODELIST="localhost",
+        SLURM_JOB_NUM_NODES="1",
+        FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+    )
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(k, None)
     out_dir = tmp_path / "run"
     ck = out_dir / "checkpoints"
     batch_log = f"trainer.batch_log={tmp_path / 'batches.jsonl'}"
-    proc = subprocess.Popen(_train_cmd(out_dir, "trainer.max_steps=100000", batch_log), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(out_dir, "trainer.max_steps=100000", batch_log),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         # training is under way once a step checkpoint exists (keep_last=1 replaces step 2 by step 4 quickly,
@@ -194,8 +260,14 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path):
     assert 2 <= saved < 1000
 
     # the requeued job: same command, resumes from last.ckpt and continues to its end
-    again = subprocess.run(_train_cmd(out_dir, f"trainer.max_steps={saved + 2}", batch_log), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        _train_cmd(out_dir, f"trainer.max_steps={saved + 2}", batch_log),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {ck / 'last.ckpt'}" in again.stdout + again.stderr
     assert torch.load(ck / "last.ckpt", weights_only=False)["global_step"] == saved + 2
@@ -241,8 +313,9 @@ def test_hydra_slurm_launcher_config_composes():
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "name=sweep"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=["hydra/launcher=slurm", "name=sweep"], return_hydra_config=True
+        )
     GlobalHydra.instance().clear()
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")

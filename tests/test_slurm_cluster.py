@@ -37,14 +37,31 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "slurm" / "train.sbatch"
 CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-        "PREEMPTED"}
+DONE = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 STEPS, VAL_EVERY = 12, 4
 # one config for the plain job, the local run and the preempted job: hat_tiny at the debug=cpu size, DDP on
 # 2 CPU processes, validation every 4 steps, no step checkpoints (only last.ckpt)
-TRAIN = ["experiment=hat_tiny", "debug=cpu", "strategy=ddp", "trainer.accelerator=cpu",
-         f"trainer.max_steps={STEPS}", f"trainer.val_every={VAL_EVERY}", "trainer.ckpt_every=100000",
-         "trainer.collective_timeout_s=120", "logger.kind=none"]
+TRAIN = [
+    "experiment=hat_tiny",
+    "debug=cpu",
+    "strategy=ddp",
+    "trainer.accelerator=cpu",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.val_every={VAL_EVERY}",
+    "trainer.ckpt_every=100000",
+    "trainer.collective_timeout_s=120",
+    "logger.kind=none",
+]
 # what a CPU cluster needs on top of the GPU template: no GPUs, one CPU per task
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
 FINAL = re.compile(r"^\[bytelm\] (\S+): step (\d+), val bpb (\S+), checkpoints in", re.M)
@@ -56,11 +73,16 @@ def _why_no_cluster() -> str | None:
     if os.name != "posix" or os.geteuid() != 0:
         return "a local Slurm cluster needs root (munged, slurmd); run `make test-slurm` as root"
     path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
-    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo")
-               if shutil.which(b, path=path) is None]
+    missing = [
+        b
+        for b in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo")
+        if shutil.which(b, path=path) is None
+    ]
     if missing:
-        return (f"slurm-wlm/munge not installed ({', '.join(missing)} missing): `scripts/slurm_cluster.sh install` "
-                "(apt-get, as root) or `make test-slurm`")
+        return (
+            f"slurm-wlm/munge not installed ({', '.join(missing)} missing): `scripts/slurm_cluster.sh install` "
+            "(apt-get, as root) or `make test-slurm`"
+        )
     return None
 
 
@@ -75,8 +97,14 @@ class Cluster:
         return out.stdout
 
     def sbatch(self, log: Path, *args: str, env: dict[str, str] | None = None) -> str:
-        out = subprocess.run(["sbatch", "--parsable", f"--output={log}", *args], env=env or self.env,
-                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+        out = subprocess.run(
+            ["sbatch", "--parsable", f"--output={log}", *args],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
         assert out.returncode == 0, f"sbatch failed: {out.stderr}"
         return out.stdout.strip().split(";")[0]
 
@@ -85,8 +113,14 @@ class Cluster:
         text = self.run("scontrol", "show", "job", "-o", jobid)
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
-    def wait(self, jobid: str, cond: Callable[[dict[str, str]], bool], timeout: float, what: str,
-             log: Path | None = None) -> dict[str, str]:
+    def wait(
+        self,
+        jobid: str,
+        cond: Callable[[dict[str, str]], bool],
+        timeout: float,
+        what: str,
+        log: Path | None = None,
+    ) -> dict[str, str]:
         """Poll the job until ``cond`` holds; a timeout is an error showing the job and the end of its log."""
         deadline = time.monotonic() + timeout
         while True:
@@ -110,21 +144,36 @@ def cluster(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     folder = Path(os.environ.get("BYTELM_SLURM_DIR") or tmp_path_factory.mktemp("slurm_cluster"))
-    started = subprocess.run(["bash", str(CLUSTER), "start", str(folder)], capture_output=True, text=True,
-                             timeout=180, env=dict(os.environ, PY=sys.executable))
+    started = subprocess.run(
+        ["bash", str(CLUSTER), "start", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PY=sys.executable),
+    )
     try:
         assert started.returncode == 0, f"the cluster did not start:\n{started.stdout}\n{started.stderr}"
         print(started.stdout.strip())
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
-               and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("SLURM_")
+            and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+        }
         venv = Path(sys.executable).parent.parent  # the job activates the venv this test runs in
-        env.update(SLURM_CONF=str(folder / "slurm.conf"), PATH=f"{env.get('PATH', '')}:/usr/sbin:/sbin",
-                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
-                   OMP_NUM_THREADS="1", WANDB_MODE="offline", BYTELM_VENV=str(venv))
+        env.update(
+            SLURM_CONF=str(folder / "slurm.conf"),
+            PATH=f"{env.get('PATH', '')}:/usr/sbin:/sbin",
+            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+            OMP_NUM_THREADS="1",
+            WANDB_MODE="offline",
+            BYTELM_VENV=str(venv),
+        )
         yield Cluster(folder, env)
     finally:
-        stopped = subprocess.run(["bash", str(CLUSTER), "stop", str(folder)], capture_output=True, text=True,
-                                 timeout=180)
+        stopped = subprocess.run(
+            ["bash", str(CLUSTER), "stop", str(folder)], capture_output=True, text=True, timeout=180
+        )
         print(stopped.stdout + stopped.stderr)
 
 
@@ -157,12 +206,24 @@ def _same_batches(got: dict[tuple[int, int], Any], ref: dict[tuple[int, int], An
     return worst
 
 
-def _train_job(cluster: Cluster, out: Path, *extra: str, sbatch_args: tuple[str, ...] = ()) -> tuple[str, Path]:
+def _train_job(
+    cluster: Cluster, out: Path, *extra: str, sbatch_args: tuple[str, ...] = ()
+) -> tuple[str, Path]:
     log = out / "job.log"
     out.mkdir(parents=True, exist_ok=True)
-    jobid = cluster.sbatch(log, "--nodes=1", "--ntasks-per-node=2", *CPU_JOB, "--time=15", *sbatch_args,
-                           str(SBATCH), *TRAIN, f"trainer.out_dir={out / 'run'}",
-                           f"trainer.batch_log={out / 'batches.jsonl'}", *extra)
+    jobid = cluster.sbatch(
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        *CPU_JOB,
+        "--time=15",
+        *sbatch_args,
+        str(SBATCH),
+        *TRAIN,
+        f"trainer.out_dir={out / 'run'}",
+        f"trainer.batch_log={out / 'batches.jsonl'}",
+        *extra,
+    )
     return jobid, log
 
 
@@ -175,10 +236,23 @@ def plain_job(cluster, tmp_path_factory):
     local_env = {k: v for k, v in cluster.env.items() if k != "SLURM_CONF"}
     t0 = time.monotonic()
     local = subprocess.Popen(
-        [sys.executable, "-m", "bytelm.train", *TRAIN, "trainer.devices=2", "ckpt_path=last",
-         f"trainer.out_dir={local_out / 'run'}", f"trainer.batch_log={local_out / 'batches.jsonl'}"],
-        cwd=ROOT, env=local_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "bytelm.train",
+            *TRAIN,
+            "trainer.devices=2",
+            "ckpt_path=last",
+            f"trainer.out_dir={local_out / 'run'}",
+            f"trainer.batch_log={local_out / 'batches.jsonl'}",
+        ],
+        cwd=ROOT,
+        env=local_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         jobid, log = _train_job(cluster, out)
         info = cluster.wait(jobid, lambda i: i.get("JobState") in DONE, 480, "finished", log)
@@ -193,8 +267,14 @@ def plain_job(cluster, tmp_path_factory):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
     assert local.returncode == 0, local_log[-4000:]
     print(f"plain job {jobid}: {job_s:.0f} s (a local 2-process run alongside)")
-    return {"jobid": jobid, "log": text, "info": info, "batches": _batches(out / "batches.jsonl"),
-            "local_log": local_log, "local_batches": _batches(local_out / "batches.jsonl")}
+    return {
+        "jobid": jobid,
+        "log": text,
+        "info": info,
+        "batches": _batches(out / "batches.jsonl"),
+        "local_log": local_log,
+        "local_batches": _batches(local_out / "batches.jsonl"),
+    }
 
 
 def test_plain_job_world_size_two_from_slurm_matches_a_local_run(plain_job):
@@ -205,7 +285,9 @@ def test_plain_job_world_size_two_from_slurm_matches_a_local_run(plain_job):
     batches = plain_job["batches"]
     # both ranks trained every step under Slurm's environment (SLURM_PROCID / SLURM_NTASKS), world size 2
     assert {(r["rank"], r["world"], r["env"]) for r in batches.values()} == {
-        (0, 2, "SLURMEnvironment"), (1, 2, "SLURMEnvironment")}
+        (0, 2, "SLURMEnvironment"),
+        (1, 2, "SLURMEnvironment"),
+    }
     assert {r["env"] for r in plain_job["local_batches"].values()} == {"LightningEnvironment"}
     step, bpb = _final(log)
     local_step, local_bpb = _final(plain_job["local_log"])
@@ -223,8 +305,11 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_job(cluste
     deadline = t0 + 300
 
     def steps_done() -> int:
-        return max((json.loads(x)["step"] for x in batches.read_text().splitlines()), default=0) \
-            if batches.exists() else 0
+        return (
+            max((json.loads(x)["step"] for x in batches.read_text().splitlines()), default=0)
+            if batches.exists()
+            else 0
+        )
 
     while steps_done() < VAL_EVERY + 1:  # past the first validation
         assert cluster.job(jobid)["JobState"] not in DONE, log.read_text()[-4000:]
@@ -233,8 +318,13 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_job(cluste
     # the job's every process: the tasks (as --signal=USR1@N does) and the batch shell, which forwards it
     # through srun (so the tasks get it twice) instead of dying of it
     cluster.run("scancel", "--signal=USR1", "--full", jobid)
-    info = cluster.wait(jobid, lambda i: i.get("Restarts") == "1" and i.get("JobState") in DONE, 420,
-                        "requeued once and finished", log)
+    info = cluster.wait(
+        jobid,
+        lambda i: i.get("Restarts") == "1" and i.get("JobState") in DONE,
+        420,
+        "requeued once and finished",
+        log,
+    )
     print(f"preempted job {jobid}: {time.monotonic() - t0:.0f} s in all")
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
@@ -245,15 +335,19 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_job(cluste
     first, second = text.split(f"[bytelm] job {jobid} restart 1:", 1)  # the log is appended to
     assert f"[bytelm] job {jobid} restart 0:" in first and "Restoring states" not in first
     assert "[bytelm] batch shell: SIGUSR1, forwarded to the tasks" in first
-    assert re.search(rf"Restoring states from the checkpoint path at \S*{re.escape(ckpt)}", second), second[-4000:]
+    assert re.search(rf"Restoring states from the checkpoint path at \S*{re.escape(ckpt)}", second), second[
+        -4000:
+    ]
     step, bpb = _final(second)  # the restart trained on to the end
     ref_step, ref_bpb = _final(plain_job["log"])
     assert step == ref_step == STEPS
     assert abs(bpb - ref_bpb) < 1e-6, (bpb, ref_bpb)
     got = _batches(batches)
     worst = _same_batches(got, plain_job["batches"])
-    print(f"signal at step {at}, Restarts=1; final val bpb {bpb!r} vs uninterrupted {ref_bpb!r}; "
-          f"{len(got)} (step, rank) batches identical, max |loss diff| {worst:.1e}")
+    print(
+        f"signal at step {at}, Restarts=1; final val bpb {bpb!r} vs uninterrupted {ref_bpb!r}; "
+        f"{len(got)} (step, rank) batches identical, max |loss diff| {worst:.1e}"
+    )
 
 
 def test_time_limit_requeues_before_the_limit(cluster, tmp_path):
@@ -261,11 +355,24 @@ def test_time_limit_requeues_before_the_limit(cluster, tmp_path):
     run every 30 s); the run checkpoints and requeues itself (Restarts=1) long before the limit: the job is
     never in TIMEOUT and never killed for it. Cancelled once requeued (the preemption test covers the resume)."""
     log = tmp_path / "job.log"
-    jobid = cluster.sbatch(log, "--nodes=1", "--ntasks-per-node=1", *CPU_JOB, "--time=2", "--signal=USR1@60",
-                           str(SBATCH), "experiment=hat_tiny", "debug=cpu", "trainer.accelerator=cpu",
-                           "logger.kind=none", "trainer.max_steps=100000", "trainer.val_every=100000",
-                           "trainer.ckpt_every=100000", "trainer.step_sleep_s=0.2",
-                           f"trainer.out_dir={tmp_path / 'run'}")
+    jobid = cluster.sbatch(
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        *CPU_JOB,
+        "--time=2",
+        "--signal=USR1@60",
+        str(SBATCH),
+        "experiment=hat_tiny",
+        "debug=cpu",
+        "trainer.accelerator=cpu",
+        "logger.kind=none",
+        "trainer.max_steps=100000",
+        "trainer.val_every=100000",
+        "trainer.ckpt_every=100000",
+        "trainer.step_sleep_s=0.2",
+        f"trainer.out_dir={tmp_path / 'run'}",
+    )
     states: list[str] = []
 
     def seen(info: dict[str, str]) -> dict[str, str]:
@@ -282,25 +389,51 @@ def test_time_limit_requeues_before_the_limit(cluster, tmp_path):
         cluster.cancel(jobid)
     text = log.read_text()
     saved = re.findall(r"^\[bytelm\] signal 10: saved (\S+) at step (\d+)", text, re.M)
-    assert len(saved) == 1 and saved[0][0].endswith("checkpoints/last.ckpt") and int(saved[0][1]) >= 1, text[-4000:]
+    assert len(saved) == 1 and saved[0][0].endswith("checkpoints/last.ckpt") and int(saved[0][1]) >= 1, text[
+        -4000:
+    ]
     assert "requeued Slurm job" in text
     assert first["TimeLimit"] == "00:02:00" and requeued_after < 120, (first, requeued_after)
     assert "TIMEOUT" not in states and "DUE TO TIME LIMIT" not in text, (states, text[-4000:])
     assert info["JobState"] in ("REQUEUED", "PENDING", "RUNNING", "COMPLETING"), info  # back in the queue
-    print(f"time limit 2 min, signal @60: job {jobid} checkpointed at step {saved[0][1]} and requeued itself "
-          f"{requeued_after:.0f} s after it started (Restarts=1, states {states}); cancelled then")
+    print(
+        f"time limit 2 min, signal @60: job {jobid} checkpointed at step {saved[0][1]} and requeued itself "
+        f"{requeued_after:.0f} s after it started (Restarts=1, states {states}); cancelled then"
+    )
 
 
 def test_hydra_sweep_submits_one_job_per_point(cluster, tmp_path):
     sweep = tmp_path / "multirun"
-    cmd = [sys.executable, "-m", "bytelm.train", "-m", "hydra/launcher=slurm", "experiment=hat_tiny", "debug=cpu",
-           "optim.lr=1e-3,3e-3", "trainer.max_steps=4", "trainer.val_every=4", "trainer.ckpt_every=100000",
-           "logger.kind=none", "trainer.accelerator=cpu", f"hydra.sweep.dir={sweep}",
-           "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1",
-           "hydra.launcher.timeout_min=10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bytelm.train",
+        "-m",
+        "hydra/launcher=slurm",
+        "experiment=hat_tiny",
+        "debug=cpu",
+        "optim.lr=1e-3,3e-3",
+        "trainer.max_steps=4",
+        "trainer.val_every=4",
+        "trainer.ckpt_every=100000",
+        "logger.kind=none",
+        "trainer.accelerator=cpu",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.tasks_per_node=1",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+    ]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     ok = False
     try:
         out, _ = proc.communicate(timeout=420)
@@ -348,9 +481,19 @@ def test_hydra_sweep_submits_one_job_per_point(cluster, tmp_path):
 def test_broken_job_fails_at_once_and_is_not_requeued(cluster, tmp_path):
     log = tmp_path / "job.log"
     t0 = time.monotonic()
-    jobid = cluster.sbatch(log, "--nodes=1", "--ntasks-per-node=1", *CPU_JOB, "--time=5", str(SBATCH),
-                           "experiment=hat_tiny", "debug=cpu", "trainer.accelerator=cpu", "trainer.max_stepz=3",
-                           f"trainer.out_dir={tmp_path / 'run'}")
+    jobid = cluster.sbatch(
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        *CPU_JOB,
+        "--time=5",
+        str(SBATCH),
+        "experiment=hat_tiny",
+        "debug=cpu",
+        "trainer.accelerator=cpu",
+        "trainer.max_stepz=3",
+        f"trainer.out_dir={tmp_path / 'run'}",
+    )
     info = cluster.wait(jobid, lambda i: i.get("JobState") in DONE, 180, "finished", log)
     failed_after = time.monotonic() - t0
     time.sleep(3)  # a requeue would show by now (a requeued job is pending again at once)
@@ -360,5 +503,7 @@ def test_broken_job_fails_at_once_and_is_not_requeued(cluster, tmp_path):
     assert again["JobState"] == "FAILED" and again["Restarts"] == "0", again
     assert "max_stepz" in text, text[-3000:]
     assert text.count(f"[bytelm] job {jobid} restart") == 1
-    print(f"broken job {jobid}: FAILED (ExitCode {info['ExitCode']}) {failed_after:.0f} s after submission, "
-          f"Restarts=0; log names max_stepz")
+    print(
+        f"broken job {jobid}: FAILED (ExitCode {info['ExitCode']}) {failed_after:.0f} s after submission, "
+        f"Restarts=0; log names max_stepz"
+    )

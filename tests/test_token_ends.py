@@ -14,7 +14,7 @@ TEXTS = {
     "english": b"To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer 1599 slings.\n",
     "chinese": "\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff0c\u6211\u4eec\u53bb\u516c\u56ed\u6563\u6b65\u5427\u3002".encode(),
     "russian": "\u041f\u0440\u0438\u0432\u0435\u0442, \u043a\u0430\u043a \u0434\u0435\u043b\u0430? \u0412\u0441\u0451 \u0445\u043e\u0440\u043e\u0448\u043e.".encode(),
-    "python": b"def f(x: int) -> int:\n    \"\"\"Square.\"\"\"\n    return x ** 2  # ok\n\n\nclass A:\n\tpass\n",
+    "python": b'def f(x: int) -> int:\n    """Square."""\n    return x ** 2  # ok\n\n\nclass A:\n\tpass\n',
     "mixed": "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \U0001f600 \u3053\u3093\u306b\u3061\u306f <|endoftext|> ok".encode(),
 }
 INVALID = b"caf\xc3\xa9 \xff\xfe ok\xe4\xb8 \xed\xa0\xbd end \x80\n\xc3"

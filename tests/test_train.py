@@ -11,7 +11,9 @@ from bytelm.train import run
 
 
 def test_train_20_steps_checkpoint_reloads_identically(tmp_path, tiny_overrides):
-    cfg = load_config(["experiment=flat_tiny", *tiny_overrides, "trainer.max_steps=20", "trainer.ckpt_every=10"])
+    cfg = load_config(
+        ["experiment=flat_tiny", *tiny_overrides, "trainer.max_steps=20", "trainer.ckpt_every=10"]
+    )
     res = run(cfg)
     assert res["global_step"] == 20
     bpb = res["metrics"]["val/bpb"]
@@ -43,7 +45,9 @@ def test_resume_sees_the_same_batches(tmp_path):
     ck = tmp_path / "a" / "checkpoints" / "step0000004.ckpt"
     assert ck.exists()
     assert torch.load(ck, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    cfg_b = load_config([*base, f"trainer.out_dir={tmp_path / 'b'}", "trainer.max_steps=8", f"ckpt_path={ck}"])
+    cfg_b = load_config(
+        [*base, f"trainer.out_dir={tmp_path / 'b'}", "trainer.max_steps=8", f"ckpt_path={ck}"]
+    )
     run(cfg_b, callbacks=[Record(seen_b)])
     assert len(seen_b) == 4
     for x, y in zip(seen_a[4:], seen_b, strict=True):
@@ -78,8 +82,17 @@ def test_missing_checkpoint_path_is_clear(tmp_path):
 
 def test_validation_reports_bpb_per_language_group(tmp_path):
     """A mixture with the multilingual corpus logs val/bpb per validation group and their byte-weighted total."""
-    cfg = load_config(["experiment=flat_tiny", "debug=cpu", "data=mixture", f"trainer.out_dir={tmp_path}",
-                       "trainer.max_steps=2", "trainer.val_every=2", "data.val_max_bytes=512"])
+    cfg = load_config(
+        [
+            "experiment=flat_tiny",
+            "debug=cpu",
+            "data=mixture",
+            f"trainer.out_dir={tmp_path}",
+            "trainer.max_steps=2",
+            "trainer.val_every=2",
+            "data.val_max_bytes=512",
+        ]
+    )
     res = run(cfg)
     per_group = {k: v for k, v in res["metrics"].items() if k.startswith("val/bpb/")}
     assert len(per_group) >= 3, per_group  # Shakespeare + several chatterbot languages

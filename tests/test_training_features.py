@@ -46,12 +46,24 @@ def test_activation_checkpointing_gives_the_same_grads():
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
-    res_big = run(load_config([*QUICK, "trainer.max_steps=2", "data.batch_size=4", f"trainer.out_dir={tmp_path / 'a'}"]))
-    res_acc = run(load_config([*QUICK, "trainer.max_steps=2", "data.batch_size=2", "trainer.accumulate=2",
-                               f"trainer.out_dir={tmp_path / 'b'}"]))
+    res_big = run(
+        load_config([*QUICK, "trainer.max_steps=2", "data.batch_size=4", f"trainer.out_dir={tmp_path / 'a'}"])
+    )
+    res_acc = run(
+        load_config(
+            [
+                *QUICK,
+                "trainer.max_steps=2",
+                "data.batch_size=2",
+                "trainer.accumulate=2",
+                f"trainer.out_dir={tmp_path / 'b'}",
+            ]
+        )
+    )
     assert res_acc["global_step"] == 2
-    for (n, a), (_, b) in zip(res_big["module"].model.named_parameters(),
-                              res_acc["module"].model.named_parameters(), strict=True):
+    for (n, a), (_, b) in zip(
+        res_big["module"].model.named_parameters(), res_acc["module"].model.named_parameters(), strict=True
+    ):
         assert torch.allclose(a, b, atol=1e-5), n
 
 
@@ -60,8 +72,17 @@ def test_z_loss_formula_and_bf16_run_with_metrics(tmp_path):
     logits = torch.zeros(1, 3, V)
     targets = torch.tensor([[1, 2, -100]])
     assert torch.isclose(z_loss(logits, targets), torch.tensor(math.log(V) ** 2))
-    res = run(load_config([*QUICK, "trainer.max_steps=3", "optim.z_loss=1e-4", "trainer.precision=bf16-mixed",
-                           f"trainer.out_dir={tmp_path}"]))
+    res = run(
+        load_config(
+            [
+                *QUICK,
+                "trainer.max_steps=3",
+                "optim.z_loss=1e-4",
+                "trainer.precision=bf16-mixed",
+                f"trainer.out_dir={tmp_path}",
+            ]
+        )
+    )
     m = res["metrics"]
     assert m["train/z_loss"] > 0 and math.isfinite(m["train/loss"])
     assert "train/device/mfu" not in m  # no MFU on CPU
@@ -121,7 +142,9 @@ def test_nonfinite_losses_stop_the_run_after_the_limit(tmp_path):
     from bytelm.lit.module import ByteLMModule
     from bytelm.lit.trainer import build_trainer
 
-    cfg = load_config([*QUICK, "trainer.max_steps=5", "trainer.max_bad_steps=2", f"trainer.out_dir={tmp_path}"])
+    cfg = load_config(
+        [*QUICK, "trainer.max_steps=5", "trainer.max_bad_steps=2", f"trainer.out_dir={tmp_path}"]
+    )
     module = ByteLMModule(cfg)
     module.extra_loss = lambda batch, out: (torch.tensor(float("inf")), {})
     with pytest.raises(FloatingPointError, match="max_bad_steps=2"), warnings.catch_warnings():
@@ -140,9 +163,17 @@ def test_throughput_and_mfu_through_lightnings_monitor(tmp_path, monkeypatch):
 
     peak = 1e12
     monkeypatch.setattr(tm, "get_available_flops", lambda device, dtype: peak)
-    cfg = load_config([*QUICK, "experiment=hat_tiny", "trainer.max_steps=14", "trainer.log_every=1", "logger.kind=csv",
-                       "trainer.val_every=7",
-                       f"trainer.out_dir={tmp_path}"])
+    cfg = load_config(
+        [
+            *QUICK,
+            "experiment=hat_tiny",
+            "trainer.max_steps=14",
+            "trainer.log_every=1",
+            "logger.kind=csv",
+            "trainer.val_every=7",
+            f"trainer.out_dir={tmp_path}",
+        ]
+    )
     res = run(cfg)
     fpb = flops_per_byte(cfg.model, cfg.data.seq_len) * cfg.data.batch_size * cfg.data.seq_len
     assert res["module"].flops_per_batch == pytest.approx(fpb)
@@ -169,7 +200,9 @@ def test_peak_flops_by_device_and_precision():
     assert compute_dtype("32-true") == torch.float32
     from lightning.fabric.utilities.throughput import get_available_flops
 
-    assert get_available_flops(torch.device("cpu"), torch.float32) is None  # Lightning's table: GPUs/TPUs only
+    assert (
+        get_available_flops(torch.device("cpu"), torch.float32) is None
+    )  # Lightning's table: GPUs/TPUs only
 
 
 def test_flops_formula_feeds_mfu():
@@ -186,8 +219,17 @@ def test_wandb_logger_from_config_offline(tmp_path, monkeypatch):
     logged: list[dict] = []
     monkeypatch.setattr(WandbLogger, "log_hyperparams", lambda self, params: logged.append(params))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    cfg = load_config(["debug=cpu", "logger=wandb", "logger.kind=wandb", "logger.group=sweep1", "logger.tags=[a,b]",
-                       "logger.run_name=hat-1", f"trainer.out_dir={tmp_path}"])
+    cfg = load_config(
+        [
+            "debug=cpu",
+            "logger=wandb",
+            "logger.kind=wandb",
+            "logger.group=sweep1",
+            "logger.tags=[a,b]",
+            "logger.run_name=hat-1",
+            f"trainer.out_dir={tmp_path}",
+        ]
+    )
     lg = build_logger(cfg)
     assert isinstance(lg, WandbLogger)
     assert lg._wandb_init["name"] == "hat-1" and lg._wandb_init["group"] == "sweep1"
@@ -246,7 +288,9 @@ def test_only_rank_zero_logs_to_wandb(tmp_path, monkeypatch):
     assert not (tmp_path / "wandb").exists()
 
 
-@pytest.mark.parametrize("name", ["single", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
+@pytest.mark.parametrize(
+    "name", ["single", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
+)
 def test_strategy_configs_compose_and_build(name):
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
@@ -260,7 +304,9 @@ def test_strategy_configs_compose_and_build(name):
     if isinstance(s, DeepSpeedStrategy):
         assert s.config["zero_optimization"]["stage"] == int(name[-1])
         assert s.config["zero_force_ds_cpu_optimizer"] is False
-        assert type(s).__name__ == ("BytelmDeepSpeedStrategy" if torch.cuda.is_available() else "CPUDeepSpeedStrategy")
+        assert type(s).__name__ == (
+            "BytelmDeepSpeedStrategy" if torch.cuda.is_available() else "CPUDeepSpeedStrategy"
+        )
 
 
 def test_strategy_typos_fail_with_the_key():
@@ -275,8 +321,14 @@ def test_strategy_typos_fail_with_the_key():
 def test_wall_clock_per_step_from_lightnings_train_time():
     from bytelm.eval.curves import _seconds_from_train_time
 
-    rows = {0: {"train/time": 1.0}, 4: {"train/time": 9.0}, 5: {"val/bpb": 3.0}, 10: {"train/time": 21.0},
-            12: {"train/time": 0.5}, 14: {"train/time": 4.5}}  # step 12: a resumed run restarted the clock
+    rows = {
+        0: {"train/time": 1.0},
+        4: {"train/time": 9.0},
+        5: {"val/bpb": 3.0},
+        10: {"train/time": 21.0},
+        12: {"train/time": 0.5},
+        14: {"train/time": 4.5},
+    }  # step 12: a resumed run restarted the clock
     got = _seconds_from_train_time(rows)
     assert got == {4: 2.0, 10: 2.0, 14: 2.0}
 
@@ -288,24 +340,45 @@ def test_logger_and_strategy_arguments_pass_through(tmp_path):
 
     from bytelm.lit.trainer import build_strategy
 
-    cfg = load_config(["debug=cpu", "logger.kind=csv", "+logger.kwargs.flush_logs_every_n_steps=7",
-                       f"trainer.out_dir={tmp_path}"])
+    cfg = load_config(
+        [
+            "debug=cpu",
+            "logger.kind=csv",
+            "+logger.kwargs.flush_logs_every_n_steps=7",
+            f"trainer.out_dir={tmp_path}",
+        ]
+    )
     lg = build_logger(cfg)
     assert isinstance(lg, CSVLogger) and lg._flush_logs_every_n_steps == 7 and lg.save_dir == str(tmp_path)
     # kind=custom: the class and every argument from the config (CSVLogger stands in for any logger class)
-    cfg = load_config(["debug=cpu", "logger.kind=custom", "logger._target_=lightning.pytorch.loggers.CSVLogger",
-                       f"+logger.kwargs.save_dir={tmp_path / 'c'}", "+logger.kwargs.name=custom_csv"])
+    cfg = load_config(
+        [
+            "debug=cpu",
+            "logger.kind=custom",
+            "logger._target_=lightning.pytorch.loggers.CSVLogger",
+            f"+logger.kwargs.save_dir={tmp_path / 'c'}",
+            "+logger.kwargs.name=custom_csv",
+        ]
+    )
     lg = build_logger(cfg)
     assert isinstance(lg, CSVLogger) and lg.name == "custom_csv" and lg.save_dir == str(tmp_path / "c")
     cfg.logger._target_ = ""
     with pytest.raises(ValueError, match="logger._target_"):
         build_logger(cfg)
-    cfg = load_config(["debug=cpu", "logger.kind=csv", "+logger.kwargs.no_such_arg=1", f"trainer.out_dir={tmp_path}"])
+    cfg = load_config(
+        ["debug=cpu", "logger.kind=csv", "+logger.kwargs.no_such_arg=1", f"trainer.out_dir={tmp_path}"]
+    )
     with pytest.raises(ValueError, match="CSVLogger"):
         build_logger(cfg)
 
-    cfg = load_config(["debug=cpu", "strategy=ddp", "+strategy.kwargs.static_graph=true",
-                       "+strategy.kwargs.gradient_as_bucket_view=true"])
+    cfg = load_config(
+        [
+            "debug=cpu",
+            "strategy=ddp",
+            "+strategy.kwargs.static_graph=true",
+            "+strategy.kwargs.gradient_as_bucket_view=true",
+        ]
+    )
     st = build_strategy(cfg)
     assert st._ddp_kwargs["static_graph"] is True and st._ddp_kwargs["gradient_as_bucket_view"] is True
     cfg = load_config(["debug=cpu", "strategy=fsdp2", "+strategy.kwargs.save_distributed_checkpoint=false"])

@@ -29,8 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 97
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def _hf_config(kind: str):
@@ -39,9 +46,17 @@ def _hf_config(kind: str):
     if kind == "llama":
         return LlamaConfig(**COMMON, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
     if kind == "llama3":  # original context 16 < the 24 positions tested: every branch of the rule is used
-        return LlamaConfig(**COMMON, rope_theta=500.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16})
+        return LlamaConfig(
+            **COMMON,
+            rope_theta=500.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
     if kind == "linear":
         return LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 2.5})
     if kind == "qwen2":
@@ -64,8 +79,14 @@ def _source(kind: str):
 
 
 def _student(hf) -> HierarchicalByteLM:
-    cfg = ModelConfig(arch="hierarchical", **source_fields(hf.config), d_byte=16, n_heads_byte=2,
-                      encoder_layers=1, decoder_layers=1)
+    cfg = ModelConfig(
+        arch="hierarchical",
+        **source_fields(hf.config),
+        d_byte=16,
+        n_heads_byte=2,
+        encoder_layers=1,
+        decoder_layers=1,
+    )
     m = HierarchicalByteLM(cfg)
     m.init_weights()
     transplant_backbone(m, hf)
@@ -110,7 +131,9 @@ def test_cached_and_offset_backbone_equal_full_run(kind):
         caches = [KVCache() for _ in m.backbone]
         steps = [m.run_backbone(x[:, a:b], caches=caches) for a, b in ((0, 6), (6, 7), (7, 13))]
         pos = torch.arange(13).expand(2, 13)
-        tail = m.run_backbone(x[:, 7:], pos[:, 7:], caches=[KVCache() for _ in m.backbone])  # no cache content
+        tail = m.run_backbone(
+            x[:, 7:], pos[:, 7:], caches=[KVCache() for _ in m.backbone]
+        )  # no cache content
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
     assert caches[0].k is not None and caches[0].k.shape == (2, m.cfg.n_kv_heads, 13, m.cfg.head_dim)
     # positions shift only the rotation: with no context the first word does not depend on its position
@@ -122,8 +145,9 @@ def test_cached_and_offset_backbone_equal_full_run(kind):
 
 def test_rope_llama3_matches_hand_computed_frequencies():
     """Llama 3.1 rule written out per frequency in plain Python (the published formula)."""
-    sc = RopeScalingConfig(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                           original_max_position=64)
+    sc = RopeScalingConfig(
+        kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64
+    )
     head_dim, theta = 32, 10000.0
     expect = []
     for i in range(head_dim // 2):
@@ -153,12 +177,17 @@ def test_default_blocks_keep_parameter_names_and_shapes():
     """bytelm's own models (defaults) build exactly the parameters older checkpoints have."""
     b = Block(32, 4)
     assert {k: tuple(v.shape) for k, v in b.state_dict().items()} == {
-        "attn_norm.weight": (32,), "attn.wqkv.weight": (96, 32), "attn.wo.weight": (32, 32),
-        "mlp_norm.weight": (32,), "mlp.w_gate.weight": (96, 32), "mlp.w_up.weight": (96, 32),
+        "attn_norm.weight": (32,),
+        "attn.wqkv.weight": (96, 32),
+        "attn.wo.weight": (32, 32),
+        "mlp_norm.weight": (32,),
+        "mlp.w_gate.weight": (96, 32),
+        "mlp.w_up.weight": (96, 32),
         "mlp.w_down.weight": (32, 96),
     }
-    m = HierarchicalByteLM(ModelConfig(arch="hierarchical", d_model=32, n_layers=1, n_heads=4, d_byte=16,
-                                       n_heads_byte=2))
+    m = HierarchicalByteLM(
+        ModelConfig(arch="hierarchical", d_model=32, n_layers=1, n_heads=4, d_byte=16, n_heads_byte=2)
+    )
     assert not any(k.endswith("bias") for k in m.state_dict())
     assert m.cfg.rope_scaling == RopeScalingConfig()
     # a config rebuilt from a flat dict (HF export) takes the scaling as a dict, extra HF keys ignored
@@ -171,7 +200,9 @@ def test_state_dict_names_and_embeddings():
     sd = backbone_state_dict(hf)
     assert sd["backbone.0.attn.wqkv.weight"].shape == ((4 + 2 * 2) * 16, 64)
     assert sd["backbone.0.attn.wqkv.bias"].shape == ((4 + 2 * 2) * 16,)
-    torch.testing.assert_close(sd["backbone.2.attn.wqkv.weight"][64:96], hf.model.layers[2].self_attn.k_proj.weight)
+    torch.testing.assert_close(
+        sd["backbone.2.attn.wqkv.weight"][64:96], hf.model.layers[2].self_attn.k_proj.weight
+    )
     assert set(sd) == set(_student(hf).state_dict()) & set(sd)
     emb, head = source_embeddings(hf)
     assert emb.shape == (VOCAB, 64) and (head is None) == bool(hf.config.tie_word_embeddings)
@@ -179,15 +210,25 @@ def test_state_dict_names_and_embeddings():
     assert head is not None and head.shape == (VOCAB, 64) and not torch.equal(head, emb)
 
 
-@pytest.mark.parametrize(("kind", "change", "needle"), [
-    ("llama", {"hidden_act": "gelu"}, "'gelu'"),
-    ("llama", {"mlp_bias": True}, "mlp_bias"),
-    ("llama", {"attention_bias": True}, "attention_bias"),
-    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "'yarn'"),
-    ("llama", {"model_type": "gpt_neox"}, "'gpt_neox'"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
-               "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}, "max_window_layers"),
-])
+@pytest.mark.parametrize(
+    ("kind", "change", "needle"),
+    [
+        ("llama", {"hidden_act": "gelu"}, "'gelu'"),
+        ("llama", {"mlp_bias": True}, "mlp_bias"),
+        ("llama", {"attention_bias": True}, "attention_bias"),
+        ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "'yarn'"),
+        ("llama", {"model_type": "gpt_neox"}, "'gpt_neox'"),
+        (
+            "qwen2",
+            {
+                "use_sliding_window": True,
+                "sliding_window": 8,
+                "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+            },
+            "max_window_layers",
+        ),
+    ],
+)
 def test_unsupported_source_is_an_error_naming_the_value(kind, change, needle):
     cfg = _hf_config(kind)
     for k, v in change.items():
@@ -214,7 +255,9 @@ def test_transplant_refuses_mismatches_before_copying():
     m = HierarchicalByteLM(ModelConfig(**base, **fields))
     m.backbone[1].mlp.w_up = torch.nn.Linear(64, 128, bias=False)
     before = m.backbone[0].attn.wqkv.weight.clone()
-    with pytest.raises(ValueError, match=r"backbone\.1\.mlp\.w_up\.weight: model shape \(128, 64\) != source"):
+    with pytest.raises(
+        ValueError, match=r"backbone\.1\.mlp\.w_up\.weight: model shape \(128, 64\) != source"
+    ):
         transplant_backbone(m, hf)
     assert torch.equal(m.backbone[0].attn.wqkv.weight, before)  # nothing copied
     with pytest.raises(ValueError, match="n_blocks"):
@@ -237,8 +280,9 @@ def test_smollm2_gguf_backbone_equals_teacher(smollm2):
     fields = source_fields(hf.config)
     assert (fields["n_layers"], fields["d_model"], fields["n_heads"], fields["n_kv_heads"]) == (30, 576, 9, 3)
     m = _student(hf)
-    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. Byte-level models read raw text.")
-                        ["input_ids"]])
+    ids = torch.tensor(
+        [tok("The quick brown fox jumps over the lazy dog. Byte-level models read raw text.")["input_ids"]]
+    )
     diffs = _max_diffs(m, hf, ids)
     with torch.no_grad():
         scale = [h.abs().max().item() for h in hf(ids, output_hidden_states=True).hidden_states]

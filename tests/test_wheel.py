@@ -39,8 +39,21 @@ def wheel(tmp_path_factory) -> Path:
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, src / name)
     out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
-         timeout=600)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        timeout=600,
+    )
     (whl,) = out.glob("bytelm-*.whl")
     return whl
 
@@ -59,9 +72,24 @@ def test_wheel_install_trains_from_an_empty_folder(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
     py = venv / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-         timeout=300)
-    purelib = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        timeout=300,
+    )
+    purelib = Path(
+        _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    )
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
     (purelib / "_bytelm_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
 
@@ -69,13 +97,29 @@ def test_wheel_install_trains_from_an_empty_folder(wheel, tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
-    where = _run([str(py), "-c", "import bytelm.config as c; print(c.__file__); print(c.CONF_DIR)"],
-                 cwd=work, env=env, timeout=120).stdout.split()
+    where = _run(
+        [str(py), "-c", "import bytelm.config as c; print(c.__file__); print(c.CONF_DIR)"],
+        cwd=work,
+        env=env,
+        timeout=120,
+    ).stdout.split()
     assert where[0].startswith(str(purelib)), f"bytelm imported from {where[0]}, not from the wheel"
     assert Path(where[1]).is_dir() and Path(where[1]).is_relative_to(purelib)
 
-    r = _run([str(venv / "bin" / "bytelm-train"), "experiment=hat_tiny", "debug=cpu", "trainer.max_steps=3",
-              "trainer.val_every=3", "trainer.ckpt_every=3", "trainer.out_dir=out"], cwd=work, env=env, timeout=600)
+    r = _run(
+        [
+            str(venv / "bin" / "bytelm-train"),
+            "experiment=hat_tiny",
+            "debug=cpu",
+            "trainer.max_steps=3",
+            "trainer.val_every=3",
+            "trainer.ckpt_every=3",
+            "trainer.out_dir=out",
+        ],
+        cwd=work,
+        env=env,
+        timeout=600,
+    )
     assert (work / "out" / "checkpoints" / "last.ckpt").is_file(), r.stdout[-2000:] + r.stderr[-2000:]
     assert "val" in (r.stdout + r.stderr).lower()
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # nothing written outside the run folder
@@ -83,8 +127,20 @@ def test_wheel_install_trains_from_an_empty_folder(wheel, tmp_path):
     # a user's own config folder beside the shipped tree (README: "Your own configs")
     mine = tmp_path / "myconf" / "experiment"
     mine.mkdir(parents=True)
-    (mine / "my_hat.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: hat_tiny\n"
-                                      "name: my_hat\nmodel: {d_model: 96}\n")
-    r = _run([str(venv / "bin" / "bytelm-train"), "--config-dir", str(tmp_path / "myconf"), "experiment=my_hat",
-              "--cfg", "job"], cwd=work, env=env, timeout=300)
+    (mine / "my_hat.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: hat_tiny\nname: my_hat\nmodel: {d_model: 96}\n"
+    )
+    r = _run(
+        [
+            str(venv / "bin" / "bytelm-train"),
+            "--config-dir",
+            str(tmp_path / "myconf"),
+            "experiment=my_hat",
+            "--cfg",
+            "job",
+        ],
+        cwd=work,
+        env=env,
+        timeout=300,
+    )
     assert "name: my_hat" in r.stdout and "d_model: 96" in r.stdout and "arch: hierarchical" in r.stdout

@@ -21,8 +21,9 @@ from bytelm.checkpoint import consolidate, latest_valid_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bytelm-consolidate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bytelm-consolidate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("ckpt", help="checkpoint folder or file, or a run folder")
     p.add_argument("out", help="output .safetensors path")
     return p

@@ -58,14 +58,18 @@ def val_batches(cfg: Config, batch_size: int | None = None) -> list[dict[str, to
 
 
 @torch.no_grad()
-def student_bpb(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+def student_bpb(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> float:
     from bytelm.lit.metrics import bits_per_byte, byte_nll_sum
 
     model.to(device).eval()
     nll, n = 0.0, 0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        out = model(b["input_ids"], targets=b["targets"], doc_ids=b.get("doc_ids"), word_start=b.get("word_start"))
+        out = model(
+            b["input_ids"], targets=b["targets"], doc_ids=b.get("doc_ids"), word_start=b.get("word_start")
+        )
         s, c = byte_nll_sum(out.logits, b["targets"])
         nll += float(s)
         n += int(c)
@@ -98,7 +102,9 @@ def _texts_key(batches: list[dict[str, torch.Tensor]], teacher_name: str) -> str
     return h.hexdigest()[:24]
 
 
-def cached_teacher_bpb(cfg: Config, batches: list[dict[str, torch.Tensor]], device: str | None) -> dict[str, Any]:
+def cached_teacher_bpb(
+    cfg: Config, batches: list[dict[str, torch.Tensor]], device: str | None
+) -> dict[str, Any]:
     """Teacher bpb, memoised in ``distill.cache_dir`` (keyed by the teacher and the validation bytes)."""
     from bytelm.distill.teacher import load_teacher
 
@@ -111,38 +117,64 @@ def cached_teacher_bpb(cfg: Config, batches: list[dict[str, torch.Tensor]], devi
     t0 = time.perf_counter()
     teacher = load_teacher(cfg.distill.teacher, device=device)
     bpb, n_bytes, n_tok = teacher_bpb(teacher, batches)
-    res = {"teacher": name, "bpb": bpb, "bytes": n_bytes, "tokens": n_tok, "seconds": time.perf_counter() - t0}
+    res = {
+        "teacher": name,
+        "bpb": bpb,
+        "bytes": n_bytes,
+        "tokens": n_tok,
+        "seconds": time.perf_counter() - t0,
+    }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res))
     return res
 
 
-def compare(distilled: str | Path, baseline: str | Path, device: str | None = None,
-            batch_size: int | None = None) -> dict[str, Any]:
+def compare(
+    distilled: str | Path, baseline: str | Path, device: str | None = None, batch_size: int | None = None
+) -> dict[str, Any]:
     from bytelm.checkpoint import load_model, read_checkpoint
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ck_d, ck_b = resolve_checkpoint(distilled), resolve_checkpoint(baseline)
     model_d, cfg_d = load_model(ck_d)
     model_b, cfg_b = load_model(ck_b)
-    steps = {k: int(read_checkpoint(p).get("global_step", -1)) for k, p in (("distilled", ck_d), ("baseline", ck_b))}
+    steps = {
+        k: int(read_checkpoint(p).get("global_step", -1))
+        for k, p in (("distilled", ck_d), ("baseline", ck_b))
+    }
     for key in ("source", "seq_len", "val_max_bytes"):
         if getattr(cfg_d.data, key) != getattr(cfg_b.data, key):
-            log.warning("data.%s differs (%r vs %r): both are scored on the distilled run's rows", key,
-                        getattr(cfg_d.data, key), getattr(cfg_b.data, key))
+            log.warning(
+                "data.%s differs (%r vs %r): both are scored on the distilled run's rows",
+                key,
+                getattr(cfg_d.data, key),
+                getattr(cfg_b.data, key),
+            )
     if cfg_d.model != cfg_b.model:
         log.warning("the two students differ in model config")
     batches = val_batches(cfg_d, batch_size)
     teacher = cached_teacher_bpb(cfg_d, batches, str(dev))
     return {
-        "validation": {"source": cfg_d.data.source, "seq_len": cfg_d.data.seq_len, "bytes": teacher["bytes"],
-                       "rows": sum(int(b["targets"].shape[0]) for b in batches)},
+        "validation": {
+            "source": cfg_d.data.source,
+            "seq_len": cfg_d.data.seq_len,
+            "bytes": teacher["bytes"],
+            "rows": sum(int(b["targets"].shape[0]) for b in batches),
+        },
         "teacher": teacher,
-        "distilled": {"checkpoint": str(ck_d), "steps": steps["distilled"], "distill": cfg_d.distill.kind,
-                      "bpb": student_bpb(model_d, batches, dev)},
-        "baseline": {"checkpoint": str(ck_b), "steps": steps["baseline"], "distill": cfg_b.distill.kind,
-                     "bpb": student_bpb(model_b, batches, dev)},
+        "distilled": {
+            "checkpoint": str(ck_d),
+            "steps": steps["distilled"],
+            "distill": cfg_d.distill.kind,
+            "bpb": student_bpb(model_d, batches, dev),
+        },
+        "baseline": {
+            "checkpoint": str(ck_b),
+            "steps": steps["baseline"],
+            "distill": cfg_b.distill.kind,
+            "bpb": student_bpb(model_b, batches, dev),
+        },
     }
 
 
@@ -162,8 +194,11 @@ def format_table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="bytelm-distill-compare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bytelm-distill-compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--experiment", default="distill_smollm2_tiny")
     ap.add_argument("--baseline-experiment", default="distill_ce_baseline_tiny")
     ap.add_argument("--distilled", help="checkpoint or run folder (default: runs/<experiment name>)")
@@ -182,10 +217,19 @@ def main(argv: list[str] | None = None) -> None:
         for cfg in (cfg_b, cfg_d):
             t0 = time.perf_counter()
             res = run(cfg)
-            log.info("%s: %d steps in %.0f s, val bpb %s", cfg.name, res["global_step"], time.perf_counter() - t0,
-                     res["metrics"].get("val/bpb"))
-    res = compare(args.distilled or cfg_d.trainer.out_dir, args.baseline or cfg_b.trainer.out_dir, args.device,
-                  args.batch_size)
+            log.info(
+                "%s: %d steps in %.0f s, val bpb %s",
+                cfg.name,
+                res["global_step"],
+                time.perf_counter() - t0,
+                res["metrics"].get("val/bpb"),
+            )
+    res = compare(
+        args.distilled or cfg_d.trainer.out_dir,
+        args.baseline or cfg_b.trainer.out_dir,
+        args.device,
+        args.batch_size,
+    )
     print(format_table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

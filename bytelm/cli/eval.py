@@ -34,35 +34,63 @@ def _csv(s: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvalOptions()
-    p = argparse.ArgumentParser(prog="bytelm-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bytelm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", help="checkpoint (.ckpt), run folder, exported HF folder, .gguf, or 'teacher'")
-    p.add_argument("--tasks", type=_csv, default=d.tasks,
-                   help=f"comma-separated subset of {','.join(TASK_NAMES)} (default: all)")
-    p.add_argument("--max-bytes", type=int, default=d.max_bytes,
-                   help="bytes per evaluated set: English, each language, each noise condition (0 = all)")
+    p.add_argument(
+        "--tasks",
+        type=_csv,
+        default=d.tasks,
+        help=f"comma-separated subset of {','.join(TASK_NAMES)} (default: all)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=d.max_bytes,
+        help="bytes per evaluated set: English, each language, each noise condition (0 = all)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise and of the task generator")
-    p.add_argument("--noise-levels", type=lambda s: tuple(float(x) for x in _csv(s)), default=d.levels,
-                   help="fractions of bytes changed (default 0.05,0.15)")
+    p.add_argument(
+        "--noise-levels",
+        type=lambda s: tuple(float(x) for x in _csv(s)),
+        default=d.levels,
+        help="fractions of bytes changed (default 0.05,0.15)",
+    )
     p.add_argument("--noise-kinds", type=_csv, default=d.kinds, help=f"subset of {','.join(KINDS)}")
     p.add_argument("--cute-items", type=int, default=d.cute_items, help="items per CUTE-style task")
     p.add_argument("--cute-shots", type=int, default=d.cute_shots, help="solved examples before each item")
     p.add_argument("--languages", type=_csv, default=(), help="multilingual subset (default: every language)")
-    p.add_argument("--multilingual-split", choices=SPLITS, default=d.ml_split,
-                   help="chatterbot dialogs scored: validation (held-out 10%%), all, or auto (validation when "
-                        "the model trained on the corpus, else all)")
+    p.add_argument(
+        "--multilingual-split",
+        choices=SPLITS,
+        default=d.ml_split,
+        help="chatterbot dialogs scored: validation (held-out 10%%), all, or auto (validation when "
+        "the model trained on the corpus, else all)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="row length in bytes (default: the model's training seq_len; teacher: 1024-byte chunks)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="row length in bytes (default: the model's training seq_len; teacher: 1024-byte chunks)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--name", default=None, help="name shown in the output (default: the run name)")
-    p.add_argument("--segmenter", choices=("learned", "tokenizer"), default="learned",
-                   help="byteified models: where patches end when scoring: the model's boundary predictor "
-                        "(tokenizer-free) or the source tokenizer's token ends; either way bpb is the joint "
-                        "(byte, boundary) cross-entropy (docs/byteify.md)")
-    p.add_argument("--tokenizer", default=None,
-                   help="with --segmenter tokenizer: the source model's folder or .gguf (default: the checkpoint's "
-                        "byteify.source)")
+    p.add_argument(
+        "--segmenter",
+        choices=("learned", "tokenizer"),
+        default="learned",
+        help="byteified models: where patches end when scoring: the model's boundary predictor "
+        "(tokenizer-free) or the source tokenizer's token ends; either way bpb is the joint "
+        "(byte, boundary) cross-entropy (docs/byteify.md)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="with --segmenter tokenizer: the source model's folder or .gguf (default: the checkpoint's "
+        "byteify.source)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     return p
@@ -70,9 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(
-        tasks=tuple(args.tasks), max_bytes=args.max_bytes, seed=args.seed, levels=tuple(args.noise_levels),
-        kinds=tuple(args.noise_kinds), cute_items=args.cute_items, cute_shots=args.cute_shots,
-        languages=tuple(args.languages), ml_split=args.multilingual_split,
+        tasks=tuple(args.tasks),
+        max_bytes=args.max_bytes,
+        seed=args.seed,
+        levels=tuple(args.noise_levels),
+        kinds=tuple(args.noise_kinds),
+        cute_items=args.cute_items,
+        cute_shots=args.cute_shots,
+        languages=tuple(args.languages),
+        ml_split=args.multilingual_split,
     )
 
 
@@ -86,8 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     from bytelm.eval.scoring import load_scorer
 
     try:
-        scorer = load_scorer(args.model, device=args.device, batch_size=args.batch_size, seq_len=args.seq_len,
-                             name=args.name, segmenter=args.segmenter, tokenizer=args.tokenizer)
+        scorer = load_scorer(
+            args.model,
+            device=args.device,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            name=args.name,
+            segmenter=args.segmenter,
+            tokenizer=args.tokenizer,
+        )
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         sys.exit(f"bytelm-eval: {e}")
     res = run_suite(scorer, opts, progress=args.progress)

@@ -18,15 +18,26 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="bytelm-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("ckpt", help="bytelm checkpoint: a Lightning .ckpt file (or a sharded DeepSpeed / FSDP2 "
-                   "folder where bytelm.checkpoint can consolidate it)")
+    p.add_argument(
+        "ckpt",
+        help="bytelm checkpoint: a Lightning .ckpt file (or a sharded DeepSpeed / FSDP2 "
+        "folder where bytelm.checkpoint can consolidate it)",
+    )
     p.add_argument("out", help="output folder (created; existing weight files in it are replaced)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default fp32)")
-    p.add_argument("--max-shard-size", type=_shard_size, default="2GB",
-                   help="split safetensors above this size, e.g. 500MB, 2GB or a byte count (default 2GB)")
-    p.add_argument("--push-to-hub", metavar="REPO", default=None,
-                   help="also upload the folder to this Hub repo (needs network and a token: `hf auth login` "
-                   "or HF_TOKEN)")
+    p.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        default="2GB",
+        help="split safetensors above this size, e.g. 500MB, 2GB or a byte count (default 2GB)",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        default=None,
+        help="also upload the folder to this Hub repo (needs network and a token: `hf auth login` "
+        "or HF_TOKEN)",
+    )
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     args = p.parse_args(argv)

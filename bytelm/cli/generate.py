@@ -15,16 +15,22 @@ from bytelm.models.generate import DEFAULT_MAX_NEW_BYTES, DEFAULT_TEMPERATURE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bytelm-generate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ckpt", help="bytelm checkpoint: Lightning .ckpt, sharded folder or consolidated .safetensors")
+    p = argparse.ArgumentParser(
+        prog="bytelm-generate", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "ckpt", help="bytelm checkpoint: Lightning .ckpt, sharded folder or consolidated .safetensors"
+    )
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_NEW_BYTES, help="bytes to generate (at most)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
-    p.add_argument("--stop", default=None,
-                   help="stop once the output ends with this text (included; escapes such as '\\n' work)")
+    p.add_argument(
+        "--stop",
+        default=None,
+        help="stop once the output ends with this text (included; escapes such as '\\n' work)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward each byte (slow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -44,9 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = load_model(args.ckpt, args.device)
     stop = parse_stop(args.stop) if args.stop else None
     sys.stdout.write(args.prompt)
-    for piece in stream(model, args.prompt.encode("utf-8"), max_new_bytes=args.max_bytes,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_bytes=stop,
-                        seed=args.seed, use_cache=not args.no_cache):
+    for piece in stream(
+        model,
+        args.prompt.encode("utf-8"),
+        max_new_bytes=args.max_bytes,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_bytes=stop,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    ):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

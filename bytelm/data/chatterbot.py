@@ -78,7 +78,9 @@ def _read_wheel(path: str) -> dict[str, dict[str, tuple[bytes, ...]]]:
             dialogs = tuple("\n".join(_turns(c)).encode("utf-8") for c in (convs or []))
             out.setdefault(lang, {})[fname] = tuple(d for d in dialogs if d)
     if not out:
-        raise RuntimeError(f"no dialogs under {DATA_DIR} in {path}: is this the chatterbot-corpus==1.3.3 wheel?")
+        raise RuntimeError(
+            f"no dialogs under {DATA_DIR} in {path}: is this the chatterbot-corpus==1.3.3 wheel?"
+        )
     return out
 
 
@@ -118,7 +120,9 @@ def chatterbot_shards(split: str, langs: Sequence[str] = (), archive: str | Path
     return [f"{lang}/{f}" for lang in _check_languages(path, langs) for f in wheel[lang]]
 
 
-def chatterbot_generator(shards: list[str], split: str, archive: str | None = None) -> Iterator[dict[str, object]]:
+def chatterbot_generator(
+    shards: list[str], split: str, archive: str | None = None
+) -> Iterator[dict[str, object]]:
     """``datasets`` generator: the dialogs of ``split`` (train | validation | all) in the given files."""
     if split not in ("train", "validation", "all"):
         raise ValueError(f"unknown split {split!r}; expected 'train', 'validation' or 'all'")
@@ -146,5 +150,5 @@ def report_groups(groups: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for g in groups:
         if g.startswith(GROUP_PREFIX) and g[len(GROUP_PREFIX) :] in SCRIPTS:
-            out.setdefault(f"{GROUP_PREFIX}script/{SCRIPTS[g[len(GROUP_PREFIX):]]}", []).append(g)
+            out.setdefault(f"{GROUP_PREFIX}script/{SCRIPTS[g[len(GROUP_PREFIX) :]]}", []).append(g)
     return dict(sorted(out.items()))

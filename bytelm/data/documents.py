@@ -46,7 +46,9 @@ def from_record(rec: dict[str, Any]) -> Document:
     data = rec.get("data") or b""
     if isinstance(data, str):  # a text column that was not converted (defensive)
         data = data.encode("utf-8", "surrogatepass")
-    return Document(str(rec.get("name") or ""), bytes(data), str(rec.get("group") or ""), str(rec.get("error") or ""))
+    return Document(
+        str(rec.get("name") or ""), bytes(data), str(rec.get("group") or ""), str(rec.get("error") or "")
+    )
 
 
 def text_to_bytes(text: str) -> bytes:
@@ -107,7 +109,9 @@ class InputStats:
         return s
 
     def unusual(self) -> bool:
-        return bool(self.empty_skipped or self.errors_skipped or self.invalid_utf8_docs or self.control_byte_docs)
+        return bool(
+            self.empty_skipped or self.errors_skipped or self.invalid_utf8_docs or self.control_byte_docs
+        )
 
 
 _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 13))

@@ -31,7 +31,9 @@ def source_label(src: Any) -> str:
     return str(src.source)
 
 
-def doc_dataset(src: Any, split: str, *, on_error: str = "raise", min_shards: int = 1, streaming: bool = True):
+def doc_dataset(
+    src: Any, split: str, *, on_error: str = "raise", min_shards: int = 1, streaming: bool = True
+):
     """``datasets.IterableDataset`` of the documents of ``split`` for one source config (``SourceConfig``).
 
     ``min_shards``: shards wanted (ranks x workers); file sources cut large line-based files to reach it.
@@ -46,7 +48,12 @@ def doc_dataset(src: Any, split: str, *, on_error: str = "raise", min_shards: in
         from bytelm.data.shakespeare import shakespeare_documents, shakespeare_generator
 
         names = [d.name for d in shakespeare_documents(split)]
-        return _relabel(IterableDataset.from_generator(shakespeare_generator, features=features(), gen_kwargs={"names": names}), src)
+        return _relabel(
+            IterableDataset.from_generator(
+                shakespeare_generator, features=features(), gen_kwargs={"names": names}
+            ),
+            src,
+        )
     if kind == "chatterbot":
         from bytelm.data.chatterbot import chatterbot_generator, chatterbot_shards
 
@@ -59,7 +66,9 @@ def doc_dataset(src: Any, split: str, *, on_error: str = "raise", min_shards: in
 
         files = pysource_files(split, list(src.paths), int(src.max_bytes))
         kw = {"paths": [p for p, _ in files], "names": [n for _, n in files]}
-        return _relabel(IterableDataset.from_generator(pysource_generator, features=features(), gen_kwargs=kw), src)
+        return _relabel(
+            IterableDataset.from_generator(pysource_generator, features=features(), gen_kwargs=kw), src
+        )
     if kind == "files":
         return _files(src, split, on_error, min_shards)
     if kind == "hub":
@@ -68,7 +77,12 @@ def doc_dataset(src: Any, split: str, *, on_error: str = "raise", min_shards: in
         from bytelm.data.prepare import prepared_generator, prepared_shards
 
         shards = prepared_shards(src.paths, split)
-        return _relabel(IterableDataset.from_generator(prepared_generator, features=features(), gen_kwargs={"shards": shards}), src)
+        return _relabel(
+            IterableDataset.from_generator(
+                prepared_generator, features=features(), gen_kwargs={"shards": shards}
+            ),
+            src,
+        )
     if kind == "mixture":
         raise ValueError("data.source=mixture: a mixture component cannot itself be a mixture")
     raise ValueError(f"unknown data.source {kind!r}; available: {', '.join((*SOURCES, 'mixture'))}")
@@ -94,8 +108,11 @@ def _files(src: Any, split: str, on_error: str, min_shards: int):
     from bytelm.data.readers import files_generator, plan_shards, resolve_paths
 
     use_val_files = split == "validation" and bool(src.val_paths)
-    paths = resolve_paths(list(src.val_paths if use_val_files else src.paths),
-                          key="data.val_paths" if use_val_files else "data.paths", on_error=on_error)
+    paths = resolve_paths(
+        list(src.val_paths if use_val_files else src.paths),
+        key="data.val_paths" if use_val_files else "data.paths",
+        on_error=on_error,
+    )
     if src.val_paths:
         holdout = 0.0  # validation has its own files: every document of paths is training data
     else:
@@ -103,9 +120,17 @@ def _files(src: Any, split: str, on_error: str, min_shards: int):
         if split == "validation" and holdout <= 0:
             raise ValueError("files source: no validation data; set data.val_paths or data.val_fraction > 0")
     shards = plan_shards(paths, src.format, src.txt_unit, min_shards)
-    kw = dict(split="all" if holdout <= 0 else split, val_fraction=holdout, text_field=src.text_field,
-              txt_unit=src.txt_unit, group=source_label(src), on_error=on_error)
-    return IterableDataset.from_generator(files_generator, features=features(), gen_kwargs={"shards": shards, **kw})
+    kw = dict(
+        split="all" if holdout <= 0 else split,
+        val_fraction=holdout,
+        text_field=src.text_field,
+        txt_unit=src.txt_unit,
+        group=source_label(src),
+        on_error=on_error,
+    )
+    return IterableDataset.from_generator(
+        files_generator, features=features(), gen_kwargs={"shards": shards, **kw}
+    )
 
 
 def _hub_record(rec: dict[str, Any], *, field: str, group: str, name: str, on_error: str) -> dict[str, Any]:
@@ -123,7 +148,9 @@ def _hub(src: Any, split: str, on_error: str, min_shards: int, streaming: bool):
     from datasets import load_dataset
 
     if not src.hub:
-        raise ValueError("data.source=hub needs data.hub (a dataset name on the Hub, or a local dataset folder)")
+        raise ValueError(
+            "data.source=hub needs data.hub (a dataset name on the Hub, or a local dataset folder)"
+        )
     holdout = split == "validation" and not src.val_split
     want = src.train_split if (split == "train" or holdout) else src.val_split
     try:
@@ -144,8 +171,10 @@ def _hub(src: Any, split: str, on_error: str, min_shards: int, streaming: bool):
             log.info("hub dataset %s: cannot reshard (%s); %d shards", src.hub, e, ds.num_shards)
     cols = ds.column_names
     if cols is not None and src.text_field not in cols:
-        raise DataError(f"hub dataset {src.hub!r} split {want!r}: no column {src.text_field!r} (columns: {cols}); "
-                        "set data.text_field")
+        raise DataError(
+            f"hub dataset {src.hub!r} split {want!r}: no column {src.text_field!r} (columns: {cols}); "
+            "set data.text_field"
+        )
     kw = dict(field=src.text_field, group=source_label(src), name=f"{src.hub}:{want}", on_error=on_error)
     ds = ds.map(_hub_record, fn_kwargs=kw, remove_columns=cols, features=features())
     if not src.val_split:  # validation is a content-hash share of train_split

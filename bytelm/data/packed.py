@@ -122,7 +122,11 @@ class PackedCorpus:
             raise ValueError("no non-empty documents in this split")
         offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum([len(c) for c in chunks], out=offsets[1:])
-        wbits = np.packbits(np.concatenate(bits)) if words and bits else (np.zeros(0, np.uint8) if words else None)
+        wbits = (
+            np.packbits(np.concatenate(bits))
+            if words and bits
+            else (np.zeros(0, np.uint8) if words else None)
+        )
         self._set(np.frombuffer(b"".join(chunks), dtype=np.uint8), offsets, wbits)
         self.doc_groups = groups
         self.stats = stats
@@ -131,7 +135,11 @@ class PackedCorpus:
 
     @classmethod
     def from_arrays(
-        cls, data: np.ndarray, offsets: np.ndarray, wbits: np.ndarray | None = None, stats: InputStats | None = None
+        cls,
+        data: np.ndarray,
+        offsets: np.ndarray,
+        wbits: np.ndarray | None = None,
+        stats: InputStats | None = None,
     ) -> PackedCorpus:
         """A corpus over existing (e.g. memory-mapped) arrays; nothing is copied."""
         self = cls.__new__(cls)
@@ -173,7 +181,10 @@ class PackedCorpus:
         p = start
         while p < stop:  # one document piece at a time (rows span few documents)
             vs, size, off = int(self.vstarts[d]), int(self.lengths[d]), int(self.offsets[d])
-            a, b = p - vs, min(stop, vs + size + 2) - vs  # local range; 0 = BOS, 1..size = bytes, size+1 = EOS
+            a, b = (
+                p - vs,
+                min(stop, vs + size + 2) - vs,
+            )  # local range; 0 = BOS, 1..size = bytes, size+1 = EOS
             o = p - start
             doc[o : o + b - a] = d
             if a == 0:

@@ -137,9 +137,14 @@ def write_prepared(
     if not writer.shards:
         raise ValueError(f"no non-empty documents to prepare into {folder}")
     meta = {
-        "format": FORMAT, "version": VERSION, "shards": writer.shards,
-        "groups": sorted(writer.groups, key=writer.groups.__getitem__), "words": words,
-        "max_word_bytes": max_word_bytes, "invalid_utf8": invalid_utf8, "stats": stats.as_dict(),
+        "format": FORMAT,
+        "version": VERSION,
+        "shards": writer.shards,
+        "groups": sorted(writer.groups, key=writer.groups.__getitem__),
+        "words": words,
+        "max_word_bytes": max_word_bytes,
+        "invalid_utf8": invalid_utf8,
+        "stats": stats.as_dict(),
         **(extra_meta or {}),
     }
     tmp = folder / "meta.json.tmp"
@@ -192,7 +197,9 @@ def split_folders(paths: list[str], split: str) -> list[Path]:
         elif (root / "meta.json").exists() and split == "train":
             out.append(root)
         else:
-            raise FileNotFoundError(f"data.paths: {p!r} has no prepared {split!r} split ({root / split}/meta.json)")
+            raise FileNotFoundError(
+                f"data.paths: {p!r} has no prepared {split!r} split ({root / split}/meta.json)"
+            )
     return out
 
 
@@ -209,8 +216,12 @@ def prepared_generator(shards: list[str]) -> Iterator[dict[str, object]]:
         offsets = np.load(base + ".idx.npy")
         gids = np.load(base + ".groups.npy")
         for i in range(len(offsets) - 1):
-            yield {"name": f"{base}#{i}", "group": meta["groups"][int(gids[i])],
-                   "data": bytes(data[offsets[i] : offsets[i + 1]]), "error": ""}
+            yield {
+                "name": f"{base}#{i}",
+                "group": meta["groups"][int(gids[i])],
+                "data": bytes(data[offsets[i] : offsets[i + 1]]),
+                "error": "",
+            }
 
 
 def open_prepared(paths: list[str], split: str, *, words: bool, max_word_bytes: int) -> list[Any]:
@@ -223,13 +234,21 @@ def open_prepared(paths: list[str], split: str, *, words: bool, max_word_bytes: 
         meta = read_meta(folder)
         if words and (not meta["words"] or meta["max_word_bytes"] != max_word_bytes):
             have = f"max_word_bytes={meta['max_word_bytes']}" if meta["words"] else "no word index"
-            raise ValueError(f"{folder}: prepared with {have}, the model needs words with "
-                             f"max_word_bytes={max_word_bytes}; rerun bytelm-prepare with model.max_word_bytes="
-                             f"{max_word_bytes}")
+            raise ValueError(
+                f"{folder}: prepared with {have}, the model needs words with "
+                f"max_word_bytes={max_word_bytes}; rerun bytelm-prepare with model.max_word_bytes="
+                f"{max_word_bytes}"
+            )
         for s in meta["shards"]:
             base = str(folder / s["name"])
             data = np.memmap(base + ".bin", dtype=np.uint8, mode="r")
             wbits = np.load(base + ".words.npy", mmap_mode="r") if words else None
-            parts.append(PackedCorpus.from_arrays(data, np.load(base + ".idx.npy"), wbits,
-                                                  InputStats.from_dict(meta["stats"]) if s is meta["shards"][0] else None))
+            parts.append(
+                PackedCorpus.from_arrays(
+                    data,
+                    np.load(base + ".idx.npy"),
+                    wbits,
+                    InputStats.from_dict(meta["stats"]) if s is meta["shards"][0] else None,
+                )
+            )
     return parts

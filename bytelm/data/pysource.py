@@ -83,7 +83,9 @@ def pysource_files(split: str, roots: Sequence[str] = (), max_bytes: int = 0) ->
     total = 0
     for _, path, name in found:
         size = os.path.getsize(path)
-        if size == 0 or (max_bytes > 0 and total + size > max_bytes):  # empty: an ``__init__.py`` with nothing
+        if size == 0 or (
+            max_bytes > 0 and total + size > max_bytes
+        ):  # empty: an ``__init__.py`` with nothing
             continue
         total += size
         out.append((path, name))

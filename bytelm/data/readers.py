@@ -64,14 +64,21 @@ def resolve_paths(patterns: list[str], *, key: str = "data.paths", on_error: str
             found = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
         elif os.path.isdir(pat):
             found = sorted(
-                os.path.join(root, f) for root, _, files in os.walk(pat) for f in files if not f.startswith(".")
+                os.path.join(root, f)
+                for root, _, files in os.walk(pat)
+                for f in files
+                if not f.startswith(".")
             )
         elif os.path.isfile(pat):
             found = [pat]
         else:
             found = []
         if not found:
-            msg = f"{key}: {pat!r} does not exist" if not glob.has_magic(pat) else f"{key}: no file matches {pat!r}"
+            msg = (
+                f"{key}: {pat!r} does not exist"
+                if not glob.has_magic(pat)
+                else f"{key}: no file matches {pat!r}"
+            )
             if on_error == "raise":
                 raise FileNotFoundError(msg)
             log.warning("%s (skipped, on_error=skip)", msg)
@@ -82,7 +89,9 @@ def resolve_paths(patterns: list[str], *, key: str = "data.paths", on_error: str
     return out
 
 
-def plan_shards(paths: list[str], fmt: str = "auto", txt_unit: str = "document", min_shards: int = 1) -> list[Shard]:
+def plan_shards(
+    paths: list[str], fmt: str = "auto", txt_unit: str = "document", min_shards: int = 1
+) -> list[Shard]:
     """Shards for ``paths``: at least ``min_shards`` where line-based files allow it (about SHARD_BYTES each)."""
     if txt_unit not in TXT_UNITS:
         raise ValueError(f"data.txt_unit must be one of {TXT_UNITS}, got {txt_unit!r}")
@@ -172,7 +181,9 @@ def _error(msg: str, name: str, group: str, on_error: str) -> dict[str, object]:
     return {"name": name, "group": group, "data": b"", "error": msg}
 
 
-def _jsonl(path: str, start: int, end: int, field: str, group: str, on_error: str) -> Iterator[dict[str, object]]:
+def _jsonl(
+    path: str, start: int, end: int, field: str, group: str, on_error: str
+) -> Iterator[dict[str, object]]:
     with _open(path) as f:
         for pos, line in _lines(f, start, end):
             if not line.strip():
@@ -184,7 +195,9 @@ def _jsonl(path: str, start: int, end: int, field: str, group: str, on_error: st
                     raise TypeError(f"field {field!r} is {type(value).__name__}, not a string")
             except (ValueError, KeyError, TypeError) as e:
                 reason = e.args[0] if isinstance(e, KeyError) else str(e)
-                yield _error(f"{path}:{line_number(path, pos)}: malformed jsonl line: {reason}", name, group, on_error)
+                yield _error(
+                    f"{path}:{line_number(path, pos)}: malformed jsonl line: {reason}", name, group, on_error
+                )
                 continue
             yield {"name": name, "group": group, "data": text_to_bytes(value or ""), "error": ""}
 
@@ -206,10 +219,20 @@ def _txt(path: str, start: int, end: int, unit: str, group: str) -> Iterator[dic
                     first = pos
                 para.append(line)
             elif para:
-                yield {"name": f"{path}@{first}", "group": group, "data": b"".join(para).rstrip(b"\r\n"), "error": ""}
+                yield {
+                    "name": f"{path}@{first}",
+                    "group": group,
+                    "data": b"".join(para).rstrip(b"\r\n"),
+                    "error": "",
+                }
                 para = []
         if para:
-            yield {"name": f"{path}@{first}", "group": group, "data": b"".join(para).rstrip(b"\r\n"), "error": ""}
+            yield {
+                "name": f"{path}@{first}",
+                "group": group,
+                "data": b"".join(para).rstrip(b"\r\n"),
+                "error": "",
+            }
 
 
 def _parquet(path: str, row_group: int, field: str, group: str, on_error: str) -> Iterator[dict[str, object]]:
@@ -224,7 +247,12 @@ def _parquet(path: str, row_group: int, field: str, group: str, on_error: str) -
     for i, value in enumerate(col.to_pylist()):
         name = f"{path}@rg{row_group}:{i}"
         if value is not None and not isinstance(value, str | bytes):
-            yield _error(f"{path}: row group {row_group}, row {i}: {field!r} is {type(value).__name__}", name, group, on_error)
+            yield _error(
+                f"{path}: row group {row_group}, row {i}: {field!r} is {type(value).__name__}",
+                name,
+                group,
+                on_error,
+            )
             continue
         data = text_to_bytes(value) if isinstance(value, str) else (value or b"")
         yield {"name": name, "group": group, "data": data, "error": ""}

@@ -39,7 +39,9 @@ def mixture_weights(data_cfg: Any) -> list[float]:
     return [x / sum(w) for x in w]
 
 
-def iter_documents(src: Any, split: str, *, on_error: str = "raise", streaming: bool = False) -> Iterator[Document]:
+def iter_documents(
+    src: Any, split: str, *, on_error: str = "raise", streaming: bool = False
+) -> Iterator[Document]:
     """Documents of one source config, in order (main process)."""
     for rec in doc_dataset(src, split, on_error=on_error, streaming=streaming):
         yield from_record(rec)
@@ -49,7 +51,11 @@ def load_documents(data_cfg: Any, split: str) -> list[Document]:
     """Documents of ``split`` ('train' | 'validation') for ``data_cfg`` (every component of a mixture)."""
     on_error = getattr(data_cfg, "on_error", "raise")
     streaming = bool(getattr(data_cfg, "streaming", False))
-    return [d for src in components(data_cfg) for d in iter_documents(src, split, on_error=on_error, streaming=streaming)]
+    return [
+        d
+        for src in components(data_cfg)
+        for d in iter_documents(src, split, on_error=on_error, streaming=streaming)
+    ]
 
 
 def validation_groups(data_cfg: Any, max_bytes: int = 0) -> dict[str, list[Document]]:
@@ -95,14 +101,30 @@ def train_corpora(data_cfg: Any, *, words: bool, max_word_bytes: int) -> list[li
             out.append(open_prepared(src.paths, "train", words=words, max_word_bytes=max_word_bytes))
             continue
         docs = iter_documents(src, "train", on_error=data_cfg.on_error, streaming=False)
-        out.append([PackedCorpus(docs, invalid_utf8=data_cfg.invalid_utf8, words=words,
-                                 max_word_bytes=max_word_bytes, context=data_cfg.seq_len)])
+        out.append(
+            [
+                PackedCorpus(
+                    docs,
+                    invalid_utf8=data_cfg.invalid_utf8,
+                    words=words,
+                    max_word_bytes=max_word_bytes,
+                    context=data_cfg.seq_len,
+                )
+            ]
+        )
     return out
 
 
 def train_stream(
-    data_cfg: Any, *, rank: int = 0, world: int = 1, num_workers: int = 0, words: bool = False,
-    max_word_bytes: int = 100, epochs: int = 0, length: int | None = None,
+    data_cfg: Any,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+    words: bool = False,
+    max_word_bytes: int = 100,
+    epochs: int = 0,
+    length: int | None = None,
 ):
     """The streaming training rows of one rank: each component split over ranks, then over workers."""
     from datasets.distributed import split_dataset_by_node
@@ -114,13 +136,27 @@ def train_stream(
     for src in components(data_cfg):
         ds = doc_dataset(src, "train", on_error=data_cfg.on_error, min_shards=need, streaming=True)
         if ds.num_shards < need:
-            log.warning("source %s has %d shards for %d ranks x %d workers: some workers idle (use more files, "
-                        "or line-based files that can be cut)", source_label(src), ds.num_shards, world, num_workers)
+            log.warning(
+                "source %s has %d shards for %d ranks x %d workers: some workers idle (use more files, "
+                "or line-based files that can be cut)",
+                source_label(src),
+                ds.num_shards,
+                world,
+                num_workers,
+            )
         if world > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world)
         sources.append(ds)
     return PackedStream(
-        sources, data_cfg.seq_len, weights=mixture_weights(data_cfg), seed=data_cfg.seed, rank=rank, words=words,
-        max_word_bytes=max_word_bytes, invalid_utf8=data_cfg.invalid_utf8, shuffle_docs=data_cfg.shuffle_docs,
-        epochs=epochs, length=length,
+        sources,
+        data_cfg.seq_len,
+        weights=mixture_weights(data_cfg),
+        seed=data_cfg.seed,
+        rank=rank,
+        words=words,
+        max_word_bytes=max_word_bytes,
+        invalid_utf8=data_cfg.invalid_utf8,
+        shuffle_docs=data_cfg.shuffle_docs,
+        epochs=epochs,
+        length=length,
     )

@@ -47,10 +47,18 @@ class _SourcePacker:
         # others' epoch. Each worker here runs its own epochs, so give it a private counter.
         self.ds._epoch = int(self.ds.epoch)
         self.state: dict[str, Any] = state or {
-            "epoch": 0, "anchor": None, "block": 0, "carry": None, "rows": 0, "stats": {},
-            "flushed": False, "done": False,
+            "epoch": 0,
+            "anchor": None,
+            "block": 0,
+            "carry": None,
+            "rows": 0,
+            "stats": {},
+            "flushed": False,
+            "done": False,
         }
-        self.stats = InputStats.from_dict(self.state["stats"])  # live counts (the state keeps the block's start)
+        self.stats = InputStats.from_dict(
+            self.state["stats"]
+        )  # live counts (the state keeps the block's start)
 
     def rows(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rows of this source. ``state["done"]`` is set only when it is exhausted (never before a yield),
@@ -70,10 +78,19 @@ class _SourcePacker:
                 read_any = read_any or bool(docs)
                 next_anchor = None if exhausted else self.ds.state_dict()
                 if o.shuffle_docs > 1 and len(docs) > 1:
-                    rng = np.random.default_rng([o.seed, self.index, o.rank, self.worker, st["epoch"], st["block"]])
+                    rng = np.random.default_rng(
+                        [o.seed, self.index, o.rank, self.worker, st["epoch"], st["block"]]
+                    )
                     docs = [docs[i] for i in rng.permutation(len(docs))]
-                block = PackedCorpus(docs, invalid_utf8=o.invalid_utf8, words=o.words,
-                                     max_word_bytes=o.max_word_bytes, context=T, allow_empty=True, quiet=True)
+                block = PackedCorpus(
+                    docs,
+                    invalid_utf8=o.invalid_utf8,
+                    words=o.words,
+                    max_word_bytes=o.max_word_bytes,
+                    context=T,
+                    allow_empty=True,
+                    quiet=True,
+                )
                 self.stats.add(block.stats)
                 joined = _Joined(carry, block)
                 pos, skip = 0, st["rows"]
@@ -85,11 +102,20 @@ class _SourcePacker:
                     pos += T
                 carry = joined.piece(pos, len(joined))
                 carry = (carry[0], carry[1] - (carry[1][0] if len(carry[1]) else 0), carry[2])
-                st.update(anchor=next_anchor, block=st["block"] + 1, carry=_carry_to_state(carry), rows=0,
-                          stats=self.stats.as_dict())
+                st.update(
+                    anchor=next_anchor,
+                    block=st["block"] + 1,
+                    carry=_carry_to_state(carry),
+                    rows=0,
+                    stats=self.stats.as_dict(),
+                )
             if fresh and not read_any:
-                log.warning("source %d has no documents for rank %d worker %d; it is skipped there",
-                            self.index, o.rank, self.worker)
+                log.warning(
+                    "source %d has no documents for rank %d worker %d; it is skipped there",
+                    self.index,
+                    o.rank,
+                    self.worker,
+                )
                 st["done"] = True
                 return
             st.update(epoch=st["epoch"] + 1, anchor=None, block=0)
@@ -179,7 +205,9 @@ class PackedStream(IterableDataset):
             raise ValueError("PackedStream needs at least one source")
         w = np.asarray(weights if weights is not None else [1.0] * len(sources), dtype=np.float64)
         if len(w) != len(sources) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"mixture weights must be one per source, >= 0, with a positive sum; got {list(w)}")
+            raise ValueError(
+                f"mixture weights must be one per source, >= 0, with a positive sum; got {list(w)}"
+            )
         self.sources, self.weights = list(sources), w / w.sum()
         self.seq_len, self.seed, self.rank, self.epochs = seq_len, seed, rank, epochs
         self.words, self.max_word_bytes, self.invalid_utf8 = words, max_word_bytes, invalid_utf8
@@ -233,10 +261,14 @@ class PackedStream(IterableDataset):
             else:
                 if k // _CHOICE_CHUNK != chunk:
                     chunk = k // _CHOICE_CHUNK
-                    choices = np.random.default_rng([self.seed, self.rank, worker, chunk, 11]).random(_CHOICE_CHUNK)
+                    choices = np.random.default_rng([self.seed, self.rank, worker, chunk, 11]).random(
+                        _CHOICE_CHUNK
+                    )
                 w = self.weights * np.asarray(alive)
-                c = min(int(np.searchsorted(np.cumsum(w / w.sum()), choices[k % _CHOICE_CHUNK], side="right")),
-                        len(w) - 1)
+                c = min(
+                    int(np.searchsorted(np.cumsum(w / w.sum()), choices[k % _CHOICE_CHUNK], side="right")),
+                    len(w) - 1,
+                )
             row = next(gens[c], None)
             if row is None:
                 alive[c] = False

@@ -17,7 +17,22 @@ from bytelm.distill.teacher import Teacher, TeacherEncoding, TeacherOutput, load
 from bytelm.distill.token_ends import token_end_mask, token_end_masks
 
 __all__ = [
-    "ByteTrie", "ChunkAlignment", "DistillObjective", "LatentAlignment", "Teacher", "TeacherEncoding",
-    "TeacherOutput", "align_chunks", "alm_loss", "attach_objective", "build_objective", "byte_kl",
-    "byte_kl_naive", "last_token_in_units", "load_teacher", "text_segments", "token_end_mask", "token_end_masks",
+    "ByteTrie",
+    "ChunkAlignment",
+    "DistillObjective",
+    "LatentAlignment",
+    "Teacher",
+    "TeacherEncoding",
+    "TeacherOutput",
+    "align_chunks",
+    "alm_loss",
+    "attach_objective",
+    "build_objective",
+    "byte_kl",
+    "byte_kl_naive",
+    "last_token_in_units",
+    "load_teacher",
+    "text_segments",
+    "token_end_mask",
+    "token_end_masks",
 ]

@@ -43,7 +43,9 @@ from bytelm.models.config import RopeScalingConfig
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-_SOURCES: dict[str, tuple[Any, Any]] = {}  # resolved source path -> (hf_model, tokenizer), loaded once per process
+_SOURCES: dict[
+    str, tuple[Any, Any]
+] = {}  # resolved source path -> (hf_model, tokenizer), loaded once per process
 
 
 def _source_key(path: str | None) -> str:
@@ -59,7 +61,9 @@ def load_source_once(path: str | None) -> tuple[Any, Any]:
     key = _source_key(path)
     if key not in _SOURCES:
         if path and not Path(path).exists():
-            raise FileNotFoundError(f"byteify.source={path!r} does not exist (a local HF folder or .gguf file)")
+            raise FileNotFoundError(
+                f"byteify.source={path!r} does not exist (a local HF folder or .gguf file)"
+            )
         _SOURCES[key] = load_source(path)
     return _SOURCES[key]
 
@@ -140,7 +144,9 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], kind:
             raise ValueError(f"byteify: the model has no parameter or buffer named {name!r}")
         shape = tuple(getattr(target, "ds_shape", target.shape))
         if shape != tuple(t.shape):
-            raise ValueError(f"byteify: {name} has shape {shape} in the model, {tuple(t.shape)} from the source")
+            raise ValueError(
+                f"byteify: {name} has shape {shape} in the model, {tuple(t.shape)} from the source"
+            )
         with torch.no_grad():
             if kind == "zero3" and hasattr(target, "ds_id"):
                 import deepspeed
@@ -151,8 +157,12 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], kind:
                 from torch.distributed.tensor import DTensor, distribute_tensor
 
                 if isinstance(target, DTensor):
-                    shard = distribute_tensor(t.to(target.dtype).to(target.device), target.device_mesh,
-                                              target.placements, src_data_rank=None)
+                    shard = distribute_tensor(
+                        t.to(target.dtype).to(target.device),
+                        target.device_mesh,
+                        target.placements,
+                        src_data_rank=None,
+                    )
                     target.copy_(shard)
                 else:
                     target.copy_(t.to(target.dtype))
@@ -261,8 +271,10 @@ class ByteifyObjective(torch.nn.Module):
         model, tok = load_source_once(cfg.byteify.source)
         n_src = int(model.config.num_hidden_layers)
         if cfg.byteify.encoder_blocks > n_src:
-            raise ValueError(f"byteify.encoder_blocks={cfg.byteify.encoder_blocks} exceeds the source's {n_src} "
-                             f"blocks (byteify.source={cfg.byteify.source!r})")
+            raise ValueError(
+                f"byteify.encoder_blocks={cfg.byteify.encoder_blocks} exceeds the source's {n_src} "
+                f"blocks (byteify.source={cfg.byteify.source!r})"
+            )
         self._teacher = Teacher(model, tok)  # plain attribute: never in the state dict
         self.alm_weight = cfg.byteify.alm_weight if cfg.byteify.stage == 1 else cfg.byteify.stage2_alm_weight
         self.words = cfg.model.chunker == "words"  # the word-patch ablation: no boundary predictor to train
@@ -334,10 +346,15 @@ class ByteifyObjective(torch.nn.Module):
             return torch.cat(xs).cpu() if xs else torch.zeros(shape, dtype=dtype)
 
         return TokenTargets(
-            pos=cat(pos, (0,), torch.long), first=cat(first, (0,), torch.long),
-            ctx=cat(ctx, (0, D), torch.float16), probe=cat(probe, (0, D), torch.float16),
-            exact=cat(exact, (0,), torch.bool), logp=cat(logp, (0,), torch.float32),
-            space=cat(space, (0,), torch.float32), start_ctx=start_ctx.half().cpu(), start_probe=start_probe.half().cpu(),
+            pos=cat(pos, (0,), torch.long),
+            first=cat(first, (0,), torch.long),
+            ctx=cat(ctx, (0, D), torch.float16),
+            probe=cat(probe, (0, D), torch.float16),
+            exact=cat(exact, (0,), torch.bool),
+            logp=cat(logp, (0,), torch.float32),
+            space=cat(space, (0,), torch.float32),
+            start_ctx=start_ctx.half().cpu(),
+            start_probe=start_probe.half().cpu(),
         )
 
     @torch.no_grad()
@@ -380,14 +397,18 @@ class ByteifyObjective(torch.nn.Module):
         else:
             self._patch_targets = tt
         D = tt.ctx.shape[-1]
-        ctx = tt.start_ctx.float().expand(B * T, D).clone()  # specials (and unused positions): the start state
+        ctx = (
+            tt.start_ctx.float().expand(B * T, D).clone()
+        )  # specials (and unused positions): the start state
         ctx[tt.pos] = tt.ctx.float()
         batch["patch_end"] = self._ends
         batch["context"] = ctx.view(B, T, D).to(dev)
         batch["probe_blocks"] = self.c.encoder_blocks  # type: ignore[assignment]
 
     # -- losses --------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor], out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], out: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from bytelm.distill.objective import _shared_count
 
         logits = out.logits
@@ -402,7 +423,9 @@ class ByteifyObjective(torch.nn.Module):
             return total, metrics
         ids = batch["input_ids"]
         B, T = ids.shape
-        if (self.c.stage in (0, 1) or self.c.train_boundary) and not self.words:  # BCE against token ends, real bytes
+        if (
+            self.c.stage in (0, 1) or self.c.train_boundary
+        ) and not self.words:  # BCE against token ends, real bytes
             mask = ids < 256
             mask[:, -1] = False  # the row's last byte has no next byte to look at
             bl = hid["boundary_logits"]
@@ -463,12 +486,19 @@ class ByteifyObjective(torch.nn.Module):
             s_lp = s_lp + torch.logsumexp(lp[:, cols], -1)[last]  # the next symbol is a space / EOS
             t_lp = t_lp + tt.space.to(dev)
         n = ok.sum()
-        loss = alm_chunk_loss(t_lp.unsqueeze(0), s_lp.unsqueeze(0), ok.unsqueeze(0), self.c.alm_tau,
-                              num_valid=_shared_count(n).clamp(min=1e-6))
+        loss = alm_chunk_loss(
+            t_lp.unsqueeze(0),
+            s_lp.unsqueeze(0),
+            ok.unsqueeze(0),
+            self.c.alm_tau,
+            num_valid=_shared_count(n).clamp(min=1e-6),
+        )
         return loss, n
 
 
-def word_targets(tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_word_bytes: int) -> TokenTargets:
+def word_targets(
+    tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_word_bytes: int
+) -> TokenTargets:
     """Token targets moved to word patches (the HAT-word ablation): each word's last byte gets the states of the
     last teacher token that ends inside the word (DESIGN.md §5: bytelm's word-level adaptation of Bolmo's
     latent alignment); words with no token ending inside them get none."""
@@ -485,15 +515,34 @@ def word_targets(tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | No
     wend = torch.tensor(ends, dtype=torch.long)
     wstart = torch.cat([torch.zeros(1, dtype=torch.long), wend[:-1] + 1])
     idx = torch.searchsorted(tt.pos, wend, right=True) - 1  # last token ending at or before the word end
-    ok = (idx >= 0) & (tt.pos[idx.clamp(min=0)] >= wstart) if len(tt.pos) else torch.zeros_like(wend, dtype=torch.bool)
+    ok = (
+        (idx >= 0) & (tt.pos[idx.clamp(min=0)] >= wstart)
+        if len(tt.pos)
+        else torch.zeros_like(wend, dtype=torch.bool)
+    )
     idx, wend = idx[ok], wend[ok]
-    return TokenTargets(pos=wend, first=tt.first[idx], ctx=tt.ctx[idx], probe=tt.probe[idx], exact=tt.exact[idx],
-                        logp=tt.logp[idx], space=tt.space[idx], start_ctx=tt.start_ctx, start_probe=tt.start_probe)
+    return TokenTargets(
+        pos=wend,
+        first=tt.first[idx],
+        ctx=tt.ctx[idx],
+        probe=tt.probe[idx],
+        exact=tt.exact[idx],
+        logp=tt.logp[idx],
+        space=tt.space[idx],
+        start_ctx=tt.start_ctx,
+        start_probe=tt.start_probe,
+    )
 
 
 def attach_byteify(module: torch.nn.Module, cfg: Config) -> ByteifyObjective:
     obj = ByteifyObjective(cfg)
     module.extra_loss = obj
-    log.info("byteify: stage %d (encoder %.3g x k=%d, alm %.3g, boundary %.3g)", cfg.byteify.stage,
-             cfg.byteify.encoder_weight, cfg.byteify.encoder_blocks, cfg.byteify.alm_weight, cfg.byteify.boundary_weight)
+    log.info(
+        "byteify: stage %d (encoder %.3g x k=%d, alm %.3g, boundary %.3g)",
+        cfg.byteify.stage,
+        cfg.byteify.encoder_weight,
+        cfg.byteify.encoder_blocks,
+        cfg.byteify.alm_weight,
+        cfg.byteify.boundary_weight,
+    )
     return obj

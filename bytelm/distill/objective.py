@@ -87,7 +87,9 @@ def text_segments(targets: torch.Tensor, min_bytes: int = 1) -> Segments:
     rows, starts, lengths = [], [], []
     for r in range(B):
         edges = np.diff(np.concatenate([[0], is_byte[r].astype(np.int8), [0]]))
-        for a, e in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True):
+        for a, e in zip(
+            np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True
+        ):
             if e - a < min_bytes:
                 continue
             texts.append(t[r, a:e].astype(np.uint8).tobytes())
@@ -233,8 +235,17 @@ class DistillObjective(nn.Module):
         mc = teacher.model.config
         n_params = sum(p.numel() for p in teacher.model.parameters())
         first = next(teacher.model.parameters()).detach().flatten()[:16].float().cpu().tolist()
-        return repr((CACHE_VERSION, self.cfg.teacher, mc.model_type, teacher.vocab_size, n_params,
-                     [round(x, 6) for x in first], str(next(teacher.model.parameters()).dtype)))
+        return repr(
+            (
+                CACHE_VERSION,
+                self.cfg.teacher,
+                mc.model_type,
+                teacher.vocab_size,
+                n_params,
+                [round(x, 6) for x in first],
+                str(next(teacher.model.parameters()).dtype),
+            )
+        )
 
     def _place_teacher(self, device: torch.device) -> None:
         if self._placed:
@@ -260,7 +271,9 @@ class DistillObjective(nn.Module):
         key = h.hexdigest()
         return Path(c.cache_dir) / key[:2] / f"{key}.pt"
 
-    def _run_teacher(self, seg: Segments, device: torch.device, byte: bool, hidden: bool) -> dict[str, torch.Tensor]:
+    def _run_teacher(
+        self, seg: Segments, device: torch.device, byte: bool, hidden: bool
+    ) -> dict[str, torch.Tensor]:
         """One teacher forward on the segments: a record of CPU tensors (``_records`` names its parts)."""
         c = self.cfg
         t = self.teacher
@@ -312,7 +325,9 @@ class DistillObjective(nn.Module):
         return _unpack(rec, seg.texts, device)
 
     # ---- the objective -------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor], out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], out: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.cfg
         logits = out.logits
         dev = logits.device
@@ -329,7 +344,10 @@ class DistillObjective(nn.Module):
         t_teacher = time.perf_counter() - t0
         s_logits = segment_logits(logits, seg)  # (S, N+1, V)
         total = zero
-        metrics = {"distill_teacher_s": torch.tensor(t_teacher), "distill_segments": torch.tensor(float(len(seg)))}
+        metrics = {
+            "distill_teacher_s": torch.tensor(t_teacher),
+            "distill_segments": torch.tensor(float(len(seg))),
+        }
         if c.alm_weight > 0:
             a, st = self.alm(tt, seg, s_logits)
             total = total + c.alm_weight * a
@@ -359,8 +377,15 @@ class DistillObjective(nn.Module):
             al.chunk_valid &= ~no_next
         al = al.to(dev)
         byte_ids = segment_bytes(seg, dev)
-        loss, stats = alm_loss(tt.out, al, s_logits, byte_ids, mode=c.alm_mode,  # type: ignore[arg-type]
-                               tau=c.tau, threshold=c.threshold)
+        loss, stats = alm_loss(
+            tt.out,
+            al,
+            s_logits,
+            byte_ids,
+            mode=c.alm_mode,  # type: ignore[arg-type]
+            tau=c.tau,
+            threshold=c.threshold,
+        )
         n = stats["alm_chunks"]
         loss = loss * n.clamp(min=1) / _shared_count(n).clamp(min=1e-6)
         return loss, stats
@@ -369,8 +394,10 @@ class DistillObjective(nn.Module):
         assert self.latent is not None and tt.hidden is not None
         hidden = getattr(out, "hidden", None) or {}
         if "words" not in hidden:
-            raise ValueError("distill.latent_weight > 0 needs a model that returns word vectors "
-                             "(ModelOutput.hidden['words']): use model.arch=hierarchical")
+            raise ValueError(
+                "distill.latent_weight > 0 needs a model that returns word vectors "
+                "(ModelOutput.hidden['words']): use model.arch=hierarchical"
+            )
         words = hidden["words"]  # (B, W, D)
         widx, wends, wmask = segment_words(seg, hidden["word_start"], hidden["word_end"], T)
         enc = tt.out.encoding
@@ -425,19 +452,28 @@ def build_objective(cfg: Config, teacher: Teacher | None = None) -> DistillObjec
     if d.kind == "none" or (d.alm_weight <= 0 and d.byte_kl_weight <= 0 and d.latent_weight <= 0):
         return None
     if cfg.model.arch == "mrt5":  # its logits cover only the continuation after the prefix, not the row
-        raise ValueError("distillation supports model.arch flat | hierarchical (row-aligned logits), not mrt5")
+        raise ValueError(
+            "distillation supports model.arch flat | hierarchical (row-aligned logits), not mrt5"
+        )
     if d.latent_weight > 0 and cfg.model.arch != "hierarchical":
         raise ValueError("distill.latent_weight > 0 needs word vectors: use model.arch=hierarchical")
     return DistillObjective(d, cfg.model.d_model, teacher)
 
 
-def attach_objective(module: nn.Module, cfg: Config, teacher: Teacher | None = None) -> DistillObjective | None:
+def attach_objective(
+    module: nn.Module, cfg: Config, teacher: Teacher | None = None
+) -> DistillObjective | None:
     """Build the objective for ``cfg`` and set it as ``module.extra_loss`` (a registered submodule: its
     projection is saved and optimised; the teacher is not)."""
     with torch.random.fork_rng(devices=[]):  # the student's init must not depend on the teacher / projection
         obj = build_objective(cfg, teacher)
     if obj is not None:
         module.extra_loss = obj
-        log.info("distill: %s (alm %.3g, byte_kl %.3g, latent %.3g)", cfg.distill.kind, cfg.distill.alm_weight,
-                 cfg.distill.byte_kl_weight, cfg.distill.latent_weight)
+        log.info(
+            "distill: %s (alm %.3g, byte_kl %.3g, latent %.3g)",
+            cfg.distill.kind,
+            cfg.distill.alm_weight,
+            cfg.distill.byte_kl_weight,
+            cfg.distill.latent_weight,
+        )
     return obj

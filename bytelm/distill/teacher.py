@@ -51,8 +51,19 @@ from bytelm.distill.tokens import (  # re-exported: the teacher's public helpers
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SPACE_BYTES", "Teacher", "TeacherEncoding", "TeacherOutput", "byte_spans", "default_dtype", "has_dummy_prefix",
-    "load_teacher", "load_tokenizer", "prepare_text", "smollm2_gguf_path", "space_token_mask", "special_token_ids",
+    "SPACE_BYTES",
+    "Teacher",
+    "TeacherEncoding",
+    "TeacherOutput",
+    "byte_spans",
+    "default_dtype",
+    "has_dummy_prefix",
+    "load_teacher",
+    "load_tokenizer",
+    "prepare_text",
+    "smollm2_gguf_path",
+    "space_token_mask",
+    "special_token_ids",
     "token_bytes_table",
 ]
 

@@ -67,7 +67,9 @@ def token_end_masks(tokenizer: Any, texts: Sequence[bytes], batch_size: int = 25
             return_offsets_mapping=True,
             split_special_tokens=True,
         )
-        for data, (_, c2b), ids, offs in zip(raw, prepared, enc["input_ids"], enc["offset_mapping"], strict=True):
+        for data, (_, c2b), ids, offs in zip(
+            raw, prepared, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
             spans, _ = byte_spans(data, ids, [tuple(o) for o in offs], c2b, table, dummy)
             text_token = np.array([0 <= t < len(table) and table[t] is not None for t in ids], dtype=bool)
             out.append(token_ends_from_spans(spans[text_token], len(data)))

@@ -65,10 +65,15 @@ def _rope(hf_config: Any) -> tuple[float, dict[str, Any]]:
         return theta, asdict(RopeScalingConfig(kind="linear", factor=float(params["factor"])))
     if kind == "llama3":
         orig = params.get("original_max_position_embeddings") or hf_config.max_position_embeddings
-        return theta, asdict(RopeScalingConfig(
-            kind="llama3", factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]), original_max_position=int(orig),
-        ))
+        return theta, asdict(
+            RopeScalingConfig(
+                kind="llama3",
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position=int(orig),
+            )
+        )
     raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
 
 
@@ -182,7 +187,9 @@ def _decoder(hf_model: Any) -> Any:
     """The decoder stack (``.layers``, ``.norm``) of a *ForCausalLM or of the bare model."""
     base = getattr(hf_model, "model", hf_model)
     if not hasattr(base, "layers") or not hasattr(base, "norm"):
-        raise ValueError(f"{type(hf_model).__name__} has no decoder layers/norm where a Llama-family model has them")
+        raise ValueError(
+            f"{type(hf_model).__name__} has no decoder layers/norm where a Llama-family model has them"
+        )
     return base
 
 
@@ -202,7 +209,9 @@ def backbone_state_dict(hf_model: Any) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(base.layers):
         p, a, m = f"backbone.{i}.", layer.self_attn, layer.mlp
         out[p + "attn_norm.weight"] = layer.input_layernorm.weight.detach()
-        out[p + "attn.wqkv.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0).detach()
+        out[p + "attn.wqkv.weight"] = torch.cat(
+            [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0
+        ).detach()
         biases = [getattr(a, n).bias for n in ("q_proj", "k_proj", "v_proj")]
         if any(b is not None for b in biases):
             if any(b is None for b in biases):
@@ -228,10 +237,15 @@ def transplant_backbone(model: HierarchicalByteLM, hf_model: Any) -> None:
         have = getattr(cfg, key)
         have = asdict(have) if key == "rope_scaling" else have
         if key in ("n_kv_heads", "head_dim", "mlp_hidden") and not have:  # 0 = bytelm's default
-            have = {"n_kv_heads": cfg.n_heads, "head_dim": cfg.d_model // cfg.n_heads,
-                    "mlp_hidden": swiglu_hidden(cfg.d_model, cfg.mlp_ratio)}[key]
+            have = {
+                "n_kv_heads": cfg.n_heads,
+                "head_dim": cfg.d_model // cfg.n_heads,
+                "mlp_hidden": swiglu_hidden(cfg.d_model, cfg.mlp_ratio),
+            }[key]
         if have != val:
-            raise ValueError(f"model.{key}={have!r} but the source model needs {val!r} (build it with source_fields)")
+            raise ValueError(
+                f"model.{key}={have!r} but the source model needs {val!r} (build it with source_fields)"
+            )
     src = backbone_state_dict(hf_model)
     dst = {k: v for k, v in model.named_parameters() if k.startswith(("backbone.", "backbone_norm."))}
     missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))

@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BoundaryCounts", "boundary_counts", "boundary_report", "boundary_scores", "grouped_boundary_scores"]
+__all__ = [
+    "BoundaryCounts",
+    "boundary_counts",
+    "boundary_report",
+    "boundary_scores",
+    "grouped_boundary_scores",
+]
 
 Predictor = Callable[[bytes], Any]  # bytes -> (len(data),) bool array-like: True where a token ends
 

@@ -23,7 +23,9 @@ from bytelm.distill.tokens import prepare_text
 __all__ = ["BASELINES", "pretokenizer_rule", "space_punct_rule"]
 
 # GPT-2's pre-tokenizer pattern (what tokenizers' ByteLevel(use_regex=True) applies)
-GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+GPT2_PATTERN = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
 _BEFORE = regex.compile(r"(?=[\s\p{P}\p{S}])")
 
 

@@ -127,7 +127,9 @@ def eval_multilingual(
     return {
         "split": split,
         "languages": per,
-        "scripts": {k: CorpusResult(v[0], int(v[1]), 0.0).bpb if v[1] else None for k, v in sorted(scripts.items())},
+        "scripts": {
+            k: CorpusResult(v[0], int(v[1]), 0.0).bpb if v[1] else None for k, v in sorted(scripts.items())
+        },
         "pooled_bpb": CorpusResult(nll, n, 0.0).bpb,
         "bytes": n,
         "macro_bpb": sum(scored) / max(len(scored), 1),
@@ -151,15 +153,31 @@ def eval_robustness(
         for level in levels:
             noised = noise_documents(clean_texts, kind, level, seed)
             bpb = scorer.corpus_nll(noised, progress=progress).bpb
-            conds[f"{kind}@{level:g}"] = {"bpb": bpb, "delta": bpb - clean, "rel": (bpb - clean) / max(clean, 1e-9)}
+            conds[f"{kind}@{level:g}"] = {
+                "bpb": bpb,
+                "delta": bpb - clean,
+                "rel": (bpb - clean) / max(clean, 1e-9),
+            }
     mean_delta = sum(c["delta"] for c in conds.values()) / max(len(conds), 1)
-    return {"clean_bpb": clean, "conditions": conds, "mean_delta": mean_delta,
-            "mean_rel": mean_delta / max(clean, 1e-9)}
+    return {
+        "clean_bpb": clean,
+        "conditions": conds,
+        "mean_delta": mean_delta,
+        "mean_rel": mean_delta / max(clean, 1e-9),
+    }
 
 
 @torch.no_grad()
-def evaluate_bpb(model, cfg, *, max_bytes: int = 0, batch_size: int = 8, seq_len: int | None = None,
-                 device: str = "cpu", progress: bool = True) -> dict[str, float]:
+def evaluate_bpb(
+    model,
+    cfg,
+    *,
+    max_bytes: int = 0,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, float]:
     """bpb of ``model`` over the validation split of ``cfg.data`` (first ``max_bytes`` ids; 0 = all), as the
     training validation computes it. Returns ``{"bpb", "bytes", "bytes_per_s"}`` (+ model metrics)."""
     from bytelm.data.sources import load_documents

@@ -40,7 +40,9 @@ class Curve:
     steps: list[int] = field(default_factory=list)  # validation steps
     bpb: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)  # training FLOPs spent at each step
-    wall_s: list[float] = field(default_factory=list)  # estimated training seconds at each step ([] = unknown)
+    wall_s: list[float] = field(
+        default_factory=list
+    )  # estimated training seconds at each step ([] = unknown)
     flops_per_byte: float = 0.0
     flops_exact: bool = True
     total_steps: int = 0
@@ -96,7 +98,9 @@ def _flops_per_byte(cfg: Any, model: Any, bytes_per_word: float | None) -> tuple
             return float(flops_per_byte(cfg.model, cfg.data.seq_len, bytes_per_word)), True
         return float(flops_per_byte(cfg.model, cfg.data.seq_len)), True
     except (ImportError, ValueError) as e:
-        log.info("flops_per_byte unavailable for %s (%s): using 6 * non-embedding parameters", cfg.model.arch, e)
+        log.info(
+            "flops_per_byte unavailable for %s (%s): using 6 * non-embedding parameters", cfg.model.arch, e
+        )
     n = 0
     if model is not None:
         import torch
@@ -152,13 +156,20 @@ def run_training_flops(run: str | Path) -> float:
     curve = training_curve(ck, cfg)
     if not curve.flops_exact:
         raise ValueError(f"no exact FLOPs formula for model.arch={cfg.model.arch!r}")
-    if cfg.model.arch == "hierarchical" and not any(True for _ in run_dir_of(ck).glob("csv/version_*/metrics.csv")):
+    if cfg.model.arch == "hierarchical" and not any(
+        True for _ in run_dir_of(ck).glob("csv/version_*/metrics.csv")
+    ):
         log.warning("%s has no CSV log: FLOPs counted at the default bytes per word", run)
     return curve.total_flops
 
 
-def training_curve(ckpt_path: str | Path, cfg: Any, model: Any = None, bytes_per_word: float | None = None,
-                   global_step: int | None = None) -> Curve:
+def training_curve(
+    ckpt_path: str | Path,
+    cfg: Any,
+    model: Any = None,
+    bytes_per_word: float | None = None,
+    global_step: int | None = None,
+) -> Curve:
     """The run's validation curve against FLOPs and wall-clock (empty ``steps`` when it has no CSV log).
     ``global_step`` (default: read from the checkpoint) is the run's total steps."""
     run_dir = run_dir_of(ckpt_path)
@@ -191,7 +202,9 @@ def training_curve(ckpt_path: str | Path, cfg: Any, model: Any = None, bytes_per
             return per_step_bytes / v["perf/bytes_per_s"]
         return None
 
-    logged = [x for x in (step_seconds(rows[k], k) for k in sorted(rows)) if x is not None and math.isfinite(x)]
+    logged = [
+        x for x in (step_seconds(rows[k], k) for k in sorted(rows)) if x is not None and math.isfinite(x)
+    ]
     have_time = bool(logged)
     elapsed: dict[int, float] = {}
     t_sum, cur = 0.0, (logged[0] if logged else 0.0)

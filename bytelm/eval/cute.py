@@ -69,12 +69,12 @@ def _corrupt(s: str, rng: random.Random) -> str:
     i = rng.randrange(len(s) - 1)
     op = rng.randrange(4)
     if op == 0:
-        return s[:i] + s[i + 1] + s[i] + s[i + 2:]
+        return s[:i] + s[i + 1] + s[i] + s[i + 2 :]
     if op == 1:
-        return s[:i] + s[i + 1:]
+        return s[:i] + s[i + 1 :]
     if op == 2:
-        return s[:i] + rng.choice([c for c in LETTERS if c != s[i]]) + s[i + 1:]
-    return s[: i + 1] + s[i] + s[i + 1:]
+        return s[:i] + rng.choice([c for c in LETTERS if c != s[i]]) + s[i + 1 :]
+    return s[: i + 1] + s[i] + s[i + 1 :]
 
 
 def _spell(w: str, rng: random.Random) -> tuple[str, str, list[str]]:
@@ -119,7 +119,11 @@ def _replace(w: str, rng: random.Random) -> tuple[str, str, list[str]]:
 
 
 _TASKS: dict[str, Callable[[str, random.Random], tuple[str, str, list[str]]]] = {
-    "spell": _spell, "reverse": _reverse, "count": _count, "insert": _insert, "replace": _replace,
+    "spell": _spell,
+    "reverse": _reverse,
+    "count": _count,
+    "insert": _insert,
+    "replace": _replace,
 }
 
 
@@ -159,19 +163,25 @@ def generate_items(
                 cands.append(cand)
         order = list(range(len(cands)))
         rng.shuffle(order)
-        items.append(Item(
-            task=task,
-            context="".join(demos) + query,
-            candidates=tuple(f" {cands[i]}\n" for i in order),
-            answer=order.index(0),
-            word=w,
-        ))
+        items.append(
+            Item(
+                task=task,
+                context="".join(demos) + query,
+                candidates=tuple(f" {cands[i]}\n" for i in order),
+                answer=order.index(0),
+                word=w,
+            )
+        )
     return items
 
 
 def generate_suite(
-    tasks: Sequence[str] = TASKS, n_per_task: int = 50, seed: int = 0, vocab: Sequence[str] | None = None,
-    shots: int = 3, n_candidates: int = 4,
+    tasks: Sequence[str] = TASKS,
+    n_per_task: int = 50,
+    seed: int = 0,
+    vocab: Sequence[str] | None = None,
+    shots: int = 3,
+    n_candidates: int = 4,
 ) -> list[Item]:
     return [it for t in tasks for it in generate_items(t, n_per_task, seed, vocab, shots, n_candidates)]
 

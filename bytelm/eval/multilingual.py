@@ -20,13 +20,17 @@ from bytelm.data.documents import Document
 SPLITS = ("auto", "validation", "all")
 
 
-def multilingual_documents(split: str = "all", archive: str | Path | None = None) -> dict[str, list[Document]]:
+def multilingual_documents(
+    split: str = "all", archive: str | Path | None = None
+) -> dict[str, list[Document]]:
     """``{language: [dialog, ...]}`` of ``split`` ('validation' | 'all'), languages sorted."""
     if split not in ("validation", "all"):
         raise ValueError(f"multilingual split must be 'validation' or 'all', got {split!r}")
     out: dict[str, list[Document]] = {}
     for d in chatterbot_documents(split, (), archive):
-        out.setdefault(d.group[len(GROUP_PREFIX):] if d.group.startswith(GROUP_PREFIX) else d.group, []).append(d)
+        out.setdefault(
+            d.group[len(GROUP_PREFIX) :] if d.group.startswith(GROUP_PREFIX) else d.group, []
+        ).append(d)
     return dict(sorted(out.items()))
 
 

@@ -113,7 +113,11 @@ def noise_documents(texts: Sequence[bytes], kind: str, frac: float, seed: int = 
     """Noise every text with its own seed ``(seed, index, kind, level)`` so documents are independent."""
     k = KINDS.index(kind) if kind in KINDS else 0
     return [
-        apply_noise(t, kind, frac, int(np.random.SeedSequence([seed, i, k, int(round(frac * 1e4))]).generate_state(1)[0]))
-        .data
+        apply_noise(
+            t,
+            kind,
+            frac,
+            int(np.random.SeedSequence([seed, i, k, int(round(frac * 1e4))]).generate_state(1)[0]),
+        ).data
         for i, t in enumerate(texts)
     ]

@@ -13,7 +13,10 @@ from typing import Any
 from bytelm.eval.curves import Curve
 
 KIND_COLORS = {
-    "flat": "tab:blue", "hierarchical": "tab:orange", "mrt5": "tab:green", "hf-bytes": "tab:purple",
+    "flat": "tab:blue",
+    "hierarchical": "tab:orange",
+    "mrt5": "tab:green",
+    "hf-bytes": "tab:purple",
     "teacher": "tab:gray",
 }
 _EXTRA = ["tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
@@ -51,7 +54,9 @@ def plot_curves(curves: Mapping[str, Curve], kinds: Mapping[str, str], x: str, p
             continue
         style = "-" if c.flops_exact or x != "flops" else "--"
         ax.plot(xs, c.bpb, style, marker="o", ms=3, color=colors[name], label=f"{name} ({kinds[name]})")
-    ax.set_xlabel("training FLOPs" if x == "flops" else "training wall-clock (s, estimated from logged step times)")
+    ax.set_xlabel(
+        "training FLOPs" if x == "flops" else "training wall-clock (s, estimated from logged step times)"
+    )
     ax.set_ylabel("validation bits per byte")
     if x == "flops":
         ax.set_xscale("log")
@@ -82,7 +87,11 @@ def plot_grouped_bars(
     n = max(len(series), 1)
     pos = np.arange(len(groups))
     width = 0.8 / n
-    size = (7.0, max(3.5, 0.28 * len(groups) * max(1, n // 2) + 1.5)) if horizontal else (max(6.4, 0.6 * len(groups) * n / 2 + 2), 4.2)
+    size = (
+        (7.0, max(3.5, 0.28 * len(groups) * max(1, n // 2) + 1.5))
+        if horizontal
+        else (max(6.4, 0.6 * len(groups) * n / 2 + 2), 4.2)
+    )
     fig, ax = plt.subplots(figsize=size)
     for i, (name, vals) in enumerate(series.items()):
         off = pos - 0.4 + width * (i + 0.5)

@@ -133,21 +133,33 @@ class ByteScorer:
         kw.setdefault("seq_len", cfg.data.seq_len)
         kw.setdefault("name", getattr(cfg, "name", m.arch))
         kw.setdefault("invalid_utf8", cfg.data.invalid_utf8)
-        scorer = cls(model, arch=m.arch, words=m.arch == "hierarchical" and m.chunker == "words",
-                     max_word_bytes=m.max_word_bytes, **kw)
+        scorer = cls(
+            model,
+            arch=m.arch,
+            words=m.arch == "hierarchical" and m.chunker == "words",
+            max_word_bytes=m.max_word_bytes,
+            **kw,
+        )
         scorer.cfg = cfg
         return scorer
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "params": count_parameters(self.model), "seq_len": self.seq_len,
-                "source": self.source}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "params": count_parameters(self.model),
+            "seq_len": self.seq_len,
+            "source": self.source,
+        }
 
     @property
     def fused(self) -> bool:
         """The model predicts (byte, ends-a-patch) symbols and scores them itself (the byteified model)."""
         return self.native and bool(getattr(self.model, "fused_head", False))
 
-    def _forward(self, ids: torch.Tensor, targets: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _forward(
+        self, ids: torch.Tensor, targets: torch.Tensor, **kw: Any
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """(logits (B, L, V) predicting the last L targets, metrics). A fused model gets its patch ends from
         ``self.segmenter`` when one is set, and reports its joint log-probs (``target_logprobs``) in metrics."""
         if self.native:
@@ -166,20 +178,26 @@ class ByteScorer:
         docs = [Document(f"text{i}", t) for i, t in enumerate(texts) if t]
         if not docs:
             return CorpusResult(0.0, 0, 0.0)
-        corpus = PackedCorpus(docs, invalid_utf8=self.invalid_utf8, words=self.words and self.native,
-                              max_word_bytes=self.max_word_bytes)
+        corpus = PackedCorpus(
+            docs,
+            invalid_utf8=self.invalid_utf8,
+            words=self.words and self.native,
+            max_word_bytes=self.max_word_bytes,
+        )
         ds = TiledWindows(corpus, self.seq_len, max_ids)
         nll, n = 0.0, 0
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        for batch in tqdm(DataLoader(ds, batch_size=self.batch_size), desc=f"eval {self.name}", disable=not progress):
+        for batch in tqdm(
+            DataLoader(ds, batch_size=self.batch_size), desc=f"eval {self.name}", disable=not progress
+        ):
             b = {k: v.to(self.device) for k, v in batch.items()}
             kw = {"doc_ids": b["doc_ids"], "word_start": b.get("word_start")} if self.native else {}
             logits, metrics = self._forward(b["input_ids"], b["targets"], **kw)
             if "nll_sum" in metrics and "n_bytes" in metrics:  # models with their own objective (MrT5)
                 s, c = float(metrics["nll_sum"]), int(metrics["n_bytes"])
             else:
-                s_t, c_t = byte_nll_sum(logits, b["targets"][:, b["targets"].shape[1] - logits.shape[1]:])
+                s_t, c_t = byte_nll_sum(logits, b["targets"][:, b["targets"].shape[1] - logits.shape[1] :])
                 s, c = float(s_t), int(c_t)
             nll, n = nll + s, n + c
             for k, v in metrics.items():
@@ -201,7 +219,7 @@ class ByteScorer:
         if longest == 0:
             return [0.0] * len(continuations)
         keep = max(0, self.seq_len - longest)
-        ctx = list(context[len(context) - keep:]) if len(context) > keep else list(context)
+        ctx = list(context[len(context) - keep :]) if len(context) > keep else list(context)
         T = len(ctx) + longest
         ids = torch.full((len(continuations), T), PAD_ID, dtype=torch.long)
         tgt = torch.full((len(continuations), T), IGNORE, dtype=torch.long)
@@ -218,14 +236,15 @@ class ByteScorer:
         logits, metrics = self._forward(ids, tgt, **kw)
         if "target_logprobs" in metrics:  # joint (byte, bit) log-probs of the continuation's symbols
             return [float(x) for x in metrics["target_logprobs"].double().sum(1)]
-        tgt = tgt[:, T - logits.shape[1]:]
+        tgt = tgt[:, T - logits.shape[1] :]
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, L, V)
         mask = tgt != IGNORE
         lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # (B, L)
         return [float(x) for x in lp.sum(1)]
 
-
-    def _continuation_bits(self, ids: torch.Tensor, n_ctx: int, continuations: Sequence[bytes]) -> torch.Tensor:
+    def _continuation_bits(
+        self, ids: torch.Tensor, n_ctx: int, continuations: Sequence[bytes]
+    ) -> torch.Tensor:
         """Patch ends of padded ``BOS context continuation[:-1]`` rows for a fused model. The context's bits never
         depend on the continuation: the segmenter's on the context alone, its last one chosen by the model's head
         (``prompt_bits``), or the tokenizer's on the context alone. The continuation's come from the segmenter
@@ -242,8 +261,13 @@ class ByteScorer:
             bits = m.segment(full)[0]
         else:
             ctx_bits = self.segmenter(ids[:1, :n_ctx], None)
-            bits = torch.cat([torch.zeros(B, n_ctx, dtype=torch.bool, device=ids.device),
-                              self.segmenter(full[:, n_ctx:], None)], 1)
+            bits = torch.cat(
+                [
+                    torch.zeros(B, n_ctx, dtype=torch.bool, device=ids.device),
+                    self.segmenter(full[:, n_ctx:], None),
+                ],
+                1,
+            )
         bits = bits[:, :T].clone()
         bits[:, :n_ctx] = ctx_bits.expand(B, -1)
         return bits
@@ -263,12 +287,23 @@ class TeacherScorer:
 
     kind = "teacher"
 
-    def __init__(self, teacher: Any, *, chunk_bytes: int = 1024, batch_size: int = 1, name: str = "teacher") -> None:
-        self.teacher, self.chunk_bytes, self.batch_size, self.name = teacher, int(chunk_bytes), batch_size, name
+    def __init__(
+        self, teacher: Any, *, chunk_bytes: int = 1024, batch_size: int = 1, name: str = "teacher"
+    ) -> None:
+        self.teacher, self.chunk_bytes, self.batch_size, self.name = (
+            teacher,
+            int(chunk_bytes),
+            batch_size,
+            name,
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "params": count_parameters(self.teacher.model),
-                "seq_len": self.chunk_bytes}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "params": count_parameters(self.teacher.model),
+            "seq_len": self.chunk_bytes,
+        }
 
     def _chunks(self, texts: Sequence[bytes]) -> list[bytes]:
         out = []
@@ -312,7 +347,9 @@ class TeacherScorer:
             ids[i, : len(ctx) + len(c)] = torch.tensor(ctx + c)
             attn[i, : len(ctx) + len(c)] = 1
         dev = self.teacher.device
-        logits = self.teacher.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits
+        logits = self.teacher.model(
+            input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False
+        ).logits
         logp = F.log_softmax(logits[..., : self.teacher.vocab_size].float(), dim=-1)  # (B, T, V)
         res = []
         for i, c in enumerate(conts):
@@ -338,8 +375,9 @@ def _hf_byte_config(folder: Path) -> dict[str, Any] | None:
 _BYTELM_CLASSES = ("FlatByteLM", "HierarchicalByteLM", "MrT5", "ByteifiedLM")
 
 
-def _load_exported(path: Path, conf: dict[str, Any], *, device: str, batch_size: int, seq_len: int | None,
-                   name: str) -> ByteScorer:
+def _load_exported(
+    path: Path, conf: dict[str, Any], *, device: str, batch_size: int, seq_len: int | None, name: str
+) -> ByteScorer:
     """A ``bytelm-export`` folder through transformers (``trust_remote_code``), scored like its checkpoint:
     through the bytelm module the HF wrapper holds (the folder's own copy of the code), so packed rows carry
     document ids and never attend across documents, in rows of the training length (``_exported_data``), and
@@ -363,9 +401,18 @@ def _load_exported(path: Path, conf: dict[str, Any], *, device: str, batch_size:
         log.warning("%s: no bytelm module inside; packed rows are scored without document masks", path)
     words = native and arch == "hierarchical" and conf.get("chunker", "words") == "words"
     module: Any = inner if native else hf
-    scorer = ByteScorer(module, arch=arch, seq_len=int(rows), batch_size=batch_size, device=device, native=native,
-                        words=words, max_word_bytes=int(conf.get("max_word_bytes") or 100),
-                        invalid_utf8=str(data.get("invalid_utf8") or "keep"), name=name)
+    scorer = ByteScorer(
+        module,
+        arch=arch,
+        seq_len=int(rows),
+        batch_size=batch_size,
+        device=device,
+        native=native,
+        words=words,
+        max_word_bytes=int(conf.get("max_word_bytes") or 100),
+        invalid_utf8=str(data.get("invalid_utf8") or "keep"),
+        name=name,
+    )
     scorer.kind, scorer.source = arch, "hf-export"
     return scorer
 
@@ -434,30 +481,43 @@ def load_scorer(
     scorer = _load_scorer(spec, device=device, batch_size=batch_size, seq_len=seq_len, name=name)
     if segmenter == "tokenizer":
         if not isinstance(scorer, ByteScorer) or not scorer.fused:
-            raise ValueError(f"segmenter='tokenizer' applies to byteified models only; {str(spec)!r} is a "
-                             f"{scorer.kind} model")
+            raise ValueError(
+                f"segmenter='tokenizer' applies to byteified models only; {str(spec)!r} is a "
+                f"{scorer.kind} model"
+            )
         from bytelm.distill.teacher import load_tokenizer, smollm2_gguf_path
 
-        src = tokenizer or (scorer.cfg.byteify.source if scorer.cfg is not None else None) or smollm2_gguf_path()
+        src = (
+            tokenizer
+            or (scorer.cfg.byteify.source if scorer.cfg is not None else None)
+            or smollm2_gguf_path()
+        )
         if not Path(src).exists():
-            raise FileNotFoundError(f"tokenizer {str(src)!r} does not exist (pass the source model's folder or .gguf)")
+            raise FileNotFoundError(
+                f"tokenizer {str(src)!r} does not exist (pass the source model's folder or .gguf)"
+            )
         scorer.segmenter = tokenizer_segmenter(load_tokenizer(src))
         scorer.name = f"{scorer.name} (tokenizer segmenter)"
     return scorer
 
 
-def _load_scorer(spec: str | Path, *, device: str, batch_size: int, seq_len: int | None, name: str | None) -> Scorer:
+def _load_scorer(
+    spec: str | Path, *, device: str, batch_size: int, seq_len: int | None, name: str | None
+) -> Scorer:
     s = str(spec)
     if s.lower() in TEACHER_ALIASES or s.endswith(".gguf"):
         from bytelm.distill.teacher import load_teacher
 
-        teacher = load_teacher(None if s.lower() in TEACHER_ALIASES else s, device=device, dtype=torch.float32)
+        teacher = load_teacher(
+            None if s.lower() in TEACHER_ALIASES else s, device=device, dtype=torch.float32
+        )
         default = "SmolLM2-135M (teacher)" if s.lower() in TEACHER_ALIASES else Path(s).name
         return TeacherScorer(teacher, chunk_bytes=seq_len or 1024, batch_size=1, name=name or default)
     path = Path(s)
     if not path.exists():
-        raise FileNotFoundError(f"{s!r} does not exist (expected a .ckpt, a run folder, an exported folder, "
-                                f"a .gguf or 'teacher')")
+        raise FileNotFoundError(
+            f"{s!r} does not exist (expected a .ckpt, a run folder, an exported folder, a .gguf or 'teacher')"
+        )
     if path.is_dir() and (path / "config.json").is_file():
         conf = _hf_byte_config(path)
         if conf is None:  # a subword HF model: score it like the teacher
@@ -465,8 +525,9 @@ def _load_scorer(spec: str | Path, *, device: str, batch_size: int, seq_len: int
 
             teacher = load_teacher(path, device=device, dtype=torch.float32)
             return TeacherScorer(teacher, chunk_bytes=seq_len or 1024, name=name or path.name)
-        return _load_exported(path, conf, device=device, batch_size=batch_size, seq_len=seq_len,
-                              name=name or path.name)
+        return _load_exported(
+            path, conf, device=device, batch_size=batch_size, seq_len=seq_len, name=name or path.name
+        )
     from bytelm.checkpoint import load_model
 
     ckpt = resolve_checkpoint(path) if path.is_dir() else path

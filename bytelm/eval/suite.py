@@ -28,7 +28,9 @@ class EvalOptions:
     cute_items: int = 50  # items per CUTE task
     cute_shots: int = 3
     languages: tuple[str, ...] = field(default_factory=tuple)  # empty = every language
-    ml_split: str = "auto"  # chatterbot dialogs: validation | all | auto (validation if the model trained on them)
+    ml_split: str = (
+        "auto"  # chatterbot dialogs: validation | all | auto (validation if the model trained on them)
+    )
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASK_NAMES]
@@ -77,9 +79,13 @@ def run_suite(scorer: Scorer, opts: EvalOptions, progress: bool = False) -> dict
             res["bpb"] = B.eval_english(scorer, opts.max_bytes, progress)
         elif task == "multilingual":
             split = resolve_split(opts.ml_split, [getattr(scorer, "cfg", None)])
-            res["multilingual"] = B.eval_multilingual(scorer, opts.max_bytes, opts.languages or None, progress, split)
+            res["multilingual"] = B.eval_multilingual(
+                scorer, opts.max_bytes, opts.languages or None, progress, split
+            )
         elif task == "robustness":
-            res["robustness"] = B.eval_robustness(scorer, opts.max_bytes, opts.kinds, opts.levels, opts.seed, progress)
+            res["robustness"] = B.eval_robustness(
+                scorer, opts.max_bytes, opts.kinds, opts.levels, opts.seed, progress
+            )
         elif task == "cute":
             from bytelm.eval.cute import generate_suite, score_items
 
@@ -103,22 +109,35 @@ def format_text(res: dict[str, Any]) -> str:
         lines.append(s)
     if "multilingual" in res:
         ml = res["multilingual"]
-        lines.append(f"  multilingual ({ml['split']} dialogs): pooled {ml['pooled_bpb']:.4f} bpb, mean over "
-                     f"{len(ml['languages'])} languages {ml['macro_bpb']:.4f} ({ml['bytes']:,} bytes)")
+        lines.append(
+            f"  multilingual ({ml['split']} dialogs): pooled {ml['pooled_bpb']:.4f} bpb, mean over "
+            f"{len(ml['languages'])} languages {ml['macro_bpb']:.4f} ({ml['bytes']:,} bytes)"
+        )
+
         def num(x: float | None) -> str:
             return "       —" if x is None else f"{x:8.4f}"
 
-        lines += [f"    {lang:<20}{num(v['bpb'])}  ({v['bytes']:,} bytes)" for lang, v in ml["languages"].items()]
+        lines += [
+            f"    {lang:<20}{num(v['bpb'])}  ({v['bytes']:,} bytes)" for lang, v in ml["languages"].items()
+        ]
         lines += [f"    script {k:<13}{num(v)}" for k, v in ml["scripts"].items()]
     if "robustness" in res:
         r = res["robustness"]
-        lines.append(f"  robustness: clean {r['clean_bpb']:.4f} bpb; mean degradation {r['mean_delta']:+.4f} "
-                     f"({100 * r['mean_rel']:+.1f}%)")
-        lines += [f"    {k:<14}{v['bpb']:8.4f}  {v['delta']:+.4f}  ({100 * v['rel']:+.1f}%)"
-                  for k, v in r["conditions"].items()]
+        lines.append(
+            f"  robustness: clean {r['clean_bpb']:.4f} bpb; mean degradation {r['mean_delta']:+.4f} "
+            f"({100 * r['mean_rel']:+.1f}%)"
+        )
+        lines += [
+            f"    {k:<14}{v['bpb']:8.4f}  {v['delta']:+.4f}  ({100 * v['rel']:+.1f}%)"
+            for k, v in r["conditions"].items()
+        ]
     if "cute" in res:
         c = res["cute"]
-        lines.append(f"  CUTE-style tasks: acc {c['acc']:.3f}, acc_norm {c['acc_norm']:.3f} (chance {c['chance']:.3f})")
-        lines += [f"    {t:<10}acc {v['acc']:.3f}  acc_norm {v['acc_norm']:.3f}  (n={v['n']})"
-                  for t, v in c["tasks"].items()]
+        lines.append(
+            f"  CUTE-style tasks: acc {c['acc']:.3f}, acc_norm {c['acc_norm']:.3f} (chance {c['chance']:.3f})"
+        )
+        lines += [
+            f"    {t:<10}acc {v['acc']:.3f}  acc_norm {v['acc_norm']:.3f}  (n={v['n']})"
+            for t, v in c["tasks"].items()
+        ]
     return "\n".join(lines)

@@ -46,7 +46,9 @@ class BytelmConfig(PretrainedConfig):
             if f.name not in ("gate", "rope_scaling"):
                 setattr(self, f.name, kwargs.pop(f.name, _default(f)))
         self.gate = dict(gate) if gate is not None else asdict(GateConfig())
-        scaling = kwargs.pop("rope_scaling", None)  # ModelConfig's name (from_model_config): not transformers' key
+        scaling = kwargs.pop(
+            "rope_scaling", None
+        )  # ModelConfig's name (from_model_config): not transformers' key
         if bytelm_rope_scaling is None and isinstance(scaling, dict) and "kind" in scaling:
             bytelm_rope_scaling = scaling
         self.bytelm_rope_scaling = _rope_dict(bytelm_rope_scaling)
@@ -60,8 +62,14 @@ class BytelmConfig(PretrainedConfig):
             kwargs.setdefault("decoder_start_token_id", BOS_ID)
         kwargs.setdefault("use_cache", True)
         # transformers 5 keeps these as plain attributes; older versions take them in __init__
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "use_cache",
-                    "decoder_start_token_id"):
+        for key in (
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "tie_word_embeddings",
+            "use_cache",
+            "decoder_start_token_id",
+        ):
             if key in kwargs:
                 setattr(self, key, kwargs[key])
         super().__init__(**kwargs)

@@ -60,8 +60,11 @@ def _bytelm_imports(tree: ast.AST, src: Path) -> list[Path]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "bytelm" for a in node.names):
             raise ExportError(f"{src}: 'import bytelm...' cannot be shipped; use 'from bytelm.x.y import z'")
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
-            node.module == "bytelm" or node.module.startswith("bytelm.")
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and (node.module == "bytelm" or node.module.startswith("bytelm."))
         ):
             path = PKG_ROOT.joinpath(*node.module.split(".")[1:]).with_suffix(".py")
             if not path.is_file():
@@ -101,7 +104,12 @@ def _wrap_optional_imports(text: str, tree: ast.AST) -> str:
         first = lines[start - 1]
         indent = first[: len(first) - len(first.lstrip())]
         body = ["    " + ln if ln.strip() else ln for ln in lines[start - 1 : end]]
-        lines[start - 1 : end] = [f"{indent}try:\n", *body, f"{indent}except ImportError:\n", f"{indent}    raise\n"]
+        lines[start - 1 : end] = [
+            f"{indent}try:\n",
+            *body,
+            f"{indent}except ImportError:\n",
+            f"{indent}    raise\n",
+        ]
     return "".join(lines)
 
 
@@ -123,7 +131,9 @@ def model_code_files() -> dict[str, Path]:
         path = todo.pop()
         if path.name in files:
             if files[path.name] != path:
-                raise ExportError(f"two shipped modules share the name {path.name}: {files[path.name]} and {path}")
+                raise ExportError(
+                    f"two shipped modules share the name {path.name}: {files[path.name]} and {path}"
+                )
             continue
         files[path.name] = path
         todo.extend(_bytelm_imports(ast.parse(path.read_text(encoding="utf-8")), path))
@@ -204,7 +214,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             from bytelm import checkpoint as ck
 
             kind = ck.sharded_kind(path) if hasattr(ck, "sharded_kind") else None
-            reader = getattr(ck, {"deepspeed": "_deepspeed_meta", "dcp": "_dcp_meta"}.get(kind or "", ""), None)
+            reader = getattr(
+                ck, {"deepspeed": "_deepspeed_meta", "dcp": "_dcp_meta"}.get(kind or "", ""), None
+            )
             ckpt = reader(path) if reader is not None else {}
         elif path.suffix == ".ckpt" or path.suffix == "":
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -235,7 +247,10 @@ def hf_config(model_cfg: ModelConfig) -> BytelmConfig:
     config.activation_checkpointing = False
     cls = _hf_class(model_cfg.arch)
     auto = "AutoModelForSeq2SeqLM" if model_cfg.arch == "mrt5" else "AutoModelForCausalLM"
-    config.auto_map = {"AutoConfig": "configuration_bytelm.BytelmConfig", auto: f"modeling_bytelm.{cls.__name__}"}
+    config.auto_map = {
+        "AutoConfig": "configuration_bytelm.BytelmConfig",
+        auto: f"modeling_bytelm.{cls.__name__}",
+    }
     config.architectures = [cls.__name__]
     return config
 
@@ -244,8 +259,12 @@ def generation_config(model_cfg: ModelConfig) -> Any:
     """PAD/BOS/EOS ids; PAD and BOS are never generated (ids >= 259 are not even offered: ``vocab_only``)."""
     from transformers import GenerationConfig
 
-    gen: dict[str, Any] = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-                           "suppress_tokens": [PAD_ID, BOS_ID]}
+    gen: dict[str, Any] = {
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "suppress_tokens": [PAD_ID, BOS_ID],
+    }
     if model_cfg.arch == "mrt5":
         gen["decoder_start_token_id"] = BOS_ID
     return GenerationConfig(**gen)
@@ -296,8 +315,15 @@ def export_model(
     save_tokenizer(out, model_max_length=model_cfg.max_seq_len)
     write_model_code(out)
     n_params = sum(p.numel() for p in model.parameters())
-    card = model_card(model_cfg, n_params=n_params, dtype=dtype, train_config=train_config,
-                      metadata=metadata or {}, source=source, repo_id=repo_id)
+    card = model_card(
+        model_cfg,
+        n_params=n_params,
+        dtype=dtype,
+        train_config=train_config,
+        metadata=metadata or {},
+        source=source,
+        repo_id=repo_id,
+    )
     (out / "README.md").write_text(card, encoding="utf-8")
     return out
 
@@ -322,8 +348,15 @@ def export_checkpoint(
     meta = _read_metadata(path)
     meta.pop("bytelm_config", None)
     out_path = export_model(
-        model, cfg.model, out, dtype=dtype, max_shard_size=max_shard_size, train_config=config_to_dict(cfg),
-        metadata=meta, source=path.name, repo_id=push_to_hub,
+        model,
+        cfg.model,
+        out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        train_config=config_to_dict(cfg),
+        metadata=meta,
+        source=path.name,
+        repo_id=push_to_hub,
     )
     if push_to_hub:
         push_folder(out_path, push_to_hub, private=private, token=token)
@@ -413,7 +446,11 @@ def model_card(
         "",
         "Generation keeps bytelm's own KV cache"
         + (" (the word-level state of the hierarchical model included)" if arch == "hierarchical" else "")
-        + (" (patch boundaries decided online, the backbone run once per patch)" if arch == "byteified" else "")
+        + (
+            " (patch boundaries decided online, the backbone run once per patch)"
+            if arch == "byteified"
+            else ""
+        )
         + "; greedy and seeded sampling give the same bytes as bytelm's generator.",
         "",
     ]
@@ -426,7 +463,7 @@ def model_card(
             "`model(ids, segment=True)` runs the learned boundary predictor instead (or pass your own "
             "`patch_end=`): its `logits` are the fused (byte, ends-the-patch) symbols, 2 x the vocabulary, and "
             "`boundary_bits` the boundaries used; score the symbol `byte + V * bit` of each next byte (bytelm's "
-            "bits per byte; see bytelm's docs/byteify.md, \"Honest scoring\").",
+            'bits per byte; see bytelm\'s docs/byteify.md, "Honest scoring").',
             "",
         ]
     metrics = dict(metadata.get("metrics") or {})
@@ -439,11 +476,23 @@ def model_card(
             lines += ["bpb = bits per byte on held-out text (lower is better).", ""]
     else:
         lines += ["## Metrics", "", "No evaluation metrics were stored in the checkpoint.", ""]
-    lines += ["## Model configuration", "", "```yaml", yaml.safe_dump(_plain(model_cfg), sort_keys=False).rstrip(),
-              "```", ""]
+    lines += [
+        "## Model configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(_plain(model_cfg), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     if train_config:
-        lines += ["## Training configuration", "", "```yaml",
-                  yaml.safe_dump(dict(train_config), sort_keys=False).rstrip(), "```", ""]
+        lines += [
+            "## Training configuration",
+            "",
+            "```yaml",
+            yaml.safe_dump(dict(train_config), sort_keys=False).rstrip(),
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -535,8 +584,18 @@ def generate_from_folder(
 
 
 __all__ = [
-    "ExportError", "checkpoint_metadata", "export_checkpoint", "export_model", "generate_from_folder",
+    "ExportError",
+    "checkpoint_metadata",
+    "export_checkpoint",
+    "export_model",
+    "generate_from_folder",
     "generation_config",
-    "hf_config", "hub_token", "model_card", "model_code_files", "push_folder", "save_tokenizer", "wrap_model",
+    "hf_config",
+    "hub_token",
+    "model_card",
+    "model_code_files",
+    "push_folder",
+    "save_tokenizer",
+    "wrap_model",
     "write_model_code",
 ]

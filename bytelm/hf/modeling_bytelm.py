@@ -191,7 +191,8 @@ class BytelmPreTrainedModel(PreTrainedModel):
         if shift:  # causal LM: position t predicts labels[t + 1]
             logits, labels = logits[:, :-1], labels[:, 1:]
         return F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1).to(logits.device),
             ignore_index=IGNORE_INDEX,
         )
 
@@ -201,7 +202,9 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: BytelmConfig) -> None:
         if config.arch == "mrt5":
-            raise ValueError("MrT5 is an encoder-decoder: load it with AutoModelForSeq2SeqLM (BytelmForSeq2SeqLM)")
+            raise ValueError(
+                "MrT5 is an encoder-decoder: load it with AutoModelForSeq2SeqLM (BytelmForSeq2SeqLM)"
+            )
         super().__init__(config)
 
     # -- forward ---------------------------------------------------------------------------------------
@@ -251,7 +254,9 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
             raise TypeError(f"bytelm models keep their own cache (BytelmCache), got {type(cache).__name__}")
         n = input_ids.shape[1]
         if self.fused and cache is None:
-            return self._forward_fused(input_ids, attention_mask, labels, patch_end, segment, vocab_only, return_dict)
+            return self._forward_fused(
+                input_ids, attention_mask, labels, patch_end, segment, vocab_only, return_dict
+            )
         if cache is not None:
             logits = self._forward_cached(input_ids, attention_mask, cache)
             if self.fused:  # generation samples a byte; its bit then follows from the head (ByteifiedCache)
@@ -276,8 +281,16 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
         """The wrapped model predicts (byte, ends-a-patch) symbols (the byteified model)."""
         return bool(getattr(self.model, "fused_head", False))
 
-    def _forward_fused(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: Any,
-                       patch_end: torch.Tensor | None, segment: bool, vocab_only: bool, return_dict: bool | None) -> Any:
+    def _forward_fused(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: Any,
+        patch_end: torch.Tensor | None,
+        segment: bool,
+        vocab_only: bool,
+        return_dict: bool | None,
+    ) -> Any:
         """A byteified model without a cache (docs/byteify.md, "Scoring through transformers").
 
         - ``segment=True`` or ``patch_end=`` (B, T) bool: one parallel forward with the model's segmenter's bits
@@ -297,7 +310,9 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
             if labels is not None:
                 targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
                 if m is not None:
-                    targets = targets.masked_fill(~torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1), IGNORE_INDEX)
+                    targets = targets.masked_fill(
+                        ~torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1), IGNORE_INDEX
+                    )
             out = self.model(ids, patch_end=patch_end, targets=targets)
             logits, bits, loss = out.logits, out.hidden["closed"], out.loss
             fused = logits
@@ -338,8 +353,11 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
             else:
                 cache.states = [self.model.new_cache() for _ in range(B)]  # type: ignore[operator]
                 cache.seen += n
-                return self._rowwise(input_ids, m if m is not None else torch.ones_like(input_ids, dtype=torch.bool),
-                                     cache.states)
+                return self._rowwise(
+                    input_ids,
+                    m if m is not None else torch.ones_like(input_ids, dtype=torch.bool),
+                    cache.states,
+                )
         cache.seen += n
         if cache.batched:
             return self.model(input_ids, cache=cache.states[0]).logits
@@ -391,7 +409,8 @@ def _expand_encoder_output(enc: Any, batch: int) -> Any:
     changes = {
         f.name: getattr(enc, f.name).repeat_interleave(k, dim=0)
         for f in dc_fields(enc)
-        if isinstance(getattr(enc, f.name), torch.Tensor) and getattr(enc, f.name).dim() >= 2
+        if isinstance(getattr(enc, f.name), torch.Tensor)
+        and getattr(enc, f.name).dim() >= 2
         and getattr(enc, f.name).shape[0] == b0
     }
     return replace(enc, **changes)
@@ -500,8 +519,11 @@ class BytelmForSeq2SeqLM(BytelmPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> dict[str, Any]:
         cache = cache if cache is not None else past_key_values
-        inputs: dict[str, Any] = {"attention_mask": attention_mask, "encoder_outputs": encoder_outputs,
-                                  "vocab_only": True}
+        inputs: dict[str, Any] = {
+            "attention_mask": attention_mask,
+            "encoder_outputs": encoder_outputs,
+            "vocab_only": True,
+        }
         if use_cache is False:
             inputs.update(decoder_input_ids=input_ids, use_cache=False)
         else:

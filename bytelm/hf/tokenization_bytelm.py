@@ -56,8 +56,12 @@ class ByteTokenizer(PreTrainedTokenizer):
         kwargs.setdefault("padding_side", "left")
         kwargs.pop("unk_token", None)
         super().__init__(
-            pad_token=toks[0], bos_token=toks[1], eos_token=toks[2], add_bos_token=add_bos_token,
-            add_eos_token=add_eos_token, **kwargs,
+            pad_token=toks[0],
+            bos_token=toks[1],
+            eos_token=toks[2],
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            **kwargs,
         )
 
     # -- vocabulary ------------------------------------------------------------------------------------
@@ -84,7 +88,9 @@ class ByteTokenizer(PreTrainedTokenizer):
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self._bytes_to_text(bytes(ord(t) for t in tokens if len(t) == 1 and ord(t) < N_BYTES))
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         bos = [BOS_ID] if self.add_bos_token else []
         eos = [EOS_ID] if self.add_eos_token else []
         out = bos + list(token_ids_0) + eos
@@ -93,7 +99,10 @@ class ByteTokenizer(PreTrainedTokenizer):
         return out
 
     def get_special_tokens_mask(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+        self,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
+        already_has_special_tokens: bool = False,
     ) -> list[int]:
         if already_has_special_tokens:
             return [1 if i >= N_BYTES else 0 for i in token_ids_0 + (token_ids_1 or [])]
@@ -162,8 +171,13 @@ def build_fast_tokenizer(model_max_length: int = 1024) -> Any:
     tk.add_special_tokens([_special_tk(PAD_TOKEN), _special_tk(BOS_TOKEN), _special_tk(EOS_TOKEN)])
     tk.encode_special_tokens = True  # literal "<s>" in text is bytes, not BOS
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-        model_max_length=model_max_length, padding_side="left", clean_up_tokenization_spaces=False,
+        tokenizer_object=tk,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        model_max_length=model_max_length,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
         split_special_tokens=True,
     )
     return fast
@@ -177,7 +191,11 @@ def _special_tk(tok: str) -> Any:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character table (the ``ByteLevel`` alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(N_BYTES):

@@ -42,7 +42,9 @@ class SaveLastOnEnd(L.Callback):
         if trainer.global_step == 0 or trainer.interrupted:
             return
         callbacks: list[Any] = list(getattr(trainer, "callbacks", []))
-        done = {getattr(c, "_last_global_step_saved", -1) for c in callbacks if isinstance(c, ModelCheckpoint)}
+        done = {
+            getattr(c, "_last_global_step_saved", -1) for c in callbacks if isinstance(c, ModelCheckpoint)
+        }
         done |= {c.saved_step for c in callbacks if isinstance(c, RequeueOnSignal)}
         if trainer.global_step in done:
             return
@@ -105,13 +107,16 @@ class RequeueOnSignal(L.Callback):
         if self.signum in _PENDING:  # it came during start-up: act on it at the first step boundary
             _PENDING.discard(self.signum)
             self._flag = True
-            log.warning("signal %d arrived before training: checkpoint and requeue after the first step",
-                        self.signum)
+            log.warning(
+                "signal %d arrived before training: checkpoint and requeue after the first step", self.signum
+            )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._restore()
 
     def _restore(self) -> None:
@@ -172,9 +177,13 @@ class BatchLog(L.Callback):
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         rec = {
-            "step": trainer.global_step, "batch_idx": batch_idx, "rank": trainer.global_rank,
+            "step": trainer.global_step,
+            "batch_idx": batch_idx,
+            "rank": trainer.global_rank,
             "world": trainer.world_size,
-            "env": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,  # None: single device
+            "env": type(
+                getattr(trainer.strategy, "cluster_environment", None)
+            ).__name__,  # None: single device
             "sha1": hashlib.sha1(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
             "loss": None if loss is None else float(loss),
         }
@@ -220,7 +229,9 @@ class StopOnSignal(L.Callback):
     handler: a collective that hangs when the ranks are not all there), and restored at the end of fit.
     """
 
-    def __init__(self, grace_s: float = 60.0, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(
+        self, grace_s: float = 60.0, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
         self.grace_s = grace_s
         self.signals = tuple(int(s) for s in signals)
         self.received: int | None = None
@@ -299,7 +310,9 @@ class StopOnSignal(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         # a failed rank 0 (e.g. a collective timeout) takes the ranks it launched along instead of leaving them
         # waiting in a collective
         self._kill_launched()

@@ -83,8 +83,13 @@ class ByteDataModule(L.LightningDataModule):
         if self.val_groups is None:
             docs = validation_groups(d, d.val_max_bytes)
             self.val_groups = {
-                g: PackedCorpus(ds, invalid_utf8=d.invalid_utf8, words=self.needs_words,
-                                max_word_bytes=m.max_word_bytes, context=d.seq_len)
+                g: PackedCorpus(
+                    ds,
+                    invalid_utf8=d.invalid_utf8,
+                    words=self.needs_words,
+                    max_word_bytes=m.max_word_bytes,
+                    context=d.seq_len,
+                )
                 for g, ds in docs.items()
             }
         if self.stats:
@@ -103,16 +108,27 @@ class ByteDataModule(L.LightningDataModule):
         rank, world = self._world()
         total = (self.cfg.trainer.max_steps + 1) * self.samples_per_step()  # rows this rank will ask for
         if d.streaming:
-            ds = train_stream(d, rank=rank, world=world, num_workers=d.num_workers, words=self.needs_words,
-                              max_word_bytes=self.cfg.model.max_word_bytes, length=total)
+            ds = train_stream(
+                d,
+                rank=rank,
+                world=world,
+                num_workers=d.num_workers,
+                words=self.needs_words,
+                max_word_bytes=self.cfg.model.max_word_bytes,
+                length=total,
+            )
             self._train_loader = StatefulDataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers)
             return self._train_loader
         assert self.train_parts is not None, "call setup('fit') first"
-        comps = [RandomWindows(parts, d.seq_len, seed=d.seed + 1000 * i) for i, parts in enumerate(self.train_parts)]
+        comps = [
+            RandomWindows(parts, d.seq_len, seed=d.seed + 1000 * i)
+            for i, parts in enumerate(self.train_parts)
+        ]
         windows: Any = comps[0] if len(comps) == 1 else MixtureWindows(comps, mixture_weights(d), seed=d.seed)
         sampler = ResumableSampler(0, total, rank, world)
-        self._train_loader = StatefulDataLoader(windows, batch_size=d.batch_size, sampler=sampler,
-                                                num_workers=d.num_workers)
+        self._train_loader = StatefulDataLoader(
+            windows, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers
+        )
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
@@ -160,12 +176,14 @@ class DataStatsCallback(L.Callback):
     def __init__(self, every: int = 50) -> None:
         self.every = max(1, every)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         dm = getattr(trainer, "datamodule", None)
         if not isinstance(dm, ByteDataModule) or trainer.global_step % self.every:
             return
         stats = {f"data/{k}": float(v) for k, v in dm.stats.items()}
         if stats:
-            pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1,
-                               reduce_fx="sum")
+            pl_module.log_dict(
+                stats, on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1, reduce_fx="sum"
+            )

@@ -37,8 +37,13 @@ class ModelStates:
 
 
 def model_states_bytes(
-    n_params: float, strategy: str, n_gpus: int = 1, *, offload_optimizer: bool = False,
-    offload_params: bool = False, k: float = 12.0,
+    n_params: float,
+    strategy: str,
+    n_gpus: int = 1,
+    *,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    k: float = 12.0,
 ) -> ModelStates:
     """Bytes of parameters, gradients and optimizer states on each GPU (see the module docstring)."""
     if strategy not in STRATEGIES:
@@ -85,7 +90,10 @@ def memory_table(sizes: dict[str, float], n_gpus: int = 8) -> list[dict[str, obj
         for st in ("ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"):
             row[st] = model_states_bytes(p, st, n_gpus).total / GIB
         row["deepspeed_zero3+offload"] = (
-            model_states_bytes(p, "deepspeed_zero3", n_gpus, offload_optimizer=True, offload_params=True).total / GIB
+            model_states_bytes(
+                p, "deepspeed_zero3", n_gpus, offload_optimizer=True, offload_params=True
+            ).total
+            / GIB
         )
         rows.append(row)
     return rows
@@ -94,8 +102,12 @@ def memory_table(sizes: dict[str, float], n_gpus: int = 8) -> list[dict[str, obj
 def format_table(rows: list[dict[str, object]], n_gpus: int) -> str:
     cols = ["ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3+offload"]
     head = "| model | " + " | ".join(c.replace("deepspeed_", "") for c in cols) + " |"
-    lines = [f"Model states, GiB per GPU, {n_gpus} GPUs, bf16 + Adam:", "", head,
-             "|" + "---|" * (len(cols) + 1)]
+    lines = [
+        f"Model states, GiB per GPU, {n_gpus} GPUs, bf16 + Adam:",
+        "",
+        head,
+        "|" + "---|" * (len(cols) + 1),
+    ]
     for r in rows:
         vals = " | ".join(f"{float(r[c]):.1f}" for c in cols)  # type: ignore[arg-type]
         lines.append(f"| {r['model']} | {vals} |")
@@ -120,11 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     """``bytelm-memory`` (= ``python -m bytelm.lit.memory``): the model-states table of docs/scaling.md."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="bytelm-memory", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs the states are sharded over (default 8)")
-    ap.add_argument("--sizes", default=DEFAULT_SIZES,
-                    help=f"comma-separated parameter counts (default {DEFAULT_SIZES})")
+    ap = argparse.ArgumentParser(
+        prog="bytelm-memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--gpus", type=int, default=8, help="data-parallel GPUs the states are sharded over (default 8)"
+    )
+    ap.add_argument(
+        "--sizes", default=DEFAULT_SIZES, help=f"comma-separated parameter counts (default {DEFAULT_SIZES})"
+    )
     args = ap.parse_args(argv)
     if args.gpus < 1:
         ap.error("--gpus must be at least 1")

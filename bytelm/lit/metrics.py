@@ -16,9 +16,13 @@ def byte_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     logits: (B, T, V); targets: (B, T) with IGNORE for positions that are not predictions. Special targets
     (EOS) are trained on but not counted in bits-per-byte, which measures text bytes only.
     """
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    )
     is_byte = (targets.flatten() >= 0) & (targets.flatten() < 256)
-    return (nll.double() * is_byte).sum(), is_byte.sum()  # fp64 sum: the value does not depend on the batching
+    return (
+        nll.double() * is_byte
+    ).sum(), is_byte.sum()  # fp64 sum: the value does not depend on the batching
 
 
 def bits_per_byte(nll_sum_nats: float | torch.Tensor, n_bytes: int | torch.Tensor) -> float:

@@ -45,7 +45,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def backbone_lr_groups(model: torch.nn.Module, groups: list[dict[str, Any]], lr: float, mult: float) -> list[dict[str, Any]]:
+def backbone_lr_groups(
+    model: torch.nn.Module, groups: list[dict[str, Any]], lr: float, mult: float
+) -> list[dict[str, Any]]:
     """Split each group into local-model and backbone parameters; the backbone's get ``lr * mult``."""
     backbone = {id(p) for n, p in model.named_parameters() if n.startswith(("backbone.", "backbone_norm."))}
     out = []
@@ -70,7 +72,9 @@ class ByteLMModule(L.LightningModule):
         self._drop_grads = False
         # read by Lightning's ThroughputMonitor for flops/s and MFU (bytelm.lit.throughput)
         self.flops_per_batch = flops_per_batch(self.cfg)
-        self._compiled: Any = None  # trainer.compile: the compiled training forward (False: arch not compiled)
+        self._compiled: Any = (
+            None  # trainer.compile: the compiled training forward (False: arch not compiled)
+        )
         self._eager_train_steps = 0
 
     def configure_model(self) -> None:
@@ -84,10 +88,15 @@ class ByteLMModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor], model: Any = None):
         assert self.model is not None, "configure_model() was not called"
-        extra = {k: batch[k] for k in ("patch_end", "context", "probe_blocks", "boundary_only") if k in batch}  # byteify
+        extra = {
+            k: batch[k] for k in ("patch_end", "context", "probe_blocks", "boundary_only") if k in batch
+        }  # byteify
         return (model or self.model)(
-            batch["input_ids"], targets=batch.get("targets"), doc_ids=batch.get("doc_ids"),
-            word_start=batch.get("word_start"), **extra,
+            batch["input_ids"],
+            targets=batch.get("targets"),
+            doc_ids=batch.get("doc_ids"),
+            word_start=batch.get("word_start"),
+            **extra,
         )
 
     def _train_forward(self, batch: dict[str, torch.Tensor]):
@@ -99,7 +108,9 @@ class ByteLMModule(L.LightningModule):
                 from bytelm.models.compile import compile_forward
 
                 assert self.model is not None
-                self._compiled = compile_forward(self.model, self.cfg.model.arch, self.cfg.trainer.compile_backend)
+                self._compiled = compile_forward(
+                    self.model, self.cfg.model.arch, self.cfg.trainer.compile_backend
+                )
                 self._compiled = self._compiled or False
             if self._compiled:
                 return self(batch, model=self._compiled)
@@ -136,7 +147,9 @@ class ByteLMModule(L.LightningModule):
             logs[f"train/{k}"] = v
         if self.cfg.trainer.skip_nonfinite and self._nonfinite(loss):
             return self._skip_step(loss)
-        logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
+        logs["train/lr"] = (
+            self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
+        )
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", ce, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
@@ -149,7 +162,9 @@ class ByteLMModule(L.LightningModule):
         out = self(batch)
         groups = batch.get("group")
         gids = [0] if groups is None else sorted({int(g) for g in groups.tolist()})
-        lp = out.hidden.get("target_logprobs")  # models that score their own targets (byteified: joint symbols)
+        lp = out.hidden.get(
+            "target_logprobs"
+        )  # models that score their own targets (byteified: joint symbols)
         if lp is not None:
             for g in gids:
                 keep = (batch["targets"] >= 0) & (batch["targets"] < 256)
@@ -189,8 +204,13 @@ class ByteLMModule(L.LightningModule):
             assert isinstance(gathered, torch.Tensor)
             t = gathered.sum(0)
         total = t.sum(0)
-        self.log("val/bpb", bits_per_byte(float(total[0]), int(total[1])), prog_bar=True, sync_dist=False,
-                 rank_zero_only=True)
+        self.log(
+            "val/bpb",
+            bits_per_byte(float(total[0]), int(total[1])),
+            prog_bar=True,
+            sync_dist=False,
+            rank_zero_only=True,
+        )
         if len(names) > 1:  # per group and per report set (e.g. per script), averaged over bytes
             dm = getattr(self.trainer, "datamodule", None)
             reports: dict[str, list[int]] = dict(getattr(dm, "val_report_groups", {}) or {})
@@ -225,7 +245,9 @@ class ByteLMModule(L.LightningModule):
         self.log("train/bad_steps", float(self.bad_steps), on_step=True, on_epoch=False)
         limit = self.cfg.trainer.max_bad_steps
         if limit > 0 and self.bad_steps >= limit:
-            raise FloatingPointError(f"{self.bad_steps} non-finite losses (trainer.max_bad_steps={limit}): stopping")
+            raise FloatingPointError(
+                f"{self.bad_steps} non-finite losses (trainer.max_bad_steps={limit}): stopping"
+            )
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         if self.trainer.world_size == 1 and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
@@ -261,7 +283,11 @@ class ByteLMModule(L.LightningModule):
 
         def fn(step: int) -> float:
             return lr_multiplier(
-                step, schedule=o.schedule, warmup=o.warmup_steps, total=total, min_ratio=o.min_lr_ratio,
+                step,
+                schedule=o.schedule,
+                warmup=o.warmup_steps,
+                total=total,
+                min_ratio=o.min_lr_ratio,
                 decay_fraction=o.decay_fraction,
             )
 
@@ -269,7 +295,9 @@ class ByteLMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _cpu_adam_wanted(self) -> bool:
-        if not (self.cfg.strategy.offload_optimizer and torch.cuda.is_available() and self._trainer is not None):
+        if not (
+            self.cfg.strategy.offload_optimizer and torch.cuda.is_available() and self._trainer is not None
+        ):
             return False
         from lightning.pytorch.strategies import DeepSpeedStrategy
 

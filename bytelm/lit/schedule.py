@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_multiplier(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float, decay_fraction: float) -> float:
+def lr_multiplier(
+    step: int, *, schedule: str, warmup: int, total: int, min_ratio: float, decay_fraction: float
+) -> float:
     """Multiplier of the peak LR at optimizer step ``step`` (0-based).
 
     cosine: linear warmup, then cosine from 1 to ``min_ratio`` at ``total``.

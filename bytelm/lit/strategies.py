@@ -41,8 +41,20 @@ log = logging.getLogger(__name__)
 
 # nn.init functions a model's init_weights may call; sharded_init gathers the parameter around each call
 _INIT_FNS = (
-    "normal_", "uniform_", "ones_", "zeros_", "constant_", "trunc_normal_", "xavier_uniform_",
-    "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "eye_", "dirac_", "sparse_",
+    "normal_",
+    "uniform_",
+    "ones_",
+    "zeros_",
+    "constant_",
+    "trunc_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "eye_",
+    "dirac_",
+    "sparse_",
 )
 
 
@@ -144,8 +156,12 @@ class CPUDeepSpeedStrategy(BytelmDeepSpeedStrategy):
         params = filter(lambda p: p.requires_grad, model.parameters())
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self.local_rank),  # cpu has no device index
-            config=self.config, model=model, model_parameters=params, optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False,
+            config=self.config,
+            model=model,
+            model_parameters=params,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
         )
         return engine, ds_optimizer
 
@@ -165,19 +181,23 @@ def _deepspeed_strategy(cfg: Config, stage: int) -> DeepSpeedStrategy:
     s = cfg.strategy
     gpu = on_cuda(cfg)
     cls = BytelmDeepSpeedStrategy if gpu else CPUDeepSpeedStrategy
-    strategy = cls(**{
-        "stage": stage,
-        "offload_optimizer": s.offload_optimizer,
-        "offload_parameters": s.offload_params and stage == 3,
-        "allgather_bucket_size": s.allgather_bucket_size,
-        "reduce_bucket_size": s.reduce_bucket_size,
-        "overlap_comm": s.overlap_comm and gpu,
-        "contiguous_gradients": gpu,
-        "logging_batch_size_per_gpu": cfg.data.batch_size,
-        "process_group_backend": "nccl" if gpu else "gloo",
-        "timeout": collective_timeout(cfg),
-        **dict(s.kwargs),  # any other DeepSpeedStrategy argument (strategy.kwargs), winning over the above
-    })
+    strategy = cls(
+        **{
+            "stage": stage,
+            "offload_optimizer": s.offload_optimizer,
+            "offload_parameters": s.offload_params and stage == 3,
+            "allgather_bucket_size": s.allgather_bucket_size,
+            "reduce_bucket_size": s.reduce_bucket_size,
+            "overlap_comm": s.overlap_comm and gpu,
+            "contiguous_gradients": gpu,
+            "logging_batch_size_per_gpu": cfg.data.batch_size,
+            "process_group_backend": "nccl" if gpu else "gloo",
+            "timeout": collective_timeout(cfg),
+            **dict(
+                s.kwargs
+            ),  # any other DeepSpeedStrategy argument (strategy.kwargs), winning over the above
+        }
+    )
     assert isinstance(strategy.config, dict)
     # bytelm passes a torch optimizer (configure_optimizers); with optimizer offload on CPU-only machines
     # DeepSpeed would otherwise insist on its compiled CPU Adam
@@ -202,12 +222,16 @@ class FSDP2Strategy(_AtomicFolderSave, ModelParallelStrategy):
 
 
 def _fsdp2_strategy(cfg: Config) -> ModelParallelStrategy:
-    return FSDP2Strategy(**{
-        "data_parallel_size": "auto", "tensor_parallel_size": "auto", "save_distributed_checkpoint": True,
-        "process_group_backend": "nccl" if on_cuda(cfg) else "gloo",
-        "timeout": collective_timeout(cfg),
-        **dict(cfg.strategy.kwargs),  # any other ModelParallelStrategy argument (strategy.kwargs)
-    })
+    return FSDP2Strategy(
+        **{
+            "data_parallel_size": "auto",
+            "tensor_parallel_size": "auto",
+            "save_distributed_checkpoint": True,
+            "process_group_backend": "nccl" if on_cuda(cfg) else "gloo",
+            "timeout": collective_timeout(cfg),
+            **dict(cfg.strategy.kwargs),  # any other ModelParallelStrategy argument (strategy.kwargs)
+        }
+    )
 
 
 def make_strategy(cfg: Config) -> Any:
@@ -296,7 +320,9 @@ def sharded_init(kind: str) -> Iterator[None]:
             setattr(nn.init, n, f)
 
 
-def shard_blocks(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> int:
+def shard_blocks(
+    model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True
+) -> int:
     """``fully_shard`` every transformer ``Block`` (flat ``blocks``; hierarchical encoder/backbone/decoder),
     then the root. Returns the number of blocks sharded."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -334,7 +360,12 @@ def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
 
         fill_source_fields(cfg)
     deferred = kind == "zero3" or (kind == "fsdp2" and cfg.strategy.deferred_init)
-    if cfg.model.arch in ("flat", "hierarchical", "mrt5", "byteified"):  # import outside the meta-device context below:
+    if cfg.model.arch in (
+        "flat",
+        "hierarchical",
+        "mrt5",
+        "byteified",
+    ):  # import outside the meta-device context below:
         importlib.import_module(f"bytelm.models.{cfg.model.arch}")  # module-level tensors need real data
     with torch.random.fork_rng(devices=[]):  # constructor's default inits: not part of the seeded stream
         if kind == "fsdp2" and deferred:
@@ -345,7 +376,9 @@ def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
     if kind == "fsdp2":
         precision = str(strategy.precision_plugin.precision) if strategy.precision_plugin else "32-true"
         n = shard_blocks(
-            model, strategy.device_mesh["data_parallel"], fsdp2_mp_policy(cfg, precision),
+            model,
+            strategy.device_mesh["data_parallel"],
+            fsdp2_mp_policy(cfg, precision),
             cfg.strategy.reshard_after_forward,
         )
         log.info("fsdp2: sharded %d blocks + root", n)
@@ -353,7 +386,9 @@ def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
             model.to_empty(device=strategy.root_device)
     with sharded_init(kind):
         model.init_weights()  # type: ignore[operator]
-    if cfg.model.arch == "byteified":  # the source model's blocks, embeddings and vocabulary (or a stage-1 run)
+    if (
+        cfg.model.arch == "byteified"
+    ):  # the source model's blocks, embeddings and vocabulary (or a stage-1 run)
         from bytelm.distill.byteify import init_from_checkpoint, load_tensors, set_trainable, source_tensors
 
         load_tensors(model, source_tensors(cfg), kind if kind != "plain" else "plain")

@@ -42,8 +42,9 @@ class TrainThroughputMonitor(ThroughputMonitor):
     ``bytelm.eval.curves`` reads; validation is still timed, so its time stays out of ``train/time``."""
 
     @rank_zero_only
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any,
-                                **kwargs: Any) -> None:
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any, **kwargs: Any
+    ) -> None:
         if not trainer.sanity_checking:
             self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
 

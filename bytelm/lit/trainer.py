@@ -51,8 +51,14 @@ def logger_arguments(cfg: Config) -> dict[str, Any]:
         else:
             offline = lc.offline
         # W&B logs from rank 0 only (Lightning loggers are rank-zero)
-        return {"project": lc.project, "name": lc.run_name or cfg.name, "group": lc.group, "tags": list(lc.tags),
-                "save_dir": out, "offline": offline}
+        return {
+            "project": lc.project,
+            "name": lc.run_name or cfg.name,
+            "group": lc.group,
+            "tags": list(lc.tags),
+            "save_dir": out,
+            "offline": offline,
+        }
     return {}  # custom: everything comes from logger.kwargs
 
 
@@ -66,8 +72,10 @@ def build_logger(cfg: Config) -> Any:
         return False
     target = lc._target_ or LOGGER_CLASSES.get(lc.kind, "")
     if not target:
-        raise ValueError("logger.kind=custom needs logger._target_ (a Lightning logger class, e.g. "
-                         "lightning.pytorch.loggers.MLFlowLogger) and its arguments in +logger.kwargs.*")
+        raise ValueError(
+            "logger.kind=custom needs logger._target_ (a Lightning logger class, e.g. "
+            "lightning.pytorch.loggers.MLFlowLogger) and its arguments in +logger.kwargs.*"
+        )
     args = {**logger_arguments(cfg), **dict(lc.kwargs)}
     try:
         logger = instantiate({"_target_": target, "_convert_": "all", **args})
@@ -84,18 +92,22 @@ def build_strategy(cfg: Config) -> Any:
     name = cfg.strategy.name
     if name == "single":
         if cfg.strategy.kwargs:
-            raise ValueError(f"strategy.kwargs {sorted(cfg.strategy.kwargs)} need a strategy class; strategy=single "
-                             "uses Lightning's default (pick ddp, deepspeed_zero1|2|3 or fsdp2)")
+            raise ValueError(
+                f"strategy.kwargs {sorted(cfg.strategy.kwargs)} need a strategy class; strategy=single "
+                "uses Lightning's default (pick ddp, deepspeed_zero1|2|3 or fsdp2)"
+            )
         return "auto"
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(**{
-            "process_group_backend": "nccl" if torch.cuda.is_available() else "gloo",
-            "find_unused_parameters": cfg.strategy.find_unused_parameters,
-            "timeout": collective_timeout(cfg),
-            **dict(cfg.strategy.kwargs),
-        })
+        return DDPStrategy(
+            **{
+                "process_group_backend": "nccl" if torch.cuda.is_available() else "gloo",
+                "find_unused_parameters": cfg.strategy.find_unused_parameters,
+                "timeout": collective_timeout(cfg),
+                **dict(cfg.strategy.kwargs),
+            }
+        )
     try:
         from bytelm.lit.strategies import make_strategy
     except ImportError as e:  # pragma: no cover - the module ships with bytelm
@@ -119,8 +131,13 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     from bytelm.lit.throughput import throughput_monitor
 
     ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first
-        dirpath=str(out / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=t.ckpt_every, save_top_k=t.keep_last, monitor="step", mode="max",
+        dirpath=str(out / "checkpoints"),
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.ckpt_every,
+        save_top_k=t.keep_last,
+        monitor="step",
+        mode="max",
         save_last=t.save_last,
         # last.ckpt is overwritten, never versioned: after RequeueOnSignal wrote it, Lightning's save of "last" at
         # the stop would otherwise go to last-v1.ckpt (and ckpt_path=last resume from that, not last.ckpt)
@@ -128,8 +145,12 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     )
     from bytelm.lit.data import DataStatsCallback
 
-    cbs: list[Any] = [ckpt, throughput_monitor(), DataStatsCallback(every=max(1, t.log_every)),
-                      StopOnSignal(grace_s=t.stop_grace_s)]
+    cbs: list[Any] = [
+        ckpt,
+        throughput_monitor(),
+        DataStatsCallback(every=max(1, t.log_every)),
+        StopOnSignal(grace_s=t.stop_grace_s),
+    ]
     if t.save_last:
         cbs.append(SaveLastOnEnd(out / "checkpoints"))
     plugins: list[Any] = [AtomicCheckpointIO()]
@@ -147,15 +168,26 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
         cbs.append(LearningRateMonitor(logging_interval="step"))
     cbs.extend(callbacks or [])
     kwargs: dict[str, Any] = dict(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps,
-        val_check_interval=t.val_every, check_val_every_n_epoch=None, log_every_n_steps=t.log_every,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision, t.accelerator),
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every,
         gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
-        accumulate_grad_batches=t.accumulate, logger=logger, callbacks=cbs,
-        enable_progress_bar=t.progress, default_root_dir=str(out), use_distributed_sampler=False,
-        strategy=build_strategy(cfg), num_sanity_val_steps=0, max_time=t.max_time,
-        enable_model_summary=t.progress, plugins=plugins,
+        accumulate_grad_batches=t.accumulate,
+        logger=logger,
+        callbacks=cbs,
+        enable_progress_bar=t.progress,
+        default_root_dir=str(out),
+        use_distributed_sampler=False,
+        strategy=build_strategy(cfg),
+        num_sanity_val_steps=0,
+        max_time=t.max_time,
+        enable_model_summary=t.progress,
+        plugins=plugins,
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
-

@@ -190,7 +190,9 @@ def _log_once(level: int, msg: str) -> None:
     log.log(level, msg)
 
 
-def choose_backend(requested: str | Backend, n: Needs, *, fallback: bool = False, stack: str = "attention") -> Backend:
+def choose_backend(
+    requested: str | Backend, n: Needs, *, fallback: bool = False, stack: str = "attention"
+) -> Backend:
     """The backend that runs ``n``: ``auto``'s choice, or the requested one; raises
     :class:`AttentionBackendError` if the requested one cannot run it, unless ``fallback``."""
     b = parse_backend(requested)
@@ -207,8 +209,11 @@ def choose_backend(requested: str | Backend, n: Needs, *, fallback: bool = False
             f"model.attn_fallback=true to let auto choose where {b.value} cannot run"
         )
     choice, _ = auto_backend(n)
-    _log_once(logging.WARNING, f"attention backend {b.value} cannot run the {stack} ({reason}); "
-                               f"model.attn_fallback=true: using {choice.value}")
+    _log_once(
+        logging.WARNING,
+        f"attention backend {b.value} cannot run the {stack} ({reason}); "
+        f"model.attn_fallback=true: using {choice.value}",
+    )
     return choice
 
 
@@ -259,9 +264,18 @@ def stack_meta(
     B, tq = x.shape[0], x.shape[1]
     grad = torch.is_grad_enabled() and (x.requires_grad or (key_bias is not None and key_bias.requires_grad))
     n = Needs(
-        device=x.device.type, dtype=compute_dtype(x), grad=grad, causal=causal, tq=tq,
-        tk=q_offset + tq if tk is None else tk, q_offset=q_offset, window=window, docs=doc_ids is not None,
-        key_bias=key_bias is not None, key_mask=key_mask is not None, null_key=null_key,
+        device=x.device.type,
+        dtype=compute_dtype(x),
+        grad=grad,
+        causal=causal,
+        tq=tq,
+        tk=q_offset + tq if tk is None else tk,
+        q_offset=q_offset,
+        window=window,
+        docs=doc_ids is not None,
+        key_bias=key_bias is not None,
+        key_mask=key_mask is not None,
+        null_key=null_key,
     )
     b = choose_backend(backend, n, fallback=fallback, stack=stack)
     meta = AttnMeta(b, causal=causal, window=window, null_key=null_key)
@@ -270,16 +284,29 @@ def stack_meta(
             meta.cu_seqlens, meta.max_seqlen = varlen_info(doc_ids)
     elif b is Backend.FLEX:
         if causal or window or doc_ids is not None or key_mask is not None:
-            mod = flex_mask_mod(causal=causal, q_offset=q_offset, window=window, doc_ids=doc_ids, key_mask=key_mask)
+            mod = flex_mask_mod(
+                causal=causal, q_offset=q_offset, window=window, doc_ids=doc_ids, key_mask=key_mask
+            )
             meta.block_mask = make_block_mask(mod, B, n.tq, n.tk, x.device)
         meta.key_bias = key_bias
     else:
         plan = _sdpa_plan(n)
         meta.sdpa_causal = plan == "causal"
         if plan == "mask":
-            meta.mask = sdpa_mask(B, n.tq, n.tk, dtype=n.dtype, device=x.device, causal=causal, q_offset=q_offset,
-                                  window=window, doc_ids=doc_ids, key_bias=key_bias, key_mask=key_mask,
-                                  null_key=null_key)
+            meta.mask = sdpa_mask(
+                B,
+                n.tq,
+                n.tk,
+                dtype=n.dtype,
+                device=x.device,
+                causal=causal,
+                q_offset=q_offset,
+                window=window,
+                doc_ids=doc_ids,
+                key_bias=key_bias,
+                key_mask=key_mask,
+                null_key=null_key,
+            )
     return meta
 
 
@@ -312,14 +339,23 @@ def _flash(q, k, v, meta: AttnMeta) -> torch.Tensor:
     KV, tk = k.shape[1], k.shape[2]
     w = meta.window
     ws = (w - 1, 0 if meta.causal else w - 1) if w > 0 else (-1, -1)
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H|KV, hd); flash takes KV < H heads as they are
+    qt, kt, vt = (
+        t.transpose(1, 2) for t in (q, k, v)
+    )  # (B, T, H|KV, hd); flash takes KV < H heads as they are
     if meta.cu_seqlens is None:
         out = kern.func(qt, kt, vt, causal=meta.causal, window_size=ws)
     else:
         cu, m = meta.cu_seqlens, meta.max_seqlen
         out = kern.varlen_func(
-            qt.reshape(B * tq, H, hd), kt.reshape(B * tk, KV, hd), vt.reshape(B * tk, KV, hd), cu, cu, m, m,
-            causal=meta.causal, window_size=ws,
+            qt.reshape(B * tq, H, hd),
+            kt.reshape(B * tk, KV, hd),
+            vt.reshape(B * tk, KV, hd),
+            cu,
+            cu,
+            m,
+            m,
+            causal=meta.causal,
+            window_size=ws,
         ).view(B, tq, H, hd)
     return out.transpose(1, 2)
 
@@ -345,14 +381,19 @@ def _flex(q, k, v, meta: AttnMeta) -> torch.Tensor:
     bias = meta.key_bias
     score_mod = None
     if bias is not None:
+
         def score_mod(score, b, h, qi, kj):
             return score + bias[b, kj]
 
-    kw: dict[str, Any] = dict(score_mod=score_mod, block_mask=meta.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    kw: dict[str, Any] = dict(
+        score_mod=score_mod, block_mask=meta.block_mask, enable_gqa=k.shape[1] != q.shape[1]
+    )
     if not meta.null_key:
         return fn(q, k, v, **kw)
     out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
-    return out * torch.sigmoid(aux.lse.float()).unsqueeze(-1).to(out.dtype)  # S / (S + 1): the null key's share
+    return out * torch.sigmoid(aux.lse.float()).unsqueeze(-1).to(
+        out.dtype
+    )  # S / (S + 1): the null key's share
 
 
 def attend(
@@ -375,8 +416,17 @@ def attend(
     call and its metadata is built here (one-off calls and tests; models build it once per stack)."""
     if meta is None:
         meta = stack_meta(
-            q.transpose(1, 2), backend, fallback=fallback, causal=causal, q_offset=q_offset, tk=k.shape[2],
-            doc_ids=doc_ids, key_bias=key_bias, key_mask=key_mask, window=window, null_key=null_key,
+            q.transpose(1, 2),
+            backend,
+            fallback=fallback,
+            causal=causal,
+            q_offset=q_offset,
+            tk=k.shape[2],
+            doc_ids=doc_ids,
+            key_bias=key_bias,
+            key_mask=key_mask,
+            window=window,
+            null_key=null_key,
         )
     if meta.backend is Backend.FLASH:
         return _flash(q, k, v, meta)

@@ -80,8 +80,14 @@ def make_block_mask(mask_mod: Callable[..., Any], B: int, tq: int, tk: int, devi
     return fn(mask_mod, B, None, tq, tk, device=device)
 
 
-def flex_mask_mod(*, causal: bool, q_offset: int = 0, window: int = 0, doc_ids: torch.Tensor | None = None,
-                  key_mask: torch.Tensor | None = None) -> Callable[..., Any]:
+def flex_mask_mod(
+    *,
+    causal: bool,
+    q_offset: int = 0,
+    window: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> Callable[..., Any]:
     """flex ``mask_mod``: query i at position ``q_offset + i`` may see key j (causal, window, same document,
     not padding)."""
     km = key_mask.bool() if key_mask is not None else None
@@ -102,14 +108,33 @@ def flex_mask_mod(*, causal: bool, q_offset: int = 0, window: int = 0, doc_ids: 
     return mask_mod
 
 
-def sdpa_mask(B: int, tq: int, tk: int, *, dtype: torch.dtype, device: torch.device, causal: bool,
-              q_offset: int = 0, window: int = 0, doc_ids: torch.Tensor | None = None,
-              key_bias: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-              null_key: bool = False) -> torch.Tensor | None:
+def sdpa_mask(
+    B: int,
+    tq: int,
+    tk: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    causal: bool,
+    q_offset: int = 0,
+    window: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    null_key: bool = False,
+) -> torch.Tensor | None:
     """SDPA's additive float mask, (B|1, 1, Tq|1, Tk[+1]) (0 = may attend, NEG_INF = may not, plus the per-key
     bias; +1 column: the null key, score 0 for every query), or None."""
-    allowed = build_mask(tq, tk, device=device, causal=causal, q_offset=q_offset, doc_ids=doc_ids,
-                         key_mask=key_mask, window=window)
+    allowed = build_mask(
+        tq,
+        tk,
+        device=device,
+        causal=causal,
+        q_offset=q_offset,
+        doc_ids=doc_ids,
+        key_mask=key_mask,
+        window=window,
+    )
     bias = key_bias.to(dtype).view(B, 1, 1, tk) if key_bias is not None else None  # (B, 1, 1, Tk)
     if allowed is not None:
         base = bias if bias is not None else torch.zeros((), dtype=dtype, device=device)

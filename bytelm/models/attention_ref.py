@@ -18,8 +18,14 @@ import torch.nn.functional as F
 from bytelm.models.attention import FlashKernels
 
 
-def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: tuple[int, int],
-             scale: float | None) -> torch.Tensor:
+def _segment(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    window: tuple[int, int],
+    scale: float | None,
+) -> torch.Tensor:
     """One segment: q (Lq, H, hd), k/v (Lk, KV, hd) -> (Lq, H, hd)."""
     H, KV = q.shape[1], k.shape[1]
     qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))  # (H|KV, L, hd)
@@ -43,16 +49,37 @@ def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, wi
     return out.transpose(0, 1)
 
 
-def ref_flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-                        window_size: tuple[int, int] = (-1, -1), **_: object) -> torch.Tensor:
+def ref_flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    **_: object,
+) -> torch.Tensor:
     """flash_attn_func: (B, Lq, H, hd), (B, Lk, KV, hd) -> (B, Lq, H, hd), row by row."""
     assert dropout_p == 0.0
-    return torch.stack([_segment(q[b], k[b], v[b], causal, window_size, softmax_scale) for b in range(q.shape[0])])
+    return torch.stack(
+        [_segment(q[b], k[b], v[b], causal, window_size, softmax_scale) for b in range(q.shape[0])]
+    )
 
 
-def ref_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                               dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-                               window_size: tuple[int, int] = (-1, -1), **_: object) -> torch.Tensor:
+def ref_flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    **_: object,
+) -> torch.Tensor:
     """flash_attn_varlen_func: (Nq, H, hd), (Nk, KV, hd) packed segments -> (Nq, H, hd), segment by segment."""
     assert dropout_p == 0.0
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -65,6 +92,8 @@ def ref_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
 
 REFERENCE = FlashKernels(
-    ref_flash_attn_func, ref_flash_attn_varlen_func, devices=("cpu", "cuda"),
+    ref_flash_attn_func,
+    ref_flash_attn_varlen_func,
+    devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
 )

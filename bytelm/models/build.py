@@ -18,7 +18,10 @@ def build_model(cfg: ModelConfig, init: bool = True) -> nn.Module:
     """Construct the model named by ``cfg.arch``; ``init=False`` leaves weights for the caller to init
     (meta-device / sharded construction)."""
     classes: dict[str, type[nn.Module]] = {
-        "flat": FlatByteLM, "hierarchical": HierarchicalByteLM, "mrt5": MrT5, "byteified": ByteifiedLM,
+        "flat": FlatByteLM,
+        "hierarchical": HierarchicalByteLM,
+        "mrt5": MrT5,
+        "byteified": ByteifiedLM,
     }
     if cfg.arch not in classes:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; choose one of {ARCHS}")

@@ -26,7 +26,9 @@ import torch
 from bytelm.models.vocab_trie import VocabTrie
 
 PRIOR_FLOOR = -30.0  # log-prior of symbols the source calls impossible (keeps every logit finite)
-SPECIAL_LOGP = -12.0  # log-prior of (BOS/EOS/PAD, ends): ~1e-5 of the mass, so step 0 stays at the source's bpb
+SPECIAL_LOGP = (
+    -12.0
+)  # log-prior of (BOS/EOS/PAD, ends): ~1e-5 of the mass, so step 0 stays at the source's bpb
 
 
 def prior_cumsum(trie: VocabTrie, head: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,9 @@ def prior_cumsum(trie: VocabTrie, head: torch.Tensor, table: torch.Tensor) -> to
     R x V' numbers instead of the whole V x D head."""
     with torch.no_grad():
         order = trie.order.to(table.device)
-        logits = (table.detach().float() @ head.float().t()).index_select(1, order)  # (R, V') byte-spelled tokens
+        logits = (table.detach().float() @ head.float().t()).index_select(
+            1, order
+        )  # (R, V') byte-spelled tokens
         p = torch.softmax(logits, -1)
         return torch.nn.functional.pad(p.cumsum(1, dtype=torch.float64), (1, 0))
 
@@ -77,7 +81,8 @@ def fused_log_prior(
 ) -> torch.Tensor:  # (M, 2V) log-probs
     """The prior for M queries: one head matmul per context row that a query reads."""
     if rows.shape[0] == 0:
-        return fused_from_cumsum(trie, torch.zeros(0, 1, dtype=torch.float64, device=table.device), rows, nodes,
-                                 vocab_size)
+        return fused_from_cumsum(
+            trie, torch.zeros(0, 1, dtype=torch.float64, device=table.device), rows, nodes, vocab_size
+        )
     used, r_of = torch.unique(rows, return_inverse=True)
     return fused_from_cumsum(trie, prior_cumsum(trie, head, table[used]), r_of, nodes, vocab_size)

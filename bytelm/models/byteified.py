@@ -56,9 +56,18 @@ from bytelm.models.layers import RMSNorm
 from bytelm.models.vocab_trie import VocabTrie
 from bytelm.models.word_layout import LastPooling, layout_words
 
-__all__ = ["PRIOR_FLOOR", "SPECIAL_LOGP", "BoundaryPredictor", "ByteifiedLM", "fused_marginal", "joint_logprobs"]
+__all__ = [
+    "PRIOR_FLOOR",
+    "SPECIAL_LOGP",
+    "BoundaryPredictor",
+    "ByteifiedLM",
+    "fused_marginal",
+    "joint_logprobs",
+]
 
-IGNORE = -100  # target id that is not scored (bytelm.data.packed.IGNORE; not imported: exports ship this file)
+IGNORE = (
+    -100
+)  # target id that is not scored (bytelm.data.packed.IGNORE; not imported: exports ship this file)
 SINK_MASKED = -2  # word-doc id of a masked sink: no patch attends to it
 MASKED = -1e4  # logit of a symbol a rule forbids (the "continues" half where the size cap ends the patch)
 
@@ -76,7 +85,9 @@ class BoundaryPredictor(nn.Module):
         self.norm = RMSNorm(dim)
         n_in = (1 + lookahead) * dim
         self.mlp: nn.Module = (
-            nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if hidden > 0 else nn.Linear(n_in, 1)
+            nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+            if hidden > 0
+            else nn.Linear(n_in, 1)
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -134,8 +145,10 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
                 "bytelm.distill.byteify.build_byteified, which fills the source fields"
             )
         if cfg.chunker not in ("gate", "words"):
-            raise ValueError(f"model.chunker must be 'gate' (learned boundaries) or 'words' for arch=byteified, "
-                             f"got {cfg.chunker!r}")
+            raise ValueError(
+                f"model.chunker must be 'gate' (learned boundaries) or 'words' for arch=byteified, "
+                f"got {cfg.chunker!r}"
+            )
         base = copy.deepcopy(cfg)
         base.chunker, base.pooling, base.tie_embeddings = "words", "last", False  # the parent builds no gate
         super().__init__(base)
@@ -174,13 +187,19 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
     def set_vocabulary(self, table: list[bytes | None]) -> None:
         """Store the source's token byte strings (``None`` = special, never matched) in the buffers."""
         if len(table) != self.cfg.source_vocab:
-            raise ValueError(f"vocabulary has {len(table)} entries, model.source_vocab is {self.cfg.source_vocab}")
+            raise ValueError(
+                f"vocabulary has {len(table)} entries, model.source_vocab is {self.cfg.source_vocab}"
+            )
         blob = b"".join(t or b"" for t in table)
         if len(blob) != self.cfg.source_vocab_bytes:
-            raise ValueError(f"vocabulary holds {len(blob)} bytes, model.source_vocab_bytes is {self.cfg.source_vocab_bytes}")
+            raise ValueError(
+                f"vocabulary holds {len(blob)} bytes, model.source_vocab_bytes is {self.cfg.source_vocab_bytes}"
+            )
         lens = torch.tensor([len(t or b"") for t in table], dtype=torch.long)
         with torch.no_grad():
-            self.vocab_bytes.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else self.vocab_bytes)
+            self.vocab_bytes.copy_(
+                torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else self.vocab_bytes
+            )
             self.vocab_offsets.zero_()
             self.vocab_offsets[1:] = lens.cumsum(0)
         self._trie = None
@@ -188,7 +207,10 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
     @property
     def trie(self) -> VocabTrie:
         """The vocabulary trie, rebuilt when the buffers change (loading a checkpoint fills them)."""
-        key = (int(self.vocab_offsets[-1]), int(self.vocab_bytes[: 4096].long().sum()) if len(self.vocab_bytes) else 0)
+        key = (
+            int(self.vocab_offsets[-1]),
+            int(self.vocab_bytes[:4096].long().sum()) if len(self.vocab_bytes) else 0,
+        )
         if self._trie is None or key != self._trie_key:
             blob = bytes(self.vocab_bytes.cpu().numpy().tobytes())
             off = self.vocab_offsets.cpu().tolist()
@@ -213,7 +235,9 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
     def expanded_ids(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) longest source token ending at each byte, within its document (-1: none or special)."""
         starts = doc_starts(doc_ids, ids).cpu().tolist()
-        rows = [self.trie.longest_suffix_tokens(r, s) for r, s in zip(ids.cpu().tolist(), starts, strict=True)]
+        rows = [
+            self.trie.longest_suffix_tokens(r, s) for r, s in zip(ids.cpu().tolist(), starts, strict=True)
+        ]
         return torch.tensor(rows, dtype=torch.long, device=ids.device).view_as(ids)
 
     def patch_tokens(self, ids: list[int], starts: list[bool]) -> list[int]:
@@ -222,12 +246,16 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         token, else the patch's longest token suffix (-1: none)."""
         return self.trie.longest_suffix_tokens(ids, starts)
 
-    def patch_vectors(self, h: torch.Tensor, ids: torch.Tensor, last: torch.Tensor,
-                      word_start: torch.Tensor) -> torch.Tensor:
+    def patch_vectors(
+        self, h: torch.Tensor, ids: torch.Tensor, last: torch.Tensor, word_start: torch.Tensor
+    ) -> torch.Tensor:
         """(B, W, D) patch vectors (module docstring); ``last`` (B, W) each patch's last byte."""
         words = self.pool(h, last)
         if self.cfg.patch_token_embed:
-            rows = [self.patch_tokens(i, s) for i, s in zip(ids.cpu().tolist(), word_start.cpu().tolist(), strict=True)]
+            rows = [
+                self.patch_tokens(i, s)
+                for i, s in zip(ids.cpu().tolist(), word_start.cpu().tolist(), strict=True)
+            ]
             tok = torch.tensor(rows, dtype=torch.long, device=ids.device).gather(1, last.cpu()).to(ids.device)
             base = self.source_embed(tok.clamp(min=0)) * (tok >= 0).unsqueeze(-1).to(words.dtype)
             words = words + base.to(words.dtype)
@@ -241,8 +269,9 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
     def prior(self, table: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """(..., 2V) exact (byte, bit) log-prior: ``rows`` index the context vectors ``table`` (R, D), ``nodes``
         (same shape) the trie node of the open patch's bytes (``bytelm.models.byte_prior``)."""
-        flat = fused_log_prior(self.trie, self.head_weight(), table, rows.reshape(-1), nodes.reshape(-1),
-                               self.cfg.vocab_size)
+        flat = fused_log_prior(
+            self.trie, self.head_weight(), table, rows.reshape(-1), nodes.reshape(-1), self.cfg.vocab_size
+        )
         return flat.view(*nodes.shape, -1)
 
     def open_nodes(self, ids: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:
@@ -256,7 +285,9 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         cap = self.cfg.max_word_bytes
         if not cap or cap <= 0:
             return torch.zeros_like(closed)
-        nxt_len = torch.where(closed, torch.ones_like(word_start, dtype=torch.long), run_lengths(word_start) + 1)
+        nxt_len = torch.where(
+            closed, torch.ones_like(word_start, dtype=torch.long), run_lengths(word_start) + 1
+        )
         return nxt_len >= cap
 
     def fuse(self, residual: torch.Tensor, prior: torch.Tensor | None, forced: torch.Tensor) -> torch.Tensor:
@@ -268,8 +299,9 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
 
     # -- segmentation --------------------------------------------------------------------------------------
 
-    def segment(self, input_ids: torch.Tensor, h: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def segment(
+        self, input_ids: torch.Tensor, h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Patch ends chosen by the model's own segmenter: ``(ends (B, T) bool, boundary logits or None)``.
         ``chunker=gate``: boundary logit > ``boundary_threshold`` (needs the encoder states ``h``; computed when
         not given); ``words``: the last byte of every HAT word."""
@@ -281,14 +313,20 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         b_logits = self.boundary(h)
         return b_logits.detach() > self.cfg.boundary_threshold, b_logits
 
-    def encode(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-               expanded: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        expanded: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T, d) encoder states."""
         cos, sin = self._byte_rope(torch.arange(input_ids.shape[1], device=input_ids.device))
         if expanded is None:
             expanded = self.expanded_ids(input_ids, doc_ids)
         x = self.embed_bytes(input_ids, expanded)
-        return self._run(self.encoder, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window)
+        return self._run(
+            self.encoder, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window
+        )
 
     def _boundary_only(self, ids: torch.Tensor, h: torch.Tensor, ends: torch.Tensor | None) -> ModelOutput:
         """The boundary phase's forward: no backbone, no decoder; ``loss`` = BCE of the boundary logits against
@@ -308,7 +346,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         targets: torch.Tensor | None = None,  # (B, T) next ids (IGNORE where none): adds the joint loss
         doc_ids: torch.Tensor | None = None,  # (B, T)
         patch_end: torch.Tensor | None = None,  # (B, T) bool: given patch ends (the tokenizer's token ends)
-        context: torch.Tensor | None = None,  # (B, T, D): teacher final hidden at each patch's last byte (stage 1)
+        context: torch.Tensor
+        | None = None,  # (B, T, D): teacher final hidden at each patch's last byte (stage 1)
         probe_blocks: int = 0,  # > 0: also run the patch vectors through this many blocks (hidden["probe"])
         expanded: torch.Tensor | None = None,  # (B, T) precomputed expanded ids
         cache: object | None = None,
@@ -335,16 +374,26 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         lay = layout_words(input_ids, word_start, doc_ids, closed)  # every patch is ready at its last byte
         W = lay.start.shape[1]
         last = (lay.end - 1).clamp(0, T - 1)  # (B, W)
-        words = torch.cat([self.sink(B, h.dtype), self.patch_vectors(h, input_ids, last, word_start)], 1)  # (B, W+1, D)
+        words = torch.cat(
+            [self.sink(B, h.dtype), self.patch_vectors(h, input_ids, last, word_start)], 1
+        )  # (B, W+1, D)
         sink_doc = torch.where(input_ids[:, :1] >= 256, SINK_MASKED, 0 if doc_ids is None else doc_ids[:, :1])
-        word_doc = lay.word_doc if lay.word_doc is not None else torch.zeros(B, W, dtype=torch.long, device=dev)
+        word_doc = (
+            lay.word_doc if lay.word_doc is not None else torch.zeros(B, W, dtype=torch.long, device=dev)
+        )
         word_doc = torch.cat([sink_doc, word_doc], 1)  # (B, W+1)
-        hidden: dict[str, torch.Tensor] = {"patch_last": last, "word_end": lay.end, "word_start": lay.start,
-                                           "closed": closed}
+        hidden: dict[str, torch.Tensor] = {
+            "patch_last": last,
+            "word_end": lay.end,
+            "word_start": lay.start,
+            "closed": closed,
+        }
         if b_logits is not None:
             hidden["boundary_logits"] = b_logits
         if probe_blocks > 0:
-            hidden["probe"] = self.run_backbone(words, doc_ids=word_doc, n_blocks=probe_blocks, norm=False)[:, 1:]
+            hidden["probe"] = self.run_backbone(words, doc_ids=word_doc, n_blocks=probe_blocks, norm=False)[
+                :, 1:
+            ]
         if context is None:
             z = self.run_backbone(words, doc_ids=word_doc)  # (B, W+1, D)
         else:
@@ -352,13 +401,21 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
             zc = context.gather(1, last.unsqueeze(-1).expand(-1, -1, context.shape[-1])).to(z_sink.dtype)
             z = torch.cat([z_sink, zc], 1)
         hidden["words"] = z[:, 1:]
-        inject = [p(z).gather(1, lay.ctx_idx.unsqueeze(-1).expand(-1, -1, self.cfg.d_byte)) for p in self.ctx_proj]
-        y = self._run(self.decoder, h, cos, sin, inject=inject, stack="byte decoder", doc_ids=doc_ids)  # (B, T, d)
+        inject = [
+            p(z).gather(1, lay.ctx_idx.unsqueeze(-1).expand(-1, -1, self.cfg.d_byte)) for p in self.ctx_proj
+        ]
+        y = self._run(
+            self.decoder, h, cos, sin, inject=inject, stack="byte decoder", doc_ids=doc_ids
+        )  # (B, T, d)
         prior = None
         if self.cfg.lm_prior:
-            rows = lay.ctx_idx + torch.arange(B, device=dev).unsqueeze(1) * (W + 1)  # (B, T) into z.flatten(0, 1)
+            rows = lay.ctx_idx + torch.arange(B, device=dev).unsqueeze(1) * (
+                W + 1
+            )  # (B, T) into z.flatten(0, 1)
             prior = self.prior(z.flatten(0, 1), rows, self.open_nodes(input_ids, closed))
-        logits = self.fuse(self.lm_head(self.norm(y)), prior, self.forced_end(closed, word_start))  # (B, T, 2V)
+        logits = self.fuse(
+            self.lm_head(self.norm(y)), prior, self.forced_end(closed, word_start)
+        )  # (B, T, 2V)
         real = input_ids != PAD_ID
         metrics: dict[str, torch.Tensor | float] = {
             "bytes_per_word": (real.sum() / (word_start & real).sum().clamp_min(1)).detach(),
@@ -375,7 +432,9 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         return ModelOutput(logits=logits, loss=loss, metrics=metrics, hidden=hidden)
 
 
-def _boundary_bce(b_logits: torch.Tensor, ids: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _boundary_bce(
+    b_logits: torch.Tensor, ids: torch.Tensor, ends: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean BCE of boundary logits against given ends over real bytes but each row's last, and that mask."""
     mask = ids < 256
     mask[:, -1] = False  # the row's last byte has no next byte to look at
@@ -388,4 +447,3 @@ def fused_marginal(logits: torch.Tensor) -> torch.Tensor:
     (its bit then follows from the conditional). Never for scoring a text whose bits a segmenter chose."""
     V = logits.shape[-1] // 2
     return torch.logaddexp(logits[..., :V].float(), logits[..., V:].float())
-

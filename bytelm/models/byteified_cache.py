@@ -41,7 +41,9 @@ class ByteifiedCache:
     last_h: torch.Tensor | None = None  # (d,) encoder state of the open patch's latest byte
     n_words: int = 0  # backbone positions used (sink included)
     ctx: torch.Tensor | None = None  # (1, D) backbone output of the latest closed patch
-    ctx_cum: torch.Tensor | None = None  # (1, V'+1) its head's prefix sums (prior_cumsum): one matmul per patch
+    ctx_cum: torch.Tensor | None = (
+        None  # (1, V'+1) its head's prefix sums (prior_cumsum): one matmul per patch
+    )
     node: int = 0  # trie node of the open patch's bytes (VocabTrie.open_nodes)
     seg_start: int = 0  # start of the current segment (after the latest special), for expanded ids
     last_logits: torch.Tensor | None = None  # (2V,) fused logits of the latest position
@@ -58,8 +60,11 @@ class ByteifiedDecoding:
 
     def new_cache(self) -> ByteifiedCache:
         m: Any = self
-        return ByteifiedCache(enc=[KVCache() for _ in m.encoder], backbone=[KVCache() for _ in m.backbone],
-                              dec=[KVCache() for _ in m.decoder])
+        return ByteifiedCache(
+            enc=[KVCache() for _ in m.encoder],
+            backbone=[KVCache() for _ in m.backbone],
+            dec=[KVCache() for _ in m.decoder],
+        )
 
     def preferred_bit(self, logits: torch.Tensor | None, byte: int) -> bool:
         """The bit the fused head prefers for ``byte`` after the position that gave ``logits`` (2V,)."""
@@ -85,8 +90,13 @@ class ByteifiedDecoding:
         return bits
 
     @torch.no_grad()
-    def _forward_cached(self, new_ids: torch.Tensor, cache: ByteifiedCache,
-                        patch_end: torch.Tensor | None = None, causal: bool = False) -> ModelOutput:
+    def _forward_cached(
+        self,
+        new_ids: torch.Tensor,
+        cache: ByteifiedCache,
+        patch_end: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> ModelOutput:
         """Feed ``new_ids`` (1, n) after everything in ``cache``; returns their fused logits (1, n, 2V).
         ``causal``: every byte fed without a bit takes the head's preferred bit (no segmenter at all; the
         byte marginals of the result are then an honest causal byte distribution, ``fused_marginal``)."""
@@ -97,7 +107,9 @@ class ByteifiedDecoding:
         n, p0 = len(new), cache.length
         h = self._encode_new(new_ids, cache)  # (1, n, d)
         if patch_end is not None:
-            return ModelOutput(logits=self._feed(cache, new, h, [bool(b) for b in patch_end.reshape(-1).tolist()], p0))
+            return ModelOutput(
+                logits=self._feed(cache, new, h, [bool(b) for b in patch_end.reshape(-1).tolist()], p0)
+            )
         if causal:
             outs = []
             for j, tok in enumerate(new):
@@ -134,7 +146,9 @@ class ByteifiedDecoding:
         x = m.embed_bytes(new_ids, torch.tensor([ex], dtype=torch.long, device=dev))
         return m._run(m.encoder, x, cos, sin, caches=cache.enc, window=m.cfg.encoder_window)
 
-    def _feed(self, cache: ByteifiedCache, new: list[int], h: torch.Tensor, bits: list[bool], p0: int) -> torch.Tensor:
+    def _feed(
+        self, cache: ByteifiedCache, new: list[int], h: torch.Tensor, bits: list[bool], p0: int
+    ) -> torch.Tensor:
         """Apply the patch rules to bytes whose encoder states ``h`` (1, n, d) are computed, run the decoder over
         them; returns fused logits (1, n, 2V). The encoder already holds these bytes; ``cache.ids`` does not."""
         m: Any = self
@@ -142,8 +156,12 @@ class ByteifiedDecoding:
         trie = m.trie
         cap = m.cfg.max_word_bytes or 0
         if p0 == 0 and new and new[0] < 256:  # a row that starts inside a document: the sink comes first
-            self._set_ctx(cache, m.run_backbone(m.sink(1, h.dtype), torch.zeros(1, dtype=torch.long, device=dev),
-                                                caches=cache.backbone)[:, -1])
+            self._set_ctx(
+                cache,
+                m.run_backbone(
+                    m.sink(1, h.dtype), torch.zeros(1, dtype=torch.long, device=dev), caches=cache.backbone
+                )[:, -1],
+            )
             cache.n_words = 1
         ctx_rows: list[torch.Tensor] = []
         cums: list[torch.Tensor | None] = []
@@ -175,14 +193,21 @@ class ByteifiedDecoding:
         y = m._run(m.decoder, h, cos, sin, caches=cache.dec, inject=[p(table) for p in m.ctx_proj])
         prior = None
         if m.cfg.lm_prior:
-            if any(c is None for c in cums):  # no context yet (cannot happen after the sink): the full computation
+            if any(
+                c is None for c in cums
+            ):  # no context yet (cannot happen after the sink): the full computation
                 prior = m.prior(table[0], torch.arange(len(new), device=dev), torch.tensor(nodes, device=dev))
             else:  # the prefix sums of each patch, computed once when it closed
                 uniq: dict[int, int] = {}
                 row_of = [uniq.setdefault(id(c), len(uniq)) for c in cums]
                 cum = torch.cat([c for c in {id(c): c for c in cums}.values() if c is not None], 0)  # type: ignore[misc]
-                prior = fused_from_cumsum(m.trie, cum, torch.tensor(row_of, device=dev),
-                                          torch.tensor(nodes, device=dev), m.cfg.vocab_size)
+                prior = fused_from_cumsum(
+                    m.trie,
+                    cum,
+                    torch.tensor(row_of, device=dev),
+                    torch.tensor(nodes, device=dev),
+                    m.cfg.vocab_size,
+                )
             prior = prior.unsqueeze(0)
         logits = m.fuse(m.lm_head(m.norm(y)), prior, torch.tensor([forced], device=dev))  # (1, n, 2V)
         cache.last_logits = logits[0, -1]
@@ -195,7 +220,9 @@ class ByteifiedDecoding:
         if special or cache.last_h is None:
             vec = m.sink(1, m.embed.weight.dtype)
         else:
-            vec = m.pool(cache.last_h.view(1, 1, -1), torch.zeros(1, 1, dtype=torch.long, device=dev))  # (1, 1, D)
+            vec = m.pool(
+                cache.last_h.view(1, 1, -1), torch.zeros(1, 1, dtype=torch.long, device=dev)
+            )  # (1, 1, D)
             if m.cfg.patch_token_embed:
                 patch = cache.ids[cache.patch_start : t + 1]
                 tok = m.patch_tokens(patch, [True] + [False] * (len(patch) - 1))[-1]

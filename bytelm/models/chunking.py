@@ -40,8 +40,11 @@ def causal_center(h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch
     cs = hf.cumsum(1)  # (B, T, D)
     count = run_lengths(doc_starts(doc_ids, h))  # (B, T) positions of the document so far
     first = torch.arange(h.shape[1], device=h.device) - count + 1  # (B, T) start of the document
-    before = torch.where((first > 0).unsqueeze(-1), cs.gather(1, (first - 1).clamp(min=0).unsqueeze(-1).expand_as(cs)),
-                         torch.zeros_like(cs))  # (B, T, D) sum of the earlier documents
+    before = torch.where(
+        (first > 0).unsqueeze(-1),
+        cs.gather(1, (first - 1).clamp(min=0).unsqueeze(-1).expand_as(cs)),
+        torch.zeros_like(cs),
+    )  # (B, T, D) sum of the earlier documents
     return (hf - (cs - before) / count.unsqueeze(-1).to(hf.dtype)).to(h.dtype)
 
 

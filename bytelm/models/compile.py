@@ -33,23 +33,34 @@ class CompiledForward:
     ``nn.Module``), so holding it adds nothing to any ``state_dict``; the compiled module shares ``model``'s
     parameters."""
 
-    def __init__(self, model: nn.Module, backend: str | Callable[..., Any] = "inductor", fullgraph: bool = False,
-                 dynamic: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: str | Callable[..., Any] = "inductor",
+        fullgraph: bool = False,
+        dynamic: bool | None = None,
+    ) -> None:
         self.model = model
         self.fn = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):  # W: an unbacked size, not a graph break
+        with torch._dynamo.config.patch(
+            capture_scalar_outputs=True
+        ):  # W: an unbacked size, not a graph break
             return self.fn(*args, **kwargs)
 
 
-def compile_forward(model: nn.Module, arch: str, backend: str | Callable[..., Any] = "inductor",
-                    fullgraph: bool = False) -> CompiledForward | None:
+def compile_forward(
+    model: nn.Module, arch: str, backend: str | Callable[..., Any] = "inductor", fullgraph: bool = False
+) -> CompiledForward | None:
     """The compiled training forward of ``model`` (``cfg.model.arch`` = ``arch``), or None (with a warning) for
     architectures that are not compiled (module docstring)."""
     if arch not in COMPILABLE_ARCHS:
-        log.warning("trainer.compile: model.arch=%s is not compiled (its forward does host work every step: the "
-                    "source vocabulary trie); training eagerly", arch)
+        log.warning(
+            "trainer.compile: model.arch=%s is not compiled (its forward does host work every step: the "
+            "source vocabulary trie); training eagerly",
+            arch,
+        )
         return None
     log.info("trainer.compile: compiling the %s training forward (backend %s)", arch, backend)
     return CompiledForward(model, backend=backend, fullgraph=fullgraph)

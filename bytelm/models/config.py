@@ -52,7 +52,9 @@ class GateConfig:
 class RopeScalingConfig:
     """RoPE frequency scaling of a transplanted source model (HF ``rope_scaling`` / ``rope_parameters``)."""
 
-    kind: str = choice("none", "none", "linear", "llama3")  # HF "rope_type"; others are an error naming the value
+    kind: str = choice(
+        "none", "none", "linear", "llama3"
+    )  # HF "rope_type"; others are an error naming the value
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
@@ -60,7 +62,9 @@ class RopeScalingConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "linear", "llama3"):
-            raise ValueError(f"model.rope_scaling.kind must be 'none', 'linear' or 'llama3', got {self.kind!r}")
+            raise ValueError(
+                f"model.rope_scaling.kind must be 'none', 'linear' or 'llama3', got {self.kind!r}"
+            )
 
 
 @dataclass
@@ -76,7 +80,9 @@ class ModelConfig:
     vocab_size: int = PADDED_VOCAB
     tie_embeddings: bool = False
     attn_backend: str = choice("auto", *ATTN_BACKENDS)  # auto | sdpa | flash | flex (bytelm.models.attention)
-    attn_fallback: bool = False  # an explicit backend that cannot run a stack: error (False) or auto's choice there
+    attn_fallback: bool = (
+        False  # an explicit backend that cannot run a stack: error (False) or auto's choice there
+    )
     init_std: float = 0.02
     activation_checkpointing: bool = False
     # Llama-family backbone details: bytelm's own models keep the defaults; a transplanted source model sets them
@@ -87,16 +93,24 @@ class ModelConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
-    backbone_window: int = 0  # sliding window of the backbone over words (0 = full causal; Mistral's sliding_window)
+    backbone_window: int = (
+        0  # sliding window of the backbone over words (0 = full causal; Mistral's sliding_window)
+    )
     # byte-level stacks of the hierarchical / MrT5 models
     d_byte: int = 128
     n_heads_byte: int = 4
     encoder_layers: int = 2
     decoder_layers: int = 2
     encoder_window: int = 0  # sliding-window size of the byte encoder (0 = full causal)
-    pooling: str = choice("query", "query", "last")  # query (HAT: learned query cross-attends to the word's bytes) | last
-    decoder_cross: str = choice("first", "first", "all")  # decoder layers that receive the previous word's vector
-    chunker: str = choice("words", "words", "gate")  # words (rule-based splitter) | gate (learned delete gate)
+    pooling: str = choice(
+        "query", "query", "last"
+    )  # query (HAT: learned query cross-attends to the word's bytes) | last
+    decoder_cross: str = choice(
+        "first", "first", "all"
+    )  # decoder layers that receive the previous word's vector
+    chunker: str = choice(
+        "words", "words", "gate"
+    )  # words (rule-based splitter) | gate (learned delete gate)
     max_word_bytes: int = 100
     gate: GateConfig = field(default_factory=GateConfig)
     gate_enabled: bool = True  # MrT5: False trains the same encoder-decoder without the delete gate
@@ -106,18 +120,28 @@ class ModelConfig:
     source_vocab_bytes: int = 0  # total bytes of the source vocabulary's token strings (a buffer's shape)
     source_start_id: int = 0  # the source's document-start token: specials and the row-start sink embed as it
     source_tied: bool = True  # the source's LM head is its input embedding
-    lm_prior: bool = True  # add the source LM head's naive next-byte marginal to the byte logits (byteified.py)
+    lm_prior: bool = (
+        True  # add the source LM head's naive next-byte marginal to the byte logits (byteified.py)
+    )
     patch_token_embed: bool = True  # patch vector = source embedding of the patch's token + pooled correction
-    boundary_hidden: int = 0  # boundary predictor: 0 = linear probe of the encoder state, > 0 = an MLP this wide
-    boundary_lookahead: int = 1  # boundary predictor: the decision for byte t reads the states of bytes t..t+this
-    boundary_threshold: float = 0.0  # a patch ends where the boundary logit exceeds this (< 0: more, shorter patches)
+    boundary_hidden: int = (
+        0  # boundary predictor: 0 = linear probe of the encoder state, > 0 = an MLP this wide
+    )
+    boundary_lookahead: int = (
+        1  # boundary predictor: the decision for byte t reads the states of bytes t..t+this
+    )
+    boundary_threshold: float = (
+        0.0  # a patch ends where the boundary logit exceeds this (< 0: more, shorter patches)
+    )
 
     def __post_init__(self) -> None:
         # a config rebuilt from a flat dict (HF export's config.json) carries the nested scaling as a dict
         # (HF's PretrainedConfig may add its own keys such as rope_type / rope_theta to it: those are not ours)
         if isinstance(self.rope_scaling, dict):
             names = {f.name for f in fields(RopeScalingConfig)}
-            self.rope_scaling = RopeScalingConfig(**{k: v for k, v in self.rope_scaling.items() if k in names})
+            self.rope_scaling = RopeScalingConfig(
+                **{k: v for k, v in self.rope_scaling.items() if k in names}
+            )
 
 
 @dataclass

@@ -32,7 +32,9 @@ class FlatByteLM(nn.Module):
     def init_weights(self) -> None:
         """Separate from construction so a model built on the meta device (ZeRO-3 / FSDP2) inits after
         sharding."""
-        init_linear_(self, std=self.cfg.init_std, out_std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers))
+        init_linear_(
+            self, std=self.cfg.init_std, out_std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        )
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.blocks]
@@ -50,8 +52,14 @@ class FlatByteLM(nn.Module):
         pos = torch.arange(offset, offset + T, device=input_ids.device)
         cos, sin = rope_cos_sin(pos, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
         x = self.embed(input_ids)  # (B, T, D)
-        meta = stack_meta(x, self.cfg.attn_backend, stack="flat stack", fallback=self.cfg.attn_fallback,
-                          q_offset=offset, doc_ids=doc_ids)  # once per forward, shared by every block
+        meta = stack_meta(
+            x,
+            self.cfg.attn_backend,
+            stack="flat stack",
+            fallback=self.cfg.attn_fallback,
+            q_offset=offset,
+            doc_ids=doc_ids,
+        )  # once per forward, shared by every block
         for i, blk in enumerate(self.blocks):
             c = cache[i] if cache is not None else None
             if self.cfg.activation_checkpointing and self.training and cache is None:

@@ -15,7 +15,9 @@ from torch import nn
 from bytelm.models.config import ModelConfig
 from bytelm.models.layers import swiglu_hidden
 
-DEFAULT_BYTES_PER_WORD = 4.5  # HAT splitter on the Shakespeare training split (scripts/bench_models.py measures it)
+DEFAULT_BYTES_PER_WORD = (
+    4.5  # HAT splitter on the Shakespeare training split (scripts/bench_models.py measures it)
+)
 
 
 def block_matmul_params(dim: int, mlp_ratio: float) -> int:
@@ -93,7 +95,9 @@ def param_count_estimate(cfg: ModelConfig) -> int:
     return (
         (cfg.encoder_layers + cfg.decoder_layers) * block_matmul_params(d, r)
         + cfg.n_layers * block_matmul_params(D, r)
-        + pool + n_inj * D * d + head * d * V
+        + pool
+        + n_inj * D * d
+        + head * d * V
     )
 
 

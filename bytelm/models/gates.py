@@ -67,7 +67,9 @@ class DeleteGate(nn.Module):
         return self.proj(self.norm(h)).squeeze(-1)
 
     def forward(self, h: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.k * torch.sigmoid(-self.scores(h, pad_mask).float())  # (B, T), fp32: it becomes an attention bias
+        g = self.k * torch.sigmoid(
+            -self.scores(h, pad_mask).float()
+        )  # (B, T), fp32: it becomes an attention bias
         if pad_mask is not None:
             g = torch.where(pad_mask.bool(), g, torch.full_like(g, self.k))
         return g
@@ -145,7 +147,9 @@ class PIController(nn.Module):
     alpha: torch.Tensor
     steps: torch.Tensor
 
-    def __init__(self, target: float = 0.5, kp: float = 0.5, ki: float = 1e-5, alpha_min: float = 0.0) -> None:
+    def __init__(
+        self, target: float = 0.5, kp: float = 0.5, ki: float = 1e-5, alpha_min: float = 0.0
+    ) -> None:
         super().__init__()
         self.target, self.kp, self.ki, self.alpha_min = target, kp, ki, alpha_min
         self.register_buffer("p", torch.zeros((), dtype=torch.float32))
@@ -180,7 +184,9 @@ class PIController(nn.Module):
         """Advance one step with the deletion ratio of the global batch: ``G`` (B, T) gate values of this rank's
         batch, ``pad_mask`` (B, T) True = real position. Returns the new ``alpha``."""
         valid = torch.ones_like(G, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
-        counts = torch.stack([deleted_mask(G, tau_del, valid).sum(), valid.sum()]).float()  # (2,) deleted, real
+        counts = torch.stack(
+            [deleted_mask(G, tau_del, valid).sum(), valid.sum()]
+        ).float()  # (2,) deleted, real
         counts = all_ranks_sum(counts)
         return self.update(counts[0] / counts[1].clamp(min=1.0))
 

@@ -84,9 +84,17 @@ def iter_generate(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if getattr(model, "fused_head", False):
-        yield from _iter_generate_fused(model, list(prompt_ids), max_new_bytes=max_new_bytes, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, gen=gen, use_cache=use_cache,
-                                        min_new_bytes=min_new_bytes)
+        yield from _iter_generate_fused(
+            model,
+            list(prompt_ids),
+            max_new_bytes=max_new_bytes,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            gen=gen,
+            use_cache=use_cache,
+            min_new_bytes=min_new_bytes,
+        )
         return
     was_training = model.training
     model.eval()
@@ -97,7 +105,11 @@ def iter_generate(
         for i in range(max_new_bytes):
             logits = model(step, cache=cache).logits[0, -1]  # (V,)
             nxt = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                logits,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=gen,
                 allow_eos=i >= min_new_bytes,
             )
             if nxt == EOS_ID:
@@ -123,14 +135,23 @@ def sample_symbol(
     ``transformers``' generation loop does with an exported model, so both give the same bytes for a seed."""
     V = logits.shape[-1] // 2
     marg = torch.logaddexp(logits[:V].float(), logits[V:].float())  # (V,)
-    byte = sample_next(marg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                       allow_eos=allow_eos)
+    byte = sample_next(
+        marg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, allow_eos=allow_eos
+    )
     return byte, bool(logits[V + byte] > logits[byte])
 
 
 def _iter_generate_fused(
-    model: nn.Module, ids: list[int], *, max_new_bytes: int, temperature: float, top_k: int, top_p: float,
-    gen: torch.Generator | None, use_cache: bool, min_new_bytes: int,
+    model: nn.Module,
+    ids: list[int],
+    *,
+    max_new_bytes: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    gen: torch.Generator | None,
+    use_cache: bool,
+    min_new_bytes: int,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Generation for models with a fused (byte, boundary) head (the byteified model): the prompt's patch ends
     come from the model's segmenter except the last byte's, which the head decides (``prompt_bits``); every
@@ -144,8 +165,14 @@ def _iter_generate_fused(
     for i in range(max_new_bytes):
         out = model(step, cache=cache, patch_end=step_bits)
         logits = out.logits[0, -1]  # (2V,)
-        nxt, bit = sample_symbol(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
-                                 allow_eos=i >= min_new_bytes)
+        nxt, bit = sample_symbol(
+            logits,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=gen,
+            allow_eos=i >= min_new_bytes,
+        )
         if nxt == EOS_ID:
             return
         yield nxt, logits
@@ -187,8 +214,17 @@ def generate(
     prompt (an empty prompt always gets one)."""
     return bytes(
         _iter_bytes(
-            model, prompt, stop_bytes, bos, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, use_cache=use_cache, min_new_bytes=min_new_bytes,
+            model,
+            prompt,
+            stop_bytes,
+            bos,
+            max_new_bytes=max_new_bytes,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            use_cache=use_cache,
+            min_new_bytes=min_new_bytes,
         )
     )
 
@@ -211,8 +247,17 @@ def stream(
     U+FFFD, so ``''.join(stream(...)) == generate(...).decode('utf-8', errors='replace')``."""
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for b in _iter_bytes(
-        model, prompt, stop_bytes, bos, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
-        top_p=top_p, seed=seed, use_cache=use_cache, min_new_bytes=min_new_bytes,
+        model,
+        prompt,
+        stop_bytes,
+        bos,
+        max_new_bytes=max_new_bytes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        use_cache=use_cache,
+        min_new_bytes=min_new_bytes,
     ):
         piece = dec.decode(bytes([b]))
         if piece:

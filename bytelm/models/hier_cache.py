@@ -60,11 +60,14 @@ class HierCache:
     n_ready: int = 0  # words given to the backbone
     r_max: int = -1  # running max of ready times
     ctx: torch.Tensor | None = None  # (1, d_model) latest context word vector (None = first-word vector)
-    hsum: torch.Tensor | None = None  # (1, 1, d_byte) running sum of encoder outputs (gate.center, chunker=gate)
+    hsum: torch.Tensor | None = (
+        None  # (1, 1, d_byte) running sum of encoder outputs (gate.center, chunker=gate)
+    )
 
     @property
     def length(self) -> int:
         return len(self.ids)
+
 
 class CachedDecoding:
     """``new_cache()`` and ``forward(ids, cache=...)`` of the hierarchical model (module docstring)."""
@@ -81,13 +84,33 @@ class CachedDecoding:
         first_word: nn.Parameter
         gate: Any
 
-        def _run(self, blocks: nn.ModuleList, x: torch.Tensor, cos, sin, caches=None, inject=None, meta=None, *,
-                 stack: str = ..., doc_ids: torch.Tensor | None = None, window: int = 0) -> torch.Tensor: ...
+        def _run(
+            self,
+            blocks: nn.ModuleList,
+            x: torch.Tensor,
+            cos,
+            sin,
+            caches=None,
+            inject=None,
+            meta=None,
+            *,
+            stack: str = ...,
+            doc_ids: torch.Tensor | None = None,
+            window: int = 0,
+        ) -> torch.Tensor: ...
         def _byte_rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
         def _pool(self, h: torch.Tensor, word_id, offset, end, W: int) -> torch.Tensor: ...
         def word_starts_row(self, ids, doc_ids=None, capped: bool = True) -> np.ndarray: ...
-        def run_backbone(self, words: torch.Tensor, positions: torch.Tensor | None = None, *, doc_ids=None,
-                         caches=None, n_blocks: int | None = None, norm: bool = True) -> torch.Tensor: ...
+        def run_backbone(
+            self,
+            words: torch.Tensor,
+            positions: torch.Tensor | None = None,
+            *,
+            doc_ids=None,
+            caches=None,
+            n_blocks: int | None = None,
+            norm: bool = True,
+        ) -> torch.Tensor: ...
 
     def new_cache(self) -> HierCache:
         return HierCache(
@@ -107,8 +130,15 @@ class CachedDecoding:
         cache.ids.extend(int(i) for i in new_ids[0].tolist())
         pos = torch.arange(p0, p0 + n, device=dev)
         cos, sin = self._byte_rope(pos)
-        h = self._run(self.encoder, self.embed(new_ids), cos, sin, caches=cache.enc, stack="byte encoder",
-                      window=self.cfg.encoder_window)
+        h = self._run(
+            self.encoder,
+            self.embed(new_ids),
+            cos,
+            sin,
+            caches=cache.enc,
+            stack="byte encoder",
+            window=self.cfg.encoder_window,
+        )
         cache.buf = h if cache.buf is None else torch.cat([cache.buf, h], 1)  # (1, len - pend_start, d)
         if self.gate is not None:
             return self._decode_cached(h, cos, sin, pos, cache, *self._gate_chunks_cached(new_ids, h, cache))
@@ -133,7 +163,9 @@ class CachedDecoding:
         capped = np.zeros(len(window), dtype=bool)
         capped[: done - ctx] = self.word_starts_row(window[: done - ctx])
         capped[base - ctx] = True
-        starts = [cache.pend_start] + [int(x) + ctx for x in np.flatnonzero(capped) if x + ctx > cache.pend_start]
+        starts = [cache.pend_start] + [
+            int(x) + ctx for x in np.flatnonzero(capped) if x + ctx > cache.pend_start
+        ]
         ready_at: list[int] = []
         if len(starts) == 1:  # no word end in sight (most bytes): nothing to decide
             return starts, ready_at
@@ -152,7 +184,9 @@ class CachedDecoding:
                 cache.anchor = new_pend
         return starts, ready_at
 
-    def _gate_chunks_cached(self, new_ids: torch.Tensor, h: torch.Tensor, cache: HierCache) -> tuple[list[int], list[int]]:
+    def _gate_chunks_cached(
+        self, new_ids: torch.Tensor, h: torch.Tensor, cache: HierCache
+    ) -> tuple[list[int], list[int]]:
         """Chunk starts (oldest pending first, then one per closed chunk) and ready times for the new bytes, by
         the rules of ``bytelm.models.chunking.gate_closed`` applied online."""
         assert self.gate is not None
@@ -180,8 +214,16 @@ class CachedDecoding:
                 cur = t + 1
         return starts, ready_at
 
-    def _decode_cached(self, h: torch.Tensor, cos, sin, pos: torch.Tensor, cache: HierCache, starts: list[int],
-                       ready_at: list[int]) -> ModelOutput:
+    def _decode_cached(
+        self,
+        h: torch.Tensor,
+        cos,
+        sin,
+        pos: torch.Tensor,
+        cache: HierCache,
+        starts: list[int],
+        ready_at: list[int],
+    ) -> ModelOutput:
         """Pool the chunks that became ready (``starts[:k+1]`` bound them), run the backbone on them and decode
         the new bytes; each byte sees the latest chunk with ready time <= its position."""
         dev = h.device
@@ -190,14 +232,18 @@ class CachedDecoding:
         table = prev.unsqueeze(0)  # (1, 1, D)
         if k:
             words = self._pool_span(cache, starts, k)  # (1, k, D)
-            z = self.run_backbone(words, torch.arange(cache.n_ready, cache.n_ready + k, device=dev), caches=cache.backbone)
+            z = self.run_backbone(
+                words, torch.arange(cache.n_ready, cache.n_ready + k, device=dev), caches=cache.backbone
+            )
             table = torch.cat([table, z], 1)  # (1, k+1, D)
             assert cache.buf is not None
             cache.buf = cache.buf[:, starts[k] - cache.pend_start :]
             cache.pend_start = starts[k]
             cache.n_ready += k
             cache.ctx = z[:, -1]
-        sel = (torch.tensor(ready_at, dtype=torch.long, device=dev).view(1, -1) <= pos.view(-1, 1)).sum(1)  # (n,)
+        sel = (torch.tensor(ready_at, dtype=torch.long, device=dev).view(1, -1) <= pos.view(-1, 1)).sum(
+            1
+        )  # (n,)
         inject = [p(table)[:, sel] for p in self.ctx_proj]  # each (1, n, d)
         y = self._run(self.decoder, h, cos, sin, caches=cache.dec, inject=inject, stack="byte decoder")
         return ModelOutput(logits=self.lm_head(self.norm(y)))

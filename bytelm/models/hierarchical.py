@@ -86,8 +86,16 @@ from bytelm.models.word_layout import (
 log = logging.getLogger(__name__)
 
 __all__ = [  # the layout, pooling and cache names live in word_layout.py / hier_cache.py; importable from here too
-    "_CHAR_LEN", "HierCache", "HierarchicalByteLM", "LastPooling", "QueryPooling", "WordLayout", "layout_words",
-    "pending_utf8", "split_word_starts", "utf8_char_len",
+    "_CHAR_LEN",
+    "HierCache",
+    "HierarchicalByteLM",
+    "LastPooling",
+    "QueryPooling",
+    "WordLayout",
+    "layout_words",
+    "pending_utf8",
+    "split_word_starts",
+    "utf8_char_len",
 ]
 
 
@@ -104,21 +112,36 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
         D, d = cfg.d_model, cfg.d_byte
         be = cfg.attn_backend
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.encoder = nn.ModuleList([Block(d, cfg.n_heads_byte, cfg.mlp_ratio, be) for _ in range(cfg.encoder_layers)])
+        self.encoder = nn.ModuleList(
+            [Block(d, cfg.n_heads_byte, cfg.mlp_ratio, be) for _ in range(cfg.encoder_layers)]
+        )
         self.pool: nn.Module = (
             QueryPooling(d, D, cfg.n_heads) if cfg.pooling == "query" else LastPooling(d, D)
         )
         # the backbone may be a transplanted Llama-family source model's blocks (bytelm.distill.transplant)
-        self.backbone = nn.ModuleList([
-            Block(D, cfg.n_heads, cfg.mlp_ratio, be, n_kv_heads=cfg.n_kv_heads or None, head_dim=cfg.head_dim or None,
-                  mlp_hidden=cfg.mlp_hidden or None, norm_eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias)
-            for _ in range(cfg.n_layers)
-        ])
+        self.backbone = nn.ModuleList(
+            [
+                Block(
+                    D,
+                    cfg.n_heads,
+                    cfg.mlp_ratio,
+                    be,
+                    n_kv_heads=cfg.n_kv_heads or None,
+                    head_dim=cfg.head_dim or None,
+                    mlp_hidden=cfg.mlp_hidden or None,
+                    norm_eps=cfg.norm_eps,
+                    qkv_bias=cfg.qkv_bias,
+                )
+                for _ in range(cfg.n_layers)
+            ]
+        )
         self.backbone_norm = RMSNorm(D, cfg.norm_eps)
         self.first_word = nn.Parameter(torch.zeros(D))  # context of the bytes before any ready word of a doc
         n_inj = cfg.decoder_layers if cfg.decoder_cross == "all" else 1
         self.ctx_proj = nn.ModuleList([nn.Linear(D, d, bias=False) for _ in range(n_inj)])
-        self.decoder = nn.ModuleList([Block(d, cfg.n_heads_byte, cfg.mlp_ratio, be) for _ in range(cfg.decoder_layers)])
+        self.decoder = nn.ModuleList(
+            [Block(d, cfg.n_heads_byte, cfg.mlp_ratio, be) for _ in range(cfg.decoder_layers)]
+        )
         self.norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -126,7 +149,9 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
         # learned chunker: the MrT5 delete gate on the encoder output decides which bytes close a chunk
         g = cfg.gate
         self.gate = DeleteGate(d, g.k, g.bias_init) if cfg.chunker == "gate" else None
-        self.controller = PIController(g.target_ratio, g.kp, g.ki, g.alpha_min) if self.gate is not None else None
+        self.controller = (
+            PIController(g.target_ratio, g.kp, g.ki, g.alpha_min) if self.gate is not None else None
+        )
 
     def init_weights(self) -> None:
         """Separate from construction (meta-device / sharded builds init after sharding). Residual output
@@ -134,7 +159,11 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
         std = self.cfg.init_std
         init_linear_(self, std=std)
         n_byte = max(1, self.cfg.encoder_layers + self.cfg.decoder_layers)
-        for stack, depth in ((self.encoder, n_byte), (self.decoder, n_byte), (self.backbone, self.cfg.n_layers)):
+        for stack, depth in (
+            (self.encoder, n_byte),
+            (self.decoder, n_byte),
+            (self.backbone, self.cfg.n_layers),
+        ):
             init_linear_(stack, std=std, out_std=std / math.sqrt(2 * max(1, depth)))
         nn.init.normal_(self.first_word, std=std)
         if isinstance(self.pool, QueryPooling):
@@ -160,9 +189,20 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
 
     # -- stacks ----------------------------------------------------------------------------------------
 
-    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, cos, sin, caches=None, inject=None,
-             meta: AttnMeta | None = None, *, stack: str = "byte stack", doc_ids: torch.Tensor | None = None,
-             window: int = 0) -> torch.Tensor:
+    def _run(
+        self,
+        blocks: nn.ModuleList,
+        x: torch.Tensor,
+        cos,
+        sin,
+        caches=None,
+        inject=None,
+        meta: AttnMeta | None = None,
+        *,
+        stack: str = "byte stack",
+        doc_ids: torch.Tensor | None = None,
+        window: int = 0,
+    ) -> torch.Tensor:
         """Run a stack; ``inject[i]`` (if given) is added before block i (decoder context). ``meta``: the stack's
         attention metadata, built here from ``doc_ids`` / ``window`` / the caches when not given."""
         if meta is None:
@@ -177,11 +217,25 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
                 x = blk(x, cos, sin, meta, cache=c)
         return x
 
-    def _meta(self, x: torch.Tensor, stack: str, *, doc_ids: torch.Tensor | None = None, window: int = 0,
-              caches: Sequence[KVCache] | None = None) -> AttnMeta:
+    def _meta(
+        self,
+        x: torch.Tensor,
+        stack: str,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        window: int = 0,
+        caches: Sequence[KVCache] | None = None,
+    ) -> AttnMeta:
         """Attention metadata of one causal stack over ``x`` (B, T, .), once per forward."""
-        return stack_meta(x, self.cfg.attn_backend, stack=stack, fallback=self.cfg.attn_fallback,
-                          q_offset=caches[0].length if caches else 0, doc_ids=doc_ids, window=window)
+        return stack_meta(
+            x,
+            self.cfg.attn_backend,
+            stack=stack,
+            fallback=self.cfg.attn_fallback,
+            q_offset=caches[0].length if caches else 0,
+            doc_ids=doc_ids,
+            window=window,
+        )
 
     def _pool(self, h: torch.Tensor, lay_word_id, lay_offset, lay_end, W: int) -> torch.Tensor:
         if isinstance(self.pool, QueryPooling):
@@ -217,8 +271,16 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
             positions = torch.arange(p0, p0 + words.shape[1], device=words.device)
         cos, sin = self._word_rope(positions)
         blocks = self.backbone if n == len(self.backbone) else self.backbone[:n]
-        z = self._run(blocks, words, cos, sin, caches=caches, stack="word backbone", doc_ids=doc_ids,
-                      window=self.cfg.backbone_window)
+        z = self._run(
+            blocks,
+            words,
+            cos,
+            sin,
+            caches=caches,
+            stack="word backbone",
+            doc_ids=doc_ids,
+            window=self.cfg.backbone_window,
+        )
         return self.backbone_norm(z) if norm and n == len(self.backbone) else z
 
     # -- forward ---------------------------------------------------------------------------------------
@@ -246,8 +308,12 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
         if self.gate is not None:  # learned chunks (a given word_start is ignored)
             hg = causal_center(h, doc_ids) if self.cfg.gate.center else h  # running mean: stays causal
             G = self.gate(hg, input_ids < 256)  # (B, T); specials get k but always close a chunk of their own
-            closed, word_start = gate_closed(input_ids, G, self.cfg.gate.tau_del, self.cfg.max_word_bytes, doc_ids)
-        elif word_start is None:  # training rows bring them (data layer); host work, outside any compiled graph
+            closed, word_start = gate_closed(
+                input_ids, G, self.cfg.gate.tau_del, self.cfg.max_word_bytes, doc_ids
+            )
+        elif (
+            word_start is None
+        ):  # training rows bring them (data layer); host work, outside any compiled graph
             word_start = self.word_starts_batch(input_ids, doc_ids)
         lay = layout_words(input_ids, word_start, doc_ids, closed, decided=True)
         W = lay.start.shape[1]
@@ -277,8 +343,14 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
                 # it shifts every byte's gate together and the ratio swings (docs/mrt5.md, measured)
                 assert hg is not None
                 aux = alpha * masked_mean(self.gate(hg.detach(), byte_mask), byte_mask)
-                self.controller.observe(G, self.cfg.gate.tau_del, byte_mask)  # global ratio, used from the next step
-        hidden = {"words": z, "word_start": lay.start, "word_end": lay.end}  # for distillation (bytelm.distill)
+                self.controller.observe(
+                    G, self.cfg.gate.tau_del, byte_mask
+                )  # global ratio, used from the next step
+        hidden = {
+            "words": z,
+            "word_start": lay.start,
+            "word_end": lay.end,
+        }  # for distillation (bytelm.distill)
         return ModelOutput(logits=logits, aux_loss=aux, metrics=metrics, hidden=hidden)
 
 

@@ -34,7 +34,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(
-    head_dim: int, theta: float = 10000.0, scaling: RopeScalingConfig | None = None, device: torch.device | None = None
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: RopeScalingConfig | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """(head_dim // 2,) fp32 inverse frequencies ``theta ** (-2i / head_dim)``, scaled as a Llama-family source
     model scales them: ``linear`` divides every frequency by ``factor`` (= positions / factor); ``llama3``
@@ -203,12 +206,20 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, norm_eps)
-        self.attn = SelfAttention(dim, n_heads, backend, n_kv_heads=n_kv_heads, head_dim=head_dim, qkv_bias=qkv_bias)
+        self.attn = SelfAttention(
+            dim, n_heads, backend, n_kv_heads=n_kv_heads, head_dim=head_dim, qkv_bias=qkv_bias
+        )
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden or swiglu_hidden(dim, mlp_ratio))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta | None = None,
-                **attn_kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta | None = None,
+        **attn_kwargs,
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, meta, **attn_kwargs)
         return x + self.mlp(self.mlp_norm(x))
 

@@ -117,7 +117,9 @@ class CrossAttention(nn.Module):
 class DecoderBlock(nn.Module):
     """x + self_attn(norm(x)) [causal, cached]; x + cross_attn(norm(x), encoder); x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, backend: str, null_key: bool = False) -> None:
+    def __init__(
+        self, dim: int, n_heads: int, mlp_ratio: float, backend: str, null_key: bool = False
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim)
         self.attn = SelfAttention(dim, n_heads, backend)
@@ -180,22 +182,33 @@ class MrT5(nn.Module):
         self.cfg = cfg
         g = cfg.gate
         if g.layer < 0:
-            raise ValueError(f"gate.layer={g.layer} must index an encoder block (encoder_layers={cfg.encoder_layers})")
+            raise ValueError(
+                f"gate.layer={g.layer} must index an encoder block (encoder_layers={cfg.encoder_layers})"
+            )
         self.gate_layer = min(g.layer, cfg.encoder_layers - 1)
         if self.gate_layer != g.layer:  # e.g. debug=cpu shrinks the encoder to one block
-            log.warning("gate.layer=%d but only %d encoder blocks: the gate reads the input of block %d",
-                        g.layer, cfg.encoder_layers, self.gate_layer)
+            log.warning(
+                "gate.layer=%d but only %d encoder blocks: the gate reads the input of block %d",
+                g.layer,
+                cfg.encoder_layers,
+                self.gate_layer,
+            )
         if not 0.0 < cfg.prefix_frac <= 1.0:
             raise ValueError(f"prefix_frac={cfg.prefix_frac} must be in (0, 1]")
         d, h = cfg.d_byte, cfg.n_heads_byte
         self.head_dim = d // h
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.encoder = nn.ModuleList([Block(d, h, cfg.mlp_ratio, cfg.attn_backend) for _ in range(cfg.encoder_layers)])
+        self.encoder = nn.ModuleList(
+            [Block(d, h, cfg.mlp_ratio, cfg.attn_backend) for _ in range(cfg.encoder_layers)]
+        )
         self.enc_norm = RMSNorm(d)
         self.gate: DeleteGate | None = DeleteGate(d, g.k, g.bias_init, g.center) if cfg.gate_enabled else None
         self.controller = PIController(g.target_ratio, g.kp, g.ki, g.alpha_min)
         self.decoder = nn.ModuleList(
-            [DecoderBlock(d, h, cfg.mlp_ratio, cfg.attn_backend, g.softmax1) for _ in range(cfg.decoder_layers)]
+            [
+                DecoderBlock(d, h, cfg.mlp_ratio, cfg.attn_backend, g.softmax1)
+                for _ in range(cfg.decoder_layers)
+            ]
         )
         self.dec_norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -246,18 +259,32 @@ class MrT5(nn.Module):
                 if self.gate is not None:
                     G = self.gate(x, pad_mask)  # (B, T)
                     if hard:
-                        x, key_mask, kept_idx = _hard_delete(x, G, self.cfg.gate.tau_del, pad_mask)  # (B, T', D)
+                        x, key_mask, kept_idx = _hard_delete(
+                            x, G, self.cfg.gate.tau_del, pad_mask
+                        )  # (B, T', D)
                         pos = kept_idx  # kept bytes keep their original positions
                         cos, sin = self._rope(pos)
                     else:
                         key_bias = G
-                meta = self._meta(x, "mrt5 encoder after the gate", causal=False, key_bias=key_bias,
-                                  key_mask=key_mask, null_key=self.cfg.gate.softmax1)
+                meta = self._meta(
+                    x,
+                    "mrt5 encoder after the gate",
+                    causal=False,
+                    key_bias=key_bias,
+                    key_mask=key_mask,
+                    null_key=self.cfg.gate.softmax1,
+                )
             assert meta is not None
             x = self._run_block(blk, x, cos, sin, meta)
         return EncoderOutput(
-            memory=self.enc_norm(x), positions=pos, key_mask=key_mask, key_bias=key_bias, pad_mask=pad_mask, gate=G,
-            kept_idx=kept_idx, hard=hard and G is not None,
+            memory=self.enc_norm(x),
+            positions=pos,
+            key_mask=key_mask,
+            key_bias=key_bias,
+            pad_mask=pad_mask,
+            gate=G,
+            kept_idx=kept_idx,
+            hard=hard and G is not None,
         )
 
     def _use_hard(self, hard_delete: bool | None) -> bool:
@@ -288,8 +315,15 @@ class MrT5(nn.Module):
         x = self.embed(dec_ids)  # (B, t, D)
         q_offset = cache.length if cache is not None else 0
         self_meta = self._meta(x, "mrt5 decoder", q_offset=q_offset)
-        cross_meta = self._meta(x, "mrt5 cross-attention", causal=False, tk=enc.memory.shape[1],
-                                key_bias=enc.key_bias, key_mask=enc.key_mask, null_key=self.cfg.gate.softmax1)
+        cross_meta = self._meta(
+            x,
+            "mrt5 cross-attention",
+            causal=False,
+            tk=enc.memory.shape[1],
+            key_bias=enc.key_bias,
+            key_mask=enc.key_mask,
+            null_key=self.cfg.gate.softmax1,
+        )
         for i, layer in enumerate(self.decoder):
             blk = cast(DecoderBlock, layer)
             kv = cache.cross_kv[i] if cache is not None else None
@@ -299,7 +333,9 @@ class MrT5(nn.Module):
                     cache.cross_kv[i] = kv
             if cache is None and self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(
-                    lambda x_, b=blk, kv_=kv: b(x_, cos, sin, kv_, self_meta, cross_meta), x, use_reentrant=False,
+                    lambda x_, b=blk, kv_=kv: b(x_, cos, sin, kv_, self_meta, cross_meta),
+                    x,
+                    use_reentrant=False,
                 )
             else:
                 x = blk(x, cos, sin, kv, self_meta, cross_meta, cache.self_kv[i] if cache else None)
@@ -316,7 +352,8 @@ class MrT5(nn.Module):
         self,
         input_ids: torch.Tensor,  # (B, T) byte ids
         *,
-        targets: torch.Tensor | None = None,  # (B, T) next bytes (input_ids shifted by one), flat-LM convention
+        targets: torch.Tensor
+        | None = None,  # (B, T) next bytes (input_ids shifted by one), flat-LM convention
         hard_delete: bool | None = None,
         prefix_len: int | None = None,
         cache: DecoderCache | None = None,
@@ -348,8 +385,9 @@ class MrT5(nn.Module):
             tgt = tgt.masked_fill(tgt == PAD_ID, IGNORE_INDEX)
             # summed, then divided: a batch whose continuation is all padding (a short last tile) gives loss 0
             # and nll_sum 0 instead of the NaN of a mean over no targets
-            nll = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
-                                  reduction="sum")
+            nll = F.cross_entropy(
+                logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             n = (tgt != IGNORE_INDEX).sum()
             loss = nll / n.clamp(min=1)
             if not self.training:  # validation sums NLL over the continuation bytes (val/bpb)
@@ -362,13 +400,17 @@ class MrT5(nn.Module):
             metrics.update(stats)
             if self.training:
                 aux = alpha * masked_mean(G, enc.pad_mask)
-                self.controller.observe(G, self.cfg.gate.tau_del, enc.pad_mask)  # global ratio, used next step
+                self.controller.observe(
+                    G, self.cfg.gate.tau_del, enc.pad_mask
+                )  # global ratio, used next step
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, metrics=metrics)
 
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def _forward_cached(self, ids: torch.Tensor, cache: DecoderCache, hard_delete: bool | None) -> ModelOutput:
+    def _forward_cached(
+        self, ids: torch.Tensor, cache: DecoderCache, hard_delete: bool | None
+    ) -> ModelOutput:
         if cache.enc is None:
             cache.enc = self.encode(ids, hard_delete=hard_delete)
             ids = torch.full((ids.shape[0], 1), BOS_ID, dtype=ids.dtype, device=ids.device)
@@ -405,4 +447,3 @@ class MrT5(nn.Module):
         if not out:
             return torch.empty(B, 0, dtype=torch.long, device=prefix_ids.device)
         return torch.stack(out, dim=1)
-

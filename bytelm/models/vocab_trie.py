@@ -55,7 +55,9 @@ class VocabTrie:
             # tokens equal to prefix + byte sort first in their edge (a prefix sorts before its extensions);
             # duplicates of that byte string follow it: [edge_lo, edge_xhi) is the exact token(s)
             is_exact = lens[m] == d + 1
-            n_exact = np.add.reduceat(is_exact.astype(np.int64), first) if len(first) else np.zeros(0, np.int64)
+            n_exact = (
+                np.add.reduceat(is_exact.astype(np.int64), first) if len(first) else np.zeros(0, np.int64)
+            )
             e_xhi.append(m[first] + n_exact)
             edge_of = np.cumsum(change) - 1  # (len(m),) edge of each member
             goes_on = lens[m] > d + 1

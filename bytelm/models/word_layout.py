@@ -56,7 +56,6 @@ def split_word_starts(
     return out
 
 
-
 def utf8_char_len(ids: torch.Tensor) -> torch.Tensor:
     """Length (1-4) of the UTF-8 character a lead byte announces; 1 for ASCII, continuation bytes, invalid
     leads and specials. Same shape as ``ids``. Used for ready times: a function of the lead byte only, so it
@@ -130,7 +129,9 @@ def char_emit_times(ids: torch.Tensor, doc_start: torch.Tensor | None = None) ->
     b1 = _ahead(ids, 1, 0)
     # no overlong forms or code points past U+10FFFF; ED A0..BF (a surrogate) counts as a valid prefix: Python's
     # decoder waits for the third byte before it rejects the whole sequence (at the same time as a valid one)
-    second_ok = ~(((ids == 0xE0) & (b1 < 0xA0)) | ((ids == 0xF0) & (b1 < 0x90)) | ((ids == 0xF4) & (b1 > 0x8F)))
+    second_ok = ~(
+        ((ids == 0xE0) & (b1 < 0xA0)) | ((ids == 0xF0) & (b1 < 0x90)) | ((ids == 0xF4) & (b1 > 0x8F))
+    )
     got1 = (n >= 2) & _ahead(cont, 1, False) & second_ok
     got2 = got1 & (n >= 3) & _ahead(cont, 2, False)
     got3 = got2 & (n >= 4) & _ahead(cont, 3, False)
@@ -144,7 +145,9 @@ def char_emit_times(ids: torch.Tensor, doc_start: torch.Tensor | None = None) ->
     return out
 
 
-def decision_times(ids: torch.Tensor, word_start: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+def decision_times(
+    ids: torch.Tensor, word_start: torch.Tensor, doc_start: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, T) long: for a word start at ``s``, the position from which the bytes seen so far decide that a word
     ends at ``s`` (``_NEVER``: not within the row). A word may be read from that position on, never before.
 
@@ -167,14 +170,21 @@ def decision_times(ids: torch.Tensor, word_start: torch.Tensor, doc_start: torch
     return torch.maximum(out, _after_fraction_slash(ids, within, doc_start))
 
 
-def _after_single_space(ids: torch.Tensor, within: torch.Tensor, ws: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
+def _after_single_space(
+    ids: torch.Tensor, within: torch.Tensor, ws: torch.Tensor, emit: torch.Tensor
+) -> torch.Tensor:
     """(B, T): at a word start ``s`` after a single-space word, holding U+0009, U+00A0, U+2007 or U+202F, the
     emission of the character after it (after the whole run, for U+202F), which shows whether anything glues
     on; 0 elsewhere."""
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     b1, b2 = _ahead(within, 1, -1), _ahead(within, 2, -1)
     narrow = (ids == 0xE2) & (b1 == 0x80) & (b2 == 0xAF)  # U+202F
-    spaces = (ids == 0x09) | ((ids == 0xC2) & (b1 == 0xA0)) | ((ids == 0xE2) & (b1 == 0x80) & (b2 == 0x87)) | narrow
+    spaces = (
+        (ids == 0x09)
+        | ((ids == 0xC2) & (b1 == 0xA0))
+        | ((ids == 0xE2) & (b1 == 0x80) & (b2 == 0x87))
+        | narrow
+    )
     after_space = ws & _behind((ids == 0x20) & ws, 1, False)  # the word before s is a single U+0020
     in_narrow = narrow | _behind(narrow, 1, False) | _behind(narrow, 2, False)
     char_end = torch.where(ids == 0x09, pos + 1, torch.where(ids == 0xC2, pos + 2, pos + 3))
@@ -182,7 +192,9 @@ def _after_single_space(ids: torch.Tensor, within: torch.Tensor, ws: torch.Tenso
     return torch.where(spaces & after_space, _at(emit, deciding), 0)
 
 
-def _after_fraction_slash(ids: torch.Tensor, within: torch.Tensor, doc_start: torch.Tensor | None) -> torch.Tensor:
+def _after_fraction_slash(
+    ids: torch.Tensor, within: torch.Tensor, doc_start: torch.Tensor | None
+) -> torch.Tensor:
     """(B, T): at U+2044, the next ASCII byte, special or document start after it; 0 elsewhere. The character
     after the slash and its combining marks decides; ASCII is never a combining mark, so this is a
     conservative (never early) stand-in that needs no Unicode tables."""
@@ -246,7 +258,9 @@ def layout_words(
     else:  # r_w = s_{w+1} + c(s_{w+1}) - 1, c read from the lead byte
         clen = torch.cat([utf8_char_len(ids), torch.ones(B, 1, dtype=torch.long, device=dev)], 1)  # (B, T+1)
         ready = nxt + clen.gather(1, nxt) - 1
-    nxt_is_doc_start = torch.cat([doc_start, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1).gather(1, nxt)
+    nxt_is_doc_start = torch.cat([doc_start, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1).gather(
+        1, nxt
+    )
     ready = torch.where(nxt_is_doc_start, nxt, ready)
     ready = torch.where(nxt >= T, _NEVER, ready)
     if closed is not None:
