@@ -31,6 +31,7 @@ READER_SOURCES = (
     "shakespeare",
     "chatterbot",
     "pysource",
+    "wordfreq",
     "files",
     "hub",
     "prepared",
@@ -67,8 +68,10 @@ class SourceConfig:
     train_split: str = "train"  # hub: split trained on
     val_split: str = "validation"  # hub: split validated on ("" = hold out val_fraction of train_split)
     val_fraction: float = 0.01  # files/hub without a validation set: documents held out (by content hash)
-    languages: list[str] = field(default_factory=list)  # chatterbot: languages to use ([] = all)
+    languages: list[str] = field(default_factory=list)  # chatterbot / wordfreq: languages to use ([] = all)
     max_bytes: int = 0  # pysource: bytes read per split (0 = all)
+    docs: int = 200  # wordfreq: sampled documents per language and split (~1.7 KB each)
+    temperature: float = 0.5  # wordfreq: words drawn with probability ~ frequency ** temperature
     weight: float = 1.0  # mixture: share of training rows (normalised over the mixture)
 
 

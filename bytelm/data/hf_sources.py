@@ -69,6 +69,23 @@ def doc_dataset(
         return _relabel(
             IterableDataset.from_generator(pysource_generator, features=features(), gen_kwargs=kw), src
         )
+    if kind == "wordfreq":
+        from bytelm.data.wordfreq import wordfreq_generator, wordfreq_shards
+
+        if src.docs < 1 or src.temperature <= 0:
+            raise ValueError(
+                f"data.source=wordfreq needs docs >= 1 and temperature > 0, got docs={src.docs}, "
+                f"temperature={src.temperature}"
+            )
+        wkw: dict[str, Any] = {
+            "shards": wordfreq_shards(split, list(src.languages)),
+            "split": split,
+            "docs": int(src.docs),
+            "temperature": float(src.temperature),
+        }
+        return _relabel(
+            IterableDataset.from_generator(wordfreq_generator, features=features(), gen_kwargs=wkw), src
+        )
     if kind == "files":
         return _files(src, split, on_error, min_shards)
     if kind == "hub":

@@ -1,6 +1,6 @@
 """What ``data.*`` selects, as documents, corpora or streams. The embedded Shakespeare corpus is the default.
 
-``data.source`` names one source (``shakespeare | chatterbot | pysource | files | hub | prepared``) configured by the
+``data.source`` names one source (``shakespeare | chatterbot | pysource | wordfreq | files | hub | prepared``) configured by the
 other ``data.*`` keys, or ``mixture``: the weighted components listed in ``data.mixture`` (each a
 ``SourceConfig``). Every source is read through ``datasets`` (``hf_sources.doc_dataset``).
 
