@@ -218,7 +218,12 @@ def print_table(result: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/byteify", help="output folder (runs, HF export, results.json)")
-    p.add_argument("--stage0-steps", type=int, default=200, help="boundary-phase steps (0: skip the phase)")
+    p.add_argument("--stage0-steps", type=int, default=600, help="boundary-phase steps (0: skip the phase)")
+    p.add_argument(
+        "--stage0-data",
+        default="byteify_boundary",
+        help="boundary-phase data config (tokenizer labels only: byteify_mixture + wordfreq word lists)",
+    )
     p.add_argument(
         "--stage0-batch", type=int, default=8, help="boundary-phase rows per step (512 bytes each)"
     )
@@ -292,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             args.stage0_steps,
             [
                 "byteify.stage=0",
+                f"data={args.stage0_data}",
                 f"data.batch_size={args.stage0_batch}",
                 f"optim.lr={STAGE_LR[0]}",
                 "optim.warmup_steps=20",
