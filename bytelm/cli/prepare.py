@@ -20,7 +20,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bytelm.cli.errors import add_debug_flag, cli_main
 
+
+@cli_main("bytelm-prepare")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="bytelm-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=0, help="processes cleaning and splitting words (default 0)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

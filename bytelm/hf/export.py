@@ -32,6 +32,7 @@ from torch import nn
 
 import bytelm
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
+from bytelm.errors import UserError
 from bytelm.hf.configuration_bytelm import BytelmConfig
 from bytelm.models.config import ModelConfig
 
@@ -47,8 +48,8 @@ _REQUIRED = {"torch", "numpy", "regex", "transformers", "tokenizers", "safetenso
 _BYTELM_IMPORT = re.compile(r"from\s+bytelm((?:\.\w+)+)\s+import")
 
 
-class ExportError(RuntimeError):
-    """A clear, user-facing export / upload failure."""
+class ExportError(UserError, RuntimeError):
+    """A clear, user-facing export / upload failure (the CLI prints its message alone on one line)."""
 
 
 # ---------------------------------------------------------------------------------------------- model code
