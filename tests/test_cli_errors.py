@@ -1,6 +1,7 @@
 """User errors in the console scripts are one line and a non-zero exit; bugs keep their traceback
-(bytelm.cli.errors). The scripts run as subprocesses (``python -m bytelm.cli.X``, this checkout first on the
-path), two at a time; the checks of the folder case and of ``--debug`` / ``BYTELM_DEBUG`` run in process.
+(bytelm.cli.errors). The scripts run as subprocesses (``python -m bytelm.cli.<script>``, this checkout first
+on the path), two at a time; the checks of the folder case and of ``--debug`` / ``BYTELM_DEBUG`` run in
+process.
 """
 
 from __future__ import annotations

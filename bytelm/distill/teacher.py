@@ -1,10 +1,10 @@
 """A frozen subword teacher that speaks in byte spans.
 
-Cross-tokenizer distillation (DESIGN.md §5) compares a byte student with a subword teacher on the *same bytes*.
-This module turns raw byte strings into teacher tokens whose byte spans partition the original bytes, runs the
-teacher once, and returns everything the losses need: per-token log-probs of the actual next token (ALM), the
-log-probability that the next token starts a new word (ALM debiasing), full next-token rows on request (byte
-distributions) and hidden states (latent alignment).
+Cross-tokenizer distillation (docs/design.md#cross-tokenizer-distillation) compares a byte student with a
+subword teacher on the *same bytes*. This module turns raw byte strings into teacher tokens whose byte spans
+partition the original bytes, runs the teacher once, and returns everything the losses need: per-token
+log-probs of the actual next token (ALM), the log-probability that the next token starts a new word (ALM
+debiasing), full next-token rows on request (byte distributions) and hidden states (latent alignment).
 
 Byte spans. When the tokens' vocabulary bytes concatenate to the input (lossless tokenization: byte-level BPE on
 valid UTF-8, the usual case), the spans are their cumulative byte lengths. Otherwise the spans come from the
@@ -327,7 +327,8 @@ class Teacher:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA devices that support it; fp32 elsewhere (CPUs here have no fast bf16, DESIGN.md §4)."""
+    """bf16 on CUDA devices that support it; fp32 elsewhere (CPUs here have no fast bf16,
+    docs/design.md#platform-notes)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

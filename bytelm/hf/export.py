@@ -56,7 +56,8 @@ class ExportError(UserError, RuntimeError):
 
 
 def _bytelm_imports(tree: ast.AST, src: Path) -> list[Path]:
-    """Files of the ``bytelm`` modules ``tree`` imports (``from bytelm.a.b import ...`` only)."""
+    """Files of the ``bytelm`` modules ``tree`` imports (``from bytelm.<package>.<module> import ...``
+    only)."""
     deps = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "bytelm" for a in node.names):

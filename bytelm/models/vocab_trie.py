@@ -2,7 +2,8 @@
 
 Pure torch/numpy (no tokenizer import), so byteified models (``bytelm.models.byteified``) can carry a source
 vocabulary and use it at inference; ``bytelm.distill.byteprobs.ByteTrie`` adds the teacher-side helpers.
-The formulas are documented in ``bytelm/distill/byteprobs.py`` (naive within-token marginal, DESIGN.md §5).
+The formulas are documented in ``bytelm/distill/byteprobs.py`` (naive within-token marginal,
+docs/design.md#byte-level-teacher-distributions).
 """
 
 from __future__ import annotations
