@@ -140,3 +140,16 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypa
     monkeypatch.setenv("BYTELM_DEBUG", "0")
     with pytest.raises(SystemExit):
         _script(FileNotFoundError("gone"))([])
+
+
+def test_bad_override_is_one_line(tmp_path, capsys, monkeypatch):
+    """A misspelt Hydra key or an unknown value in a script's overrides is a user error too."""
+    from bytelm.cli.prepare import main
+
+    monkeypatch.delenv("BYTELM_DEBUG", raising=False)
+    for override, named in (("data.nope=1", "data.nope"), ("data.source=nope", "'nope'")):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / "out"), override])
+        err = capsys.readouterr().err
+        assert e.value.code == EXIT_USER_ERROR and err.count("\n") == 1, err
+        assert err.startswith("bytelm-prepare: error: bad configuration override: ") and named in err, err

@@ -16,9 +16,12 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from bytelm.errors import UserError
+from bytelm.errors import OptionError, UserError
+
+if TYPE_CHECKING:
+    from bytelm.config import Config
 
 DEBUG_ENV = "BYTELM_DEBUG"
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -51,6 +54,19 @@ def one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def load_config_overrides(overrides: Sequence[str]) -> Config:
+    """``bytelm.config.load_config`` for a console script: a misspelt key or a bad value in the Hydra
+    overrides is an ``OptionError`` (one line), not a traceback."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bytelm.config import load_config
+
+    try:
+        return load_config(list(overrides))
+    except (ValueError, OmegaConfBaseException) as e:
+        raise OptionError(f"bad configuration override: {e}") from e
+
+
 def cli_main(prog: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Decorator for a console script's ``main(argv=None)``: user errors become one line and exit status 2."""
 
@@ -72,4 +88,12 @@ def cli_main(prog: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
     return wrap
 
 
-__all__ = ["DEBUG_ENV", "EXIT_USER_ERROR", "USER_ERRORS", "add_debug_flag", "cli_main", "debug_requested"]
+__all__ = [
+    "DEBUG_ENV",
+    "EXIT_USER_ERROR",
+    "USER_ERRORS",
+    "add_debug_flag",
+    "cli_main",
+    "debug_requested",
+    "load_config_overrides",
+]
