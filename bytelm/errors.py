@@ -16,4 +16,9 @@ class OptionError(UserError, ValueError):
     """A bad option value (also a ``ValueError``, for callers that catch that)."""
 
 
-__all__ = ["OptionError", "UserError"]
+class ModelLoadError(UserError, RuntimeError):
+    """A model file or folder that exists but cannot be loaded (not a model, corrupt, incomplete); the message
+    names the path."""
+
+
+__all__ = ["ModelLoadError", "OptionError", "UserError"]

@@ -101,6 +101,11 @@ def test_broken_folder_and_debug(bad_inputs, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         generate_cli.main([str(b["folder"])])
     _one_line(capsys.readouterr().err, "generate", b["folder"])
+    gguf = b["corrupt"].with_name("model.gguf")  # a subword model file that is not GGUF
+    gguf.write_bytes(b["corrupt"].read_bytes())
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main([str(gguf), "--tasks", "bpb"])
+    assert "cannot be loaded" in _one_line(capsys.readouterr().err, "eval", gguf)
     with pytest.raises(CorruptCheckpointError):
         generate_cli.main([str(b["corrupt"]), "--debug"])
     monkeypatch.setenv("BYTELM_DEBUG", "1")

@@ -47,6 +47,7 @@ from bytelm.distill.tokens import (  # re-exported: the teacher's public helpers
     special_token_ids,
     token_bytes_table,
 )
+from bytelm.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ def load_teacher(
 ) -> Teacher:
     """Load a frozen teacher from an HF folder or a ``.gguf`` file (``None``: the offline SmolLM2-135M).
 
-    Never touches a hub: the path must be local. ``device`` defaults to CUDA when available, ``dtype`` to
+    Never touches a hub: the path must be local (``FileNotFoundError`` otherwise; ``ModelLoadError`` naming the
+    path when transformers cannot read it). ``device`` defaults to CUDA when available, ``dtype`` to
     ``default_dtype(device)``.
     """
     from transformers import AutoModelForCausalLM
@@ -354,11 +356,16 @@ def load_teacher(
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     dt = dtype or default_dtype(dev)
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(path)!r} does not exist")
     folder, gguf = _split_gguf(path)
-    tokenizer = load_tokenizer(path)
-    kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": True}
-    if gguf is not None:
-        kwargs["gguf_file"] = gguf
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    try:
+        tokenizer = load_tokenizer(path)
+        kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": True}
+        if gguf is not None:
+            kwargs["gguf_file"] = gguf
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as e:  # transformers' errors for a folder or file it cannot read
+        raise ModelLoadError(f"model {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from e
     model = model.to(dev)
     return Teacher(model, tokenizer, start_token=start_token)
