@@ -343,8 +343,8 @@ def load_teacher(
 ) -> Teacher:
     """Load a frozen teacher from an HF folder or a ``.gguf`` file (``None``: the offline SmolLM2-135M).
 
-    Never touches a hub: the path must be local (``FileNotFoundError`` otherwise; ``ModelLoadError`` naming the
-    path when transformers cannot read it). ``device`` defaults to CUDA when available, ``dtype`` to
+    Never touches a hub: the path must be local (``FileNotFoundError`` otherwise; ``ModelLoadError`` naming
+    the path when transformers cannot read it). ``device`` defaults to CUDA when available, ``dtype`` to
     ``default_dtype(device)``.
     """
     from transformers import AutoModelForCausalLM
