@@ -40,8 +40,9 @@ test-distributed: setup  ## only the multi-process strategy tests (gloo on CPU)
 test-slurm: setup  ## real Slurm on this host (root): installs slurm-wlm + munge if missing, one-node cluster, pytest -m slurm
 	PY=$(PY) bash scripts/slurm_cluster.sh test
 
-lint: setup  ## ruff + mypy
+lint: setup  ## ruff check, ruff format --check, mypy (what CI runs before the tests)
 	$(VENV)/bin/ruff check bytelm tests scripts
+	$(VENV)/bin/ruff format --check bytelm tests scripts
 	$(VENV)/bin/mypy
 
 bench: setup  ## CPU benchmarks (ratios measured side by side), JSON under out/

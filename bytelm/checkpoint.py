@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from bytelm.config import Config, config_from_dict
+from bytelm.errors import UserError
 from bytelm.models import build_model
 
 log = logging.getLogger(__name__)
 
 
-class CorruptCheckpointError(RuntimeError):
-    pass
+class CorruptCheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read or is not a bytelm checkpoint; the message names the path."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -54,11 +55,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def config_of(ckpt: dict[str, Any]) -> Config:
+def config_of(ckpt: dict[str, Any], where: str = "checkpoint") -> Config:
+    """The checkpoint's ``Config``; ``CorruptCheckpointError`` (its message starts with ``where``) when it has
+    none or this version of bytelm cannot read it."""
     raw = ckpt.get("bytelm_config") or ckpt.get("hyper_parameters", {}).get("cfg")
     if raw is None:
-        raise CorruptCheckpointError("checkpoint has no bytelm_config: was it written by bytelm?")
-    return config_from_dict(raw)
+        raise CorruptCheckpointError(f"{where} has no bytelm_config: was it written by bytelm?")
+    return _config(raw, where)
+
+
+def _config(raw: Any, where: str) -> Config:
+    """The stored config as a ``Config``; one that this version of bytelm cannot read is a corrupt
+    checkpoint (``where`` names it in the message)."""
+    try:
+        return config_from_dict(raw)
+    except Exception as e:  # OmegaConf key/type errors, validation ValueErrors
+        msg = " ".join(str(e).split())
+        raise CorruptCheckpointError(
+            f"{where}: its bytelm config cannot be read ({type(e).__name__}: {msg})"
+        ) from e
 
 
 def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -208,7 +223,7 @@ def _consolidate_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], Config]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     meta = _deepspeed_meta(path)
-    cfg = config_of(meta)
+    cfg = config_of(meta, f"DeepSpeed checkpoint {str(path)!r}")
     tag = _deepspeed_tag_dir(path).name
     sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     return _strip_model_prefix(dict(sd)), cfg
@@ -219,7 +234,7 @@ def _consolidate_dcp(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    cfg = config_of(_dcp_meta(path))
+    cfg = config_of(_dcp_meta(path), f"distributed checkpoint {str(path)!r}")
     full: dict[str, Any] = {}
     _load_state_dict(  # single process, no process group: reads every shard of the model weights
         full,
@@ -234,15 +249,25 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors' own error type for a truncated or foreign file
+        raise CorruptCheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})"
+        ) from e
     raw = meta.get("bytelm_config")
     side = path.with_suffix(".json")
     if raw is None and side.is_file():
         raw = side.read_text()
     if raw is None:
         raise CorruptCheckpointError(f"{str(path)!r} has no bytelm config (metadata or {side.name})")
-    return load_file(str(path)), config_from_dict(json.loads(raw))
+    try:
+        conf = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{str(path)!r}: its bytelm config is not valid JSON ({e})") from e
+    return sd, _config(conf, f"checkpoint {str(path)!r}")
 
 
 def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
@@ -258,7 +283,7 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     ckpt = read_checkpoint(path)
-    return model_state_dict(ckpt), config_of(ckpt)
+    return model_state_dict(ckpt), config_of(ckpt, f"checkpoint {str(path)!r}")
 
 
 def consolidate(ckpt: str | Path, out: str | Path) -> tuple[Path, Path]:

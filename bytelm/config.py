@@ -227,7 +227,8 @@ class DistillConfig:
 
 @dataclass
 class ByteifyConfig:
-    """Byteification of a subword LM (``model.arch=byteified``; docs/byteify.md, DESIGN.md §5b).
+    """Byteification of a subword LM (``model.arch=byteified``; docs/byteify.md,
+    docs/design.md#byteification).
 
     Stage 1: backbone frozen, patches = the teacher tokenizer's token ends, the decoder conditioned on the
     teacher's final hidden states; losses ``ce + encoder_weight * encoder + alm_weight * alm +

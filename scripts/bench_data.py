@@ -1,4 +1,4 @@
-"""Data pipeline throughput vs what training consumes, side by side in one run (DESIGN.md §7).
+"""Data pipeline throughput vs what training consumes, side by side in one run (docs/design.md#speed-claims).
 
 Measures the training loader of an experiment (default ``hat_tiny`` on the embedded Shakespeare corpus: the
 rows, doc ids and word starts the hierarchical model trains on) in bytes/s with 0, 1 and 2 workers, on both

@@ -1,4 +1,5 @@
-"""Hierarchical vs flat byte LM with the same backbone, same bytes, side by side in one run (DESIGN.md §7).
+"""Hierarchical vs flat byte LM with the same backbone, same bytes, side by side in one run
+(docs/design.md#speed-claims).
 
 Both models get the same backbone (d_model, n_layers, n_heads); the flat model runs it over every byte, the
 hierarchical one over words (HAT splitter) with narrow byte encoder/decoder stacks around it. Measured:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if a.device == "auto" and torch.cuda.is_available()
         else ("cpu" if a.device == "auto" else a.device)
     )
-    amp = device.type == "cuda"  # these CPUs have no native bf16 (DESIGN.md §4): fp32 there
+    amp = device.type == "cuda"  # these CPUs have no native bf16 (docs/design.md#platform-notes): fp32 there
     text = load_text(a)
     batch = make_batch(a, text)
     bpw = float(batch["word_start"].numel() / batch["word_start"].sum())

@@ -1,4 +1,5 @@
-"""MrT5 hard deletion vs no deletion: encoder+decoder forward time, side by side in one run (DESIGN.md §7).
+"""MrT5 hard deletion vs no deletion: encoder+decoder forward time, side by side in one run
+(docs/design.md#speed-claims).
 
 Forces the deletion ratio by setting the gate's bias so that exactly the wanted share of prefix bytes falls
 below ``tau_del`` (the real gate and hard-deletion code paths run; with ``--batch 1`` the share is exact), and,

@@ -1,6 +1,7 @@
-"""Byteification objective and training (bytelm.distill.byteify, DESIGN.md §5b): each loss against a naive
-computation, the teacher targets (segments, token ends, disk cache), and short stage-1 / stage-2 runs through
-``bytelm.train.run`` with a tiny source: frozen backbone in stage 1, stage 2 starting from stage 1, exact resume.
+"""Byteification objective and training (bytelm.distill.byteify, docs/design.md#byteification): each loss
+against a naive computation, the teacher targets (segments, token ends, disk cache), and short stage-1 /
+stage-2 runs through ``bytelm.train.run`` with a tiny source: frozen backbone in stage 1, stage 2 starting
+from stage 1, exact resume.
 """
 
 from __future__ import annotations

@@ -191,5 +191,9 @@ def test_consolidate_cli_on_run_folder(tmp_path, capsys):
     out = tmp_path / "w.safetensors"
     assert main([str(tmp_path), str(out)]) == 0
     assert out.is_file() and (tmp_path / "w.json").is_file()
-    assert main([str(tmp_path), str(tmp_path / "w.bin")]) == 2
-    assert main([str(tmp_path / "nope"), str(out)]) == 1
+    for bad in ([str(tmp_path), str(tmp_path / "w.bin")], [str(tmp_path / "nope"), str(out)]):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("bytelm-consolidate: error: "), err
+        assert err.count("\n") == 1, err

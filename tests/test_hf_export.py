@@ -261,9 +261,14 @@ def test_cli(tmp_path, capsys):
     write_ckpt(ckpt, "flat")
     main([str(ckpt), str(tmp_path / "out"), "--dtype", "fp32", "--max-shard-size", "30KB"])
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out2")])
-    assert e.value.code == 1 and "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("bytelm-export: error: ") and "does not exist" in err, err
+    with pytest.raises(SystemExit) as e:
+        main([str(ckpt), str(tmp_path / "out3"), "--max-shard-size", "lots"])
+    assert e.value.code == 2 and "'lots' is not a size" in capsys.readouterr().err
 
 
 def test_push_errors_are_clear(exported, monkeypatch, tmp_path):

@@ -207,8 +207,9 @@ def test_decoder_is_causal():
 
 
 def test_loss_decreases_on_repeated_batch_and_generation_reproduces_it():
-    """Invariants only (DESIGN.md §1): the loss falls by a wide margin, and cached greedy generation equals the
-    teacher-forced argmax. No test of *what* is generated: that is a trained trajectory another BLAS changes."""
+    """Invariants only (docs/design.md#how-bytelm-is-tested): the loss falls by a wide margin, and cached
+    greedy generation equals the teacher-forced argmax. No test of *what* is generated: that is a trained
+    trajectory another BLAS changes."""
     m = tiny(gate=GateConfig(layer=1, **RECIPE))
     m.train()
     rows = text_rows(4, 48)

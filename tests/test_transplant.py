@@ -1,4 +1,5 @@
-"""Transplanted Llama-family blocks reproduce the source model exactly (bytelm.distill.transplant, DESIGN.md §5b).
+"""Transplanted Llama-family blocks reproduce the source model exactly (bytelm.distill.transplant,
+docs/byteify.md).
 
 Acceptance test: with patches = the teacher's tokens and patch vectors = the teacher's own input embeddings, the
 student backbone's outputs equal the teacher's hidden states after every block, for tiny random Llama (GQA,

@@ -74,7 +74,8 @@ def _agreement(ours: list[bytes], ref: list[bytes]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# hand-written cases (DESIGN.md §2 item 1); each is also checked against the reference when it is installed
+# hand-written cases (docs/design.md#word-splitting); each is also checked against the reference when it is
+# installed
 # ---------------------------------------------------------------------------------------------------------
 
 CASES = [

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from bytelm.checkpoint import consolidate, latest_valid_checkpoint
+from bytelm.cli.errors import add_debug_flag, cli_main
+from bytelm.errors import OptionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ckpt", help="checkpoint folder or file, or a run folder")
     p.add_argument("out", help="output .safetensors path")
+    add_debug_flag(p)
     return p
 
 
@@ -39,19 +42,15 @@ def resolve(ckpt: Path) -> Path:
     return ckpt
 
 
+@cli_main("bytelm-consolidate")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        print("bytelm-consolidate: OUT must end in .safetensors", file=sys.stderr)
-        return 2
-    try:
-        src = resolve(Path(args.ckpt))
-        weights, cfg_json = consolidate(src, out)
-    except (FileNotFoundError, RuntimeError) as e:
-        print(f"bytelm-consolidate: {e}", file=sys.stderr)
-        return 1
+        raise OptionError(f"OUT must end in .safetensors (got {args.out!r})")
+    src = resolve(Path(args.ckpt))
+    weights, cfg_json = consolidate(src, out)
     print(f"{src} -> {weights} (+ {cfg_json.name})")
     return 0
 

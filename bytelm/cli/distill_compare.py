@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from bytelm.config import Config, load_config
+from bytelm.cli.errors import add_debug_flag, cli_main, load_config_overrides
+from bytelm.config import Config
 
 log = logging.getLogger("bytelm.distill_compare")
 
@@ -192,6 +193,7 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli_main("bytelm-distill-compare")
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(
@@ -208,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="validation batch size (default: the run's)")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (with --train)")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    cfg_d = load_config([f"experiment={args.experiment}", *args.overrides])
-    cfg_b = load_config([f"experiment={args.baseline_experiment}", *args.overrides])
+    cfg_d = load_config_overrides([f"experiment={args.experiment}", *args.overrides])
+    cfg_b = load_config_overrides([f"experiment={args.baseline_experiment}", *args.overrides])
     if args.train:
         from bytelm.train import run
 

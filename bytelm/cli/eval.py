@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 import torch
 
+from bytelm.cli.errors import add_debug_flag, cli_main
+from bytelm.errors import OptionError
 from bytelm.eval.bpb import evaluate_bpb
 from bytelm.eval.multilingual import SPLITS
 from bytelm.eval.noise import KINDS
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_debug_flag(p)
     return p
 
 
@@ -110,27 +112,25 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     )
 
 
+@cli_main("bytelm-eval")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         opts = options_from_args(args)
-    except ValueError as e:
-        sys.exit(f"bytelm-eval: {e}")
+    except ValueError as e:  # EvalOptions checks the option values only
+        raise OptionError(str(e)) from e
     from bytelm.eval.scoring import load_scorer
 
-    try:
-        scorer = load_scorer(
-            args.model,
-            device=args.device,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            name=args.name,
-            segmenter=args.segmenter,
-            tokenizer=args.tokenizer,
-        )
-    except (FileNotFoundError, IsADirectoryError, ValueError) as e:
-        sys.exit(f"bytelm-eval: {e}")
+    scorer = load_scorer(
+        args.model,
+        device=args.device,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        name=args.name,
+        segmenter=args.segmenter,
+        tokenizer=args.tokenizer,
+    )
     res = run_suite(scorer, opts, progress=args.progress)
     res["command"] = reproduce_command(args.model, opts)
     if args.json:

@@ -7,13 +7,21 @@ The folder loads with ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_c
 from __future__ import annotations
 
 import argparse
-import sys
+import re
+
+from bytelm.cli.errors import add_debug_flag, cli_main
 
 
 def _shard_size(v: str) -> str | int:
-    return int(v) if v.isdigit() else v
+    """A byte count, or a number with a unit (KB, MB, GB, KiB, MiB, GiB, ...)."""
+    if v.isdigit():
+        return int(v)
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", v, re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{v!r} is not a size such as 500MB, 2GB or a byte count")
+    return v
 
 
+@cli_main("bytelm-export")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="bytelm-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -40,28 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
 
-    from bytelm.hf.export import ExportError, export_checkpoint, hub_token, push_folder
+    from bytelm.hf.export import export_checkpoint, hub_token, push_folder
 
-    if args.push_to_hub:  # fail before a long export when the upload cannot happen
-        try:
-            hub_token(args.token)
-        except ExportError as e:
-            print(f"bytelm-export: {e}", file=sys.stderr)
-            raise SystemExit(2) from e
-    try:
-        out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    except (ExportError, FileNotFoundError, IsADirectoryError, RuntimeError, ValueError) as e:
-        print(f"bytelm-export: {e}", file=sys.stderr)
-        raise SystemExit(1) from e
+    if args.push_to_hub:  # fail before a long export when the upload cannot happen (ExportError)
+        hub_token(args.token)
+    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"exported {args.ckpt} -> {out}")
     if args.push_to_hub:
-        try:
-            url = push_folder(out, args.push_to_hub, private=args.private, token=args.token)
-        except ExportError as e:
-            print(f"bytelm-export: {e}", file=sys.stderr)
-            raise SystemExit(2) from e
+        url = push_folder(out, args.push_to_hub, private=args.private, token=args.token)
         print(f"pushed to {url}")
 
 

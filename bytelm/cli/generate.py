@@ -11,6 +11,7 @@ import sys
 import torch
 
 from bytelm.checkpoint import load_model
+from bytelm.cli.errors import add_debug_flag, cli_main
 from bytelm.models.generate import DEFAULT_MAX_NEW_BYTES, DEFAULT_TEMPERATURE
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward each byte (slow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_flag(p)
     return p
 
 
@@ -43,6 +45,7 @@ def parse_stop(text: str) -> bytes:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("utf-8")
 
 
+@cli_main("bytelm-generate")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from bytelm.models.generate import stream

@@ -20,7 +20,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bytelm.cli.errors import add_debug_flag, cli_main, load_config_overrides
 
+
+@cli_main("bytelm-prepare")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="bytelm-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,17 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=0, help="processes cleaning and splitting words (default 0)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import datasets.config
 
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
-    from bytelm.config import config_to_dict, load_config
+    from bytelm.config import config_to_dict
     from bytelm.data.prepare import write_prepared
     from bytelm.data.sources import iter_documents
 
-    cfg = load_config(list(args.overrides))
+    cfg = load_config_overrides(args.overrides)
     d = cfg.data
     if d.source in ("mixture", "prepared"):
         p.error(f"data.source={d.source}: prepare each source on its own (then mix prepared sources)")

@@ -1,4 +1,5 @@
-"""The embedded multilingual corpus: ``chatterbot-corpus==1.3.3`` YAML dialogs in 28 languages (DESIGN.md §3).
+"""The embedded multilingual corpus: ``chatterbot-corpus==1.3.3`` YAML dialogs in 28 languages
+(docs/design.md#embedded-corpora).
 
 The wheel is fetched once with ``pip download`` into the bytelm cache and read straight from the archive
 (``chatterbot_corpus/data/<language>/<topic>.yml``). A document is one dialog: its turns, one per line. The

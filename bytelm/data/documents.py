@@ -1,5 +1,5 @@
 """What every source yields: documents of raw bytes, the schema they travel in through ``datasets``, and the
-counts of unusual input (DESIGN.md §3: bad input is counted and reported, never a crash).
+counts of unusual input (docs/design.md#data: bad input is counted and reported, never a crash).
 
 A document is ``(name, data, group, error)``: ``data`` is raw bytes (not necessarily valid UTF-8), ``group``
 names the report it belongs to (``shakespeare``, ``chatterbot/japanese``, a file source's label, ...), and a
@@ -77,7 +77,7 @@ def in_split(data: bytes, split: str, val_fraction: float) -> bool:
 
 @dataclass
 class InputStats:
-    """Counts of unusual input, reported instead of crashing (DESIGN.md §3)."""
+    """Counts of unusual input, reported instead of crashing (docs/design.md#data)."""
 
     documents: int = 0  # documents kept
     bytes: int = 0  # bytes kept (after replacement)

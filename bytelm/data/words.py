@@ -2,7 +2,7 @@
 
 The hierarchical models pool bytes into one vector per *word*, so the splitter decides what the backbone
 sees. The default rule is HAT's ("Hierarchical Autoregressive Transformers"), whose reference implementation
-is the Rust package ``hat-splitter`` 0.1.10 (DESIGN.md §2 item 1):
+is the Rust package ``hat-splitter`` 0.1.10 (docs/design.md#word-splitting):
 
 1. Unicode word-bound segments (UAX #29 as the Rust crate ``unicode-segmentation`` 1.12 computes them);
 2. every punctuation character (``\\p{P}``) ends its piece (``don't`` -> ``don'`` ``t``); camelCase is cut

@@ -1,4 +1,5 @@
-"""Cross-tokenizer distillation: subword teachers into byte students (DESIGN.md §5, docs/distill.md).
+"""Cross-tokenizer distillation: subword teachers into byte students
+(docs/design.md#cross-tokenizer-distillation, docs/distill.md).
 
 ``teacher`` loads a frozen Hugging Face LM and gives byte spans of its tokens; ``align`` cuts chunks common to
 both tilings; ``alm`` is the ALM loss; ``byteprobs`` the teacher's next-byte distribution and the byte KL;

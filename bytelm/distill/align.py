@@ -1,4 +1,4 @@
-"""Chunk alignment between teacher tokens and student units (DESIGN.md §5, ALM).
+"""Chunk alignment between teacher tokens and student units (docs/design.md#alm).
 
 Teacher tokens and student units (bytes, or words for a word-level student) tile the same bytes differently.
 ALM compares likelihoods of *chunks*: spans whose both ends are boundaries of both tilings. tokenkit's

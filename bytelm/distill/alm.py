@@ -1,4 +1,4 @@
-"""Approximate Likelihood Matching (ALM) loss, exactly as DESIGN.md §5 states it.
+"""Approximate Likelihood Matching (ALM) loss, exactly as docs/design.md#alm states it.
 
 ALM ("Cross-Tokenizer Distillation via Approximate Likelihood Matching", Minixhofer et al.; reference
 bminixhofer/tokenkit) needs no shared vocabulary: it only compares the likelihood that teacher and student give

@@ -1,25 +1,30 @@
-"""Byteify a subword LM: build the byteified student from its source, and the two training stages.
+"""Byteify a subword LM: build the byteified student from its source; the boundary phase and the two stages.
 
-DESIGN.md §5b, docs/byteify.md. ``model.arch=byteified`` (``bytelm.models.byteified``) keeps the source model's
-decoder blocks as the backbone; this module is the part that needs the source model and its tokenizer:
+docs/byteify.md (the design: docs/design.md#byteification). ``model.arch=byteified``
+(``bytelm.models.byteified``) keeps the source model's decoder blocks as the backbone; this module is the part
+that needs the source model and its tokenizer:
 
 - ``fill_source_fields(cfg)`` writes the source's backbone shape, vocabulary size and start token into
   ``cfg.model`` (so checkpoints and exports rebuild the model from the config alone);
 - ``source_tensors(cfg)`` gives every tensor taken from the source (backbone blocks, final norm, embeddings,
-  LM head, vocabulary buffers, and the patch projection initialised to the embeddings' statistics), which
-  ``bytelm.lit.strategies.build_model_for`` loads into a plain, ZeRO-3-partitioned or FSDP2-sharded model;
-- ``set_trainable(model, cfg)``: stage 0 (the boundary phase) trains only the byte embedding, the encoder and
-  the boundary predictor, with BCE against the tokenizer's token ends (no teacher, no backbone: cheap, so it can
-  read far more text than the teacher labels); stage 1 freezes the backbone; stage 2 trains it (at ``backbone_lr_mult`` of
-  the learning rate) unless ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 and, with
-  ``byteify.train_boundary`` (the default), in stage 2; the source embeddings never train;
+  LM head, vocabulary buffers, and the patch projection: zero with ``patch_token_embed``, the default, so the
+  untrained model feeds the blocks the source's own inputs; else initialised to the embeddings' statistics),
+  which ``bytelm.lit.strategies.build_model_for`` loads into a plain, ZeRO-3-partitioned or FSDP2-sharded
+  model;
+- ``set_trainable(model, cfg)``: stage 0 (the boundary phase) trains only the byte embedding, the projection
+  of the expanded embedding, the encoder and the boundary predictor, with BCE against the tokenizer's token
+  ends (no teacher, no backbone: cheap, so it can read far more text than the teacher labels); stage 1 freezes
+  the backbone; stage 2 trains it (at ``backbone_lr_mult`` of the learning rate) unless
+  ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 and, with ``byteify.train_boundary``
+  (the default), in stage 2 (never with word patches, ``chunker=words``, where it has no loss); the source
+  embeddings never train;
 - ``ByteifyObjective``: the losses against the teacher (= the source model, frozen). Stage 1: ``encoder``
   (patch vectors through the first k frozen blocks vs the teacher's hidden state after block k at the same
-  token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` between the fused head's
-  probability of a patch and the teacher's of the token) and ``boundary`` (BCE of the boundary predictor
-  against token ends); the joint (byte, bit) cross-entropy is the module's own loss, with the decoder
-  conditioned on the teacher's final hidden states. Stage 2 keeps ``boundary`` (labels from the tokenizer
-  alone: no teacher forward) and ``alm`` when ``stage2_alm_weight`` > 0.
+  token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` between the fused
+  head's probability of a patch and the teacher's of the token) and ``boundary`` (BCE of the boundary
+  predictor against token ends); the joint (byte, bit) cross-entropy is the module's own loss, with the
+  decoder conditioned on the teacher's final hidden states. Stage 2 keeps ``boundary`` (labels from the
+  tokenizer alone: no teacher forward) and ``alm`` when ``stage2_alm_weight`` > 0.
 """
 
 from __future__ import annotations
@@ -500,8 +505,8 @@ def word_targets(
     tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_word_bytes: int
 ) -> TokenTargets:
     """Token targets moved to word patches (the HAT-word ablation): each word's last byte gets the states of the
-    last teacher token that ends inside the word (DESIGN.md §5: bytelm's word-level adaptation of Bolmo's
-    latent alignment); words with no token ending inside them get none."""
+    last teacher token that ends inside the word (docs/design.md#latent-alignment: bytelm's word-level
+    adaptation of Bolmo's latent alignment); words with no token ending inside them get none."""
     from bytelm.models.hierarchical import split_word_starts
 
     B, T = ids.shape

@@ -1,12 +1,12 @@
 """Next-byte distributions implied by a subword teacher, and the byte-level KL against a byte student.
 
-``byte_kl_naive`` (DESIGN.md §5) uses the *naive within-token marginal*. At byte ``j`` inside teacher token
-``t_i`` (which starts at byte ``s``), with the teacher's next-token distribution ``p`` for position ``i`` and the
-prefix ``q = bytes[s:j]`` already emitted inside the token:
+``byte_kl_naive`` (docs/design.md#byte-level-teacher-distributions) uses the *naive within-token marginal*. At
+byte ``j`` inside teacher token ``t_i`` (which starts at byte ``s``), with the teacher's next-token
+distribution ``p`` for position ``i`` and the prefix ``q = bytes[s:j]`` already emitted inside the token:
 
     P(b) = M(q + b) / sum_b' M(q + b'),      M(x) = sum of p(v) over tokens v whose bytes start with x.
 
-DESIGN.md writes the denominator as ``M(q)``; ``M(q)`` also counts tokens *equal to* ``q`` (the token ends
+The denominator is often written ``M(q)``, but ``M(q)`` also counts tokens *equal to* ``q`` (the token ends
 here), an event the naive marginal never scores, so with ``M(q)`` the 256 probabilities sum to ``1 - P(end)``.
 We renormalise over the 256 bytes by default (``renormalize=True``) so that the target is a distribution, i.e. we
 condition on "the token goes on", which is true at every position we score. ``renormalize=False`` gives the

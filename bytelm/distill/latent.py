@@ -1,13 +1,18 @@
-"""Latent alignment: pull the student's word vectors toward the teacher's hidden states (DESIGN.md §5).
+"""Latent alignment: pull the student's word vectors toward the teacher's hidden states
+(docs/design.md#latent-alignment, docs/distill.md).
 
 This is an *adaptation* of Bolmo's stage 1, not a copy of it. Bolmo takes patches = teacher tokens: the patch
 vector is the projected local-encoder state at the patch's last byte, run through the first 4 frozen teacher
 blocks and compared with the teacher's hidden state after the same 4 blocks, with distance
-``||s - t||_2 / sqrt(d)`` (not squared) and weight 4. bytelm's hierarchical students pool *words*, not teacher
-tokens, so here each student word vector is compared with the teacher's hidden state at the last teacher token
-that ends inside that word (``align.last_token_in_units``), through a learned linear projection from the student
-width to the teacher width. Words inside which no teacher token ends (one long token covering several words)
-are skipped. The distance is Bolmo's by default; ``metric="cosine"`` uses ``1 - cos(s, t)`` instead.
+``||s - t||_2 / sqrt(d)`` (not squared); its stage-1 losses ``[local_encoder, ce, local_decoder, boundary]``
+are weighted ``[1, 1, 1, 4]``, so this encoder loss has weight 1 (the 4 is the boundary BCE's). Here the
+weight is ``distill.latent_weight`` and the teacher state is the one after ``distill.latent_layer`` blocks
+(-1: the final, normed one), both read by ``bytelm.distill.objective``. bytelm's hierarchical students pool
+*words*, not teacher tokens, so here each student word vector is compared with the teacher's hidden state at
+the last teacher token that ends inside that word (``align.last_token_in_units``), through a learned linear
+projection from the student width to the teacher width. Words inside which no teacher token ends (one long
+token covering several words) are skipped. The distance is Bolmo's by default; ``metric="cosine"`` uses
+``1 - cos(s, t)`` instead.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Distillation as a training objective: ``ByteLMModule.extra_loss`` built from ``cfg.distill`` (DESIGN.md §5).
+"""Distillation as a training objective: ``ByteLMModule.extra_loss`` built from ``cfg.distill``
+(docs/design.md#cross-tokenizer-distillation).
 
 ``DistillObjective`` is called inside every training step with the student's batch and output and returns
 ``(loss, metrics)``; the module adds the loss to the byte cross-entropy and logs the metrics as

@@ -1,10 +1,10 @@
 """A frozen subword teacher that speaks in byte spans.
 
-Cross-tokenizer distillation (DESIGN.md §5) compares a byte student with a subword teacher on the *same bytes*.
-This module turns raw byte strings into teacher tokens whose byte spans partition the original bytes, runs the
-teacher once, and returns everything the losses need: per-token log-probs of the actual next token (ALM), the
-log-probability that the next token starts a new word (ALM debiasing), full next-token rows on request (byte
-distributions) and hidden states (latent alignment).
+Cross-tokenizer distillation (docs/design.md#cross-tokenizer-distillation) compares a byte student with a
+subword teacher on the *same bytes*. This module turns raw byte strings into teacher tokens whose byte spans
+partition the original bytes, runs the teacher once, and returns everything the losses need: per-token
+log-probs of the actual next token (ALM), the log-probability that the next token starts a new word (ALM
+debiasing), full next-token rows on request (byte distributions) and hidden states (latent alignment).
 
 Byte spans. When the tokens' vocabulary bytes concatenate to the input (lossless tokenization: byte-level BPE on
 valid UTF-8, the usual case), the spans are their cumulative byte lengths. Otherwise the spans come from the
@@ -47,6 +47,7 @@ from bytelm.distill.tokens import (  # re-exported: the teacher's public helpers
     special_token_ids,
     token_bytes_table,
 )
+from bytelm.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,8 @@ class Teacher:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA devices that support it; fp32 elsewhere (CPUs here have no fast bf16, DESIGN.md §4)."""
+    """bf16 on CUDA devices that support it; fp32 elsewhere (CPUs here have no fast bf16,
+    docs/design.md#platform-notes)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -341,7 +343,8 @@ def load_teacher(
 ) -> Teacher:
     """Load a frozen teacher from an HF folder or a ``.gguf`` file (``None``: the offline SmolLM2-135M).
 
-    Never touches a hub: the path must be local. ``device`` defaults to CUDA when available, ``dtype`` to
+    Never touches a hub: the path must be local (``FileNotFoundError`` otherwise; ``ModelLoadError`` naming
+    the path when transformers cannot read it). ``device`` defaults to CUDA when available, ``dtype`` to
     ``default_dtype(device)``.
     """
     from transformers import AutoModelForCausalLM
@@ -353,11 +356,16 @@ def load_teacher(
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     dt = dtype or default_dtype(dev)
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(path)!r} does not exist")
     folder, gguf = _split_gguf(path)
-    tokenizer = load_tokenizer(path)
-    kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": True}
-    if gguf is not None:
-        kwargs["gguf_file"] = gguf
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    try:
+        tokenizer = load_tokenizer(path)
+        kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": True}
+        if gguf is not None:
+            kwargs["gguf_file"] = gguf
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as e:  # transformers' errors for a folder or file it cannot read
+        raise ModelLoadError(f"model {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from e
     model = model.to(dev)
     return Teacher(model, tokenizer, start_token=start_token)

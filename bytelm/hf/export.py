@@ -32,6 +32,7 @@ from torch import nn
 
 import bytelm
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
+from bytelm.errors import UserError
 from bytelm.hf.configuration_bytelm import BytelmConfig
 from bytelm.models.config import ModelConfig
 
@@ -47,15 +48,16 @@ _REQUIRED = {"torch", "numpy", "regex", "transformers", "tokenizers", "safetenso
 _BYTELM_IMPORT = re.compile(r"from\s+bytelm((?:\.\w+)+)\s+import")
 
 
-class ExportError(RuntimeError):
-    """A clear, user-facing export / upload failure."""
+class ExportError(UserError, RuntimeError):
+    """A clear, user-facing export / upload failure (the CLI prints its message alone on one line)."""
 
 
 # ---------------------------------------------------------------------------------------------- model code
 
 
 def _bytelm_imports(tree: ast.AST, src: Path) -> list[Path]:
-    """Files of the ``bytelm`` modules ``tree`` imports (``from bytelm.a.b import ...`` only)."""
+    """Files of the ``bytelm`` modules ``tree`` imports (``from bytelm.<package>.<module> import ...``
+    only)."""
     deps = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "bytelm" for a in node.names):

@@ -2,8 +2,9 @@
 
 Backends (``model.attn_backend``; the names are ``ATTN_BACKENDS``):
 - ``auto`` (default): flash-attn varlen on CUDA when it is installed and the compute dtype is fp16/bf16; on CUDA
-  otherwise SDPA where its mask has no query dimension (plain causal, per-key bias/padding only), else flex;
-  SDPA off CUDA. Chosen per stack (a stack that needs MrT5's per-key bias cannot use flash) and logged once.
+  otherwise SDPA where its mask has no query dimension (plain causal, per-key bias/padding only), else flex
+  (and SDPA with a dense mask when flex cannot run either); SDPA off CUDA. Chosen per stack (a stack that
+  needs MrT5's per-key bias cannot use flash) and logged once.
 - ``sdpa``: ``F.scaled_dot_product_attention``; runs everything, everywhere. Packed documents, sliding windows
   and causal masks with a bias need a dense (B, 1, Tq, Tk) additive mask: built once per stack.
 - ``flash``: flash-attn 2 (``flash_attn_varlen_func`` with ``cu_seqlens`` for packed documents); CUDA, fp16/bf16,

@@ -18,20 +18,23 @@ this file is the pure-torch model. Bytes -> patches -> source blocks -> (byte, b
   is predicted and scored, the segmenter's lookahead leaks nothing: the score is the joint cross-entropy of the
   (byte, bit) symbols, an upper bound on the byte NLL whatever chose the bits (``joint_logprobs``). Where the
   size cap forces the next byte to end its patch, the "continues" half is masked.
-- **Patch vectors** = the source embedding of the patch's token (the longest vocabulary token that ends at the
-  patch's last byte and starts inside the patch: the patch itself when it is a token) plus the projected encoder
-  state at the last byte, a correction that starts at zero; a special (BOS/EOS/PAD) is a patch whose vector is
-  the source's document-start embedding.
+- **Patch vectors** = the projected encoder state at the patch's last byte; with ``patch_token_embed`` (the
+  default) it is a correction, starting at zero, added to the source embedding of the patch's token (the
+  longest vocabulary token that ends at the patch's last byte and starts inside the patch: the patch itself
+  when it is a token). A special (BOS/EOS/PAD) is a patch whose vector is the source's document-start
+  embedding.
 - **Sink.** The source always saw its start token at position 0. A row that begins inside a document gets a
   virtual first patch with that embedding (its output is the context before the first patch); a row that begins
   with a special masks it.
-- **Exact prior.** The logits are ``prior_scale * log P_prior + residual``: ``P_prior`` is the source LM head
-  on the context patch's backbone output turned exactly into (byte, bit) probabilities
-  (``bytelm.models.byte_prior``), the residual head starts at zero. With the tokenizer's segmentation the
-  untrained model scores every text as the source model does.
-- **Stage-1 hooks**: ``context=`` (B, T, D) replaces the backbone outputs by the teacher's final hidden states read
-  at each patch's last byte, and ``probe_blocks=k`` returns the patch vectors after the first k blocks (the
-  encoder loss) in ``hidden["probe"]``.
+- **Exact prior** (``lm_prior``, the default). The logits are ``prior_scale * log P_prior + residual``:
+  ``P_prior`` is the source LM head on the context patch's backbone output turned exactly into (byte, bit)
+  probabilities (``bytelm.models.byte_prior``), the residual head starts at zero. With the tokenizer's
+  segmentation the untrained model scores every text as the source model does. Without ``lm_prior`` the
+  logits are the residual head's alone.
+- **Training hooks**: ``context=`` (B, T, D) replaces the backbone outputs by the teacher's final hidden
+  states read at each patch's last byte (stage 1), ``probe_blocks=k`` returns the patch vectors after the
+  first k blocks (the encoder loss) in ``hidden["probe"]``, and ``boundary_only=True`` runs the encoder and
+  the boundary predictor alone, its loss the BCE against ``patch_end`` (the boundary phase).
 
 Cached decoding (``byteified_cache.py``) feeds (byte, bit) pairs; a byte fed without its bit gets the bit the
 fused head prefers after it (this is how generation decides boundaries, and how the prompt's last byte is

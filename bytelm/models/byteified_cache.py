@@ -7,7 +7,9 @@ The cache holds the three stacks' KV caches and the open patch. Each byte arrive
   sets the bits of all but its last byte, and the last byte's bit is the one the fused head prefers after the
   previous byte (Bolmo's rollback: the head, not the segmenter's lookahead, decides where the prompt's last
   patch ends); a single byte takes the head's preferred bit (how ``transformers``' generation loop feeds the
-  sampled byte).
+  sampled byte);
+- not given, ``causal=True`` (the ``causal_bits`` of ``ByteifiedLM.forward``): every byte takes the head's
+  preferred bit, no segmenter at all, so the byte marginals are an honest causal byte distribution.
 
 A byte whose bit is set closes its patch at once: pooled, one backbone step, and that output is the context of
 the byte itself (no delay). A special closes the open patch and then a patch of its own; the size cap closes a

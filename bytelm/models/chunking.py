@@ -1,5 +1,6 @@
 """Learned chunk boundaries for the hierarchical model (``model.chunker=gate``): the MrT5 delete gate decides
-which bytes end a chunk, so the backbone runs on the kept positions only (DESIGN.md §2, docs/mrt5.md).
+which bytes end a chunk, so the backbone runs on the kept positions only (docs/design.md#mrt5-delete-gate,
+docs/mrt5.md).
 
 A byte whose gate value ``G`` lies above ``tau_del`` is *kept*: it closes the chunk that holds it, and the
 chunk's vector goes to the backbone; the deleted bytes before it are merged into that chunk (the HAT pooling

@@ -32,7 +32,7 @@ ATTN_BACKENDS: tuple[str, ...] = tuple(b.value for b in Backend)  # the valid va
 
 @dataclass
 class GateConfig:
-    """MrT5 delete gate (DESIGN.md §2)."""
+    """MrT5 delete gate and its PI controller (docs/design.md#mrt5-delete-gate, docs/mrt5.md)."""
 
     layer: int = 2  # gate reads the input of encoder block `layer` (0-based); MrT5 code default 2
     k: float = -30.0  # G = k * sigmoid(-(RMSNorm(h) @ w + b))
@@ -108,9 +108,9 @@ class ModelConfig:
     decoder_cross: str = choice(
         "first", "first", "all"
     )  # decoder layers that receive the previous word's vector
-    chunker: str = choice(
-        "words", "words", "gate"
-    )  # words (rule-based splitter) | gate (learned delete gate)
+    # words (rule-based splitter) | gate (learned boundaries: the MrT5 delete gate for arch=hierarchical,
+    # chunking.py; the boundary predictor for arch=byteified, byteified.py)
+    chunker: str = choice("words", "words", "gate")
     max_word_bytes: int = 100
     gate: GateConfig = field(default_factory=GateConfig)
     gate_enabled: bool = True  # MrT5: False trains the same encoder-decoder without the delete gate
@@ -120,9 +120,8 @@ class ModelConfig:
     source_vocab_bytes: int = 0  # total bytes of the source vocabulary's token strings (a buffer's shape)
     source_start_id: int = 0  # the source's document-start token: specials and the row-start sink embed as it
     source_tied: bool = True  # the source's LM head is its input embedding
-    lm_prior: bool = (
-        True  # add the source LM head's naive next-byte marginal to the byte logits (byteified.py)
-    )
+    # add the source LM head's exact (byte, ends-patch) log-prior to the fused logits (byte_prior.py)
+    lm_prior: bool = True
     patch_token_embed: bool = True  # patch vector = source embedding of the patch's token + pooled correction
     boundary_hidden: int = (
         0  # boundary predictor: 0 = linear probe of the encoder state, > 0 = an MLP this wide

@@ -1,6 +1,9 @@
 """Flat byte transformer: the baseline every bytelm result is compared with.
 
-A Llama-style decoder (RMSNorm, RoPE, SwiGLU, no biases) that runs its full width over every byte.
+A Llama-style decoder (pre-norm RMSNorm, RoPE, SwiGLU, no biases, full multi-head attention) that runs its
+full width over every byte. Packed documents never attend to each other (``doc_ids``); ``new_cache`` gives the
+per-layer KV caches of cached generation. The Llama-family fields of a transplanted source model
+(``n_kv_heads``, ``head_dim``, ``qkv_bias``, ``rope_scaling``, ...) are not used here.
 """
 
 from __future__ import annotations

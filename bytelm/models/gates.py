@@ -1,6 +1,7 @@
 """MrT5 delete gate, hard deletion by gather, and the PI controller that sets the gate regulariser.
 
-Formulas (DESIGN.md §2, after "MrT5: Dynamic Token Merging for Efficient Byte-level Language Models"):
+Formulas (docs/design.md#mrt5-delete-gate, after "MrT5: Dynamic Token Merging for Efficient Byte-level
+Language Models"):
 
 - gate: ``G = k * sigmoid(-(RMSNorm(h) @ w + b))`` with ``k = -30``, ``w`` xavier, ``b = +1``, so ``G`` lies in
   ``(k, 0)``: near 0 keeps a position, near ``k`` deletes it. At init ``G`` is near ``-30 * sigmoid(-1) = -8.1``

@@ -1,10 +1,19 @@
 """KV-cached byte generation for every bytelm model.
 
 A model takes part by offering ``new_cache()`` and ``forward(ids, cache=cache)`` that returns the logits of the
-new positions only (flat: a list of per-layer ``KVCache``; hierarchical: a ``HierCache`` that also decides word
-boundaries online, exactly as the offline splitter would; MrT5: its decoder's caches over the encoded prompt;
-byteified: a ``ByteifiedCache`` fed (byte, boundary-bit) symbols, ``sample_symbol``). ``use_cache=False`` reruns the full forward over
-everything so far at every step: slow, but the reference the cached path is tested against.
+new positions only. Four caches, one per model kind:
+
+- flat: a list of per-layer ``KVCache`` (``bytelm.models.layers``);
+- hierarchical: a ``HierCache`` (``bytelm.models.hier_cache``) that also decides word boundaries online,
+  exactly as the offline splitter would (or applies the learned chunker's gate byte by byte);
+- MrT5: a ``DecoderCache`` (``bytelm.models.mrt5``): the first call encodes the prompt, later calls run the
+  decoder with its self-attention and cross-attention caches;
+- byteified: a ``ByteifiedCache`` (``bytelm.models.byteified_cache``) fed (byte, boundary-bit) symbols: a
+  model with a fused head (``fused_head``) samples the bit with the byte (``sample_symbol``), and the prompt's
+  patch ends come from its ``prompt_bits`` except the last byte's.
+
+``use_cache=False`` reruns the full forward over everything so far at every step: slow, but the reference the
+cached path is tested against.
 
 Sampling never picks PAD or BOS nor the padded vocabulary columns (ids >= 259); EOS ends generation.
 """

@@ -1,12 +1,12 @@
 """Cached (incremental) decoding of the hierarchical model: batch 1, one document, byte by byte.
 
-Words are decided online (DESIGN.md §2): after each new byte the complete characters from the start of the
-current rule word are re-split with the same splitter (bytes of an unfinished UTF-8 character wait, so the size
-cap never cuts inside a character the full forward keeps whole), the ready rule of ``layout_words(decided=True)``
-(``decision_times``) is applied to the bytes seen so far, and a word is pooled and runs one backbone step once
-it is ready. With the learned chunker the gate's decisions are applied byte by byte by the rules of
-``bytelm.models.chunking``. The result equals the full forward (tested to 1e-4; see hierarchical.py's docstring
-for the splitter properties this relies on).
+Words are decided online (docs/design.md#word-splitting): after each new byte the complete characters from the
+start of the current rule word are re-split with the same splitter (bytes of an unfinished UTF-8 character
+wait, so the size cap never cuts inside a character the full forward keeps whole), the ready rule of
+``layout_words(decided=True)`` (``decision_times``) is applied to the bytes seen so far, and a word is pooled
+and runs one backbone step once it is ready. With the learned chunker the gate's decisions are applied byte by
+byte by the rules of ``bytelm.models.chunking``. The result equals the full forward (tested to 1e-4; see
+hierarchical.py's docstring for the splitter properties this relies on).
 
 ``CachedDecoding`` is a mixin of ``HierarchicalByteLM`` (and so of ``ByteifiedLM``, which overrides the cache).
 """

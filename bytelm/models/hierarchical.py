@@ -1,9 +1,10 @@
 """HAT-style hierarchical byte LM: byte encoder -> word pooling -> latent backbone -> byte decoder.
 
-DESIGN.md §2. Bytes are split into words (rule-based splitter; the boundary source is pluggable through
-``cfg.chunker``); a few narrow causal layers encode every byte; one vector per word is pooled; a wide causal
-backbone runs over word vectors (most parameters and FLOPs); a few narrow layers decode every byte from the
-encoder's byte activations plus exactly one word vector: the backbone output of the *previous* word.
+docs/design.md#hierarchical-byte-lm, docs/hierarchical.md. Bytes are split into words (rule-based splitter;
+the boundary source is pluggable through ``cfg.chunker``); a few narrow causal layers encode every byte; one
+vector per word is pooled; a wide causal backbone runs over word vectors (most parameters and FLOPs); a few
+narrow layers decode every byte from the encoder's byte activations plus exactly one word vector: the backbone
+output of the *previous* word.
 
 Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_generate.py):
 
@@ -45,9 +46,10 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
 - **Attention metadata** is built once per forward for each of the three stacks (``attention.stack_meta``): the
   byte encoder and decoder share one when their windows agree (same bytes, same documents), the backbone has
   its own over words (documents of words: ``WordLayout.word_doc``).
-- **torch.compile**: the training forward has no host work but the word count ``W`` (a data-dependent shape:
-  one graph break in ``layout_words``); word starts come from the data layer (``batch["word_start"]``), and
-  the learned chunker's size cap is vectorised (``chunking.close_chunks``).
+- **torch.compile**: the training forward has no host work but the word count ``W``, a data-dependent shape
+  that ``bytelm.models.compile`` captures as an unbacked size (no graph break; tests/test_compile.py); word
+  starts come from the data layer (``batch["word_start"]``), and the learned chunker's size cap is vectorised
+  (``chunking.close_chunks``).
 
 Files: this one holds the model; ``word_layout.py`` the splitter glue, the word layout and the two poolings;
 ``hier_cache.py`` cached decoding.

@@ -1,8 +1,12 @@
 """Transformer building blocks shared by every bytelm model: RMSNorm, RoPE, SwiGLU, attention, Block.
 
-Pure torch. Llama-style: pre-norm, no biases, rotary positions, SwiGLU MLP. Attention goes through the single
-entry point in ``attention.py`` so the backend (SDPA / flash / flex) is a config choice, not a code path here;
-a model builds each stack's ``AttnMeta`` once per forward and passes it to every block of the stack.
+Pure torch. Llama-style: pre-norm, rotary positions (with the optional ``linear`` / ``llama3`` frequency
+scaling of a transplanted source model), SwiGLU MLP, grouped-query attention when ``n_kv_heads < n_heads``.
+No bias in the norms, the MLP or the attention output; the q/k/v projection has one only with
+``qkv_bias=True`` (a transplanted source model that has them, e.g. Qwen2; bytelm's own models keep the default
+``False``). Attention goes through the single entry point in ``attention.py`` so the backend (SDPA / flash /
+flex) is a config choice, not a code path here; a model builds each stack's ``AttnMeta`` once per forward and
+passes it to every block of the stack. ``KVCache`` holds one layer's keys and values for cached decoding.
 """
 
 from __future__ import annotations

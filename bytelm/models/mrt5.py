@@ -1,4 +1,5 @@
-"""MrT5: a ByT5-style byte encoder-decoder with a learned delete gate in the encoder (DESIGN.md §2).
+"""MrT5: a ByT5-style byte encoder-decoder with a learned delete gate in the encoder
+(docs/design.md#mrt5-delete-gate).
 
 Architecture (pure torch, Llama-style parts from ``layers.py``):
 - shared byte embedding (``vocab_size`` x ``d_byte``);

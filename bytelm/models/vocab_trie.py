@@ -1,8 +1,13 @@
-"""Byte-trie over a subword vocabulary: the prefix masses behind a teacher's naive next-byte distribution.
+"""Byte-trie over a subword vocabulary: the prefix masses behind a teacher's naive next-byte distribution and
+a byteified model's exact (byte, ends-patch) prior, and the vocabulary look-ups of the byteified model.
 
 Pure torch/numpy (no tokenizer import), so byteified models (``bytelm.models.byteified``) can carry a source
-vocabulary and use it at inference; ``bytelm.distill.byteprobs.ByteTrie`` adds the teacher-side helpers.
-The formulas are documented in ``bytelm/distill/byteprobs.py`` (naive within-token marginal, DESIGN.md §5).
+vocabulary and use it at inference: prefix masses from one sorted prefix sum per context (``byte_masses``,
+``masses_from_cumsum``, ``fused_masses``), the open patch's trie node (``open_nodes``, ``open_step``) and the
+longest token ending at each byte (``longest_suffix_tokens``: expanded ids, patch tokens).
+``bytelm.distill.byteprobs.ByteTrie`` adds the teacher-side helpers. The formulas are in
+``bytelm/distill/byteprobs.py`` (naive within-token marginal, docs/design.md#byte-level-teacher-distributions)
+and ``bytelm/models/byte_prior.py`` (the exact prior, docs/design.md#byteification).
 """
 
 from __future__ import annotations

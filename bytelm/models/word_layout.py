@@ -1,5 +1,6 @@
-"""Word layout and word pooling of the hierarchical model (DESIGN.md §2; the rules are in hierarchical.py's
-docstring): where the words of a batch are, when each byte may see a word, and one vector per word.
+"""Word layout and word pooling of the hierarchical model (docs/design.md#hierarchical-byte-lm; the rules are
+in hierarchical.py's docstring): where the words of a batch are, when each byte may see a word, and one vector
+per word.
 
 - ``split_word_starts``: the rule-based splitter (``bytelm.data.words``) over one row, specials and document
   changes forced to be word starts (the data layer computes the same starts for training rows);
