@@ -85,7 +85,9 @@ def test_datasets_pipeline_and_config_errors(wheel, tmp_path, monkeypatch):
     cfg = DataConfig(source="wordfreq", languages=["xx"], docs=5)
     docs = load_documents(cfg, "train")
     assert len(docs) == 5 and all(d.group == "wordfreq/xx" for d in docs)
-    assert [d.data for d in docs] == [d.data for d in wf.wordfreq_documents("train", ["xx"], 5, archive=wheel)]
+    assert [d.data for d in docs] == [
+        d.data for d in wf.wordfreq_documents("train", ["xx"], 5, archive=wheel)
+    ]
     assert list(validation_groups(cfg)) == ["wordfreq/xx"]
     with pytest.raises(ValueError, match="docs >= 1 and temperature > 0, got docs=0"):
         load_documents(DataConfig(source="wordfreq", docs=0), "train")
@@ -106,4 +108,3 @@ def test_real_wheel_word_lists():
     assert len(words) > 20000 and "nicht" in words[:50]
     zh = docs[2].data.decode("utf-8")
     assert sum(ord(ch) > 0x4E00 for ch in zh) > 100
-

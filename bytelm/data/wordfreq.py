@@ -81,7 +81,9 @@ def word_list(archive: str, lang: str) -> tuple[tuple[str, ...], np.ndarray]:
 
 
 def _seed(lang: str, split: str, index: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{lang}/{split}/{index}".encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(
+        hashlib.blake2b(f"{lang}/{split}/{index}".encode(), digest_size=8).digest(), "little"
+    )
 
 
 def sample_document(
@@ -128,7 +130,12 @@ def wordfreq_generator(
         cdf = np.cumsum(freqs**temperature)
         for i in range(docs):
             text = sample_document(words, cdf, lang, split, i, CAPITAL_P.get(lang, 0.15))
-            yield {"name": f"{lang}/{split}/{i}", "group": f"{GROUP}/{lang}", "data": text.encode(), "error": ""}
+            yield {
+                "name": f"{lang}/{split}/{i}",
+                "group": f"{GROUP}/{lang}",
+                "data": text.encode(),
+                "error": "",
+            }
 
 
 def wordfreq_documents(
