@@ -90,7 +90,8 @@ class ModelSpec:
 
     @property
     def builtin(self) -> bool:
-        return self.arch in ARCHS
+        """One of bytelm's own specs (whose model code every exported folder ships)."""
+        return any(self is s for s in BUILTIN_SPECS)
 
 
 _SPECS: dict[str, ModelSpec] = {}
