@@ -158,6 +158,7 @@ def main() -> None:
         datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     except ImportError:  # pragma: no cover
         pass
+    register_configs()  # again: model kinds registered after this module was imported are valid model.arch values
     _hydra_main()
 
 

@@ -147,3 +147,26 @@ def test_toy_kind_trains_evaluates_exports_and_reloads(toy_kind, tmp_path, tiny_
     exported = load_scorer(out, seq_len=32)
     assert exported.corpus_nll(texts).bpb == pytest.approx(bpb, rel=1e-5)
     assert find_spec("bigram") is TOY
+
+
+def test_cli_accepts_a_kind_registered_after_importing_train(tmp_path):
+    """A script that registers a kind and calls ``bytelm.train.main()`` composes ``model.arch=bigram`` (the
+    schema Hydra validates against is rebuilt after registration): docs/extending.md."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, bytelm.train\n"
+        "from bytelm.models.registry import ModelSpec, register_model\n"
+        "from toy_kind import BigramByteLM\n"
+        "register_model(ModelSpec(arch='bigram', model=BigramByteLM))\n"
+        "sys.argv = ['bytelm-train', 'experiment=flat_tiny', 'model.arch=bigram', '--cfg', 'job']\n"
+        "bytelm.train.main()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "arch: bigram" in res.stdout
