@@ -16,6 +16,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from bytelm.config import CONF_DIR, Config, register_configs, to_config
+from bytelm.models.registry import get_spec, resolve
 
 log = logging.getLogger("bytelm.train")
 
@@ -62,16 +63,13 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
         use_deepspeed_cpu_accelerator()  # before anything imports deepspeed (e.g. unpickling its checkpoints)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = ByteLMModule(cfg)
-    if (
-        cfg.model.arch == "byteified"
-    ):  # the source model is the teacher (bytelm.distill.byteify, docs/byteify.md)
-        from bytelm.distill.byteify import attach_byteify
-
-        attach_byteify(module, cfg)
+    spec = get_spec(cfg.model.arch)
+    if spec.objective is not None:  # the kind's own losses (byteified: the source model is the teacher)
         if cfg.distill.kind != "none":
             raise ValueError(
-                "model.arch=byteified brings its own teacher losses (byteify.*); set distill=none"
+                f"model.arch={cfg.model.arch} brings its own teacher losses (byteified: byteify.*); set distill=none"
             )
+        resolve(spec.objective)(module, cfg)
     elif (
         cfg.distill.kind != "none"
     ):  # a frozen teacher's losses join the CE (bytelm.distill, docs/distill.md)
@@ -160,6 +158,7 @@ def main() -> None:
         datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     except ImportError:  # pragma: no cover
         pass
+    register_configs()  # again: model kinds registered after this module was imported are valid model.arch values
     _hydra_main()
 
 

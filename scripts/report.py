@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bytelm.cli.eval import _csv
+from bytelm.cli.eval import csv_list
 from bytelm.eval import plots
 from bytelm.eval.curves import Curve, checkpoint_file, training_curve
 from bytelm.eval.multilingual import SPLITS, resolve_split, trained_on_chatterbot
@@ -597,8 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bytes per set for the teacher (default --max-bytes; the teacher is slow on CPU)",
     )
-    p.add_argument("--tasks", type=_csv, default=d.tasks, help=f"subset of {','.join(TASK_NAMES)}")
-    p.add_argument("--languages", type=_csv, default=(), help="multilingual subset (default: all)")
+    p.add_argument("--tasks", type=csv_list, default=d.tasks, help=f"subset of {','.join(TASK_NAMES)}")
+    p.add_argument("--languages", type=csv_list, default=(), help="multilingual subset (default: all)")
     p.add_argument(
         "--multilingual-split",
         choices=SPLITS,

@@ -70,3 +70,40 @@ def make_tiny_source(folder, *, layers: int = 2, hidden: int = 64, tied: bool = 
 def tiny_source(tmp_path_factory):
     """Path of a session-wide tiny Llama source folder (see ``make_tiny_source``)."""
     return make_tiny_source(tmp_path_factory.mktemp("tiny_llama_source"))
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+# The one factory of tiny models for tests (``from conftest import tiny_config, tiny_model, TINY_KINDS``): a
+# kind name (a registered model.arch, or one of TINY_KINDS' variants) plus the fields a test cares about.
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, d_byte=32, n_heads_byte=2, encoder_layers=2, decoder_layers=1)
+TINY_KINDS: dict[str, dict] = {  # kind name -> its fields; the variants every model-kind test runs
+    "flat": {"arch": "flat"},
+    "hier_words": {"arch": "hierarchical", "chunker": "words"},
+    "hier_gate": {"arch": "hierarchical", "chunker": "gate"},
+    "mrt5": {"arch": "mrt5", "gate": {"layer": 1}},  # the gate reads the second of the 2 encoder blocks
+}
+
+
+def tiny_config(kind: str | None = None, **overrides):
+    """A tiny ``ModelConfig``: ``TINY``, then the fields of ``kind`` (a ``TINY_KINDS`` name or any registered
+    ``model.arch``; default: ``overrides["arch"]``, else flat), then ``overrides``. ``gate`` may be a
+    ``GateConfig`` or a dict of its fields."""
+    from bytelm.models.config import GateConfig, ModelConfig
+
+    kind = kind or overrides.get("arch", "flat")
+    fields = {**TINY, **TINY_KINDS.get(kind, {"arch": kind}), **overrides}
+    gate = fields.pop("gate", None)
+    if isinstance(gate, dict):
+        gate = GateConfig(**gate)
+    return ModelConfig(**fields, gate=gate if gate is not None else GateConfig())
+
+
+def tiny_model(kind: str | None = None, *, seed: int | None = 0, **overrides) -> torch.nn.Module:
+    """``build_model(tiny_config(kind, **overrides))`` after ``torch.manual_seed(seed)`` (None: no seeding), in
+    train mode as built."""
+    from bytelm.models import build_model
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(tiny_config(kind, **overrides))

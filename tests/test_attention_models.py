@@ -8,43 +8,25 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bytelm.models import ModelConfig, attention, build_model
+from bytelm.models import ModelConfig, attention
 from bytelm.models.attention import AttentionBackendError
 from bytelm.models.attention_ref import REFERENCE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 40  # bytes per row; packed documents are shorter, so a T x T tensor can only come from a dense mask
-SMALL = dict(
-    d_model=32,
-    n_layers=2,
-    n_heads=2,
-    d_byte=16,
-    n_heads_byte=2,
-    encoder_layers=2,
-    decoder_layers=1,
-    max_word_bytes=8,
-)
-KINDS = {
-    "flat": dict(arch="flat"),
-    "hier_words": dict(arch="hierarchical"),
-    "hier_gate": dict(arch="hierarchical", chunker="gate"),
-    "mrt5": dict(arch="mrt5"),
-}
+SMALL = dict(d_byte=16, max_word_bytes=8)  # on top of conftest's TINY
 # varlen_info calls (flash) and block masks (flex) per forward: flat 1; hierarchical 2 (bytes: encoder and decoder
 # share one; words); MrT5 (flex only) 4: encoder before / after the gate, decoder self- and cross-attention
 PER_FORWARD = {"flat": 1, "hier_words": 2, "hier_gate": 2, "mrt5": 4}
 
 
 def _model(kind: str, backend: str, **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = ModelConfig(**{**SMALL, **KINDS[kind], "attn_backend": backend, **kw})  # type: ignore[arg-type]
-    if kind == "mrt5" and "gate" not in kw:
-        cfg.gate = dataclasses.replace(cfg.gate, layer=1)
-    return build_model(cfg)
+    return tiny_model(kind, **{**SMALL, "attn_backend": backend, **kw})
 
 
 def _batch(B: int = 2) -> dict[str, torch.Tensor]:

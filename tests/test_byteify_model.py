@@ -12,12 +12,12 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from bytelm.data.bytes import BOS_ID, EOS_ID
 from bytelm.data.packed import IGNORE
 from bytelm.models.byte_prior import PRIOR_FLOOR, SPECIAL_LOGP
 from bytelm.models.byteified import ByteifiedLM, joint_logprobs
-from bytelm.models.config import ModelConfig
 from bytelm.models.vocab_trie import VocabTrie
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,15 +169,11 @@ def test_open_nodes_equal_brute_force():
 # ------------------------------------------------------------------------------------- small hand model
 def small_model(table: list[bytes | None], seed: int = 0, tied: bool = False, **kw) -> ByteifiedLM:
     kw = {"chunker": "gate", **kw}
-    cfg = ModelConfig(
-        arch="byteified",
+    cfg = tiny_config(  # conftest's factory; the source fields come from the hand vocabulary
+        "byteified",
         d_model=16,
-        n_layers=2,
-        n_heads=2,
         d_byte=16,
-        n_heads_byte=2,
         encoder_layers=1,
-        decoder_layers=1,
         pooling="last",
         decoder_cross="all",
         source_vocab=len(table),

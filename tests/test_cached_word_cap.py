@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from bytelm.models import ModelConfig, build_model
 from bytelm.models.hierarchical import pending_utf8, split_word_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,21 +22,7 @@ SEPARATE = ["中", "文", "😀", "€", "ヅ"]
 ALPHA = "abcdefghijklmnopqrstuvwxyz"
 
 
-def tiny(chunker: str, cap: int) -> torch.nn.Module:
-    torch.manual_seed(cap)
-    cfg = ModelConfig(
-        arch="hierarchical",
-        d_model=32,
-        n_layers=1,
-        n_heads=2,
-        d_byte=16,
-        n_heads_byte=2,
-        encoder_layers=1,
-        decoder_layers=1,
-        max_word_bytes=cap,
-        chunker=chunker,
-    )
-    return build_model(cfg).eval()
+SMALL = dict(n_layers=1, d_byte=16, encoder_layers=1)  # on conftest's TINY
 
 
 def capped_text(rng: random.Random, cap: int, n_words: int = 5) -> bytes:
@@ -68,7 +54,7 @@ def test_pending_utf8() -> None:
 
 def test_issue_example_99_byte_word_then_cjk() -> None:
     """The shipped cap of 100: a 99-byte word followed by a 3-byte character."""
-    m = tiny("words", 100)
+    m = tiny_model("hierarchical", seed=100, **SMALL, max_word_bytes=100, chunker="words").eval()
     ids = list(b"a" * 99 + "中".encode() + b" xy")
     full = m(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(cached_logits(m, ids), full, atol=1e-4, rtol=0)
@@ -79,7 +65,7 @@ def test_cached_equals_full_forward_at_the_cap(chunker: str) -> None:
     rng = random.Random(1234 if chunker == "words" else 4321)
     for case in range(8):
         cap = rng.choice([2, 3, 4, 5, 6, 7, 9, 12])
-        m = tiny(chunker, cap)
+        m = tiny_model("hierarchical", seed=cap, **SMALL, max_word_bytes=cap, chunker=chunker).eval()
         text = capped_text(rng, cap)
         ids = list(text)
         full = m(torch.tensor([ids])).logits[0]
@@ -103,7 +89,7 @@ def test_exported_model_cached_equals_full_forward_at_the_cap(tmp_path) -> None:
 
     rng = random.Random(7)
     for chunker, cap in (("words", 5), ("gate", 4)):
-        m = tiny(chunker, cap)
+        m = tiny_model("hierarchical", seed=cap, **SMALL, max_word_bytes=cap, chunker=chunker).eval()
         folder = export_model(m, m.cfg, tmp_path / chunker)  # type: ignore[arg-type]
         hf = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
         cache_cls = sys.modules[type(hf).__module__].BytelmCache

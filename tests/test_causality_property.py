@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 from bytelm.data.bytes import BOS_ID, EOS_ID
 from bytelm.data.word_tables import _tables
 from bytelm.data.words import split_words
-from bytelm.models import ModelConfig, build_model
 from bytelm.models.config import GateConfig
 from bytelm.models.word_layout import char_emit_times, decision_times, layout_words, split_word_starts
 
@@ -61,13 +61,12 @@ class Kind:
     prompt: int = 1  # ids fed to the cache in its first call (MrT5 encodes the whole prefix at once)
 
     def build(self, seed: int = 0) -> nn.Module:
-        torch.manual_seed(seed)
-        return build_model(ModelConfig(**self.config)).eval()
+        return tiny_model(seed=seed, **self.config).eval()
 
 
-TINY = dict(d_model=32, n_layers=2, n_heads=2, d_byte=32, n_heads_byte=2, init_std=0.1)
-HIER = dict(TINY, arch="hierarchical", encoder_layers=1, decoder_layers=2, max_word_bytes=CAP)
-MRT5 = dict(arch="mrt5", d_byte=32, n_heads_byte=2, encoder_layers=2, decoder_layers=2, init_std=0.1)
+BASE = dict(init_std=0.1)  # on conftest's TINY
+HIER = dict(BASE, arch="hierarchical", encoder_layers=1, decoder_layers=2, max_word_bytes=CAP)
+MRT5 = dict(BASE, arch="mrt5", decoder_layers=2)
 S = 8  # MrT5's prefix length (fixed, so that rows of any length split alike): logits from position S - 1 on
 
 
@@ -77,7 +76,7 @@ def prefix_lm(config: dict) -> Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "flat": Kind(dict(TINY, arch="flat")),
+    "flat": Kind(dict(BASE, arch="flat")),
     "hier_words_query": Kind(dict(HIER, pooling="query")),
     "hier_words_last": Kind(dict(HIER, pooling="last", decoder_cross="all")),
     "hier_gate": Kind(

@@ -21,7 +21,8 @@ from bytelm.checkpoint import (
     validate_checkpoint,
 )
 from bytelm.config import config_to_dict, load_config
-from bytelm.lit.strategies import AtomicCheckpointIO, swap_in
+from bytelm.lit.checkpoint_io import AtomicCheckpointIO
+from bytelm.lit.strategies import swap_in
 from bytelm.train import resolve_ckpt_path, run
 
 

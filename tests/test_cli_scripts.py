@@ -81,7 +81,7 @@ def test_generate_stop_text():
 
 def test_memory_cli_prints_the_scaling_table(capsys):
     """``bytelm-memory`` (defaults) prints the table docs/scaling.md shows, row for row."""
-    from bytelm.lit.memory import main, parse_size
+    from bytelm.cli.memory import main, parse_size
 
     assert (
         parse_size("1.3B") == pytest.approx(1.3e9)

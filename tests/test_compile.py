@@ -9,43 +9,27 @@ the gate's controller state moves between them."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_KINDS, tiny_model
 
-from bytelm.models import ModelConfig, build_model
 from bytelm.models.compile import CompiledForward, compile_forward, graph_breaks
 from bytelm.models.hierarchical import split_word_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 40
-TINY = dict(
-    d_model=32,
-    n_layers=1,
-    n_heads=2,
-    d_byte=16,
-    n_heads_byte=2,
-    encoder_layers=1,
-    decoder_layers=1,
-    max_word_bytes=8,
-)
-KINDS = {
-    "flat": dict(arch="flat"),
-    "hier_words": dict(arch="hierarchical"),
-    "hier_gate": dict(arch="hierarchical", chunker="gate"),
-    "mrt5": dict(arch="mrt5"),
-}
+SMALL = dict(
+    n_layers=1, d_byte=16, encoder_layers=1, max_word_bytes=8, gate={"layer": 0}
+)  # on conftest's TINY
+KINDS = list(TINY_KINDS)
 
 
 def _model(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = ModelConfig(**{**TINY, **KINDS[kind]})  # type: ignore[arg-type]
-    cfg.gate = dataclasses.replace(cfg.gate, layer=0)
-    return build_model(cfg).train()
+    return tiny_model(kind, **SMALL)
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -88,19 +72,19 @@ def _check_compiled_equals_eager(kind: str, backend: str, steps: int = 2) -> Non
                 p.grad = q.grad = None
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_compiled_training_forward_equals_eager(kind: str) -> None:
     _check_compiled_equals_eager(kind, "aot_eager")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_inductor_training_forward_equals_eager(kind: str) -> None:
     _check_compiled_equals_eager(kind, "inductor", steps=1)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_no_graph_breaks(kind: str) -> None:
     b = _batch()
     n, reasons = graph_breaks(

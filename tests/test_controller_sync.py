@@ -21,30 +21,16 @@ STEPS, ROWS_PER_RANK, T, WORLD = 6, 2, 40, 2
 TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. "
 
 
+SIZES = {"hier_gate": dict(n_layers=1, d_byte=16, encoder_layers=1), "mrt5": dict(d_byte=16)}  # on TINY
+
+
 def build(kind: str) -> torch.nn.Module:
-    from bytelm.models import ModelConfig, build_model
+    from conftest import tiny_model  # also in the rank subprocesses (this file's folder is their sys.path[0])
+
     from bytelm.models.config import GateConfig
 
-    torch.manual_seed(0)
     gate = GateConfig(layer=1, bias_init=0.0, target_ratio=0.6, ki=1e-2, alpha_min=-1.0, center=True)
-    if kind == "hier_gate":
-        cfg = ModelConfig(
-            arch="hierarchical",
-            d_model=32,
-            n_layers=1,
-            n_heads=2,
-            d_byte=16,
-            n_heads_byte=2,
-            encoder_layers=1,
-            decoder_layers=1,
-            chunker="gate",
-            gate=gate,
-        )
-    else:
-        cfg = ModelConfig(
-            arch="mrt5", d_byte=16, n_heads_byte=2, encoder_layers=2, decoder_layers=1, gate=gate
-        )
-    return build_model(cfg).train()
+    return tiny_model(kind, gate=gate, **SIZES[kind]).train()
 
 
 def global_batch(step: int) -> torch.Tensor:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 from bytelm.config import Config, config_to_dict
 from bytelm.eval.scoring import ByteScorer, load_scorer
 from bytelm.hf.export import export_checkpoint
 from bytelm.models import build_model
-from bytelm.models.config import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,19 +32,7 @@ TEXTS = [  # several documents per row, one longer than a row, multilingual, inv
 def write_ckpt(path: Path, arch: str) -> Path:
     """A Lightning-format bytelm checkpoint with random weights, trained (nominally) on rows of SEQ_LEN."""
     torch.manual_seed(0)
-    model_cfg = ModelConfig(
-        arch=arch,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        d_byte=32,
-        n_heads_byte=2,
-        encoder_layers=1,
-        decoder_layers=1,
-        max_seq_len=256,
-        max_word_bytes=8,
-        init_std=0.1,
-    )
+    model_cfg = tiny_config(arch, encoder_layers=1, max_seq_len=256, max_word_bytes=8, init_std=0.1)
     cfg = Config(name=f"tiny-{arch}", model=model_cfg)
     cfg.data.seq_len = SEQ_LEN
     model = build_model(cfg.model)

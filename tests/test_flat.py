@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from bytelm.models import ModelConfig, build_model
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig(arch="flat", d_model=32, n_layers=2, n_heads=2, **kw)
+from conftest import tiny_model
 
 
 def test_forward_shapes():
-    m = build_model(tiny())
+    m = tiny_model("flat")
     out = m(torch.randint(0, 256, (3, 17)))
     assert out.logits.shape == (3, 17, 320)
 
 
 def test_causality_brute_force():
-    torch.manual_seed(0)
-    m = build_model(tiny()).eval()
+    m = tiny_model("flat").eval()
     x = torch.randint(0, 256, (1, 24))
     base = m(x).logits
     for t in (0, 5, 11, 23):
@@ -32,8 +26,7 @@ def test_causality_brute_force():
 
 
 def test_loss_decreases_on_repeated_batch():
-    torch.manual_seed(0)
-    m = build_model(tiny())
+    m = tiny_model("flat")
     x = torch.randint(0, 256, (2, 33))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
@@ -48,8 +41,7 @@ def test_loss_decreases_on_repeated_batch():
 
 
 def test_doc_ids_block_cross_document_attention():
-    torch.manual_seed(0)
-    m = build_model(tiny()).eval()
+    m = tiny_model("flat").eval()
     x = torch.randint(0, 256, (1, 20))
     doc = torch.tensor([[0] * 8 + [1] * 12])
     packed = m(x, doc_ids=doc).logits
@@ -58,8 +50,7 @@ def test_doc_ids_block_cross_document_attention():
 
 
 def test_kv_cache_matches_full_forward():
-    torch.manual_seed(0)
-    m = build_model(tiny()).eval()
+    m = tiny_model("flat").eval()
     x = torch.randint(0, 256, (2, 30))
     full = m(x).logits
     cache = m.new_cache()
@@ -69,5 +60,5 @@ def test_kv_cache_matches_full_forward():
 
 
 def test_tied_embeddings_share_storage():
-    m = build_model(tiny(tie_embeddings=True))
+    m = tiny_model("flat", tie_embeddings=True)
     assert m.lm_head.weight.data_ptr() == m.embed.weight.data_ptr()

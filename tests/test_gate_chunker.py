@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
-from bytelm.models import ModelConfig, build_model
 from bytelm.models.chunking import gate_closed, keep_scale, run_lengths
 from bytelm.models.config import GateConfig
 from bytelm.models.generate import iter_generate
@@ -21,25 +21,13 @@ TEXT = (
 )
 
 
+GATE = dict(target_ratio=0.6, ki=1e-2, alpha_min=-1.0)
+
+
 def make(seed: int = 0, bias: float = 0.0, center: bool = True, **kw) -> HierarchicalByteLM:
-    torch.manual_seed(seed)
-    base = dict(
-        arch="hierarchical",
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        d_byte=32,
-        n_heads_byte=2,
-        encoder_layers=2,
-        decoder_layers=2,
-        chunker="gate",
-        max_word_bytes=100,
-        gate=GateConfig(bias_init=bias, target_ratio=0.6, ki=1e-2, alpha_min=-1.0, center=center),
-    )
-    base.update(kw)
-    m = build_model(ModelConfig(**base))  # type: ignore[arg-type]
-    assert isinstance(m, HierarchicalByteLM)
-    return m.eval()
+    """A tiny gate-chunked model (conftest's factory) at the sizes the gate-training test was tuned on."""
+    kw.setdefault("gate", GateConfig(bias_init=bias, center=center, **GATE))
+    return tiny_model("hier_gate", seed=seed, d_model=64, n_heads=4, decoder_layers=2, **kw).eval()
 
 
 def naive_closed(ids: list[int], G: list[float], tau: float, cap: int, docs: list[int] | None):

@@ -7,21 +7,15 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
-from bytelm.models import ModelConfig, ModelOutput, build_model
+from bytelm.models import ModelOutput
 from bytelm.models.generate import generate, iter_generate, sample_next, stream
 from bytelm.models.hierarchical import split_word_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(arch: str, **kw) -> nn.Module:
-    torch.manual_seed(0)
-    base = dict(arch=arch, d_model=64, n_layers=2, n_heads=4, d_byte=32, n_heads_byte=2)
-    base.update(kw)
-    return build_model(ModelConfig(**base)).eval()  # type: ignore[arg-type]
 
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -42,7 +36,7 @@ MULTI = (
 def test_cached_logits_match_full_forward(name: str) -> None:
     """Sample ~300 bytes (crossing many words) with the cache; the logits each byte was sampled from equal a
     full forward over prompt + output (offline word split) to 1e-4."""
-    m = tiny(**MODELS[name])
+    m = tiny_model(**MODELS[name]).eval()
     prompt = list(PROMPT)
     n = 300 if name in ("flat", "hier_query") else 200
     steps = list(iter_generate(m, prompt, max_new_bytes=n, seed=3, min_new_bytes=n, top_k=64))
@@ -61,7 +55,7 @@ def test_cached_logits_match_full_forward(name: str) -> None:
 def test_teacher_forced_cache(name: str, chunk: int) -> None:
     """Multilingual text (CJK one word per character, emoji, a word longer than the cap, invalid UTF-8) fed
     through the cache in chunks equals the full forward."""
-    m = tiny(**MODELS[name])
+    m = tiny_model(**MODELS[name]).eval()
     ids = [BOS_ID, *MULTI]
     full = m(torch.tensor([ids])).logits[0]
     cache = m.new_cache()  # type: ignore[operator]
@@ -71,7 +65,7 @@ def test_teacher_forced_cache(name: str, chunk: int) -> None:
 
 @pytest.mark.parametrize("name", ["flat", "hier_query"])
 def test_greedy_cached_equals_uncached(name: str) -> None:
-    m = tiny(**MODELS[name])
+    m = tiny_model(**MODELS[name]).eval()
     a = generate(m, PROMPT, max_new_bytes=60, temperature=0, use_cache=True)
     b = generate(m, PROMPT, max_new_bytes=60, temperature=0, use_cache=False)
     assert a == b and len(a) > 0
@@ -147,7 +141,7 @@ def test_stop_bytes_eos_and_streaming() -> None:
 
 @pytest.mark.parametrize("name", ["flat", "hier_query"])
 def test_seed_makes_sampling_deterministic(name: str) -> None:
-    m = tiny(**MODELS[name])
+    m = tiny_model(**MODELS[name]).eval()
     a = generate(m, PROMPT, max_new_bytes=40, temperature=1.0, seed=7, min_new_bytes=40)
     b = generate(m, PROMPT, max_new_bytes=40, temperature=1.0, seed=7, min_new_bytes=40)
     c = generate(m, PROMPT, max_new_bytes=40, temperature=1.0, seed=8, min_new_bytes=40)
@@ -157,7 +151,7 @@ def test_seed_makes_sampling_deterministic(name: str) -> None:
 
 
 def test_empty_prompt_and_training_flag_restored() -> None:
-    m = tiny(**MODELS["hier_query"]).train()
+    m = tiny_model(**MODELS["hier_query"])
     out = generate(m, b"", max_new_bytes=10, temperature=0)
     assert isinstance(out, bytes)
     assert m.training

@@ -13,43 +13,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from bytelm.config import Config, config_to_dict
 from bytelm.data.bytes import BOS_ID
 from bytelm.hf.export import ExportError, export_checkpoint, push_folder
 from bytelm.models import build_model
-from bytelm.models.config import ModelConfig
 from bytelm.models.generate import generate
 
-ARCHS = ["flat", "hierarchical", "hierarchical_gate", "mrt5"]  # hierarchical_gate: chunker=gate
+ARCHS = {  # test name -> the tiny_config fields of the model exported under it
+    "flat": {},
+    "hierarchical": dict(tie_embeddings=True, gate={"layer": 1}),
+    "hierarchical_gate": dict(  # about half the bytes close a chunk at init; causal centring on
+        arch="hierarchical",
+        chunker="gate",
+        tie_embeddings=True,
+        gate={"layer": 1, "bias_init": 0.0, "center": True},
+    ),
+    "mrt5": {},
+}
 PROMPT = b"To be, or not to be: "
-
-
-def tiny_config(arch: str) -> ModelConfig:
-    gated = arch == "hierarchical_gate"
-    cfg = ModelConfig(
-        arch="hierarchical" if gated else arch,
-        d_model=64,
-        n_layers=2,
-        n_heads=2,
-        d_byte=32,
-        n_heads_byte=2,
-        encoder_layers=2,
-        decoder_layers=1,
-        max_seq_len=256,
-        tie_embeddings=arch.startswith("hierarchical"),
-        chunker="gate" if gated else "words",
-    )
-    cfg.gate.layer = 1
-    if gated:  # about half the bytes close a chunk at init; causal centring on
-        cfg.gate.bias_init, cfg.gate.center = 0.0, True
-    return cfg
 
 
 def write_ckpt(path: Path, arch: str, seed: int = 0) -> torch.nn.Module:
     """A bytelm Lightning-format checkpoint (what training writes) with random weights."""
     torch.manual_seed(seed)
-    cfg = Config(name=f"tiny-{arch}", model=tiny_config(arch))
+    cfg = Config(name=f"tiny-{arch}", model=tiny_config(arch, max_seq_len=256, **ARCHS[arch]))
     model = build_model(cfg.model)
     ckpt = {
         "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
@@ -113,7 +102,7 @@ def test_folder_contents(exported):
     assert s2s["is_encoder_decoder"] and "AutoModelForSeq2SeqLM" in s2s["auto_map"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_reload_gives_checkpoint_logits(exported, arch):
     model, folder = exported[arch]
     hf = load(folder)
@@ -139,7 +128,7 @@ def test_export_from_fsdp2_folder(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     torch.manual_seed(0)
-    cfg = Config(name="fsdp2-run", model=tiny_config("flat"))
+    cfg = Config(name="fsdp2-run", model=tiny_config("flat", max_seq_len=256))
     model = build_model(cfg.model).eval()
     folder = tmp_path / "step5.ckpt"
     state = {"state_dict": {"model." + k: v for k, v in model.state_dict().items()}}

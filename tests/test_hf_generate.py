@@ -8,30 +8,14 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from bytelm.data.bytes import BOS_ID
 from bytelm.hf.export import export_model, generate_from_folder, wrap_model
 from bytelm.models import build_model
-from bytelm.models.config import ModelConfig
 from bytelm.models.generate import generate
 
 PROMPT = b"Shall I compare thee "
-
-
-def tiny(arch: str) -> ModelConfig:
-    cfg = ModelConfig(
-        arch=arch,
-        d_model=64,
-        n_layers=2,
-        n_heads=2,
-        d_byte=32,
-        n_heads_byte=2,
-        encoder_layers=2,
-        decoder_layers=1,
-        max_seq_len=256,
-    )
-    cfg.gate.layer = 1
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +24,9 @@ def models():
     out = {}
     for i, arch in enumerate(("flat", "hierarchical", "mrt5")):
         torch.manual_seed(10 + i)
-        m = build_model(tiny(arch)).eval()
-        out[arch] = (m, wrap_model(m, tiny(arch)))
+        cfg = tiny_config(arch, max_seq_len=256, gate={"layer": 1})
+        m = build_model(cfg).eval()
+        out[arch] = (m, wrap_model(m, cfg))
     return out
 
 
@@ -126,7 +111,7 @@ def test_mrt5_generate_matches_bytelm(models):
 @pytest.fixture(scope="module")
 def folder(models, tmp_path_factory):
     model, _ = models["hierarchical"]
-    return export_model(model, tiny("hierarchical"), tmp_path_factory.mktemp("gen") / "hier")
+    return export_model(model, model.cfg, tmp_path_factory.mktemp("gen") / "hier")
 
 
 def test_pipeline_and_generate_from_folder(models, folder):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config, tiny_model
 
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
-from bytelm.models import ModelConfig, build_model
 from bytelm.models.hierarchical import HierarchicalByteLM, layout_words, split_word_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,35 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = "Hi, wörld! 中文字 don't  stop\n\tcafé 🙂 HTTPServer camelCase 3.14 $5 «x»".encode()
 
 
-def tiny(**kw) -> ModelConfig:
-    base = dict(
-        arch="hierarchical",
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        d_byte=32,
-        n_heads_byte=2,
-        encoder_layers=2,
-        decoder_layers=2,
-        max_word_bytes=100,
-    )
-    base.update(kw)
-    return ModelConfig(**base)  # type: ignore[arg-type]
-
-
-def make(seed: int = 0, **kw) -> HierarchicalByteLM:
-    torch.manual_seed(seed)
-    m = build_model(tiny(**kw))
-    assert isinstance(m, HierarchicalByteLM)
-    return m.eval()
-
-
 def ids_of(data: bytes | list[int]) -> torch.Tensor:
     return torch.tensor([list(data)])
 
 
 def test_shapes_and_metrics() -> None:
-    m = make()
+    m = tiny_model("hierarchical").eval()
     x = torch.tensor([list(TEXT[:40]), list(TEXT[10:50])])
     out = m(x)
     assert out.logits.shape == (2, 40, 320)
@@ -70,7 +47,7 @@ def test_specials_are_words_and_pad_mask() -> None:
     ws = torch.zeros(1, len(data), dtype=torch.bool)  # even with no word starts given
     lay = layout_words(torch.tensor([data]), ws)
     assert lay.word_start[0].tolist() == [True, True, False, False, False, False, True, True, True]
-    m = make()
+    m = tiny_model("hierarchical").eval()
     out = m(torch.tensor([data]), word_start=ws)
     assert float(out.metrics["bytes_per_word"]) == pytest.approx(7 / 3)  # BOS | ab cd | EOS; PAD excluded
 
@@ -99,7 +76,7 @@ REPLACEMENTS = [ord(" "), ord("x"), ord("."), 0xE4, 0x85, ord("\n")]
 )
 def test_causality_brute_force(kw) -> None:
     """Changing byte t changes no logit at any position < t (word starts recomputed from the bytes)."""
-    m = make(**kw)
+    m = tiny_model("hierarchical", **kw).eval()
     data = TEXT[:70]
     base = m(ids_of(data)).logits
     for t in _positions(data):
@@ -114,7 +91,7 @@ def test_causality_brute_force(kw) -> None:
 
 def test_causality_fixed_words_padding_and_docs() -> None:
     """Same with word_start held fixed, PAD at the end of the row, and two packed documents."""
-    m = make(pooling="query")
+    m = tiny_model("hierarchical", pooling="query").eval()
     doc1, doc2 = TEXT[:30], TEXT[30:60]
     ids = [BOS_ID, *doc1, EOS_ID, BOS_ID, *doc2, EOS_ID, PAD_ID, PAD_ID, PAD_ID]
     docs = [0] * (len(doc1) + 2) + [1] * (len(doc2) + 2) + [2] * 3
@@ -132,7 +109,7 @@ def test_causality_fixed_words_padding_and_docs() -> None:
 
 
 def test_padding_does_not_change_real_positions() -> None:
-    m = make()
+    m = tiny_model("hierarchical").eval()
     a, b = list(TEXT[:50]), list(TEXT[5:30])
     alone = m(torch.tensor([b])).logits
     batch = torch.tensor([a, b + [PAD_ID] * (len(a) - len(b))])
@@ -144,7 +121,7 @@ def test_padding_does_not_change_real_positions() -> None:
 @pytest.mark.parametrize("specials", [True, False])
 def test_doc_isolation(specials: bool) -> None:
     """A packed row gives each document the logits it gets alone (first word vector at each doc start)."""
-    m = make(pooling="query", decoder_cross="all")
+    m = tiny_model("hierarchical", pooling="query", decoder_cross="all").eval()
     d1, d2 = list(TEXT[:33]), list(TEXT[20:70])
     if specials:
         d1, d2 = [BOS_ID, *d1, EOS_ID], [BOS_ID, *d2, EOS_ID]
@@ -157,7 +134,7 @@ def test_doc_isolation(specials: bool) -> None:
 
 @pytest.mark.parametrize("pooling", ["query", "last"])
 def test_loss_decreases(pooling: str) -> None:
-    m = make(pooling=pooling).train()
+    m = tiny_model("hierarchical", pooling=pooling)
     x = torch.tensor([list(TEXT[:64]), list(TEXT[8:72])])
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
@@ -175,7 +152,7 @@ def test_activation_checkpointing_same_result() -> None:
     x = torch.tensor([list(TEXT[:48])])
     outs = []
     for ckpt in (False, True):
-        m = make(activation_checkpointing=ckpt).train()
+        m = tiny_model("hierarchical", activation_checkpointing=ckpt)
         loss = m(x).logits.square().mean()
         loss.backward()
         grad = m.embed.weight.grad
@@ -186,7 +163,7 @@ def test_activation_checkpointing_same_result() -> None:
 
 
 def test_given_word_start_matches_splitter() -> None:
-    m = make()
+    m = tiny_model("hierarchical").eval()
     x = ids_of(TEXT[:60])
     ws = torch.from_numpy(split_word_starts(list(TEXT[:60]))).unsqueeze(0)
     torch.testing.assert_close(m(x, word_start=ws).logits, m(x).logits)
@@ -194,4 +171,4 @@ def test_given_word_start_matches_splitter() -> None:
 
 def test_bad_config() -> None:
     with pytest.raises(ValueError, match="pooling"):
-        HierarchicalByteLM(tiny(pooling="mean"))
+        HierarchicalByteLM(tiny_config("hierarchical", pooling="mean"))

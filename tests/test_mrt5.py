@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 from bytelm.data.bytes import BOS_ID, PAD_ID, VOCAB_SIZE
-from bytelm.models import ModelConfig, build_model
 from bytelm.models.config import GateConfig
 from bytelm.models.mrt5 import MrT5
 
@@ -19,17 +19,7 @@ TEXT = b"It was the best of times, it was the worst of times, it was the age of 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(seed: int = 0, **kw) -> MrT5:
-    torch.manual_seed(seed)
-    gate = kw.pop("gate", GateConfig(layer=1))
-    cfg = ModelConfig(
-        arch="mrt5", d_byte=32, n_heads_byte=2, encoder_layers=3, decoder_layers=2, gate=gate, **kw
-    )
-    m = build_model(cfg)
-    assert isinstance(m, MrT5)
-    return m
+LAYERS = dict(encoder_layers=3, decoder_layers=2)  # blocks before, at and after the gate (layer 1)
 
 
 def text_rows(B: int, T: int, offset: int = 0) -> torch.Tensor:
@@ -50,7 +40,7 @@ def saturate_gate(m: MrT5, keep: torch.Tensor) -> None:
 
 
 def test_build_and_prefix_lm_alignment():
-    m = tiny()
+    m = tiny_model("mrt5", **LAYERS)
     rows = text_rows(3, 40)
     x, y = rows[:, :-1], rows[:, 1:]
     out = m(x, targets=y)
@@ -71,7 +61,7 @@ def test_build_and_prefix_lm_alignment():
 
 
 def test_gate_metrics_and_init_ratio_measured():
-    m = tiny()
+    m = tiny_model("mrt5", **LAYERS)
     m.train()
     out = m(text_rows(4, 64)[:, :-1], targets=text_rows(4, 64)[:, 1:])
     for key in ("deletion_ratio", "alpha", "gate_mean", "bytes_kept_per_seq", "kept_ratio", "encoder_len"):
@@ -89,7 +79,7 @@ def test_gate_metrics_and_init_ratio_measured():
 
 
 def test_controller_updates_in_forward_and_is_used_next_step():
-    m = tiny(gate=GateConfig(layer=1, target_ratio=0.6))
+    m = tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=1, target_ratio=0.6))
     m.train()
     rows = text_rows(2, 48)
     out1 = m(rows[:, :-1], targets=rows[:, 1:])
@@ -110,13 +100,13 @@ def test_controller_updates_in_forward_and_is_used_next_step():
     # the controller is part of the model's state dict
     sd = m.state_dict()
     assert {"controller.p", "controller.i", "controller.alpha"} <= set(sd)
-    m2 = tiny(seed=1, gate=GateConfig(layer=1, target_ratio=0.6))
+    m2 = tiny_model("mrt5", **LAYERS, seed=1, gate=GateConfig(layer=1, target_ratio=0.6))
     m2.load_state_dict(sd)
     assert float(m2.controller.alpha) == float(m.controller.alpha)
 
 
 def test_soft_deletion_matches_hard_deletion_when_saturated():
-    m = tiny().eval()
+    m = tiny_model("mrt5", **LAYERS).eval()
     rows = text_rows(3, 48)[:, :-1]
     rows[1, 20:24] = PAD_ID  # a padded stretch in the prefix of one row
     keep = torch.tensor([ord(c) for c in "aeiou ,."])  # keep vowels, spaces and punctuation
@@ -139,7 +129,7 @@ def test_soft_deletion_matches_hard_deletion_when_saturated():
 
 
 def test_hard_deletion_shortens_later_layers():
-    m = tiny(gate=GateConfig(layer=1)).eval()
+    m = tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=1)).eval()
     rows = text_rows(2, 64)[:, :-1]
     keep = torch.tensor([ord(c) for c in "aeiou"])
     saturate_gate(m, keep)
@@ -177,7 +167,7 @@ def test_hard_deletion_shortens_later_layers():
 
 @pytest.mark.parametrize("hard", [False, True])
 def test_kv_cached_decode_matches_full_decode(hard):
-    m = tiny().eval()
+    m = tiny_model("mrt5", **LAYERS).eval()
     rows = text_rows(2, 48)[:, :-1]
     with torch.no_grad():
         enc = m.encode(rows[:, :30], hard_delete=hard)
@@ -194,7 +184,7 @@ def test_kv_cached_decode_matches_full_decode(hard):
 
 
 def test_decoder_is_causal():
-    m = tiny().eval()
+    m = tiny_model("mrt5", **LAYERS).eval()
     rows = text_rows(1, 48)[:, :-1]
     s = 24
     changed = rows.clone()
@@ -210,7 +200,7 @@ def test_loss_decreases_on_repeated_batch_and_generation_reproduces_it():
     """Invariants only (docs/design.md#how-bytelm-is-tested): the loss falls by a wide margin, and cached
     greedy generation equals the teacher-forced argmax. No test of *what* is generated: that is a trained
     trajectory another BLAS changes."""
-    m = tiny(gate=GateConfig(layer=1, **RECIPE))
+    m = tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=1, **RECIPE))
     m.train()
     rows = text_rows(4, 48)
     x, y = rows[:, :-1], rows[:, 1:]
@@ -241,7 +231,7 @@ def test_loss_decreases_on_repeated_batch_and_generation_reproduces_it():
 
 
 def test_gate_disabled_variant():
-    m = tiny(gate_enabled=False)
+    m = tiny_model("mrt5", **LAYERS, gate_enabled=False)
     assert m.gate is None and not any(k.startswith("gate.") for k in m.state_dict())
     m.train()
     rows = text_rows(2, 40)
@@ -254,9 +244,9 @@ def test_gate_disabled_variant():
 
 def test_bad_config_rejected():
     with pytest.raises(ValueError, match="gate.layer"):
-        tiny(gate=GateConfig(layer=-1))
+        tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=-1))
     with pytest.raises(ValueError, match="prefix_frac"):
-        tiny(prefix_frac=0.0)
+        tiny_model("mrt5", **LAYERS, prefix_frac=0.0)
 
 
 @pytest.mark.parametrize("hard_eval", [False, True])
@@ -266,7 +256,7 @@ def test_generate_protocol_matches_uncached_forward(hard_eval):
     forward over prompt + generated-so-far with ``prefix_len = len(prompt)``."""
     from bytelm.models.generate import iter_generate
 
-    m = tiny().eval()
+    m = tiny_model("mrt5", **LAYERS).eval()
     m.cfg.gate.hard_eval = hard_eval
     prompt = list(TEXT[:21])
     steps = list(iter_generate(m, prompt, max_new_bytes=6, temperature=0))
@@ -301,7 +291,7 @@ def test_softmax1_null_key_matches_formula_and_sees_a_uniform_gate_shift():
 
     rows = text_rows(2, 48)[:, :-1]
     for softmax1 in (False, True):
-        m = tiny(gate=GateConfig(layer=1, softmax1=softmax1)).eval()
+        m = tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=1, softmax1=softmax1)).eval()
         assert m.gate is not None
         with torch.no_grad():
             m.gate.proj.weight.zero_()  # G = k * sigmoid(-b) at every real byte: a uniform bias
@@ -318,7 +308,7 @@ def test_softmax1_null_key_matches_formula_and_sees_a_uniform_gate_shift():
 def test_everything_deleted_cuts_the_encoder_off_under_softmax1():
     """All gates at k: cross-attention puts (almost) all its weight on the null key, so the continuation's
     logits no longer depend on the prefix; hard deletion (every key masked) gives the same logits."""
-    m = tiny(gate=GateConfig(layer=1)).eval()
+    m = tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=1)).eval()
     assert m.gate is not None
     with torch.no_grad():
         m.gate.proj.weight.zero_()
@@ -338,7 +328,7 @@ def test_everything_deleted_cuts_the_encoder_off_under_softmax1():
 def test_validation_metrics_sum_continuation_nll():
     """In eval, forward reports ``nll_sum`` / ``n_bytes`` over the continuation targets (the LightningModule's
     val/bpb for models with their own objective); hard_eval switches validation to hard deletion."""
-    m = tiny().eval()
+    m = tiny_model("mrt5", **LAYERS).eval()
     rows = text_rows(3, 40)
     x, y = rows[:, :-1], rows[:, 1:].clone()
     y[2, -4:] = -100
@@ -365,7 +355,7 @@ def test_validation_metrics_sum_continuation_nll():
 def test_gate_layer_past_the_encoder_is_clamped_with_a_warning(caplog):
     """debug=cpu shrinks every experiment's encoder to one block; the gate then reads block 0's input."""
     with caplog.at_level("WARNING", logger="bytelm.models.mrt5"):
-        m = tiny(gate=GateConfig(layer=5))
+        m = tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=5))
     assert m.gate_layer == 2 and "gate.layer=5" in caplog.text
     rows = text_rows(2, 40)
     assert m(rows[:, :-1], targets=rows[:, 1:]).loss is not None
@@ -383,7 +373,7 @@ def test_real_text_closed_loop_reaches_delta():
     doc = shakespeare_documents("train")[0].data[:200_000]
     data = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long()
     delta = 0.5
-    m = tiny(gate=GateConfig(layer=1, target_ratio=delta, **RECIPE))
+    m = tiny_model("mrt5", **LAYERS, gate=GateConfig(layer=1, target_ratio=delta, **RECIPE))
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)

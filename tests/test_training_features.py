@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
+from bytelm.cli.memory import GIB, activation_bytes, model_states_bytes
 from bytelm.config import config_to_dict, load_config
-from bytelm.lit.memory import GIB, activation_bytes, model_states_bytes
 from bytelm.lit.metrics import z_loss
 from bytelm.lit.schedule import lr_multiplier
 from bytelm.lit.throughput import compute_dtype, device_peak_flops

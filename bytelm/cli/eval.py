@@ -26,10 +26,11 @@ from bytelm.eval.multilingual import SPLITS
 from bytelm.eval.noise import KINDS
 from bytelm.eval.suite import TASK_NAMES, EvalOptions, format_text, reproduce_command, run_suite
 
-__all__ = ["evaluate_bpb", "main", "build_parser", "options_from_args"]
+__all__ = ["evaluate_bpb", "main", "build_parser", "options_from_args", "csv_list"]
 
 
-def _csv(s: str) -> tuple[str, ...]:
+def csv_list(s: str) -> tuple[str, ...]:
+    """Split a comma-separated option: "a, b,,c" -> ("a", "b", "c") (scripts/report.py uses it too)."""
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint (.ckpt), run folder, exported HF folder, .gguf, or 'teacher'")
     p.add_argument(
         "--tasks",
-        type=_csv,
+        type=csv_list,
         default=d.tasks,
         help=f"comma-separated subset of {','.join(TASK_NAMES)} (default: all)",
     )
@@ -54,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise and of the task generator")
     p.add_argument(
         "--noise-levels",
-        type=lambda s: tuple(float(x) for x in _csv(s)),
+        type=lambda s: tuple(float(x) for x in csv_list(s)),
         default=d.levels,
         help="fractions of bytes changed (default 0.05,0.15)",
     )
-    p.add_argument("--noise-kinds", type=_csv, default=d.kinds, help=f"subset of {','.join(KINDS)}")
+    p.add_argument("--noise-kinds", type=csv_list, default=d.kinds, help=f"subset of {','.join(KINDS)}")
     p.add_argument("--cute-items", type=int, default=d.cute_items, help="items per CUTE-style task")
     p.add_argument("--cute-shots", type=int, default=d.cute_shots, help="solved examples before each item")
-    p.add_argument("--languages", type=_csv, default=(), help="multilingual subset (default: every language)")
+    p.add_argument(
+        "--languages", type=csv_list, default=(), help="multilingual subset (default: every language)"
+    )
     p.add_argument(
         "--multilingual-split",
         choices=SPLITS,

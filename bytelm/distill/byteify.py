@@ -414,7 +414,7 @@ class ByteifyObjective(torch.nn.Module):
     def forward(
         self, batch: dict[str, torch.Tensor], out: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from bytelm.distill.objective import _shared_count
+        from bytelm.distill.objective import shared_count
 
         logits = out.logits
         dev = logits.device
@@ -436,10 +436,10 @@ class ByteifyObjective(torch.nn.Module):
             bl = hid["boundary_logits"]
             per = F.binary_cross_entropy_with_logits(bl, ends.float(), reduction="none")
             n = mask.sum()
-            bce = (per * mask).sum() / _shared_count(n).clamp(min=1e-6)
+            bce = (per * mask).sum() / shared_count(n).clamp(min=1e-6)
             pred = (bl > self.threshold) & mask
             tp = (pred & ends).sum().float()
-            metrics["boundary_bce"] = bce.detach() * _shared_count(n) / n.clamp(min=1)
+            metrics["boundary_bce"] = bce.detach() * shared_count(n) / n.clamp(min=1)
             metrics["boundary_f1"] = (2 * tp / (pred.sum() + (ends & mask).sum()).clamp(min=1)).detach()
             metrics["boundary_acc"] = (((bl > self.threshold) == ends) & mask).sum() / n.clamp(min=1)
             if self.c.stage > 0:  # stage 0: the model's own loss is this BCE already
@@ -458,12 +458,12 @@ class ByteifyObjective(torch.nn.Module):
             v = valid[flat] & real
             dist = (probe.reshape(-1, D).float() - target[flat]).norm(dim=-1) / math.sqrt(D)  # (B*W,)
             n = v.sum()
-            enc = (dist * v).sum() / _shared_count(n).clamp(min=1e-6)
-            metrics["encoder_l2"] = enc.detach() * _shared_count(n) / n.clamp(min=1)
+            enc = (dist * v).sum() / shared_count(n).clamp(min=1e-6)
+            metrics["encoder_l2"] = enc.detach() * shared_count(n) / n.clamp(min=1)
             total = total + self.c.encoder_weight * enc
         if tt is not None and self.alm_weight > 0:
             alm, n = self.alm(out, ids, tt)
-            metrics["alm"] = alm.detach() * _shared_count(n) / n.clamp(min=1)
+            metrics["alm"] = alm.detach() * shared_count(n) / n.clamp(min=1)
             total = total + self.alm_weight * alm
         return total, metrics
 
@@ -473,7 +473,7 @@ class ByteifyObjective(torch.nn.Module):
         comparable with the teacher's token probability) vs the teacher's log-prob of the token; with
         ``alm_debias`` both sides add "the next unit starts a word". Tokens whose first byte is the row's first
         input have no student prediction and are skipped."""
-        from bytelm.distill.objective import _shared_count
+        from bytelm.distill.objective import shared_count
 
         B, T = ids.shape
         logits = out.logits
@@ -496,7 +496,7 @@ class ByteifyObjective(torch.nn.Module):
             s_lp.unsqueeze(0),
             ok.unsqueeze(0),
             self.c.alm_tau,
-            num_valid=_shared_count(n).clamp(min=1e-6),
+            num_valid=shared_count(n).clamp(min=1e-6),
         )
         return loss, n
 
@@ -551,3 +551,23 @@ def attach_byteify(module: torch.nn.Module, cfg: Config) -> ByteifyObjective:
         cfg.byteify.boundary_weight,
     )
     return obj
+
+
+# ------------------------------------------------------------------------------- the byteified ModelSpec's hooks
+
+
+def load_pretrained(model: torch.nn.Module, cfg: Config, kind: str = "plain") -> None:
+    """``ModelSpec.load_pretrained`` of ``byteified``: the source model's blocks, embeddings and vocabulary (or a
+    stage-1 run's weights, ``byteify.init_from``), then which parts train (``byteify.train_*``)."""
+    load_tensors(model, source_tensors(cfg), kind)
+    if cfg.byteify.init_from:
+        init_from_checkpoint(model, cfg.byteify.init_from, kind)
+    set_trainable(model, cfg.byteify)
+
+
+def param_groups(model: torch.nn.Module, groups: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """``ModelSpec.param_groups`` of ``byteified``: the transplanted backbone learns at its own rate
+    (``byteify.backbone_lr_mult``)."""
+    from bytelm.lit.module import backbone_lr_groups
+
+    return backbone_lr_groups(model, groups, cfg.optim.lr, cfg.byteify.backbone_lr_mult)

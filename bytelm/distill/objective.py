@@ -49,6 +49,7 @@ from bytelm.distill.alm import alm_loss
 from bytelm.distill.byteprobs import ByteTrie, byte_kl
 from bytelm.distill.latent import LatentAlignment
 from bytelm.distill.teacher import Teacher, TeacherEncoding, TeacherOutput, default_dtype, load_teacher
+from bytelm.models.registry import get_spec
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def segment_words(
     return idx, ends, mask
 
 
-def _shared_count(n: torch.Tensor) -> torch.Tensor:
+def shared_count(n: torch.Tensor) -> torch.Tensor:
     """Global count / world size: the per-rank denominator that makes DDP's gradient average equal the
     global mean (1 on a single process)."""
     import torch.distributed as dist
@@ -337,7 +338,7 @@ class DistillObjective(nn.Module):
         if len(seg) == 0:  # nothing to distil here; still join the other ranks' count all-reduces
             for w in (c.alm_weight, c.byte_kl_weight, c.latent_weight):
                 if w > 0:
-                    _shared_count(torch.zeros((), device=dev))
+                    shared_count(torch.zeros((), device=dev))
             metrics: dict[str, torch.Tensor] = {"distill_loss": zero.detach()}
             return zero, metrics
         t0 = time.perf_counter()
@@ -357,7 +358,7 @@ class DistillObjective(nn.Module):
         if c.byte_kl_weight > 0:
             assert tt.byte_logp is not None and tt.byte_mask is not None
             n_pos = tt.byte_mask.sum()
-            kl = byte_kl(tt.byte_logp, tt.byte_mask, s_logits, _shared_count(n_pos).clamp(min=1e-6))
+            kl = byte_kl(tt.byte_logp, tt.byte_mask, s_logits, shared_count(n_pos).clamp(min=1e-6))
             total = total + c.byte_kl_weight * kl
             metrics["byte_kl"] = kl.detach()
         if c.latent_weight > 0:
@@ -388,7 +389,7 @@ class DistillObjective(nn.Module):
             threshold=c.threshold,
         )
         n = stats["alm_chunks"]
-        loss = loss * n.clamp(min=1) / _shared_count(n).clamp(min=1e-6)
+        loss = loss * n.clamp(min=1) / shared_count(n).clamp(min=1e-6)
         return loss, stats
 
     def latent_loss(self, tt: TeacherTargets, seg: Segments, out: Any, T: int) -> torch.Tensor:
@@ -408,7 +409,7 @@ class DistillObjective(nn.Module):
         flat = seg.row.to(dev)[:, None] * words.shape[1] + widx.to(dev)  # (S, W')
         s_words = words.reshape(-1, D)[flat]  # (S, W', D)
         n = ok.sum()
-        return self.latent(s_words, tt.hidden, tidx, ok, _shared_count(n).clamp(min=1e-6))
+        return self.latent(s_words, tt.hidden, tidx, ok, shared_count(n).clamp(min=1e-6))
 
 
 _TRIES: weakref.WeakKeyDictionary[Teacher, ByteTrie] = weakref.WeakKeyDictionary()
@@ -452,11 +453,12 @@ def build_objective(cfg: Config, teacher: Teacher | None = None) -> DistillObjec
     check_distill_config(d)
     if d.kind == "none" or (d.alm_weight <= 0 and d.byte_kl_weight <= 0 and d.latent_weight <= 0):
         return None
-    if cfg.model.arch == "mrt5":  # its logits cover only the continuation after the prefix, not the row
+    spec = get_spec(cfg.model.arch)
+    if spec.seq2seq:  # its logits cover only the continuation after the prefix, not the row
         raise ValueError(
-            "distillation supports model.arch flat | hierarchical (row-aligned logits), not mrt5"
+            f"distillation supports models with row-aligned logits (flat, hierarchical), not {cfg.model.arch}"
         )
-    if d.latent_weight > 0 and cfg.model.arch != "hierarchical":
+    if d.latent_weight > 0 and not spec.word_vectors:
         raise ValueError("distill.latent_weight > 0 needs word vectors: use model.arch=hierarchical")
     return DistillObjective(d, cfg.model.d_model, teacher)
 

@@ -93,8 +93,9 @@ def _world(cfg: Any) -> int:
 def _flops_per_byte(cfg: Any, model: Any, bytes_per_word: float | None) -> tuple[float, bool]:
     try:
         from bytelm.models.flops import flops_per_byte
+        from bytelm.models.registry import get_spec
 
-        if cfg.model.arch == "hierarchical" and bytes_per_word:
+        if bytes_per_word and get_spec(cfg.model.arch).flops_per_word:
             return float(flops_per_byte(cfg.model, cfg.data.seq_len, bytes_per_word)), True
         return float(flops_per_byte(cfg.model, cfg.data.seq_len)), True
     except (ImportError, ValueError) as e:
@@ -156,7 +157,9 @@ def run_training_flops(run: str | Path) -> float:
     curve = training_curve(ck, cfg)
     if not curve.flops_exact:
         raise ValueError(f"no exact FLOPs formula for model.arch={cfg.model.arch!r}")
-    if cfg.model.arch == "hierarchical" and not any(
+    from bytelm.models.registry import get_spec
+
+    if get_spec(cfg.model.arch).flops_per_word and not any(
         True for _ in run_dir_of(ck).glob("csv/version_*/metrics.csv")
     ):
         log.warning("%s has no CSV log: FLOPs counted at the default bytes per word", run)

@@ -39,6 +39,7 @@ from bytelm.data.packed import IGNORE, PackedCorpus, TiledWindows
 from bytelm.data.shakespeare import Document
 from bytelm.errors import OptionError
 from bytelm.lit.metrics import bits_per_byte, byte_nll_sum
+from bytelm.models.registry import find_spec, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,12 @@ class ByteScorer:
         self.cfg: Any = None  # the bytelm Config when built from a checkpoint
         self.source = "checkpoint" if native else "hf"
 
+    @property
+    def seq2seq(self) -> bool:
+        """A native encoder-decoder (prefix-LM): the encoder reads the context (``ModelSpec.seq2seq``)."""
+        spec = find_spec(self.arch) if self.native else None
+        return spec is not None and spec.seq2seq
+
     @classmethod
     def from_config(cls, model: torch.nn.Module, cfg: Any, **kw: Any) -> ByteScorer:
         """Scorer for a model built from a bytelm ``Config`` (row length = the training ``seq_len``)."""
@@ -137,7 +144,7 @@ class ByteScorer:
         scorer = cls(
             model,
             arch=m.arch,
-            words=m.arch == "hierarchical" and m.chunker == "words",
+            words=get_spec(m.arch).needs_words(m),
             max_word_bytes=m.max_word_bytes,
             **kw,
         )
@@ -230,7 +237,7 @@ class ByteScorer:
             tgt[i, len(ctx) : len(full) - 1] = torch.tensor(list(c))  # only the continuation is scored
         ids, tgt = ids.to(self.device), tgt.to(self.device)
         kw: dict[str, Any] = {}
-        if self.native and self.arch == "mrt5":
+        if self.seq2seq:
             kw["prefix_len"] = 1 + len(ctx)  # encoder reads BOS + context, decoder scores the continuation
         if self.fused:
             kw["patch_end"] = self._continuation_bits(ids, 1 + len(ctx), continuations)
@@ -377,9 +384,6 @@ def _hf_byte_config(folder: Path) -> dict[str, Any] | None:
     return conf if "bytelm" in text else None
 
 
-_BYTELM_CLASSES = ("FlatByteLM", "HierarchicalByteLM", "MrT5", "ByteifiedLM")
-
-
 def _load_exported(
     path: Path, conf: dict[str, Any], *, device: str, batch_size: int, seq_len: int | None, name: str
 ) -> ByteScorer:
@@ -387,10 +391,11 @@ def _load_exported(
     through the bytelm module the HF wrapper holds (the folder's own copy of the code), so packed rows carry
     document ids and never attend across documents, in rows of the training length (``_exported_data``), and
     the model's metrics (bytes per word, kept ratio) are reported."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    import transformers
 
     arch = str(conf.get("arch") or "flat")
-    auto: Any = AutoModelForSeq2SeqLM if arch == "mrt5" else AutoModelForCausalLM
+    spec = find_spec(arch)  # None: a kind this bytelm does not know (scored as a plain HF byte model)
+    auto: Any = getattr(transformers, spec.auto_class if spec is not None else "AutoModelForCausalLM")
     from bytelm.checkpoint import CorruptCheckpointError
 
     try:
@@ -404,12 +409,16 @@ def _load_exported(
         rows = int(conf.get("max_seq_len") or 1024)
         log.warning("%s records no training row length; scoring in rows of max_seq_len=%d", path, rows)
     inner = getattr(hf, "model", None)
-    native = isinstance(inner, torch.nn.Module) and type(inner).__name__ in _BYTELM_CLASSES
-    if not native and arch == "mrt5":
+    native = (
+        spec is not None
+        and isinstance(inner, torch.nn.Module)
+        and type(inner).__name__ == spec.model_class().__name__
+    )
+    if not native and spec is not None and spec.seq2seq:
         raise ValueError(f"{str(path)!r}: an encoder-decoder without its bytelm module cannot be scored")
     if not native:
         log.warning("%s: no bytelm module inside; packed rows are scored without document masks", path)
-    words = native and arch == "hierarchical" and conf.get("chunker", "words") == "words"
+    words = native and spec is not None and spec.needs_words(hf.config)  # hf.config has ModelConfig's fields
     module: Any = inner if native else hf
     scorer = ByteScorer(
         module,

@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
 from bytelm.models.config import GateConfig, ModelConfig, RopeScalingConfig
+from bytelm.models.registry import find_spec
 
 BYTELM_MODEL_TYPE = "bytelm"
 
@@ -57,8 +58,10 @@ class BytelmConfig(PretrainedConfig):
         kwargs.setdefault("bos_token_id", BOS_ID)
         kwargs.setdefault("eos_token_id", EOS_ID)
         kwargs.setdefault("tie_word_embeddings", tie_embeddings)
-        kwargs.setdefault("is_encoder_decoder", arch == "mrt5")
-        if arch == "mrt5":
+        spec = find_spec(arch)  # None: a kind this code does not know (loading it fails later, naming it)
+        seq2seq = spec is not None and spec.seq2seq
+        kwargs.setdefault("is_encoder_decoder", seq2seq)
+        if seq2seq:
             kwargs.setdefault("decoder_start_token_id", BOS_ID)
         kwargs.setdefault("use_cache", True)
         # transformers 5 keeps these as plain attributes; older versions take them in __init__

@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -35,6 +37,7 @@ from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
 from bytelm.errors import UserError
 from bytelm.hf.configuration_bytelm import BytelmConfig
 from bytelm.models.config import ModelConfig
+from bytelm.models.registry import get_spec
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +123,47 @@ def _ship_source(path: Path) -> str:
     tree = ast.parse(text, filename=str(path))
     text = _wrap_optional_imports(text, tree)
     text = _BYTELM_IMPORT.sub(lambda m: f"from .{m.group(1).rsplit('.', 1)[-1]} import", text)
-    rel = path.relative_to(PKG_ROOT.parent).as_posix()
+    rel = path.relative_to(PKG_ROOT.parent).as_posix() if path.is_relative_to(PKG_ROOT.parent) else path.name
     return f"# {rel} of bytelm, copied by bytelm-export (its bytelm imports made relative).\n" + text
 
 
-def model_code_files() -> dict[str, Path]:
+def _kind_module(arch: str | None) -> Path | None:
+    """The module file of a registered kind that is not built in (shipped with the folder), else None."""
+    spec = get_spec(arch) if arch else None
+    if spec is None or spec.builtin:
+        return None
+    src = inspect.getsourcefile(spec.model_class())
+    if src is None:
+        raise ExportError(f"model.arch={arch!r}: the source file of its model class cannot be found")
+    return Path(src).resolve()
+
+
+def _kind_registration(arch: str, module: Path) -> str:
+    """Source that registers ``arch`` in the exported folder's copy of the registry: its class and the spec's
+    plain fields (the HF side reads only those; the training hooks stay behind)."""
+    spec = get_spec(arch)
+    plain = {
+        f.name: getattr(spec, f.name)
+        for f in dataclasses.fields(spec)
+        if f.name not in ("arch", "model") and isinstance(getattr(spec, f.name), (bool, str, tuple))
+    }
+    args = "".join(f", {k}={v!r}" for k, v in plain.items())
+    cls = spec.model_class().__name__
+    return (
+        f"\n\n# added by bytelm-export: this folder's model kind {arch!r} (registered outside bytelm)\n"
+        f"from .{module.stem} import {cls} as _ExportedKind  # noqa: E402\n\n"
+        f"register_model(ModelSpec(arch={arch!r}, model=_ExportedKind{args}), replace=True)\n"
+    )
+
+
+def model_code_files(arch: str | None = None) -> dict[str, Path]:
     """Every file the exported folder needs: the three entry files and all bytelm modules they import,
-    transitively, keyed by the name it gets in the folder (names must not collide)."""
+    transitively, keyed by the name it gets in the folder (names must not collide). A registered kind that
+    is not built in (``arch``) adds its model class's module file and what that imports."""
     todo = [HF_DIR / f for f in ENTRY_FILES]
+    kind = _kind_module(arch)
+    if kind is not None:
+        todo.append(kind)
     files: dict[str, Path] = {}
     while todo:
         path = todo.pop()
@@ -142,12 +178,16 @@ def model_code_files() -> dict[str, Path]:
     return files
 
 
-def write_model_code(out: str | Path) -> list[str]:
-    """Write the self-contained modelling code into ``out``; returns the file names written."""
+def write_model_code(out: str | Path, arch: str | None = None) -> list[str]:
+    """Write the self-contained modelling code into ``out``; returns the file names written. For a kind
+    registered outside bytelm (``arch``), its module ships too and the folder's registry registers it."""
     out = Path(out)
     names = []
-    for name, path in sorted(model_code_files().items()):
+    kind = _kind_module(arch)
+    for name, path in sorted(model_code_files(arch).items()):
         text = _ship_source(path)
+        if kind is not None and arch and name == "registry.py":
+            text += _kind_registration(arch, kind)
         if _BYTELM_IMPORT.search(text) or re.search(r"^\s*import\s+bytelm\b", text, re.M):
             raise ExportError(f"{path}: a bytelm import is left after rewriting")
         (out / name).write_text(text, encoding="utf-8")
@@ -239,19 +279,18 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _hf_class(arch: str) -> type:
-    from bytelm.hf.modeling_bytelm import BytelmForCausalLM, BytelmForSeq2SeqLM
+    from bytelm.hf import modeling_bytelm
 
-    return BytelmForSeq2SeqLM if arch == "mrt5" else BytelmForCausalLM
+    return getattr(modeling_bytelm, get_spec(arch).hf_class)  # type: ignore[no-any-return]
 
 
 def hf_config(model_cfg: ModelConfig) -> BytelmConfig:
     config = BytelmConfig.from_model_config(model_cfg)
     config.activation_checkpointing = False
     cls = _hf_class(model_cfg.arch)
-    auto = "AutoModelForSeq2SeqLM" if model_cfg.arch == "mrt5" else "AutoModelForCausalLM"
     config.auto_map = {
         "AutoConfig": "configuration_bytelm.BytelmConfig",
-        auto: f"modeling_bytelm.{cls.__name__}",
+        get_spec(model_cfg.arch).auto_class: f"modeling_bytelm.{cls.__name__}",
     }
     config.architectures = [cls.__name__]
     return config
@@ -267,7 +306,7 @@ def generation_config(model_cfg: ModelConfig) -> Any:
         "pad_token_id": PAD_ID,
         "suppress_tokens": [PAD_ID, BOS_ID],
     }
-    if model_cfg.arch == "mrt5":
+    if get_spec(model_cfg.arch).seq2seq:
         gen["decoder_start_token_id"] = BOS_ID
     return GenerationConfig(**gen)
 
@@ -315,7 +354,7 @@ def export_model(
     hf.save_pretrained(out, max_shard_size=max_shard_size)
     hf.generation_config.save_pretrained(out)
     save_tokenizer(out, model_max_length=model_cfg.max_seq_len)
-    write_model_code(out)
+    write_model_code(out, model_cfg.arch)
     n_params = sum(p.numel() for p in model.parameters())
     card = model_card(
         model_cfg,
@@ -367,22 +406,6 @@ def export_checkpoint(
 
 # ---------------------------------------------------------------------------------------------- model card
 
-_ARCH_TEXT = {
-    "flat": "a flat byte-level transformer (Llama-style: RMSNorm, RoPE, SwiGLU) over raw UTF-8 bytes",
-    "hierarchical": (
-        "a hierarchical byte-level LM (HAT-style): a byte encoder, word pooling, a latent backbone over words "
-        "and a byte decoder; words are split by a rule-based splitter, online while generating"
-    ),
-    "mrt5": "MrT5: a byte-level encoder-decoder with a learned delete gate that shortens the encoder sequence",
-    "byteified": (
-        "a byteified subword LM: a hierarchical byte-level LM whose backbone is a source LM's transplanted "
-        "decoder blocks, with a byte encoder (plus the source's embedding of the longest vocabulary token ending "
-        "at each byte), a learned patch-boundary predictor and a byte decoder whose fused head predicts (byte, "
-        "ends-the-patch) symbols from the source LM head's exact prior; the source vocabulary and its frozen "
-        "embeddings ship in the weights, so no subword tokenizer is needed"
-    ),
-}
-
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -401,8 +424,8 @@ def model_card(
     import yaml
 
     arch = model_cfg.arch
-    seq2seq = arch == "mrt5"
-    auto = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+    spec = get_spec(arch)
+    seq2seq, auto = spec.seq2seq, spec.auto_class
     name = (train_config or {}).get("name", "bytelm model")
     where = repo_id or "path/to/this/folder"
     lines = [
@@ -418,7 +441,7 @@ def model_card(
         "",
         f"# {name}",
         "",
-        f"A bytelm model: {_ARCH_TEXT.get(arch, arch)}. {n_params / 1e6:.2f}M parameters, weights in {dtype}.",
+        f"A bytelm model: {spec.description or arch}. {n_params / 1e6:.2f}M parameters, weights in {dtype}.",
         f"The vocabulary is raw bytes: ids 0-255 are the UTF-8 bytes, PAD={PAD_ID}, BOS={BOS_ID}, EOS={EOS_ID} (the embedding "
         f"table has {model_cfg.vocab_size} rows; ids above {EOS_ID} are never generated). No tokenizer training, "
         "no out-of-vocabulary text.",
@@ -447,27 +470,12 @@ def model_card(
         "whether to run the model's custom code for the config; the answer does not matter for the tokenizer).",
         "",
         "Generation keeps bytelm's own KV cache"
-        + (" (the word-level state of the hierarchical model included)" if arch == "hierarchical" else "")
-        + (
-            " (patch boundaries decided online, the backbone run once per patch)"
-            if arch == "byteified"
-            else ""
-        )
+        + spec.card_generation
         + "; greedy and seeded sampling give the same bytes as bytelm's generator.",
         "",
     ]
-    if arch == "byteified":
-        lines += [
-            "## Scoring",
-            "",
-            "`model(ids).logits` are next-byte logits with every patch boundary chosen by the model's own head from "
-            "the bytes before it, so a plain cross-entropy on them (lm-evaluation-harness) is an honest score. "
-            "`model(ids, segment=True)` runs the learned boundary predictor instead (or pass your own "
-            "`patch_end=`): its `logits` are the fused (byte, ends-the-patch) symbols, 2 x the vocabulary, and "
-            "`boundary_bits` the boundaries used; score the symbol `byte + V * bit` of each next byte (bytelm's "
-            'bits per byte; see bytelm\'s docs/byteify.md, "Honest scoring").',
-            "",
-        ]
+    for section in spec.card_sections:
+        lines += [section, ""]
     metrics = dict(metadata.get("metrics") or {})
     progress = {k: metadata[k] for k in ("global_step", "epoch") if k in metadata}
     if metrics or progress:

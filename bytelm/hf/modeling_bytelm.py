@@ -48,6 +48,7 @@ from bytelm.data.bytes import (  # VOCAB_SIZE: ids a model may emit (the table i
 from bytelm.hf.configuration_bytelm import BytelmConfig
 from bytelm.models.build import build_model
 from bytelm.models.byteified import fused_marginal
+from bytelm.models.registry import get_spec
 
 IGNORE_INDEX = -100
 
@@ -201,9 +202,9 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
     """Flat, hierarchical or byteified bytelm model as a causal LM (``AutoModelForCausalLM``)."""
 
     def __init__(self, config: BytelmConfig) -> None:
-        if config.arch == "mrt5":
+        if get_spec(config.arch).seq2seq:
             raise ValueError(
-                "MrT5 is an encoder-decoder: load it with AutoModelForSeq2SeqLM (BytelmForSeq2SeqLM)"
+                f"{config.arch!r} is an encoder-decoder: load it with AutoModelForSeq2SeqLM (BytelmForSeq2SeqLM)"
             )
         super().__init__(config)
 
@@ -347,7 +348,7 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
         B, n = input_ids.shape
         if not cache.states:  # prefill: choose batched (flat, unpadded) or per-row state
             m = _mask_rows(attention_mask, n)
-            if m is None and (self.config.arch == "flat" or B == 1):
+            if m is None and (get_spec(self.config.arch).batched_cache or B == 1):
                 cache.batched = True
                 cache.states = [self.model.new_cache()]  # type: ignore[operator]
             else:
@@ -448,7 +449,7 @@ class BytelmForSeq2SeqLM(BytelmPreTrainedModel, GenerationMixin):
     as bytelm's forward), ``generate`` to True (as bytelm's ``MrT5.generate``)."""
 
     def __init__(self, config: BytelmConfig) -> None:
-        if config.arch != "mrt5":
+        if not get_spec(config.arch).seq2seq:
             raise ValueError(f"{config.arch!r} is a causal LM: load it with AutoModelForCausalLM")
         super().__init__(config)
         object.__setattr__(self, "_encoder_view", _MrT5EncoderView(self))

@@ -39,6 +39,7 @@ from bytelm.data.packed import (
     TiledWindows,
 )
 from bytelm.data.sources import mixture_weights, report_groups, train_corpora, train_stream, validation_groups
+from bytelm.models.registry import get_spec
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ByteDataModule(L.LightningDataModule):
     @property
     def needs_words(self) -> bool:
         m = self.cfg.model
-        return m.arch == "hierarchical" and m.chunker == "words"
+        return get_spec(m.arch).needs_words(m)
 
     @property
     def train_corpus(self) -> PackedCorpus | None:

@@ -20,6 +20,7 @@ from bytelm.data.packed import IGNORE
 from bytelm.lit.metrics import bits_per_byte, byte_nll_sum, z_loss
 from bytelm.lit.schedule import lr_multiplier
 from bytelm.lit.throughput import flops_per_batch
+from bytelm.models.registry import ModelSpec, get_spec, resolve
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,11 @@ class ByteLMModule(L.LightningModule):
         )
         self._eager_train_steps = 0
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The registry's spec of ``cfg.model.arch`` (bytelm.models.registry)."""
+        return get_spec(self.cfg.model.arch)
+
     def configure_model(self) -> None:
         """Built here (not in __init__) so sharded strategies can construct it under their init context:
         ZeRO-3 partitions it as it is built, FSDP2 shards every Block then the root (bytelm.lit.strategies)."""
@@ -88,9 +94,7 @@ class ByteLMModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor], model: Any = None):
         assert self.model is not None, "configure_model() was not called"
-        extra = {
-            k: batch[k] for k in ("patch_end", "context", "probe_blocks", "boundary_only") if k in batch
-        }  # byteify
+        extra = {k: batch[k] for k in self.spec.batch_keys if k in batch}  # the kind's own batch keys
         return (model or self.model)(
             batch["input_ids"],
             targets=batch.get("targets"),
@@ -269,9 +273,9 @@ class ByteLMModule(L.LightningModule):
         if isinstance(self.extra_loss, torch.nn.Module):  # e.g. distillation's latent projection trains too
             for g, extra in zip(groups, param_groups(self.extra_loss, o.weight_decay), strict=True):
                 g["params"] = g["params"] + extra["params"]
-        if self.cfg.model.arch == "byteified":  # the transplanted backbone learns at its own rate (byteify)
+        if self.spec.param_groups is not None:  # e.g. byteified: the transplanted backbone's own rate
             # after the merge above: the split makes 2-4 groups, and the extra loss's params are local ones
-            groups = backbone_lr_groups(self.model, groups, o.lr, self.cfg.byteify.backbone_lr_mult)
+            groups = resolve(self.spec.param_groups)(self.model, groups, self.cfg)
         opt: torch.optim.Optimizer
         if self._cpu_adam_wanted():  # ZeRO-Offload on GPU machines: DeepSpeed's vectorised CPU Adam
             from deepspeed.ops.adam import DeepSpeedCPUAdam

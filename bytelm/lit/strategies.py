@@ -20,7 +20,6 @@ accelerator (``DS_ACCELERATOR=cpu``), which is how the tests exercise ZeRO on a 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import shutil
@@ -30,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
 from bytelm.config import STRATEGIES, Config
+
+# AtomicCheckpointIO lives in bytelm.lit.checkpoint_io; imported here so imports of its old home keep working
+from bytelm.lit.checkpoint_io import AtomicCheckpointIO  # noqa: F401
 from bytelm.models import build_model
+from bytelm.models.registry import get_spec, resolve
 
 log = logging.getLogger(__name__)
 
@@ -355,18 +357,11 @@ def fsdp2_mp_policy(cfg: Config, precision: str) -> Any:
 def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
     """The model, built and initialised as ``strategy`` needs it (see the module docstring)."""
     kind = strategy_kind(strategy)
-    if cfg.model.arch == "byteified":  # shapes come from the source model: fill them before building
-        from bytelm.distill.byteify import fill_source_fields
-
-        fill_source_fields(cfg)
+    spec = get_spec(cfg.model.arch)
+    if spec.complete_config is not None:  # e.g. byteified: shapes come from the source model: fill them
+        resolve(spec.complete_config)(cfg)
     deferred = kind == "zero3" or (kind == "fsdp2" and cfg.strategy.deferred_init)
-    if cfg.model.arch in (
-        "flat",
-        "hierarchical",
-        "mrt5",
-        "byteified",
-    ):  # import outside the meta-device context below:
-        importlib.import_module(f"bytelm.models.{cfg.model.arch}")  # module-level tensors need real data
+    spec.model_class()  # import its module outside the meta-device context below: module-level tensors need data
     with torch.random.fork_rng(devices=[]):  # constructor's default inits: not part of the seeded stream
         if kind == "fsdp2" and deferred:
             with torch.device("meta"):
@@ -386,30 +381,6 @@ def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
             model.to_empty(device=strategy.root_device)
     with sharded_init(kind):
         model.init_weights()  # type: ignore[operator]
-    if (
-        cfg.model.arch == "byteified"
-    ):  # the source model's blocks, embeddings and vocabulary (or a stage-1 run)
-        from bytelm.distill.byteify import init_from_checkpoint, load_tensors, set_trainable, source_tensors
-
-        load_tensors(model, source_tensors(cfg), kind if kind != "plain" else "plain")
-        if cfg.byteify.init_from:
-            init_from_checkpoint(model, cfg.byteify.init_from, kind)
-        set_trainable(model, cfg.byteify)
+    if spec.load_pretrained is not None:  # e.g. byteified: the source's blocks, embeddings and vocabulary
+        resolve(spec.load_pretrained)(model, cfg, kind)
     return model
-
-
-# ------------------------------------------------------------------------------------- single-file checkpoints
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning ``CheckpointIO`` that writes ``NAME.tmp``, fsyncs it and renames it over ``NAME``: a crash
-    mid-write leaves the previous checkpoint intact (single device, DDP, and FSDP2 full-state saves)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        final = Path(path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(final.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)

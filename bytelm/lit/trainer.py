@@ -127,7 +127,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal
-    from bytelm.lit.strategies import AtomicCheckpointIO
+    from bytelm.lit.checkpoint_io import AtomicCheckpointIO
     from bytelm.lit.throughput import throughput_monitor
 
     ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first

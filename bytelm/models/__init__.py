@@ -8,12 +8,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bytelm.models.config import ARCHS, GateConfig, ModelConfig, ModelOutput
+from bytelm.models.config import GateConfig, ModelConfig, ModelOutput
+from bytelm.models.registry import (
+    ARCHS,
+    ModelSpec,
+    get_spec,
+    register_model,
+    registered_archs,
+    unregister_model,
+)
 
 if TYPE_CHECKING:
     from bytelm.models.build import build_model
 
-__all__ = ["GateConfig", "ModelConfig", "ModelOutput", "build_model", "ARCHS"]
+__all__ = [
+    "GateConfig",
+    "ModelConfig",
+    "ModelOutput",
+    "build_model",
+    "ARCHS",
+    "ModelSpec",
+    "get_spec",
+    "register_model",
+    "registered_archs",
+    "unregister_model",
+]
 
 
 def __getattr__(name: str) -> Any:

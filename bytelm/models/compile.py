@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from bytelm.models.registry import get_spec
 
-COMPILABLE_ARCHS = ("flat", "hierarchical", "mrt5")
+log = logging.getLogger(__name__)
 
 
 class CompiledForward:
@@ -55,10 +55,10 @@ def compile_forward(
 ) -> CompiledForward | None:
     """The compiled training forward of ``model`` (``cfg.model.arch`` = ``arch``), or None (with a warning) for
     architectures that are not compiled (module docstring)."""
-    if arch not in COMPILABLE_ARCHS:
+    if not get_spec(arch).compilable:
         log.warning(
-            "trainer.compile: model.arch=%s is not compiled (its forward does host work every step: the "
-            "source vocabulary trie); training eagerly",
+            "trainer.compile: model.arch=%s is not compiled (its forward does host work every step, "
+            "ModelSpec.compilable=False); training eagerly",
             arch,
         )
         return None

@@ -6,15 +6,33 @@ a misspelt key fails with its name. Fields that an architecture does not use are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 
 import torch
 
-from bytelm.choices import choice
+from bytelm.choices import CHOICES, choice
 from bytelm.data.bytes import PADDED_VOCAB
 
-ARCHS = ("flat", "hierarchical", "mrt5", "byteified")
+
+class RegisteredArchs(Sequence[str]):
+    """``model.arch``'s allowed values: the kinds registered now (``bytelm.models.registry``), read when checked."""
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        from bytelm.models.registry import registered_archs  # not at import: the registry may import models
+
+        return registered_archs()
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
 
 
 class Backend(str, Enum):
@@ -69,7 +87,7 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("flat", *ARCHS)
+    arch: str = field(default="flat", metadata={CHOICES: RegisteredArchs()})  # bytelm.models.registry
     # backbone (the flat model's only stack)
     d_model: int = 256
     n_layers: int = 4

@@ -14,6 +14,7 @@ from torch import nn
 
 from bytelm.models.config import ModelConfig
 from bytelm.models.layers import swiglu_hidden
+from bytelm.models.registry import get_spec, resolve
 
 DEFAULT_BYTES_PER_WORD = (
     4.5  # HAT splitter on the Shakespeare training split (scripts/bench_models.py measures it)
@@ -25,20 +26,24 @@ def block_matmul_params(dim: int, mlp_ratio: float) -> int:
     return 4 * dim * dim + 3 * dim * swiglu_hidden(dim, mlp_ratio)
 
 
-def flops_breakdown(
+def flat_flops(
     cfg: ModelConfig, seq_len: int, bytes_per_word: float = DEFAULT_BYTES_PER_WORD
 ) -> dict[str, float]:
-    """Training FLOPs per byte, by part. ``seq_len`` is the context in bytes."""
+    """The flat model's training FLOPs per byte, by part (``bytes_per_word`` does not matter)."""
     V, r = cfg.vocab_size, cfg.mlp_ratio
-    if cfg.arch == "flat":
-        D, L = cfg.d_model, cfg.n_layers
-        return {
-            "blocks": 6.0 * L * block_matmul_params(D, r),
-            "attention": 12.0 * L * D * seq_len,
-            "lm_head": 6.0 * D * V,
-        }
-    if cfg.arch != "hierarchical":
-        raise ValueError(f"flops_per_byte does not know arch {cfg.arch!r}")
+    D, L = cfg.d_model, cfg.n_layers
+    return {
+        "blocks": 6.0 * L * block_matmul_params(D, r),
+        "attention": 12.0 * L * D * seq_len,
+        "lm_head": 6.0 * D * V,
+    }
+
+
+def hierarchical_flops(
+    cfg: ModelConfig, seq_len: int, bytes_per_word: float = DEFAULT_BYTES_PER_WORD
+) -> dict[str, float]:
+    """The hierarchical model's training FLOPs per byte, by part."""
+    V, r = cfg.vocab_size, cfg.mlp_ratio
     D, d, bpw = cfg.d_model, cfg.d_byte, float(bytes_per_word)
     Le, Ld, Lb = cfg.encoder_layers, cfg.decoder_layers, cfg.n_layers
     enc_ctx = min(seq_len, cfg.encoder_window) if cfg.encoder_window > 0 else seq_len
@@ -62,8 +67,21 @@ def flops_breakdown(
     return out
 
 
+def flops_breakdown(
+    cfg: ModelConfig, seq_len: int, bytes_per_word: float = DEFAULT_BYTES_PER_WORD
+) -> dict[str, float]:
+    """Training FLOPs per byte, by part, from the formula of ``cfg.arch``'s spec (``ModelSpec.flops``).
+    ``seq_len`` is the context in bytes. A kind without a formula is a ValueError."""
+    spec = get_spec(cfg.arch)
+    if spec.flops is None:
+        raise ValueError(
+            f"flops_per_byte does not know arch {cfg.arch!r} (its ModelSpec has no flops formula)"
+        )
+    return dict(resolve(spec.flops)(cfg, seq_len, bytes_per_word))
+
+
 def flops_per_byte(cfg: ModelConfig, seq_len: int, bytes_per_word: float = DEFAULT_BYTES_PER_WORD) -> float:
-    """Training (forward + backward) FLOPs per byte of the flat or hierarchical model."""
+    """Training (forward + backward) FLOPs per byte (kinds with a formula: flat, hierarchical)."""
     return float(sum(flops_breakdown(cfg, seq_len, bytes_per_word).values()))
 
 
@@ -83,12 +101,16 @@ def count_params(model: nn.Module, non_embedding: bool = False) -> int:
     return total
 
 
-def param_count_estimate(cfg: ModelConfig) -> int:
-    """Matmul weights of the model from the config alone (no embedding, no norm gains)."""
+def flat_param_estimate(cfg: ModelConfig) -> int:
+    head = 0 if cfg.tie_embeddings else 1
+    return (
+        cfg.n_layers * block_matmul_params(cfg.d_model, cfg.mlp_ratio) + head * cfg.d_model * cfg.vocab_size
+    )
+
+
+def hierarchical_param_estimate(cfg: ModelConfig) -> int:
     r, V = cfg.mlp_ratio, cfg.vocab_size
     head = 0 if cfg.tie_embeddings else 1
-    if cfg.arch == "flat":
-        return cfg.n_layers * block_matmul_params(cfg.d_model, r) + head * cfg.d_model * V
     D, d = cfg.d_model, cfg.d_byte
     pool = 2 * d * D + D * D if cfg.pooling == "query" else d * D
     n_inj = cfg.decoder_layers if cfg.decoder_cross == "all" else 1
@@ -99,6 +121,14 @@ def param_count_estimate(cfg: ModelConfig) -> int:
         + n_inj * D * d
         + head * d * V
     )
+
+
+def param_count_estimate(cfg: ModelConfig) -> int:
+    """Matmul weights of the model from the config alone (no embedding, no norm gains)."""
+    spec = get_spec(cfg.arch)
+    if spec.param_estimate is None:
+        raise ValueError(f"param_count_estimate does not know arch {cfg.arch!r}")
+    return int(resolve(spec.param_estimate)(cfg))
 
 
 def mfu(flops_per_byte_: float, bytes_per_s: float, peak_flops_total: float | None) -> float | None:

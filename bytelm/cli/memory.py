@@ -129,7 +129,7 @@ def parse_size(s: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``bytelm-memory`` (= ``python -m bytelm.lit.memory``): the model-states table of docs/scaling.md."""
+    """``bytelm-memory`` (= ``python -m bytelm.cli.memory``): the model-states table of docs/scaling.md."""
     import argparse
 
     ap = argparse.ArgumentParser(
