@@ -145,7 +145,7 @@ def get_spec(arch: str) -> ModelSpec:
 
 # ------------------------------------------------------------------------------------------ built-in kinds
 # Each class is imported by a function (not here), so the registry loads no model; the imports are plain
-# ``from bytelm.models.x import`` statements so the exported folder's copy rewrites them to its own files.
+# ``from bytelm.models.<module> import`` statements so the exported folder's copy rewrites them to its own files.
 
 
 def _flat() -> type:
