@@ -1,11 +1,11 @@
 """Choice fields: a ``str`` config field that only takes one of a fixed set of values.
 
-The runtime dataclasses (``bytelm.config``, ``bytelm.models.config``) keep plain ``str`` fields, so model code,
-checkpoints and exported ``config.json`` files only ever see strings. What Hydra composes against is a *schema*
-built from them (``schema_of``) in which every choice field is an ``Enum`` of its options: OmegaConf then
-rejects a misspelt value while the config is composed — also for ``--cfg job``, before anything is built —
-with the key and the allowed values in the message. ``check_choices`` applies the same rule to a config built
-in Python (a dataclass made by hand, a checkpoint's stored config).
+The runtime dataclasses (``bytelm.config``, ``bytelm.models.config``) keep plain ``str`` fields, so model
+code, checkpoints and exported ``config.json`` files only ever see strings. What Hydra composes against is a
+*schema* built from them (``schema_of``) in which every choice field is an ``Enum`` of its options: OmegaConf
+then rejects a misspelt value while the config is composed — also for ``--cfg job``, before anything is built
+— with the key and the allowed values in the message. ``check_choices`` applies the same rule to a config
+built in Python (a dataclass made by hand, a checkpoint's stored config).
 
 This module is plain Python (no torch, no omegaconf) so model code may use ``choice``.
 """

@@ -1,7 +1,7 @@
 """Attention memory of one stack per backend: the formula docs/scaling.md states, and a measurement on CPU.
 
-Per stack and forward (B rows of T bytes, packed documents, compute dtype of ``s`` bytes, ``n`` documents), the
-metadata ``attention.stack_meta`` builds and every layer of the stack shares:
+Per stack and forward (B rows of T bytes, packed documents, compute dtype of ``s`` bytes, ``n`` documents),
+the metadata ``attention.stack_meta`` builds and every layer of the stack shares:
 
 - sdpa: the dense additive mask, ``B*T^2*s`` bytes kept through the forward (and by autograd until backward);
   building it peaks at about ``B*T^2*(1 + s)`` (the boolean "may attend" mask and the float mask it becomes).
@@ -17,7 +17,8 @@ Measured on CPU with a dispatch mode that follows every storage the metadata cod
 their peak), at sizes small enough for the dense mask; the test (tests/test_attention_memory.py) holds the
 formula to the measurement.
 
-    python scripts/bench_attention_memory.py            # measured vs formula at small sizes + the table at B=8
+    python scripts/bench_attention_memory.py            # measured vs formula at small sizes
+                                                        # + the table at B=8
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     print("measured on CPU (fp32, documents of 16 bytes) vs formula, bytes:")
     print(
-        f"{'backend':8s} {'B':>3s} {'T':>5s} {'kept':>12s} {'formula':>12s} {'build peak':>12s} {'formula':>12s}"
+        f"{'backend':8s} {'B':>3s} {'T':>5s} {'kept':>12s} {'formula':>12s} {'build peak':>12s} "
+        f"{'formula':>12s}"
     )
     for backend in ("sdpa", "flash", "flex"):
         for B, T in ((2, 128), (2, 256), (4, 256)):

@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['ratio']:11.1f}"
         )
     print(
-        f"{'training':12s} {'':7s} {train['bytes_per_s'] / 1e6:12.4f}   ({train['arch']} model on {train['device']}, "
-        f"{train['step_s'] * 1e3:.0f} ms/step of {train['bytes_per_step']} bytes)"
+        f"{'training':12s} {'':7s} {train['bytes_per_s'] / 1e6:12.4f}   ({train['arch']} model on "
+        f"{train['device']}, {train['step_s'] * 1e3:.0f} ms/step of {train['bytes_per_step']} bytes)"
     )
     worst = min(r["ratio"] for r in rows)
     print(

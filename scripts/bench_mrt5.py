@@ -2,9 +2,9 @@
 (docs/design.md#speed-claims).
 
 Forces the deletion ratio by setting the gate's bias so that exactly the wanted share of prefix bytes falls
-below ``tau_del`` (the real gate and hard-deletion code paths run; with ``--batch 1`` the share is exact), and,
-given ``--ckpt``, also times the checkpoint's learned gate. Rows are timed round-robin (one repeat of every
-row, then the next repeat) so machine noise hits them alike; the table reports median and min times and
+below ``tau_del`` (the real gate and hard-deletion code paths run; with ``--batch 1`` the share is exact),
+and, given ``--ckpt``, also times the checkpoint's learned gate. Rows are timed round-robin (one repeat of
+every row, then the next repeat) so machine noise hits them alike; the table reports median and min times and
 speed-ups against the same model with the gate on and nothing deleted ("no gate" = the same weights without
 the gate, i.e. a plain ByT5-style encoder-decoder, for reference).
 
@@ -57,9 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_checkpoint(path: str) -> MrT5:
-    """A trained MrT5 from a bytelm checkpoint (Lightning ``.ckpt``, run folder's ``last.ckpt``, sharded folder
-    or consolidated ``.safetensors``) via :func:`bytelm.checkpoint.load_model`: weights, config (gate, softmax1)
-    and the controller state come from the checkpoint, the CLI model flags are ignored."""
+    """A trained MrT5 from a bytelm checkpoint (Lightning ``.ckpt``, run folder's ``last.ckpt``, sharded
+    folder or consolidated ``.safetensors``) via :func:`bytelm.checkpoint.load_model`: weights, config (gate,
+    softmax1) and the controller state come from the checkpoint, the CLI model flags are ignored."""
     from bytelm.checkpoint import load_model
 
     p = Path(path)
@@ -77,8 +77,9 @@ def make_input(args: argparse.Namespace, vocab_bytes: int = 256) -> torch.Tensor
         data = Path(args.text).read_bytes()
     else:
         data = (
-            b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-            b"foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light. "
+            b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
+            b"of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the "
+            b"season of Light. "
         )
     data = (data * math.ceil(n * args.batch / len(data) + 1))[: n * args.batch + args.batch * 7]
     rows = [list(data[i * 7 + i * n : i * 7 + (i + 1) * n]) for i in range(args.batch)]
@@ -122,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = load_checkpoint(args.ckpt)
         cfg = model.cfg
         print(
-            f"loaded {args.ckpt}: d_byte={cfg.d_byte}, encoder {cfg.encoder_layers} (gate at {cfg.gate.layer}), "
-            f"decoder {cfg.decoder_layers}, softmax1={cfg.gate.softmax1}"
+            f"loaded {args.ckpt}: d_byte={cfg.d_byte}, encoder {cfg.encoder_layers} (gate at "
+            f"{cfg.gate.layer}), decoder {cfg.decoder_layers}, softmax1={cfg.gate.softmax1}"
         )
     else:
         cfg = ModelConfig(
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"repeats; wall clock and process CPU time (the latter resists load from other processes)"
     )
     print(
-        f"{'setting':<14} {'deleted':>8} {'enc len':>8} {'wall ms':>9} {'cpu ms':>9} {'speed-up wall':>14} {'cpu':>6}"
+        f"{'setting':<14} {'deleted':>8} {'enc len':>8} {'wall ms':>9} {'cpu ms':>9} {'speed-up wall':>14} "
+        f"{'cpu':>6}"
     )
     for name, target, _ in rows:
         med, mc = statistics.median(times[name]), statistics.median(cpu[name])

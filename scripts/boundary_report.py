@@ -1,15 +1,16 @@
-"""Boundary accuracy per corpus and per language: predicted token ends vs the source tokenizer's (no model needed
-for the labels).
+"""Boundary accuracy per corpus and per language: predicted token ends vs the source tokenizer's (no model
+needed for the labels).
 
   python scripts/boundary_report.py                                  # both rule baselines, byteify mixture
   python scripts/boundary_report.py --predict my_pkg.boundaries:predict --max-bytes 0 --json out/b.json
 
-Labels are ``bytelm.distill.token_ends`` token ends of the tokenizer (default: the offline SmolLM2-135M). Texts
-are the validation groups of a data config (default ``byteify_mixture``: held-out Shakespeare, every chatterbot
-language, held-out stdlib files); rows are those groups, the corpora (``chatterbot`` = every language) and the
-chatterbot scripts. A predictor is any ``predict(data: bytes) -> bool array`` function, named as a built-in
-baseline (``bytelm.eval.boundary_baselines.BASELINES``) or as ``module:function`` (a byteified model plugs in
-as a function of the bytes). Targets (docs/byteify.md): >= 99% accuracy on English and code, >= 98% elsewhere.
+Labels are ``bytelm.distill.token_ends`` token ends of the tokenizer (default: the offline SmolLM2-135M).
+Texts are the validation groups of a data config (default ``byteify_mixture``: held-out Shakespeare, every
+chatterbot language, held-out stdlib files); rows are those groups, the corpora (``chatterbot`` = every
+language) and the chatterbot scripts. A predictor is any ``predict(data: bytes) -> bool array`` function,
+named as a built-in baseline (``bytelm.eval.boundary_baselines.BASELINES``) or as ``module:function`` (a
+byteified model plugs in as a function of the bytes). Targets (docs/byteify.md): >= 99% accuracy on English
+and code, >= 98% elsewhere.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""``make demo``: train a hierarchical byte model and the flat baseline at equal training FLOPs on the embedded
-Shakespeare corpus (CPU, a few minutes), compare validation bits-per-byte, generate a sample, export the
-hierarchical model to a Hugging Face folder and generate from that folder through ``transformers``.
+"""``make demo``: train a hierarchical byte model and the flat baseline at equal training FLOPs on the
+embedded Shakespeare corpus (CPU, a few minutes), compare validation bits-per-byte, generate a sample, export
+the hierarchical model to a Hugging Face folder and generate from that folder through ``transformers``.
 
-Every number printed is measured in this run. ``--steps`` scales the whole demo (default: experiment=hat_tiny's
-400 steps). The flat model's ``trainer.flops_budget`` is the hierarchical run's training FLOPs by the rule of
-the results table (``bytelm.eval.curves.run_training_flops``: steps x bytes per step x ``flops_per_byte`` at the
-bytes per word logged in training); it trains the largest number of steps within that budget. Extra Hydra
-overrides apply to both runs (``scripts/make_results.sh`` trains the data=mixture pair this way).
+Every number printed is measured in this run. ``--steps`` scales the whole demo (default:
+experiment=hat_tiny's 400 steps). The flat model's ``trainer.flops_budget`` is the hierarchical run's training
+FLOPs by the rule of the results table (``bytelm.eval.curves.run_training_flops``: steps x bytes per step x
+``flops_per_byte`` at the bytes per word logged in training); it trains the largest number of steps within
+that budget. Extra Hydra overrides apply to both runs (``scripts/make_results.sh`` trains the data=mixture
+pair this way).
 """
 
 from __future__ import annotations
@@ -158,9 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         # sampled like the bytelm sample above (greedy decoding of a tiny model loops on "the the the")
         text = generate_from_folder(folder, "ROMEO:\n", max_new_tokens=120, temperature=0.7, top_k=40, seed=0)
         print(
-            f"exported to {folder}\n"
-            f"AutoModelForCausalLM.from_pretrained('{folder}', trust_remote_code=True).generate(do_sample=True, "
-            f"temperature=0.7, top_k=40):\nROMEO:\n{text}\n"
+            f"exported to {folder}\nAutoModelForCausalLM.from_pretrained('{folder}', "
+            f"trust_remote_code=True).generate(do_sample=True, temperature=0.7, top_k=40):\nROMEO:\n{text}\n"
         )
         result["export"] = str(folder)
         result["hf_sample"] = text

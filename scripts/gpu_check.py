@@ -8,16 +8,16 @@ that can be pasted into docs/gpu.md):
    and the whole hat_small model (loss and logits);
 3. ``throughput``: training bytes/s, MFU and peak memory of hat_small and of the flat model with the same
    backbone, each eager and compiled (``torch.compile``, as ``trainer.compile=true``), side by side;
-4. ``strategies``: hat_small through ``bytelm.train`` with single, deepspeed_zero2, deepspeed_zero3 and fsdp2 on
-   one GPU (one subprocess each): bytes/s, MFU, peak memory.
+4. ``strategies``: hat_small through ``bytelm.train`` with single, deepspeed_zero2, deepspeed_zero3 and fsdp2
+   on one GPU (one subprocess each): bytes/s, MFU, peak memory.
 
 MFU = model training FLOPs per byte (``bytelm.models.flops.flops_per_byte``) x bytes/s / the card's dense bf16
 peak (``PEAK_BF16`` below, from the vendors' spec sheets; ``--peak-flops`` overrides).
 
     python scripts/gpu_check.py --out out/gpu           # on a CUDA machine (scripts/gpu_check.sh runs it)
-    python scripts/gpu_check.py --cpu-dry-run --out DIR  # the same logic on CPU: tiny sizes, short steps, flash
-                                                          # through the pure-torch reference kernel; GPU-only
-                                                          # parts are skipped with the reason printed
+    python scripts/gpu_check.py --cpu-dry-run --out DIR  # the same logic on CPU: tiny sizes, short steps,
+                                                          # flash through the pure-torch reference kernel;
+                                                          # GPU-only parts are skipped with the reason printed
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def make_batch(B: int, T: int, device: torch.device, seed: int = 0) -> dict[str,
 
 
 def model_configs(dry: bool) -> dict[str, ModelConfig]:
-    """hat_small (conf/model/hat_small.yaml) and the flat model with its backbone; tiny widths for the dry run."""
+    """hat_small (conf/model/hat_small.yaml) and the flat model with its backbone; tiny widths for the dry
+    run."""
     from bytelm.config import load_config
 
     hat = load_config(["experiment=hat_small"] + (["debug=cpu"] if dry else [])).model
@@ -313,7 +314,10 @@ def check_strategies(a: argparse.Namespace, dev: torch.device, deadline: float, 
                 json.loads(result.read_text())
                 if p.returncode == 0 and result.exists()
                 else {
-                    "error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else ''}"
+                    "error": (
+                        f"exit {p.returncode}: "
+                        f"{p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else ''}"
+                    )
                 }
             )
         except subprocess.TimeoutExpired:
@@ -323,7 +327,8 @@ def check_strategies(a: argparse.Namespace, dev: torch.device, deadline: float, 
 
 
 def strategy_run(a: argparse.Namespace) -> None:
-    """One ``bytelm.train`` run (a subprocess of check_strategies): hat_small on one device with ``strategy``."""
+    """One ``bytelm.train`` run (a subprocess of check_strategies): hat_small on one device with
+    ``strategy``."""
     import lightning as L
 
     from bytelm.config import load_config

@@ -58,7 +58,8 @@ def parse_run(s: str) -> tuple[str, str]:
 
 def train_command(spec: str) -> str | None:
     """The command that trained a run, from its folder: Hydra's ``hydra/.hydra/overrides.yaml`` (written by
-    ``python -m bytelm.train``) or a ``command.txt`` (written by scripts/demo.py); None if neither is there."""
+    ``python -m bytelm.train``) or a ``command.txt`` (written by scripts/demo.py); None if neither is
+    there."""
     import yaml
 
     p = Path(spec)
@@ -96,7 +97,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-# ----------------------------------------------------------------------------------------------- evaluation cache
+# ------------------------------------------------------------------------------------------- evaluation cache
 EVAL_DIR = Path(__file__).resolve().parent.parent / "bytelm" / "eval"
 
 
@@ -133,8 +134,8 @@ def eval_code_hash() -> str:
 def evaluate(
     scorer: Scorer, spec: str, opts: EvalOptions, cache: Path | None, extra_key: Any = None
 ) -> dict[str, Any]:
-    """``run_suite(scorer, opts)``, one task at a time through ``cache`` (None: no cache). A result records the
-    tasks it took from the cache under ``cached``."""
+    """``run_suite(scorer, opts)``, one task at a time through ``cache`` (None: no cache). A result records
+    the tasks it took from the cache under ``cached``."""
     res: dict[str, Any] = {"model": scorer.describe(), "options": asdict(opts), "seconds": {}}
     ident = model_identity(spec) if cache is not None else None
     todo = []
@@ -337,11 +338,10 @@ def write_markdown(
         else shlex.join(["python", "scripts/report.py", *args.argv]),
         "```",
         "",
-        f"Sets: held-out English = the canonical Shakespeare validation works (Hamlet, Twelfth Night, both "
-        f"editions, Sonnets), multilingual = the `chatterbot-corpus` dialogs; at most {opts.max_bytes:,} bytes "
-        f"per set (an equal share from each document; whole documents, evenly spaced, when the share would be "
-        f"under 512 bytes). bpb = bits per text byte. See docs/eval.md for "
-        "definitions.",
+        "Sets: held-out English = the canonical Shakespeare validation works (Hamlet, Twelfth Night, both "
+        f"editions, Sonnets), multilingual = the `chatterbot-corpus` dialogs; at most {opts.max_bytes:,} "
+        "bytes per set (an equal share from each document; whole documents, evenly spaced, when the share "
+        "would be under 512 bytes). bpb = bits per text byte. See docs/eval.md for definitions.",
         "",
         "## Main table",
         "",
@@ -353,9 +353,9 @@ def write_markdown(
         "Train time is the sum of logged step times (no validation, no checkpointing). eval bytes/s: "
         f"forward only, batch {args.batch_size}, on the device above."
         if args.timings
-        else "Absolute timings (train time, eval bytes/s, bpb vs time) are left out (`--no-timings`): the runs "
-        "shared their machine with other jobs, so their times measure its load. Speed comparisons: the "
-        "side-by-side ratios below."
+        else "Absolute timings (train time, eval bytes/s, bpb vs time) are left out (`--no-timings`): "
+        "the runs shared their machine with other jobs, so their times measure its load. Speed "
+        "comparisons: the side-by-side ratios below."
     )
     L += [
         "",
@@ -396,13 +396,12 @@ def write_markdown(
             "",
             "## Multilingual bits per byte",
             "",
-            "Only models that trained on the languages are scored: a byte model trained on English alone has "
-            "learned to rule out the bytes of other scripts and pays more than 8 bits (a uniform guess) for each "
-            "byte of a script it never saw, which says nothing about its architecture. Each compared experiment "
-            "was trained "
-            "a second time with `data=mixture` (90% Shakespeare, 10% `chatterbot-corpus` dialogs; the same "
-            "experiment, steps and equal-FLOPs rule otherwise): its *mixture run*. The teacher is the "
-            "pretrained SmolLM2-135M.",
+            "Only models that trained on the languages are scored: a byte model trained on English alone "
+            "has learned to rule out the bytes of other scripts and pays more than 8 bits (a uniform guess) "
+            "for each byte of a script it never saw, which says nothing about its architecture. Each "
+            "compared experiment was trained a second time with `data=mixture` (90% Shakespeare, 10% "
+            "`chatterbot-corpus` dialogs; the same experiment, steps and equal-FLOPs rule otherwise): its "
+            "*mixture run*. The teacher is the pretrained SmolLM2-135M.",
             "",
         ]
         rows = []
@@ -432,8 +431,8 @@ def write_markdown(
         L += [
             "",
             f"Per language of `chatterbot-corpus`, {which}; bytes evaluated in the last column. MrT5 scores "
-            "each row's continuation only: fewer bytes, — where a language's few bytes leave none, and its mean "
-            "over languages is over the languages it scored.",
+            "each row's continuation only: fewer bytes, — where a language's few bytes leave none, and its "
+            "mean over languages is over the languages it scored.",
             "",
         ]
         rows = [
@@ -490,8 +489,9 @@ def write_markdown(
             "",
             "## Character-level tasks (CUTE-style)",
             "",
-            f"{opts.cute_items} seeded items per task (seed {opts.seed}, {opts.cute_shots} solved examples each, "
-            "4 candidates: chance 0.25), scored by log-likelihood ranking: acc (sum) / acc_norm (per byte).",
+            f"{opts.cute_items} seeded items per task (seed {opts.seed}, {opts.cute_shots} solved examples "
+            "each, 4 candidates: chance 0.25), scored by log-likelihood ranking: acc (sum) / acc_norm (per "
+            "byte).",
             "",
         ]
         from bytelm.eval.cute import generate_suite, majority_baseline

@@ -100,8 +100,8 @@ def tiny_config(kind: str | None = None, **overrides):
 
 
 def tiny_model(kind: str | None = None, *, seed: int | None = 0, **overrides) -> torch.nn.Module:
-    """``build_model(tiny_config(kind, **overrides))`` after ``torch.manual_seed(seed)`` (None: no seeding), in
-    train mode as built."""
+    """``build_model(tiny_config(kind, **overrides))`` after ``torch.manual_seed(seed)`` (None: no seeding),
+    in train mode as built."""
     from bytelm.models import build_model
 
     if seed is not None:

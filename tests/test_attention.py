@@ -1,5 +1,6 @@
-"""The attention entry point against a naive softmax(QK^T / sqrt(d) + mask) V; the flash path through a pure-torch
-reference kernel and flex forward on CPU against SDPA; how backends are chosen, refused and fallen back from."""
+"""The attention entry point against a naive softmax(QK^T / sqrt(d) + mask) V; the flash path through a
+pure-torch reference kernel and flex forward on CPU against SDPA; how backends are chosen, refused and fallen
+back from."""
 
 from __future__ import annotations
 

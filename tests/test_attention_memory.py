@@ -1,5 +1,5 @@
-"""The attention-memory formula of docs/scaling.md (scripts/bench_attention_memory.py) against a measurement of
-the bytes ``attention.stack_meta`` allocates on CPU (a dispatch mode that follows every storage)."""
+"""The attention-memory formula of docs/scaling.md (scripts/bench_attention_memory.py) against a measurement
+of the bytes ``attention.stack_meta`` allocates on CPU (a dispatch mode that follows every storage)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Attention backends inside the models, on CPU: the flash path through the pure-torch reference kernel (and flex
-forward) give the SDPA model's outputs; metadata is built once per stack and forward; the flash path allocates no
-T x T tensor; MrT5's gate bias keeps flash away unless the fallback is asked for."""
+"""Attention backends inside the models, on CPU: the flash path through the pure-torch reference kernel (and
+flex forward) give the SDPA model's outputs; metadata is built once per stack and forward; the flash path
+allocates no T x T tensor; MrT5's gate bias keeps flash away unless the fallback is asked for."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 40  # bytes per row; packed documents are shorter, so a T x T tensor can only come from a dense mask
 SMALL = dict(d_byte=16, max_word_bytes=8)  # on top of conftest's TINY
-# varlen_info calls (flash) and block masks (flex) per forward: flat 1; hierarchical 2 (bytes: encoder and decoder
-# share one; words); MrT5 (flex only) 4: encoder before / after the gate, decoder self- and cross-attention
+# varlen_info calls (flash) and block masks (flex) per forward: flat 1; hierarchical 2 (bytes: encoder and
+# decoder share one; words); MrT5 (flex only) 4: encoder before / after the gate, decoder self- and
+# cross-attention
 PER_FORWARD = {"flat": 1, "hier_words": 2, "hier_gate": 2, "mrt5": 4}
 
 

@@ -1,5 +1,5 @@
-"""Boundary metrics against a naive per-byte loop; grouped scores are sums of counts; the rule baselines and the
-report script run on real texts with real SmolLM2 token ends."""
+"""Boundary metrics against a naive per-byte loop; grouped scores are sums of counts; the rule baselines and
+the report script run on real texts with real SmolLM2 token ends."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Byteification with 2 CPU processes (gloo) under FSDP2 and DeepSpeed ZeRO-3: stage 1 trains and validates on a
-split that does not divide evenly over the ranks, resumes exactly, and stage 2 starts from the stage-1
+"""Byteification with 2 CPU processes (gloo) under FSDP2 and DeepSpeed ZeRO-3: stage 1 trains and validates on
+a split that does not divide evenly over the ranks, resumes exactly, and stage 2 starts from the stage-1
 checkpoint (sharded folder) and trains the backbone.
 
-Each run is a subprocess (``python tests/test_byteify_distributed.py OUT overrides...``; Lightning starts rank 1
-by running the same command again) in its own session, killed with its children when it overruns: a hang is a
-failure, never a wait. Collectives time out too (``trainer.collective_timeout_s``).
+Each run is a subprocess (``python tests/test_byteify_distributed.py OUT overrides...``; Lightning starts rank
+1 by running the same command again) in its own session, killed with its children when it overruns: a hang is
+a failure, never a wait. Collectives time out too (``trainer.collective_timeout_s``).
 Default suite: FSDP2 (one representative case); ZeRO-3 runs with ``-m distributed`` / ``make test-slow``.
 """
 

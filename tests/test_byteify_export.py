@@ -1,6 +1,7 @@
-"""Hugging Face export of byteified models (``model.arch=byteified``): the folder carries the source vocabulary
-buffers and frozen source embeddings, reloads with bytelm's logits (also in a fresh interpreter where bytelm cannot
-be imported), and ``generate()`` with bytelm's ``ByteifiedCache`` equals greedy by full forwards."""
+"""Hugging Face export of byteified models (``model.arch=byteified``): the folder carries the source
+vocabulary buffers and frozen source embeddings, reloads with bytelm's logits (also in a fresh interpreter
+where bytelm cannot be imported), and ``generate()`` with bytelm's ``ByteifiedCache`` equals greedy by full
+forwards."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ PROMPT = b"To be, or not"
 
 def _perturb(model: torch.nn.Module) -> None:
     """Move the trainable parts off their init, so the export is checked on non-trivial weights: boundary
-    logits of magnitude ~1 (about half the bytes close a patch, none sits near the threshold), prior_scale != 1."""
+    logits of magnitude ~1 (about half the bytes close a patch, none sits near the threshold),
+    prior_scale != 1."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         last = (
@@ -54,7 +56,8 @@ def exported(tiny_source, tmp_path_factory):
     from bytelm.lit.strategies import build_model_for
 
     root = tmp_path_factory.mktemp("byteify_hf")
-    # learned patch boundaries (chunker=gate): the model that generates (the HAT-word ablation has no cached path)
+    # learned patch boundaries (chunker=gate): the model that
+    # generates (the HAT-word ablation has no cached path)
     cfg = load_config(
         ["experiment=byteify_smollm2", "debug=cpu", f"byteify.source={tiny_source}", "model.chunker=gate"]
     )
@@ -304,7 +307,9 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(ref["folder"], trust_remote_code=True).eval()
     with torch.no_grad():
         logits = model(ref["ids"], segment=True).logits  # the fused (byte, bit) logits of the parallel path
-        gen = model.generate(tok(ref["prompt"], return_tensors="pt").input_ids, max_new_tokens=6, do_sample=False)
+        gen = model.generate(
+            tok(ref["prompt"], return_tensors="pt").input_ids, max_new_tokens=6, do_sample=False
+        )
     print("REPORT" + json.dumps({
         "max_err": (logits - ref["logits"]).abs().max().item(), "gen": gen[0].tolist(),
         "modules": sorted(m for m in sys.modules if m.split(".")[0] == "bytelm"),

@@ -1,7 +1,7 @@
 """Byteified model (bytelm.models.byteified, byteified_cache, byte_prior, vocab_trie; docs/byteify.md): every
 piece against an independent brute-force computation, the exact prior (normalised, telescoping to the source's
-token probability), the joint (byte, bit) scoring and its causality on adversarial bytes, cached decoding = full
-forward, generation, the transplanted backbone through the model's sink logic = the teacher, trainable
+token probability), the joint (byte, bit) scoring and its causality on adversarial bytes, cached decoding =
+full forward, generation, the transplanted backbone through the model's sink logic = the teacher, trainable
 parameters per stage and config errors.
 """
 
@@ -22,8 +22,8 @@ from bytelm.models.vocab_trie import VocabTrie
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# a hand-made vocabulary: nested prefixes, a duplicate byte string, specials (None), an empty token, multi-byte
-# UTF-8 (é = c3 a9) and tokens that nothing extends
+# a hand-made vocabulary: nested prefixes, a duplicate byte string, specials (None), an empty token,
+# multi-byte UTF-8 (é = c3 a9) and tokens that nothing extends
 HAND = [
     b"a",
     b"ab",
@@ -77,9 +77,9 @@ def extends(table, s: bytes) -> bool:
 
 
 def brute_open_prefixes(table, ids, closed):
-    """The open patch's bytes after each byte, by the rule of VocabTrie.open_nodes, as byte strings: empty after
-    a closing byte or a special; where no token extends the bytes the walk restarts at the current byte (and
-    at the empty string if no token extends that byte either)."""
+    """The open patch's bytes after each byte, by the rule of VocabTrie.open_nodes, as byte strings: empty
+    after a closing byte or a special; where no token extends the bytes the walk restarts at the current byte
+    (and at the empty string if no token extends that byte either)."""
     out, cur = [], b""
     for t, tok in enumerate(ids):
         if tok >= 256:
@@ -94,8 +94,9 @@ def brute_open_prefixes(table, ids, closed):
 
 
 def brute_fused_prior(table, ctx, head, s: bytes, vocab_size: int) -> torch.Tensor:
-    """P(c, ends | s) = p(s+c) / M'(s), P(c, continues | s) = (M(s+c) - p(s+c)) / M'(s), by enumeration over the
-    vocabulary (p = softmax of the head over the byte-spelled tokens); log, floored; specials' constants."""
+    """P(c, ends | s) = p(s+c) / M'(s), P(c, continues | s) = (M(s+c) - p(s+c)) / M'(s), by enumeration over
+    the vocabulary (p = softmax of the head over the byte-spelled tokens); log, floored; specials'
+    constants."""
     real = [v for v, tb in enumerate(table) if tb]
     logits = ctx.double() @ head.double().t()
     p = torch.zeros(len(table), dtype=torch.float64)
@@ -342,9 +343,9 @@ ADVERSARIAL = [
 def test_joint_scoring_is_causal_on_adversarial_bytes(chunker):
     """Change byte t of random adversarial rows: with the given bits fixed, no logit before t moves; with the
     model's own segmenter (the boundary predictor, or HAT words: both look ahead), no logit moves before the
-    first position whose byte *or* bit differs, so no symbol's distribution ever reads a later byte (its own bit
-    is part of the symbol). The word-patch ablation once leaked exactly here (its prior read whether the next
-    byte starts a word)."""
+    first position whose byte *or* bit differs, so no symbol's distribution ever reads a later byte (its own
+    bit is part of the symbol). The word-patch ablation once leaked exactly here (its prior read whether the
+    next byte starts a word)."""
     rng = random.Random(11)
     m = small_model(HAND, max_word_bytes=6, boundary_lookahead=2, chunker=chunker)
     randomise_residual(m, 1)
@@ -416,8 +417,8 @@ def _cached_logits(m: ByteifiedLM, ids: list[int], chunks: list[int], bits: list
 @pytest.mark.parametrize("rate", [0.1, 0.6])
 def test_cached_decoding_equals_full_forward(byteified, rate):
     """Given the same bits (the model's own segmentation of the row), the cache's fused logits equal the full
-    forward's, for rows that start with BOS, inside a document (the sink) and across specials, with the size cap
-    firing; the bits the cache applied equal the full forward's ``closed``."""
+    forward's, for rows that start with BOS, inside a document (the sink) and across specials, with the size
+    cap firing; the bits the cache applied equal the full forward's ``closed``."""
     m, _ = byteified
     saved = {k: v.clone() for k, v in m.state_dict().items()}
     cap = m.cfg.max_word_bytes
@@ -457,9 +458,9 @@ def test_cached_decoding_equals_full_forward(byteified, rate):
 
 
 def test_prompt_prefill_without_bits_rolls_back_the_last_byte(byteified):
-    """``forward(prompt, cache=...)`` without bits = the segmenter's bits for all but the last byte and the fused
-    head's preferred bit for the last one (``prompt_bits``); then generation (cached) equals generation that
-    reruns the full forward, byte and bit alike."""
+    """``forward(prompt, cache=...)`` without bits = the segmenter's bits for all but the last byte and the
+    fused head's preferred bit for the last one (``prompt_bits``); then generation (cached) equals generation
+    that reruns the full forward, byte and bit alike."""
     from bytelm.models.generate import generate
 
     m, _ = byteified
@@ -570,8 +571,8 @@ def test_step0_with_the_tokenizer_segmenter_equals_the_teacher(byteified):
 
 def test_eval_with_the_tokenizer_segmenter_equals_the_teacher_scorer(byteified):
     """bytelm.eval's scorers, untrained model: the corpus bpb (packed rows, BOS doc EOS) and lm-eval-style
-    continuation log-probs (context and continuation tokenized separately) equal the teacher's; with the learned
-    segmenter the number is a different, still joint, score."""
+    continuation log-probs (context and continuation tokenized separately) equal the teacher's; with the
+    learned segmenter the number is a different, still joint, score."""
     from bytelm.distill.byteify import load_source_once
     from bytelm.distill.teacher import Teacher
     from bytelm.eval.scoring import ByteScorer, TeacherScorer, tokenizer_segmenter

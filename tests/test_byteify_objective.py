@@ -159,7 +159,8 @@ def test_encoder_and_boundary_losses_equal_naive(objective):
             if hit is not None and hit[1]:
                 dists.append(float((hidden["probe"][b, w].double() - hit[0]).norm()) / math.sqrt(D))
     enc = sum(dists) / len(dists)
-    # boundary: BCE over real bytes but each row's last (no next byte to look at), F1 of logit > 0 vs token ends
+    # boundary: BCE over real bytes but each row's last (no
+    # next byte to look at), F1 of logit > 0 vs token ends
     bce, tp, fp, fn, n = 0.0, 0, 0, 0, 0
     for b in range(B):
         for t in range(T):

@@ -1,7 +1,7 @@
-"""The exact start on the real source: SmolLM2-135M (offline GGUF) byteified and untrained, segmented at its own
-tokenizer's token ends, scores 2,000 held-out bytes of Hamlet as SmolLM2 itself does (docs/byteify.md, "The fused
-head and its exact prior"). The tiny-source tests check the same on random weights; this one on the real head,
-vocabulary (49,152 tokens, byte-level BPE) and 30 blocks."""
+"""The exact start on the real source: SmolLM2-135M (offline GGUF) byteified and untrained, segmented at its
+own tokenizer's token ends, scores 2,000 held-out bytes of Hamlet as SmolLM2 itself does (docs/byteify.md,
+"The fused head and its exact prior"). The tiny-source tests check the same on random weights; this one on the
+real head, vocabulary (49,152 tokens, byte-level BPE) and 30 blocks."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def test_step0_equals_smollm2_on_held_out_hamlet(smollm2_byteified):
     assert int(got.metrics["n_bytes"]) == len(data) > 1900
     s_nll = float(got.metrics["nll_sum"])
     print(
-        f"SmolLM2 {t_nll / len(data) / 0.6931471805599453:.6f} bpb, byteified step 0 {s_nll / len(data) / 0.6931471805599453:.6f} bpb"
+        f"SmolLM2 {t_nll / len(data) / 0.6931471805599453:.6f} bpb, byteified step 0 "
+        f"{s_nll / len(data) / 0.6931471805599453:.6f} bpb"
     )
     assert s_nll == pytest.approx(t_nll, rel=1e-4), (s_nll, t_nll)

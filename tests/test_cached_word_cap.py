@@ -1,7 +1,8 @@
-"""Cached decoding at the word size cap: words that reach ``max_word_bytes`` while a multi-byte UTF-8 character
-is still incomplete. The cached path splits complete characters only (docs/design.md#word-splitting), so the
-cap never cuts inside a character that the full forward keeps whole; cached logits equal the full forward's,
-in bytelm and through ``transformers`` on an exported folder (whose model code is a copy of bytelm's)."""
+"""Cached decoding at the word size cap: words that reach ``max_word_bytes`` while a multi-byte UTF-8
+character is still incomplete. The cached path splits complete characters only
+(docs/design.md#word-splitting), so the cap never cuts inside a character that the full forward keeps whole;
+cached logits equal the full forward's, in bytelm and through ``transformers`` on an exported folder (whose
+model code is a copy of bytelm's)."""
 
 from __future__ import annotations
 

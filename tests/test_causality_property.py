@@ -2,10 +2,11 @@
 byte j+1) depends on bytes <= j only, and KV-cached decoding equals the full forward.
 
 A model kind is one entry of ``KINDS``: how to build a tiny model through bytelm's config/build path, which
-row positions its logits belong to, and how to run it cached. Adding a kind is adding an entry; every test below
-then covers it. The byteified model predicts (byte, boundary) symbols whose bits a segmenter may choose with
-lookahead, so its property is stated over symbols and lives with its exact prior in tests/test_byteify_model.py
-(``test_joint_scoring_is_causal_on_adversarial_bytes``: the same adversarial bytes, learned and word patches).
+row positions its logits belong to, and how to run it cached. Adding a kind is adding an entry; every test
+below then covers it. The byteified model predicts (byte, boundary) symbols whose bits a segmenter may choose
+with lookahead, so its property is stated over symbols and lives with its exact prior in
+tests/test_byteify_model.py (``test_joint_scoring_is_causal_on_adversarial_bytes``: the same adversarial
+bytes, learned and word patches).
 
 The byte sequences are seeded and adversarial for a word splitter: specials (BOS/EOS), invalid and truncated
 UTF-8, 2/3/4-byte characters, combining marks (U+0300-U+036F, U+0332), U+00A0, CJK, Cyrillic, runs of spaces
@@ -106,7 +107,8 @@ def _by_position(out: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def cached_logits(kind: Kind, m: nn.Module, ids: list[int]) -> torch.Tensor:
-    """The same positions through ``new_cache()`` / ``forward(ids, cache=...)``: the prompt, then byte by byte."""
+    """The same positions through ``new_cache()`` / ``forward(ids, cache=...)``: the prompt, then byte by
+    byte."""
     cache = m.new_cache()  # type: ignore[operator]
     with torch.no_grad():
         outs = [m(torch.tensor([ids[: kind.prompt]]), cache=cache).logits[0][-1:]]
@@ -284,7 +286,8 @@ def test_regression_word_end_decided_late(name: str, a: bytes, b: bytes, t: int)
 @pytest.mark.parametrize("name", HIER_WORDS)
 def test_cache_splits_a_word_that_starts_with_a_mark_in_context(name: str) -> None:
     """After punctuation a combining mark starts a word (``a.`` | ``\u0332b``), but alone it is split off
-    (``\u0332`` | ``b``): the cache re-splits such a word with the bytes before it, as the full forward does."""
+    (``\u0332`` | ``b``): the cache re-splits such a word with the bytes before it, as the full forward
+    does."""
     kind = KINDS[name]
     m = kind.build(seed=2)
     for row in ("a.\u0332b cd", "x'\u0301\u0301yz e", "eeeee'\u036fZ  q"):

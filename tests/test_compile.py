@@ -3,8 +3,8 @@
 
 Inductor on CPU compiles a tiny model in about a minute (C++ code generation), too slow for the default suite:
 it checks ``aot_eager`` (dynamo's graph capture + AOT autograd's forward/backward graphs, which is where the
-semantics can change: see ``PIController.current_alpha``) and runs inductor in the slow tests. Two steps each, so
-the gate's controller state moves between them."""
+semantics can change: see ``PIController.current_alpha``) and runs inductor in the slow tests. Two steps each,
+so the gate's controller state moves between them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Choice fields: every one is checked while the config is composed (before anything is built), with the key
-and the allowed values in the message; composed values are plain strings; a misspelt experiment is an error."""
+and the allowed values in the message; composed values are plain strings; a misspelt experiment is an
+error."""
 
 from __future__ import annotations
 

@@ -18,7 +18,10 @@ import torch
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 STEPS, ROWS_PER_RANK, T, WORLD = 6, 2, 40, 2
-TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. "
+TEXT = (
+    b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    b"foolishness. "
+)
 
 
 SIZES = {"hier_gate": dict(n_layers=1, d_byte=16, encoder_layers=1), "mrt5": dict(d_byte=16)}  # on TINY

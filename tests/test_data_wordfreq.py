@@ -1,6 +1,6 @@
 """The wordfreq word-sampled corpus: the cBpack frequencies decoded as wordfreq defines them, sampling that
-follows them, deterministic documents per (language, split, index), clear errors, the datasets pipeline, and the
-real wheel's word lists."""
+follows them, deterministic documents per (language, split, index), clear errors, the datasets pipeline, and
+the real wheel's word lists."""
 
 from __future__ import annotations
 

@@ -30,9 +30,11 @@ from bytelm.distill.teacher import (
 )
 
 TEXTS = [
-    b"Hello  w\xc3\xb6rld! \xf0\x9f\x98\x80\xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd",  # 2 spaces, umlaut, emoji + skin tone
+    # 2 spaces, umlaut, emoji + skin tone
+    b"Hello  w\xc3\xb6rld! \xf0\x9f\x98\x80\xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd",
     "日本語のテキスト、カタカナ。 中文。".encode(),  # CJK
-    b"a\xffb\xe6\x97c \xf0\x9f\x98\x80 \xe6\x97\xa5 <|endoftext|> x\xc3",  # invalid + split chars + special text
+    # invalid + split chars + special text
+    b"a\xffb\xe6\x97c \xf0\x9f\x98\x80 \xe6\x97\xa5 <|endoftext|> x\xc3",
     b"   lead\n\n\ttab\r\nend ",  # leading/trailing whitespace, CRLF
     b"",
     b"\x80\x80\xfe",  # nothing but invalid bytes
@@ -196,9 +198,9 @@ def test_byte_fallback_dummy_prefix_spans():
         if (
             b == 0
         ):  # the dummy space is cut off the first token; the emoji is four <0xNN> tokens, one byte each
-            assert got == [("<s>", b""), ("▁a", b"a"), ("b", b"b"), ("▁a", b" a"), ("▁", b" "), ("é", "é".encode()),
-                           ("<0xF0>", b"\xf0"), ("<0x9F>", b"\x9f"), ("<0x98>", b"\x98"), ("<0x80>", b"\x80"),
-                           ("b", b"b")]  # fmt: skip
+            assert got == [("<s>", b""), ("▁a", b"a"), ("b", b"b"), ("▁a", b" a"), ("▁", b" "),
+                           ("é", "é".encode()), ("<0xF0>", b"\xf0"), ("<0x9F>", b"\x9f"), ("<0x98>", b"\x98"),
+                           ("<0x80>", b"\x80"), ("b", b"b")]  # fmt: skip
             assert enc.exact_mask[b, 1:n].all()
         if b == 1:  # " a b": the dummy "▁" gets an empty span, the real space goes with "▁a"
             assert got == [("<s>", b""), ("▁", b""), ("▁a", b" a"), ("▁b", b" b")]

@@ -3,9 +3,9 @@ global batch, checkpoints are written, resume gives the same next-step losses, Z
 consolidate to the single-process weights, and ZeRO-3 / FSDP2 never hold the full model on one rank.
 
 Every run validates during training on a split that does not divide evenly over the ranks (37 rows: uneven
-over 2 and 3 ranks, and in batches too), and its validation bpb matches the single process. A hang is a failure:
-runs use a short collective timeout (``trainer.collective_timeout_s``), a rank that stalls makes the run fail
-within it, SIGTERM ends a run within seconds (with ``last.ckpt``), also one stuck in a collective.
+over 2 and 3 ranks, and in batches too), and its validation bpb matches the single process. A hang is a
+failure: runs use a short collective timeout (``trainer.collective_timeout_s``), a rank that stalls makes the
+run fail within it, SIGTERM ends a run within seconds (with ``last.ckpt``), also one stuck in a collective.
 
 Each run is a subprocess (``python tests/test_distributed.py OUT overrides...``; Lightning starts the other
 ranks by running the same command again) in a session of its own, killed as a whole on timeout, so the test
@@ -76,7 +76,8 @@ def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """Wait for the job; a job still running after ``timeout`` is killed (all its ranks) and fails the test."""
+    """Wait for the job; a job still running after ``timeout`` is killed (all its ranks) and fails the
+    test."""
     try:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -247,9 +248,9 @@ def _stalled_run(tmp_path: Path, strategy: str, extra: list[str]) -> subprocess.
     "strategy", [pytest.param(s, marks=pytest.mark.slow) if s != "fsdp2" else s for s in STRATEGIES]
 )
 def test_a_stalled_rank_fails_the_run_within_the_collective_timeout(strategy, tmp_path):
-    """Rank 1 stalls; rank 0 waits in a collective for ``trainer.collective_timeout_s`` (30 s: the same timeout
-    bounds the start-up rendezvous, which a loaded 2-core machine needs), then raises and takes the ranks it
-    launched along: the run fails in bounded time instead of hanging."""
+    """Rank 1 stalls; rank 0 waits in a collective for ``trainer.collective_timeout_s`` (30 s: the same
+    timeout bounds the start-up rendezvous, which a loaded 2-core machine needs), then raises and takes the
+    ranks it launched along: the run fails in bounded time instead of hanging."""
     t0 = time.perf_counter()
     proc = _stalled_run(tmp_path, strategy, ["trainer.collective_timeout_s=30"])
     stdout, stderr = finish(proc, 300)

@@ -1,6 +1,6 @@
-"""``bytelm.eval`` scores an exported folder exactly as its checkpoint: packed rows with document ids, in rows of
-the training length (config.json's ``train_seq_len``, or the model card's training configuration for folders
-exported before that key existed), with the training run's invalid-UTF-8 handling."""
+"""``bytelm.eval`` scores an exported folder exactly as its checkpoint: packed rows with document ids, in rows
+of the training length (config.json's ``train_seq_len``, or the model card's training configuration for
+folders exported before that key existed), with the training run's invalid-UTF-8 handling."""
 
 from __future__ import annotations
 

@@ -211,9 +211,9 @@ def test_equal_flops_rule(tiny_runs):
 
 
 def test_tiny_experiments_carry_their_rows_settings():
-    """The README's rows are the experiments as configured: hat_tiny and its gate twin 400 steps, and flat_tiny
-    the most steps within hat_tiny's training FLOPs at a bytes-per-word the splitter gives (4.2-4.6; the exact
-    count comes from the run's logged value, scripts/demo.py)."""
+    """The README's rows are the experiments as configured: hat_tiny and its gate twin 400 steps, and
+    flat_tiny the most steps within hat_tiny's training FLOPs at a bytes-per-word the splitter gives (4.2-4.6;
+    the exact count comes from the run's logged value, scripts/demo.py)."""
     from dataclasses import replace
 
     from bytelm.config import load_config

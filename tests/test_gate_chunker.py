@@ -90,8 +90,8 @@ def test_keep_scale_value_and_gradient() -> None:
     s = keep_scale(G, k, by_gate, end)
     assert torch.equal(s.detach(), torch.ones(1, 5, 1))
     s.sum().backward()
-    # d/dG (1 - G/k) = -1/k at closing bytes 0, 3, 4 (byte 4 is not gate-closed: no gradient); byte 2 twice? no:
-    # ends 1,3,4,5,5 -> closing bytes 0, 2, 3, 4, 4; gate-closed among them: 0, 2, 3
+    # d/dG (1 - G/k) = -1/k at closing bytes 0, 3, 4 (byte 4 is not gate-closed: no gradient); byte 2 twice?
+    # no: ends 1,3,4,5,5 -> closing bytes 0, 2, 3, 4, 4; gate-closed among them: 0, 2, 3
     assert G.grad is not None
     assert G.grad[0].tolist() == pytest.approx([-1 / k, 0.0, -1 / k, -1 / k, 0.0])
 
@@ -174,8 +174,8 @@ def test_task_gradient_reaches_the_gate_and_metrics_are_logged() -> None:
 
 
 def test_controller_drives_deletion_ratio_to_target() -> None:
-    """Real text (a Shakespeare play), AdamW at the experiments' learning rate decaying linearly to 10%: the PI
-    controller holds the deletion ratio within 5 points of delta = 0.6 (mean of the last 40 of 110 steps;
+    """Real text (a Shakespeare play), AdamW at the experiments' learning rate decaying linearly to 10%: the
+    PI controller holds the deletion ratio within 5 points of delta = 0.6 (mean of the last 40 of 110 steps;
     measured 0.613 / 0.542 / 0.609 for seeds 0 / 1 / 2 with kp 0.5, ki 1e-2), and the regulariser moves only
     the gate (its input is detached), not the encoder."""
     from bytelm.data.shakespeare import shakespeare_documents

@@ -1,4 +1,5 @@
-"""MrT5 delete gate, hard deletion and PI controller (bytelm.models.gates), against independent computations."""
+"""MrT5 delete gate, hard deletion and PI controller (bytelm.models.gates), against independent
+computations."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def test_pi_controller_hand_computed_sequence():
         expected.append(max(0.0, p + i))
     got = [float(ctl.update(r)) for r in ratios]
     assert got == pytest.approx(expected, abs=1e-7)
-    # hand check of the first two: 0.1*0.5*0.4 + 1e-5*0.4 = 0.020004; 0.9*0.02 + 0.1*0.5*0.2 + 1e-5*0.6 = 0.028006
+    # hand check of the first two: 0.1*0.5*0.4 + 1e-5*0.4 = 0.020004;
+    # 0.9*0.02 + 0.1*0.5*0.2 + 1e-5*0.6 = 0.028006
     assert got[0] == pytest.approx(0.020004, abs=1e-7)
     assert got[1] == pytest.approx(0.028006, abs=1e-7)
     assert got[3] == 0.0  # clamped: p + i < 0 after the overshoot
@@ -138,7 +140,8 @@ def test_pi_controller_drives_toy_run_to_target(delta):
     """Closed loop: real DeleteGate + PIController + Adam on a synthetic task that makes keeping worth
     something (deleting position j costs c * imp_j * G_j / k, importance imp ~ U(0, 1) readable from h).
     Without the regulariser nothing is deleted; the controller must raise alpha until the deletion ratio
-    sits at delta (P control leaves an error of about alpha*/kp = 2 c delta / 30; c = 0.5 keeps it < 3 pts)."""
+    sits at delta (P control leaves an error of about alpha*/kp = 2 c delta / 30; c = 0.5 keeps it < 3
+    pts)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     D, N, c = 16, 512, 0.5

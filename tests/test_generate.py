@@ -27,7 +27,8 @@ MODELS: dict[str, dict[str, Any]] = {
 
 PROMPT = "Hi wörld, 中文字 «q» don't  stop\n".encode()
 MULTI = (
-    "The quick brown fox — «naïve café» 中文字符串 日本語のテキスト カタカナ 🙂👍🏽 x=1+2; HTTPServer camelCase\n"
+    "The quick brown fox — «naïve café» 中文字符串 日本語のテキスト "
+    "カタカナ 🙂👍🏽 x=1+2; HTTPServer camelCase\n"
     "\tsupercalifragilisticexpialidocious" * 2 + "a" * 130 + " 3.14 $5 (hello) "
 ).encode() + b"\xff\xfe bad \xe4\xb8 trunc \xc3"
 

@@ -1,6 +1,6 @@
-"""``scripts/gpu_check.sh --cpu-dry-run``: the GPU check's logic (auto choice, backend agreement through the flash
-reference kernel and flex, eager vs compiled throughput, a strategy run through bytelm.train, the JSON and the
-markdown table) runs on CPU with tiny sizes; GPU-only parts are skipped with the reason printed."""
+"""``scripts/gpu_check.sh --cpu-dry-run``: the GPU check's logic (auto choice, backend agreement through the
+flash reference kernel and flex, eager vs compiled throughput, a strategy run through bytelm.train, the JSON
+and the markdown table) runs on CPU with tiny sizes; GPU-only parts are skipped with the reason printed."""
 
 from __future__ import annotations
 

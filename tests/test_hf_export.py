@@ -1,5 +1,5 @@
-"""Hugging Face export: checkpoint -> folder -> from_pretrained gives bytelm's logits and generations, also in a
-fresh interpreter where bytelm cannot be imported; CLI, model card, sharding, bf16, push errors."""
+"""Hugging Face export: checkpoint -> folder -> from_pretrained gives bytelm's logits and generations, also in
+a fresh interpreter where bytelm cannot be imported; CLI, model card, sharding, bf16, push errors."""
 
 from __future__ import annotations
 
@@ -123,8 +123,9 @@ def test_reload_gives_checkpoint_logits(exported, arch):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_export_from_fsdp2_folder(tmp_path):
-    """A sharded torch-distributed (FSDP2) checkpoint folder exports through bytelm.checkpoint's consolidation,
-    metrics included (the folder is written here in one process, in the layout training writes)."""
+    """A sharded torch-distributed (FSDP2) checkpoint folder exports through bytelm.checkpoint's
+    consolidation, metrics included (the folder is written here in one process, in the layout training
+    writes)."""
     import torch.distributed.checkpoint as dcp
 
     torch.manual_seed(0)

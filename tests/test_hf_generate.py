@@ -1,5 +1,6 @@
-"""transformers' ``generate()`` / forward on bytelm models: same bytes as bytelm's generator (greedy and seeded
-sampling), padding handled, beam search, pipelines, ``generate_from_folder`` and lm-evaluation-harness."""
+"""transformers' ``generate()`` / forward on bytelm models: same bytes as bytelm's generator (greedy and
+seeded sampling), padding handled, beam search, pipelines, ``generate_from_folder`` and
+lm-evaluation-harness."""
 
 from __future__ import annotations
 

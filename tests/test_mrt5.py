@@ -15,7 +15,10 @@ from bytelm.models.mrt5 import MrT5
 # the from-scratch recipe of conf/model/mrt5_*.yaml (docs/mrt5.md)
 RECIPE = {"bias_init": 3.0, "center": True, "alpha_min": -1.0, "ki": 1e-2}
 
-TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. "
+TEXT = (
+    b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    b"foolishness. "
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,8 +255,8 @@ def test_bad_config_rejected():
 @pytest.mark.parametrize("hard_eval", [False, True])
 def test_generate_protocol_matches_uncached_forward(hard_eval):
     """``bytelm.models.generate`` drives MrT5 through ``new_cache()`` / ``forward(ids, cache=...)``: the first
-    call encodes the prompt, later calls feed one byte to the decoder. Each sampled row must equal the uncached
-    forward over prompt + generated-so-far with ``prefix_len = len(prompt)``."""
+    call encodes the prompt, later calls feed one byte to the decoder. Each sampled row must equal the
+    uncached forward over prompt + generated-so-far with ``prefix_len = len(prompt)``."""
     from bytelm.models.generate import iter_generate
 
     m = tiny_model("mrt5", **LAYERS).eval()
@@ -273,8 +276,8 @@ def test_generate_protocol_matches_uncached_forward(hard_eval):
 
 
 def test_softmax1_null_key_matches_formula_and_sees_a_uniform_gate_shift():
-    """``attend(null_key=True)`` is softmax1 (``exp(s_j) / (1 + sum_k exp(s_k))``, masked keys excluded), and in
-    MrT5 it makes a uniform shift of G matter: with a plain softmax the logits are invariant to it."""
+    """``attend(null_key=True)`` is softmax1 (``exp(s_j) / (1 + sum_k exp(s_k))``, masked keys excluded), and
+    in MrT5 it makes a uniform shift of G matter: with a plain softmax the logits are invariant to it."""
     from bytelm.models.attention import attend
 
     torch.manual_seed(0)
@@ -367,7 +370,8 @@ STEPS_CLOSED_LOOP = 110
 def test_real_text_closed_loop_reaches_delta():
     """The real (tiny) MrT5 on real text (a Shakespeare play), trained with AdamW at the experiments' learning
     rate (linear decay to 10%, as the experiments' cosine ends): the PI controller brings the deletion ratio
-    within 5 points of delta (mean of the last 40 steps; measured 0.485 / 0.501 / 0.499 for seeds 0 / 1 / 2)."""
+    within 5 points of delta (mean of the last 40 steps; measured 0.485 / 0.501 / 0.499 for seeds 0 / 1 /
+    2)."""
     from bytelm.data.shakespeare import shakespeare_documents
 
     doc = shakespeare_documents("train")[0].data[:200_000]

@@ -1,6 +1,6 @@
-"""The model registry (bytelm.models.registry): every kind is one ModelSpec; a kind registered from a test (the
-bigram toy of tests/toy_kind.py, no bytelm file touched) trains with the real entry point, is evaluated by
-bytelm.eval, exported with bytelm.hf.export and reloaded through transformers with the same logits."""
+"""The model registry (bytelm.models.registry): every kind is one ModelSpec; a kind registered from a test
+(the bigram toy of tests/toy_kind.py, no bytelm file touched) trains with the real entry point, is evaluated
+by bytelm.eval, exported with bytelm.hf.export and reloaded through transformers with the same logits."""
 
 from __future__ import annotations
 

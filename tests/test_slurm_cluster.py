@@ -1,11 +1,11 @@
 """Real Slurm: a one-node cluster on this host (``scripts/slurm_cluster.sh``: munged, slurmctld, slurmd) runs
 ``slurm/train.sbatch`` and hydra-submitit-launcher sweeps (``make test-slurm``; marker ``slurm``).
 
-- plain job: 2 tasks from ``srun`` train with world size 2 from Slurm's variables (SLURMEnvironment); the final
-  val bpb and every step's batches equal a local 2-process run's;
-- preemption: ``scancel --signal=USR1 --full`` mid-run -> ``last.ckpt``, ``scontrol requeue``, the same job id restarts
-  (``Restarts=1``), resumes from ``last.ckpt`` and ends with the uninterrupted job's final val bpb, per-step
-  losses and batch sequence;
+- plain job: 2 tasks from ``srun`` train with world size 2 from Slurm's variables (SLURMEnvironment); the
+  final val bpb and every step's batches equal a local 2-process run's;
+- preemption: ``scancel --signal=USR1 --full`` mid-run -> ``last.ckpt``, ``scontrol requeue``, the same job id
+  restarts (``Restarts=1``), resumes from ``last.ckpt`` and ends with the uninterrupted job's final val bpb,
+  per-step losses and batch sequence;
 - time limit: ``--time=2 --signal=USR1@60``: the job requeues itself before its limit, is never killed by it,
   and its restart resumes from ``last.ckpt``;
 - Hydra sweep: ``-m hydra/launcher=slurm`` submits one job per point; each finishes with its checkpoints in
@@ -80,8 +80,8 @@ def _why_no_cluster() -> str | None:
     ]
     if missing:
         return (
-            f"slurm-wlm/munge not installed ({', '.join(missing)} missing): `scripts/slurm_cluster.sh install` "
-            "(apt-get, as root) or `make test-slurm`"
+            f"slurm-wlm/munge not installed ({', '.join(missing)} missing): `scripts/slurm_cluster.sh "
+            "install` (apt-get, as root) or `make test-slurm`"
         )
     return None
 
@@ -353,7 +353,8 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_job(cluste
 def test_time_limit_requeues_before_the_limit(cluster, tmp_path):
     """--time=2 with --signal=USR1@60: Slurm sends the warning 60-90 s before the limit (its time-limit checks
     run every 30 s); the run checkpoints and requeues itself (Restarts=1) long before the limit: the job is
-    never in TIMEOUT and never killed for it. Cancelled once requeued (the preemption test covers the resume)."""
+    never in TIMEOUT and never killed for it. Cancelled once requeued (the preemption test covers the
+    resume)."""
     log = tmp_path / "job.log"
     jobid = cluster.sbatch(
         log,

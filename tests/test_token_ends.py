@@ -1,6 +1,6 @@
 """Token-end labels from the real SmolLM2 tokenizer, checked against an independent computation: the tokens'
-vocabulary bytes concatenate to the text and the ends are their cumulative lengths (invalid UTF-8: each bad byte
-is one U+FFFD, whose token end lands on that byte)."""
+vocabulary bytes concatenate to the text and the ends are their cumulative lengths (invalid UTF-8: each bad
+byte is one U+FFFD, whose token end lands on that byte)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,21 @@ from bytelm.distill.token_ends import token_end_mask, token_end_masks, token_end
 from bytelm.distill.tokens import token_bytes_table
 
 TEXTS = {
-    "english": b"To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer 1599 slings.\n",
-    "chinese": "\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff0c\u6211\u4eec\u53bb\u516c\u56ed\u6563\u6b65\u5427\u3002".encode(),
-    "russian": "\u041f\u0440\u0438\u0432\u0435\u0442, \u043a\u0430\u043a \u0434\u0435\u043b\u0430? \u0412\u0441\u0451 \u0445\u043e\u0440\u043e\u0448\u043e.".encode(),
+    "english": (
+        b"To be, or not to be, that is the question:\n"
+        b"Whether 'tis nobler in the mind to suffer 1599 slings.\n"
+    ),
+    "chinese": (
+        "\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff0c\u6211\u4eec\u53bb\u516c\u56ed\u6563\u6b65\u5427\u3002"
+    ).encode(),
+    "russian": (
+        "\u041f\u0440\u0438\u0432\u0435\u0442, \u043a\u0430\u043a \u0434\u0435\u043b\u0430? "
+        "\u0412\u0441\u0451 \u0445\u043e\u0440\u043e\u0448\u043e."
+    ).encode(),
     "python": b'def f(x: int) -> int:\n    """Square."""\n    return x ** 2  # ok\n\n\nclass A:\n\tpass\n',
-    "mixed": "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \U0001f600 \u3053\u3093\u306b\u3061\u306f <|endoftext|> ok".encode(),
+    "mixed": (
+        "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \U0001f600 \u3053\u3093\u306b\u3061\u306f <|endoftext|> ok"
+    ).encode(),
 }
 INVALID = b"caf\xc3\xa9 \xff\xfe ok\xe4\xb8 \xed\xa0\xbd end \x80\n\xc3"
 
@@ -62,8 +72,8 @@ def test_multibyte_scripts_have_ends_inside_characters(tok):
 
 
 def _as_replaced(data: bytes) -> tuple[bytes, list[int]]:
-    """``data`` with each byte that starts no valid character as U+FFFD, and the source byte of every output byte
-    (written without bytelm's helpers: try 1..4-byte strict decodes)."""
+    """``data`` with each byte that starts no valid character as U+FFFD, and the source byte of every output
+    byte (written without bytelm's helpers: try 1..4-byte strict decodes)."""
     out, src, i = bytearray(), [], 0
     while i < len(data):
         for k in (1, 2, 3, 4):

@@ -81,7 +81,8 @@ def test_missing_checkpoint_path_is_clear(tmp_path):
 
 
 def test_validation_reports_bpb_per_language_group(tmp_path):
-    """A mixture with the multilingual corpus logs val/bpb per validation group and their byte-weighted total."""
+    """A mixture with the multilingual corpus logs val/bpb per validation group and their byte-weighted
+    total."""
     cfg = load_config(
         [
             "experiment=flat_tiny",
@@ -103,7 +104,8 @@ def test_validation_reports_bpb_per_language_group(tmp_path):
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_so(tmp_path, caplog):
-    """``ckpt_path=last`` in a run folder with no checkpoint trains from scratch, with a warning naming the folder."""
+    """``ckpt_path=last`` in a run folder with no checkpoint trains from scratch, with a warning naming the
+    folder."""
     import logging
 
     from bytelm.train import resolve_ckpt_path

@@ -1,10 +1,10 @@
 """Transplanted Llama-family blocks reproduce the source model exactly (bytelm.distill.transplant,
 docs/byteify.md).
 
-Acceptance test: with patches = the teacher's tokens and patch vectors = the teacher's own input embeddings, the
-student backbone's outputs equal the teacher's hidden states after every block, for tiny random Llama (GQA,
-non-default theta; llama3 and linear RoPE scaling), Qwen2 (q/k/v biases, GQA), Mistral (sliding window that
-binds) and the real SmolLM2-135M GGUF.
+Acceptance test: with patches = the teacher's tokens and patch vectors = the teacher's own input embeddings,
+the student backbone's outputs equal the teacher's hidden states after every block, for tiny random Llama
+(GQA, non-default theta; llama3 and linear RoPE scaling), Qwen2 (q/k/v biases, GQA), Mistral (sliding window
+that binds) and the real SmolLM2-135M GGUF.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def test_backbone_equals_source_hidden_states(kind):
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral"])
 def test_cached_and_offset_backbone_equal_full_run(kind):
-    """GQA KV cache (stores the KV heads) in uneven steps, and explicit (B, W) positions, equal one full run."""
+    """GQA KV cache (stores the KV heads) in uneven steps, and explicit (B, W) positions, equal one full
+    run."""
     hf = _source(kind)
     m = _student(hf)
     x = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(2))

@@ -31,8 +31,8 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    # build from a copy: setuptools writes build/ and *.egg-info next to the sources, and a stale build/ in the
-    # checkout could put deleted files into the wheel
+    # build from a copy: setuptools writes build/ and *.egg-info next to the sources, and a stale build/ in
+    # the checkout could put deleted files into the wheel
     src = tmp_path_factory.mktemp("src")
     shutil.copytree(ROOT / "bytelm", src / "bytelm", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):

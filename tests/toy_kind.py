@@ -1,4 +1,5 @@
-"""A toy model kind for tests/test_registry.py: a bigram byte LM (next-byte logits from the current byte only).
+"""A toy model kind for tests/test_registry.py: a bigram byte LM (next-byte logits from the current byte
+only).
 
 A module of its own, importing only torch and ``bytelm.models`` module files, because ``bytelm.hf.export``
 ships the module of a kind registered outside bytelm with the exported folder (docs/extending.md).
@@ -13,7 +14,8 @@ from bytelm.models.config import ModelConfig, ModelOutput
 
 
 class BigramByteLM(nn.Module):
-    """logits[t] = table[input_ids[t]]; the cache holds nothing (the next byte depends on the last one only)."""
+    """logits[t] = table[input_ids[t]]; the cache holds nothing (the next byte depends on the last one
+    only)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

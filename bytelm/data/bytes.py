@@ -17,7 +17,8 @@ PADDED_VOCAB = 320  # next multiple of 64
 
 
 def encode(text: str | bytes, bos: bool = False, eos: bool = False) -> list[int]:
-    """Text (or raw bytes, possibly invalid UTF-8) to byte ids. Never fails: raw bytes are kept as they are."""
+    """Text (or raw bytes, possibly invalid UTF-8) to byte ids. Never fails: raw bytes are kept as they
+    are."""
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     ids = list(data)
     if bos:

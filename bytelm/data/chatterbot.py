@@ -147,7 +147,8 @@ def chatterbot_documents(
 
 
 def report_groups(groups: Sequence[str]) -> dict[str, list[str]]:
-    """Script aggregates of the chatterbot language groups present: ``chatterbot/script/<Script>`` -> groups."""
+    """Script aggregates of the chatterbot language groups present: ``chatterbot/script/<Script>`` ->
+    groups."""
     out: dict[str, list[str]] = {}
     for g in groups:
         if g.startswith(GROUP_PREFIX) and g[len(GROUP_PREFIX) :] in SCRIPTS:

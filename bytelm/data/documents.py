@@ -52,7 +52,8 @@ def from_record(rec: dict[str, Any]) -> Document:
 
 
 def text_to_bytes(text: str) -> bytes:
-    """UTF-8 of ``text``; lone surrogates (from ``surrogateescape`` decoding or JSON escapes) become their bytes."""
+    """UTF-8 of ``text``; lone surrogates (from ``surrogateescape`` decoding or JSON escapes) become their
+    bytes."""
     try:
         return text.encode("utf-8", "surrogateescape")  # round-trips raw bytes decoded with surrogateescape
     except UnicodeEncodeError:

@@ -2,10 +2,10 @@
 
 ``doc_dataset(src, split)`` is the single entry point: the embedded corpora (Shakespeare, chatterbot), the
 interpreter's own Python sources (pysource), local files (txt / jsonl / parquet, globs), Hub datasets
-(``datasets.load_dataset``; a local dataset folder works the same way) and prepared shards (``bytelm-prepare``).
-The result is lazy: nothing is read until it is iterated, so the same object serves an in-memory corpus
-(iterated once in the main process), a streaming one (iterated by every dataloader worker) and
-``split_dataset_by_node`` (each rank a disjoint set of shards).
+(``datasets.load_dataset``; a local dataset folder works the same way) and prepared shards
+(``bytelm-prepare``). The result is lazy: nothing is read until it is iterated, so the same object serves an
+in-memory corpus (iterated once in the main process), a streaming one (iterated by every dataloader worker)
+and ``split_dataset_by_node`` (each rank a disjoint set of shards).
 """
 
 from __future__ import annotations

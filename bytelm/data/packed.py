@@ -8,9 +8,10 @@ may be in memory or memory-mapped (``bytelm-prepare`` shards): a row only touche
 Word starts are computed once per document, in the data layer (here or in the loader workers), never in the
 training step.
 
-Training rows (``RandomWindows``) are random windows whose offsets are a pure function of (seed, sample index):
-a resumed run asks for sample indices from where it stopped and gets byte-identical rows. ``MixtureWindows``
-draws each sample's source by weight the same way. Validation rows (``TiledWindows``) tile a split in order.
+Training rows (``RandomWindows``) are random windows whose offsets are a pure function of (seed, sample
+index): a resumed run asks for sample indices from where it stopped and gets byte-identical rows.
+``MixtureWindows`` draws each sample's source by weight the same way. Validation rows (``TiledWindows``) tile
+a split in order.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ __all__ = [
 
 
 def word_start_bits(data: bytes, max_word_bytes: int) -> np.ndarray:
-    """(len(data),) bool: True at the first byte of every word of ``data`` (HAT's splitter, bytelm.data.words)."""
+    """(len(data),) bool: True at the first byte of every word of ``data`` (HAT's splitter,
+    bytelm.data.words)."""
     from bytelm.data.words import word_ends
 
     mask = np.zeros(len(data), dtype=bool)
@@ -91,7 +93,8 @@ def word_start_mask(data: bytes, max_word_bytes: int) -> np.ndarray:
 
 
 class PackedCorpus:
-    """Documents as ``data`` (N,) uint8, ``offsets`` (D+1,) int64 and word-start bits (packed, N bits) or None.
+    """Documents as ``data`` (N,) uint8, ``offsets`` (D+1,) int64 and word-start bits (packed, N bits) or
+    None.
 
     ``len(corpus)`` is the length of the virtual id stream, N + 2D (every document gets a BOS and an EOS).
     ``stats`` counts what cleaning skipped or flagged (``documents.InputStats``).
@@ -338,7 +341,8 @@ class TiledWindows(Dataset):
 
 
 class GroupedTiles(Dataset):
-    """Validation rows of several report groups, one after the other; each row carries ``group`` (its index)."""
+    """Validation rows of several report groups, one after the other; each row carries ``group`` (its
+    index)."""
 
     def __init__(self, tiles: Sequence[TiledWindows]) -> None:
         self.tiles = list(tiles)
@@ -355,11 +359,11 @@ class GroupedTiles(Dataset):
 
 
 class RankShard(Dataset):
-    """Rank ``rank``'s rows of ``ds`` (``rank, rank + world, ...``), padded to ``ceil(len(ds) / world)`` rows so
-    that every rank runs the same number of batches: under ZeRO-3 and FSDP2 every forward is a collective, so
-    uneven shards would hang or crash the ranks that finish first. A padding row repeats a real row with every
-    target set to ``IGNORE`` (``padding`` True): it is computed and counts no byte, so the sums over ranks equal
-    one process's sums over ``ds``."""
+    """Rank ``rank``'s rows of ``ds`` (``rank, rank + world, ...``), padded to ``ceil(len(ds) / world)`` rows
+    so that every rank runs the same number of batches: under ZeRO-3 and FSDP2 every forward is a collective,
+    so uneven shards would hang or crash the ranks that finish first. A padding row repeats a real row with
+    every target set to ``IGNORE`` (``padding`` True): it is computed and counts no byte, so the sums over
+    ranks equal one process's sums over ``ds``."""
 
     def __init__(self, ds: Dataset, rank: int = 0, world: int = 1) -> None:
         n = len(ds)  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
-"""Python source code from the running interpreter's standard library: an offline code corpus (``source: pysource``).
+"""Python source code from the running interpreter's standard library: an offline code corpus
+(``source: pysource``).
 
 Every Python install carries a few MB of real, reviewed code, so a code corpus needs no download. Stage 1 of
-byteification trains the boundary predictor on it (docs/byteify.md): code tokenizes very differently from prose
-(indentation runs, operators, identifiers).
+byteification trains the boundary predictor on it (docs/byteify.md): code tokenizes very differently from
+prose (indentation runs, operators, identifiers).
 
 What is read: the ``.py`` files under ``sysconfig.get_paths()['stdlib']`` (or the roots in ``data.paths``),
 one document per file, group ``pysource``, raw bytes. What is never read: ``pydoc_data`` (Python's
@@ -39,7 +40,8 @@ def stdlib_root() -> str:
 
 
 def path_score(rel: str) -> float:
-    """A stable number in [0, 1) from a relative path (``/``-separated): below ``VAL_FRACTION`` = validation."""
+    """A stable number in [0, 1) from a relative path (``/``-separated): below ``VAL_FRACTION`` =
+    validation."""
     return int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=8).digest(), "little") / 2.0**64
 
 

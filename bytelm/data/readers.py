@@ -1,4 +1,5 @@
-"""Local files as document records: txt, jsonl and parquet (optionally ``.gz`` for txt/jsonl), paths and globs.
+"""Local files as document records: txt, jsonl and parquet (optionally ``.gz`` for txt/jsonl), paths and
+globs.
 
 Files are planned into *shards* before any reading: one per file, or byte ranges of one large line-based file
 (a line belongs to the range its first byte is in), or parquet row groups. ``datasets`` hands shards to ranks
@@ -92,7 +93,8 @@ def resolve_paths(patterns: list[str], *, key: str = "data.paths", on_error: str
 def plan_shards(
     paths: list[str], fmt: str = "auto", txt_unit: str = "document", min_shards: int = 1
 ) -> list[Shard]:
-    """Shards for ``paths``: at least ``min_shards`` where line-based files allow it (about SHARD_BYTES each)."""
+    """Shards for ``paths``: at least ``min_shards`` where line-based files allow it (about SHARD_BYTES
+    each)."""
     if txt_unit not in TXT_UNITS:
         raise ValueError(f"data.txt_unit must be one of {TXT_UNITS}, got {txt_unit!r}")
     fixed: list[Shard] = []
@@ -152,7 +154,8 @@ def line_number(path: str, offset: int) -> int:
 
 
 def _lines(f: IO[bytes], start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) for the lines whose first byte lies in [start, end) (end < 0: to the end of the file)."""
+    """(offset, line) for the lines whose first byte lies in [start, end) (end < 0: to the end of the
+    file)."""
     if start > 0:
         f.seek(start - 1)
         if f.read(1) != b"\n":

@@ -1,8 +1,8 @@
 """What ``data.*`` selects, as documents, corpora or streams. The embedded Shakespeare corpus is the default.
 
-``data.source`` names one source (``shakespeare | chatterbot | pysource | wordfreq | files | hub | prepared``) configured by the
-other ``data.*`` keys, or ``mixture``: the weighted components listed in ``data.mixture`` (each a
-``SourceConfig``). Every source is read through ``datasets`` (``hf_sources.doc_dataset``).
+``data.source`` names one source (``shakespeare | chatterbot | pysource | wordfreq | files | hub | prepared``)
+configured by the other ``data.*`` keys, or ``mixture``: the weighted components listed in ``data.mixture``
+(each a ``SourceConfig``). Every source is read through ``datasets`` (``hf_sources.doc_dataset``).
 
 - ``load_documents(cfg, split)``: every document of a split, in memory (eval, small corpora).
 - ``train_corpora(cfg, ...)``: in-memory / memory-mapped training corpora, one list of parts per component.

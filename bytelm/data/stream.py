@@ -12,9 +12,9 @@ Each dataloader worker reads its own shards of each source (``datasets`` splits 
    the next block, the *carry*);
 3. at the end of an epoch start the next one (``set_epoch``: ``datasets`` reshuffles the shard order).
 
-The state of a source is (epoch, ``datasets`` state at the start of the block, block index, carry, rows already
-given from the block): resuming re-reads that one block and skips the rows already given, so a resumed run
-yields exactly the rows an uninterrupted run would have (``StatefulDataLoader`` stores it per worker).
+The state of a source is (epoch, ``datasets`` state at the start of the block, block index, carry, rows
+already given from the block): resuming re-reads that one block and skips the rows already given, so a resumed
+run yields exactly the rows an uninterrupted run would have (``StatefulDataLoader`` stores it per worker).
 Several sources are mixed row by row, each row's source drawn by weight from (seed, rank, worker, row index).
 """
 

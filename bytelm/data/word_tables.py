@@ -217,7 +217,8 @@ def _raw_pair_table() -> np.ndarray:
 
 
 def _final_table() -> np.ndarray:
-    """HAT's grouping in the fast path, from ``quad`` of chars t-1 and t (3 bits each): 1 = a word starts at t.
+    """HAT's grouping in the fast path, from ``quad`` of chars t-1 and t (3 bits each): 1 = a word starts at
+    t.
 
     Without ignorables, RI or U+202F, a piece starting with punctuation is that single character, a piece
     whose first or last character is whitespace is all whitespace, and any other piece is a word. A word joins

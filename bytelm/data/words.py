@@ -155,7 +155,8 @@ def _general_word_starts(cp: np.ndarray, tables: _Tables) -> np.ndarray:
     np.cumsum((props & _F_WS) == 0, out=non_ws[1:])
     all_ws = non_ws[bounds[1:]] == non_ws[bounds[:-1]]
     single_space = (length == 1) & (first == 0x20)
-    # the reference appends a lone " " piece to a preceding all-" " piece (a no-op after WB3d, kept for parity)
+    # the reference appends a lone " " piece to a preceding
+    # all-" " piece (a no-op after WB3d, kept for parity)
     merge = single_space[1:] & (first[:-1] == 0x20) & all_ws[:-1]
     if merge.any():
         spaces = np.zeros(len(cp) + 1, dtype=np.int32)

@@ -66,11 +66,13 @@ class OnlineWordSplitter:
 
     @property
     def current(self) -> bytes:
-        """Bytes pushed so far that belong to no finished word (the unfinished word, pending bytes included)."""
+        """Bytes pushed so far that belong to no finished word (the unfinished word, pending bytes
+        included)."""
         return bytes(self._word[self._emitted :]) + self._pending
 
     def push(self, byte: int) -> list[bytes]:
-        """Add one byte (0-255); return the words that ended before the character it completes (usually 0 or 1)."""
+        """Add one byte (0-255); return the words that ended before the character it completes (usually 0 or
+        1)."""
         out = self._add_chars(self._decoder.decode(bytes((byte,))))
         self._pending = self._decoder.getstate()[0]
         return out
@@ -127,7 +129,8 @@ class OnlineWordSplitter:
         word += char
 
     def _starts_new_word(self, char: bytes) -> bool:
-        """Whether re-splitting the current word + ``char`` (no size cap) puts a word boundary before ``char``.
+        """Whether re-splitting the current word + ``char`` (no size cap) puts a word boundary before
+        ``char``.
 
         When the word starts with an ignorable character (Extend, Format, ZWJ), the bytes before it go along
         as context: whether that character is glued to what precedes it (WB4), and so which characters the

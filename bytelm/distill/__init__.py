@@ -4,7 +4,8 @@
 ``teacher`` loads a frozen Hugging Face LM and gives byte spans of its tokens; ``align`` cuts chunks common to
 both tilings; ``alm`` is the ALM loss; ``byteprobs`` the teacher's next-byte distribution and the byte KL;
 ``latent`` the word-level latent alignment; ``objective`` turns them into ``ByteLMModule.extra_loss`` from
-``cfg.distill``; ``token_ends`` labels the tokenizer's token ends per byte (no teacher forward). Importing this package does not import transformers.
+``cfg.distill``; ``token_ends`` labels the tokenizer's token ends per byte (no teacher forward). Importing
+this package does not import transformers.
 """
 
 from __future__ import annotations

@@ -3,15 +3,16 @@
 Teacher tokens and student units (bytes, or words for a word-level student) tile the same bytes differently.
 ALM compares likelihoods of *chunks*: spans whose both ends are boundaries of both tilings. tokenkit's
 ``unconstrained`` chunks are the smallest such spans: walk both sequences and cut wherever the cumulative byte
-lengths agree. With byte-based spans that is simply: the chunk ends are the byte offsets that are both a teacher
-token end and a student unit end.
+lengths agree. With byte-based spans that is simply: the chunk ends are the byte offsets that are both a
+teacher token end and a student unit end.
 
 The index construction (``align_chunks``) runs on CPU per example, where the spans come from; everything after
 it is index tensors, so chunk log-likelihoods are ``scatter_add`` on the device (``chunk_sum``). The debiased
 variant (``merge_chunks_by_space_prob``) needs teacher probabilities and therefore also runs on the device.
 
-Conventions: byte ``j`` is position ``j`` of the original bytes; a unit/token "end" is an exclusive byte offset;
-chunk ``k`` of an example covers bytes ``[chunk_start[k], chunk_end[k])``; index ``-1`` means "in no chunk".
+Conventions: byte ``j`` is position ``j`` of the original bytes; a unit/token "end" is an exclusive byte
+offset; chunk ``k`` of an example covers bytes ``[chunk_start[k], chunk_end[k])``; index ``-1`` means "in no
+chunk".
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def align_chunks(
 ) -> ChunkAlignment:
     """Unconstrained (smallest common-boundary) chunks for a batch.
 
-    spans (B, L, 2): teacher byte spans; token_mask (B, L): text tokens (specials/pad False; they get no chunk);
-    token_ok (B, L): tokens whose log-prob may be used (a chunk with any text token not ok is invalid);
-    n_bytes (B,): bytes the student sees per example (its units never go past it);
+    spans (B, L, 2): teacher byte spans; token_mask (B, L): text tokens (specials/pad False; they get no
+    chunk); token_ok (B, L): tokens whose log-prob may be used (a chunk with any text token not ok is
+    invalid); n_bytes (B,): bytes the student sees per example (its units never go past it);
     unit_ends: per example the exclusive end offsets of student units (words), strictly increasing, padded
     with values <= 0 if given as a tensor; ``None`` means a byte student (every byte is a unit).
     n_student_bytes: width N of ``byte_chunk`` (default: max n_bytes).
@@ -156,8 +157,9 @@ def chunk_sum(values: torch.Tensor, index: torch.Tensor, num_chunks: int) -> tor
 @dataclass
 class MergedChunks:
     """Chunks after ``merge_by_space_prob``: group g of example b collects consecutive chunks until one whose
-    teacher P(next token starts a word) exceeds the threshold. ``group`` (B, C) maps old chunk -> group (-1 for
-    padding chunks), ``last`` (B, G) is the last old chunk of each group, ``valid`` (B, G) all members valid."""
+    teacher P(next token starts a word) exceeds the threshold. ``group`` (B, C) maps old chunk -> group (-1
+    for padding chunks), ``last`` (B, G) is the last old chunk of each group, ``valid`` (B, G) all members
+    valid."""
 
     group: torch.Tensor  # (B, C)
     last: torch.Tensor  # (B, G)
@@ -167,9 +169,9 @@ class MergedChunks:
 def merge_chunks_by_space_prob(
     t_space_logp: torch.Tensor, chunk_exists: torch.Tensor, chunk_valid: torch.Tensor, threshold: float = 0.1
 ) -> MergedChunks:
-    """tokenkit's ``merge_by_space_prob``: a merged chunk ends at the first chunk whose teacher probability that
-    the next unit starts a new word (space/newline/tab/special) is above ``threshold``; a tail that never gets
-    there stays one group. t_space_logp, chunk_exists, chunk_valid: (B, C). Runs on the device, no sync.
+    """tokenkit's ``merge_by_space_prob``: a merged chunk ends at the first chunk whose teacher probability
+    that the next unit starts a new word (space/newline/tab/special) is above ``threshold``; a tail that never
+    gets there stays one group. t_space_logp, chunk_exists, chunk_valid: (B, C). Runs on the device, no sync.
     """
     B, C = t_space_logp.shape
     ends_group = (t_space_logp.exp() > threshold) & chunk_exists  # (B, C)
@@ -196,9 +198,9 @@ def last_token_in_units(
     """For each student unit (word), the teacher position of the last text token that ends inside it.
 
     spans (B, L, 2), token_mask (B, L); unit_ends (B, W) exclusive ends of contiguous units (unit w covers
-    ``[unit_ends[w-1], unit_ends[w])``, the first starts at 0), unit_mask (B, W). Returns index (B, W) long and
-    mask (B, W) bool (False where no token ends inside the unit). ``exact_end`` also requires that the token
-    ends exactly at the unit end (same boundary in both tilings).
+    ``[unit_ends[w-1], unit_ends[w])``, the first starts at 0), unit_mask (B, W). Returns index (B, W) long
+    and mask (B, W) bool (False where no token ends inside the unit). ``exact_end`` also requires that the
+    token ends exactly at the unit end (same boundary in both tilings).
     """
     ends = torch.where(token_mask & (spans[..., 1] > spans[..., 0]), spans[..., 1], -1)  # (B, L)
     # teacher ends are non-decreasing over text positions; count tokens ending at or before each unit end

@@ -1,22 +1,23 @@
 """Approximate Likelihood Matching (ALM) loss, exactly as docs/design.md#alm states it.
 
 ALM ("Cross-Tokenizer Distillation via Approximate Likelihood Matching", Minixhofer et al.; reference
-bminixhofer/tokenkit) needs no shared vocabulary: it only compares the likelihood that teacher and student give
-to the same chunk of bytes. Each chunk log-likelihood is binarised at temperature ``tau`` into a Bernoulli
-"this chunk / not this chunk" and the student is trained with the binary cross-entropy against the teacher:
+bminixhofer/tokenkit) needs no shared vocabulary: it only compares the likelihood that teacher and student
+give to the same chunk of bytes. Each chunk log-likelihood is binarised at temperature ``tau`` into a
+Bernoulli "this chunk / not this chunk" and the student is trained with the binary cross-entropy against the
+teacher:
 
     lt = logp_t / tau - eps,   ls = logp_s / tau - eps,   eps = 1e-6
     loss_chunk = -(exp(lt) * ls + (1 - exp(lt)) * log1mexp(ls))
 
 ``eps`` keeps ``log1mexp`` finite for chunks of probability 1. The minimum over ``ls`` is at ``ls = lt`` (the
-derivative ``-p_t + (1 - p_t) e^ls / (1 - e^ls)`` vanishes exactly there). Every valid chunk weighs 1 and the sum
-is divided by the number of valid chunks of the *global* batch (pass ``num_valid`` after an all-reduce).
+derivative ``-p_t + (1 - p_t) e^ls / (1 - e^ls)`` vanishes exactly there). Every valid chunk weighs 1 and the
+sum is divided by the number of valid chunks of the *global* batch (pass ``num_valid`` after an all-reduce).
 
 Student conventions (bytelm's byte vocabulary, ``bytelm.data.bytes``): the student input is ``[BOS] + bytes``,
-so row ``j`` of the logits predicts byte ``j`` of the text. For likelihoods we use ``log_softmax`` over the first
-``VOCAB_SIZE`` (259) columns: the model's real distribution (256 bytes + PAD/BOS/EOS); the padded columns up to
-320 are not part of it. The "next unit starts a new word" probability of the student is the mass of space,
-newline, tab and EOS.
+so row ``j`` of the logits predicts byte ``j`` of the text. For likelihoods we use ``log_softmax`` over the
+first ``VOCAB_SIZE`` (259) columns: the model's real distribution (256 bytes + PAD/BOS/EOS); the padded
+columns up to 320 are not part of it. The "next unit starts a new word" probability of the student is the mass
+of space, newline, tab and EOS.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ AlmMode = Literal["unconstrained", "append_space", "debiased"]
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, stable everywhere (Mächler 2012).
 
-    Near 0 ``log(-expm1(x))`` keeps the precision of the tiny ``1 - e^x``; for very negative x ``log1p(-exp(x))``
-    does. ``x = 0`` gives ``-inf`` as the math says (the ALM caller keeps ``x <= -eps``); the branch not taken is
-    computed on clamped inputs so that no nan/inf leaks into the gradient.
+    Near 0 ``log(-expm1(x))`` keeps the precision of the tiny ``1 - e^x``; for very negative x
+    ``log1p(-exp(x))`` does. ``x = 0`` gives ``-inf`` as the math says (the ALM caller keeps ``x <= -eps``);
+    the branch not taken is computed on clamped inputs so that no nan/inf leaks into the gradient.
     """
     log_half = -math.log(2.0)
     near = x > log_half
@@ -55,7 +56,8 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def binary_ce(
     logp_t: torch.Tensor, logp_s: torch.Tensor, tau: float = DEFAULT_TAU, eps: float = EPS
 ) -> torch.Tensor:
-    """Elementwise binarised cross-entropy of chunk log-likelihoods (same shape in and out, computed in fp32)."""
+    """Elementwise binarised cross-entropy of chunk log-likelihoods (same shape in and out, computed in
+    fp32)."""
     lt = logp_t.float() / tau - eps
     ls = logp_s.float() / tau - eps
     return -(lt.exp() * ls + (-torch.expm1(lt)) * log1mexp(ls))
@@ -70,8 +72,8 @@ def alm_chunk_loss(
 ) -> torch.Tensor:
     """ALM from chunk log-likelihoods: logp_t, logp_s, valid (B, C) -> scalar.
 
-    Both log-likelihoods are clamped at <= 0 (sums of log-probs can round above 0). ``num_valid`` is the number
-    of valid chunks in the global batch; by default this batch's count (at least 1).
+    Both log-likelihoods are clamped at <= 0 (sums of log-probs can round above 0). ``num_valid`` is the
+    number of valid chunks in the global batch; by default this batch's count (at least 1).
     """
     lt = logp_t.clamp(max=0.0).detach()
     ls = logp_s.clamp(max=0.0)

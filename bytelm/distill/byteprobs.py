@@ -8,8 +8,8 @@ distribution ``p`` for position ``i`` and the prefix ``q = bytes[s:j]`` already 
 
 The denominator is often written ``M(q)``, but ``M(q)`` also counts tokens *equal to* ``q`` (the token ends
 here), an event the naive marginal never scores, so with ``M(q)`` the 256 probabilities sum to ``1 - P(end)``.
-We renormalise over the 256 bytes by default (``renormalize=True``) so that the target is a distribution, i.e. we
-condition on "the token goes on", which is true at every position we score. ``renormalize=False`` gives the
+We renormalise over the 256 bytes by default (``renormalize=True``) so that the target is a distribution, i.e.
+we condition on "the token goes on", which is true at every position we score. ``renormalize=False`` gives the
 literal ``M(q + b) / M(q)``. The estimate is biased either way: it ignores other segmentations of the prefix
 and it treats the current token as known to continue.
 
@@ -23,20 +23,21 @@ a scatter writes the children's masses into a (M, 256) table. No Python loop run
 Exact alternative for evaluation (Phan et al., "Exact Byte-Level Probabilities from Tokenized Language
 Models"; their reference code is SentencePiece-only): ``exact_byte_logprobs``. If the teacher only gives mass
 to canonical tokenizations tau(.), every continuation of ``x = bytes[:n]`` is tokenized as
-``tau(x[:i]) + [t] + ...`` where ``t`` is the *cover* token that starts at some ``i <= n`` and runs past ``n``.
-Hence
+``tau(x[:i]) + [t] + ...`` where ``t`` is the *cover* token that starts at some ``i <= n`` and runs past
+``n``. Hence
 
     P(next byte = b | x)  ∝  sum_{i <= n} P(tau(x[:i])) * M_i(x[i:n] + b),
 
 with ``P(tau(x[:i]))`` the teacher's probability of the canonical tokenization of the first ``i`` bytes and
 ``M_i`` the prefix mass (as above) of its next-token distribution; the ``i = n`` term is "the canonical
-tokenization times the next-token mass of tokens starting with b". It costs one teacher forward per split point
-``i`` (about one per byte), so it is an evaluation tool, not a training loss. We do not prune covers that
-would be non-canonical (the paper's "invalid encodings"; the teacher gives them little mass anyway). A Hugging
-Face tokenizer takes text, not bytes, so with a ``Teacher`` a split point inside a UTF-8 character is used only
-where the text's own tokenization has a boundary (its tokens so far serve as ``tau(x[:i])``); other covers
-starting inside a character are missing. The result is exact under the paper's assumptions for tokenizers
-whose canonical tokenization is prefix-consistent (e.g. longest-match), which the tests check by enumeration.
+tokenization times the next-token mass of tokens starting with b". It costs one teacher forward per split
+point ``i`` (about one per byte), so it is an evaluation tool, not a training loss. We do not prune covers
+that would be non-canonical (the paper's "invalid encodings"; the teacher gives them little mass anyway). A
+Hugging Face tokenizer takes text, not bytes, so with a ``Teacher`` a split point inside a UTF-8 character is
+used only where the text's own tokenization has a boundary (its tokens so far serve as ``tau(x[:i])``); other
+covers starting inside a character are missing. The result is exact under the paper's assumptions for
+tokenizers whose canonical tokenization is prefix-consistent (e.g. longest-match), which the tests check by
+enumeration.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class ByteTrie(VocabTrie):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-byte teacher distributions for a batch: (B, N, 256) log-probs and a (B, N) mask.
 
-        Byte j uses the teacher token i that contains it (row i-1 of ``next_logprobs``, so the forward must have
-        been run with ``next_logprobs=True``). Bytes in inexact tokens (invalid UTF-8), in the first token
-        without a prediction, or past the tokenized text are masked.
+        Byte j uses the teacher token i that contains it (row i-1 of ``next_logprobs``, so the forward must
+        have been run with ``next_logprobs=True``). Bytes in inexact tokens (invalid UTF-8), in the first
+        token without a prediction, or past the tokenized text are masked.
         """
         if teacher.next_logprobs is None:
             raise ValueError("run the teacher with next_logprobs=True for byte distributions")
@@ -112,8 +113,9 @@ def byte_kl(
     """KL(teacher bytes || student bytes) averaged over masked positions.
 
     teacher_logp (B, N, 256), mask (B, N); student_logits (B, T >= N, V) whose row j predicts byte j. The
-    student side is ``log_softmax`` over the 256 byte columns only (the teacher's naive marginal has no EOS), so
-    both are distributions over the same 256 events. ``num_valid``: global count of positions (default local).
+    student side is ``log_softmax`` over the 256 byte columns only (the teacher's naive marginal has no EOS),
+    so both are distributions over the same 256 events. ``num_valid``: global count of positions (default
+    local).
     """
     N = teacher_logp.shape[1]
     s = torch.log_softmax(student_logits[:, :N, :256].float(), dim=-1)  # (B, N, 256)
@@ -212,7 +214,8 @@ def teacher_prefix_tokens(teacher: Teacher, text: bytes) -> PrefixFn:
 def exact_byte_logprobs_teacher(
     teacher: Teacher, trie: ByteTrie, text: bytes, batch_size: int = 32
 ) -> torch.Tensor:
-    """``exact_byte_logprobs`` with a ``Teacher``: its tokenizer and forward (evaluation only, ~1 forward/byte)."""
+    """``exact_byte_logprobs`` with a ``Teacher``: its tokenizer and forward (evaluation only, ~1
+    forward/byte)."""
     return exact_byte_logprobs(
         text, trie, teacher_prefix_tokens(teacher, text), teacher.score_sequences, batch_size
     )

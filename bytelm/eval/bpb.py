@@ -92,7 +92,8 @@ def summarize(r: CorpusResult, speed: bool = False) -> dict[str, float]:
 
 
 def eval_english(scorer: Scorer, max_bytes: int = 65536, progress: bool = False) -> dict[str, float]:
-    """bpb on held-out English, forward bytes/s, and the model's bytes per word / kept ratio when it has them."""
+    """bpb on held-out English, forward bytes/s, and the model's bytes per word / kept ratio when it has
+    them."""
     return summarize(scorer.corpus_nll(take_bytes(english_texts(), max_bytes), progress=progress), speed=True)
 
 

@@ -6,16 +6,16 @@ later versions win for the same step). From it:
 - ``val/bpb`` at each validation step;
 - training FLOPs at step ``s`` = ``s * bytes_per_step * flops_per_byte`` with ``bytes_per_step`` =
   ``batch_size * seq_len * accumulate * world`` and ``bytelm.models.flops.flops_per_byte`` (for the
-  hierarchical model with the bytes per word logged in training, else measured at evaluation, else 4.5). For an
-  architecture the formula does not cover (MrT5), ``6 * non-embedding parameters`` per byte, flagged
+  hierarchical model with the bytes per word logged in training, else measured at evaluation, else 4.5). For
+  an architecture the formula does not cover (MrT5), ``6 * non-embedding parameters`` per byte, flagged
   ``flops_exact=False``;
 - the run's total steps: the checkpoint's ``global_step`` (the CSV's last logged step can be earlier: a run of
   209 steps that logs every 10 has its last row at step 199);
 - wall-clock of training at step ``s``: the sum of per-step times, each carried forward over the unlogged
   steps until the next log. Per-step times come from Lightning's ``ThroughputMonitor`` (``train/time``, the
   training seconds so far: its increase between two logged steps over their distance) or, in logs written
-  before bytelm used it, from ``perf/step_s`` / ``perf/bytes_per_s``. Validation and checkpointing time are not
-  included (they are not training).
+  before bytelm used it, from ``perf/step_s`` / ``perf/bytes_per_s``. Validation and checkpointing time are
+  not included (they are not training).
 
 ``run_training_flops(run)`` is the same rule for a finished run: the main table's "train FLOPs" and the
 equal-FLOPs budget that ``scripts/demo.py`` (and so ``scripts/make_results.sh``) gives the flat baseline.
@@ -52,7 +52,8 @@ class Curve:
 
 
 def run_dir_of(path: str | Path) -> Path:
-    """The run folder of a checkpoint (``<run>/checkpoints/x.ckpt`` -> ``<run>``) or of a run folder itself."""
+    """The run folder of a checkpoint (``<run>/checkpoints/x.ckpt`` -> ``<run>``) or of a run folder
+    itself."""
     p = Path(path)
     if p.is_file():
         p = p.parent
@@ -112,8 +113,8 @@ def _flops_per_byte(cfg: Any, model: Any, bytes_per_word: float | None) -> tuple
 
 
 def checkpoint_file(spec: str | Path) -> Path | None:
-    """The Lightning checkpoint a checkpoint path or run folder names (None for anything else, e.g. an exported
-    folder or a sharded checkpoint)."""
+    """The Lightning checkpoint a checkpoint path or run folder names (None for anything else, e.g. an
+    exported folder or a sharded checkpoint)."""
     p = Path(spec)
     if p.is_file():
         return p if p.suffix == ".ckpt" else None
@@ -191,7 +192,8 @@ def training_curve(
     if not files:
         curve.source = f"no CSV log under {run_dir}/csv (train with logger=csv for curves)"
         return curve
-    # wall-clock: per-step seconds from the latest logged value, carried forward (back-filled before the first)
+    # wall-clock: per-step seconds from the latest logged
+    # value, carried forward (back-filled before the first)
     acc = max(1, t.accumulate)
 
     from_time = _seconds_from_train_time(rows)

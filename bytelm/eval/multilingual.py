@@ -1,8 +1,9 @@
-"""The multilingual evaluation set: ``chatterbot-corpus==1.3.3`` dialogs (``bytelm.data.chatterbot``) by language.
+"""The multilingual evaluation set: ``chatterbot-corpus==1.3.3`` dialogs (``bytelm.data.chatterbot``) by
+language.
 
-Which dialogs: ``split='validation'`` is the corpus's canonical held-out 10% of dialogs per language (safe for a
-model trained on chatterbot, but small: some languages have under 100 bytes); ``split='all'`` is every dialog
-(about 1 MB; right for models that never saw the corpus, e.g. everything trained on Shakespeare).
+Which dialogs: ``split='validation'`` is the corpus's canonical held-out 10% of dialogs per language (safe for
+a model trained on chatterbot, but small: some languages have under 100 bytes); ``split='all'`` is every
+dialog (about 1 MB; right for models that never saw the corpus, e.g. everything trained on Shakespeare).
 ``resolve_split('auto', configs)`` picks ``validation`` as soon as one of the compared models trained on the
 corpus, else ``all``, so a row is never scored on its own training data and all rows use the same bytes.
 """
@@ -39,7 +40,8 @@ def script_of(language: str) -> str:
 
 
 def trained_on_chatterbot(cfg: Any) -> bool:
-    """Whether a bytelm ``Config`` (None: unknown, e.g. an exported model or the teacher) trained on the corpus."""
+    """Whether a bytelm ``Config`` (None: unknown, e.g. an exported model or the teacher) trained on the
+    corpus."""
     if cfg is None:
         return False
     from bytelm.config import config_to_dict

@@ -44,7 +44,8 @@ def colors_for(kinds: Mapping[str, str]) -> dict[str, str]:
 
 
 def plot_curves(curves: Mapping[str, Curve], kinds: Mapping[str, str], x: str, path: Path) -> Path:
-    """Validation bpb against training FLOPs (``x='flops'``) or estimated wall-clock seconds (``x='wall'``)."""
+    """Validation bpb against training FLOPs (``x='flops'``) or estimated wall-clock seconds
+    (``x='wall'``)."""
     plt = _plt()
     colors = colors_for(kinds)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

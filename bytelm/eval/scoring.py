@@ -169,7 +169,8 @@ class ByteScorer:
         self, ids: torch.Tensor, targets: torch.Tensor, **kw: Any
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """(logits (B, L, V) predicting the last L targets, metrics). A fused model gets its patch ends from
-        ``self.segmenter`` when one is set, and reports its joint log-probs (``target_logprobs``) in metrics."""
+        ``self.segmenter`` when one is set, and reports its joint log-probs (``target_logprobs``) in
+        metrics."""
         if self.native:
             if self.fused and self.segmenter is not None and "patch_end" not in kw:
                 kw["patch_end"] = self.segmenter(ids, kw.get("doc_ids"))
@@ -253,12 +254,12 @@ class ByteScorer:
     def _continuation_bits(
         self, ids: torch.Tensor, n_ctx: int, continuations: Sequence[bytes]
     ) -> torch.Tensor:
-        """Patch ends of padded ``BOS context continuation[:-1]`` rows for a fused model. The context's bits never
-        depend on the continuation: the segmenter's on the context alone, its last one chosen by the model's head
-        (``prompt_bits``), or the tokenizer's on the context alone. The continuation's come from the segmenter
-        over the whole row (the tokenizer's on the whole continuation alone) and are scored with its bytes; the
-        last byte's bit is summed out (``joint_logprobs``), so a continuation is scored as a prefix of whatever
-        follows it."""
+        """Patch ends of padded ``BOS context continuation[:-1]`` rows for a fused model. The context's bits
+        never depend on the continuation: the segmenter's on the context alone, its last one chosen by the
+        model's head (``prompt_bits``), or the tokenizer's on the context alone. The continuation's come from
+        the segmenter over the whole row (the tokenizer's on the whole continuation alone) and are scored with
+        its bytes; the last byte's bit is summed out (``joint_logprobs``), so a continuation is scored as a
+        prefix of whatever follows it."""
         m: Any = self.model
         B, T = ids.shape
         full = torch.cat([ids, torch.full((B, 1), PAD_ID, dtype=ids.dtype, device=ids.device)], 1)
@@ -282,14 +283,14 @@ class ByteScorer:
 
 
 def tokenizer_segmenter(tokenizer: Any) -> Any:
-    """The ``tokenizer`` segmenter: a byteified model's patches end at the source tokenizer's token ends (exact
-    for users who keep the tokenizer; ``bytelm.distill.token_ends``)."""
+    """The ``tokenizer`` segmenter: a byteified model's patches end at the source tokenizer's token ends
+    (exact for users who keep the tokenizer; ``bytelm.distill.token_ends``)."""
     from bytelm.distill.token_ends import batch_token_ends
 
     return lambda ids, doc_ids=None: batch_token_ends(tokenizer, ids, doc_ids)
 
 
-# --------------------------------------------------------------------------------------------- subword teacher
+# -------------------------------------------------------------------------------------------- subword teacher
 class TeacherScorer:
     """A subword causal LM seen through ``bytelm.distill.teacher.Teacher`` (token NLL per byte)."""
 
@@ -438,8 +439,8 @@ def _load_exported(
 
 def _exported_data(path: Path, conf: dict[str, Any]) -> dict[str, Any]:
     """The training data settings a checkpoint is scored with (``seq_len``, ``invalid_utf8``), for an exported
-    folder: ``train_seq_len`` / ``train_invalid_utf8`` in config.json (``bytelm-export`` writes them), else the
-    ``data`` section of the training configuration in the folder's model card (folders exported before
+    folder: ``train_seq_len`` / ``train_invalid_utf8`` in config.json (``bytelm-export`` writes them), else
+    the ``data`` section of the training configuration in the folder's model card (folders exported before
     config.json held them), else nothing."""
     keys = {"seq_len": conf.get("train_seq_len"), "invalid_utf8": conf.get("train_invalid_utf8")}
     if all(v is not None for v in keys.values()):
@@ -468,7 +469,8 @@ def _card_training_data(readme: Path) -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A run folder (``<run>/checkpoints/last.ckpt`` or the newest valid one) or a checkpoints folder -> file."""
+    """A run folder (``<run>/checkpoints/last.ckpt`` or the newest valid one) or a checkpoints folder ->
+    file."""
     from bytelm.checkpoint import latest_valid_checkpoint
 
     for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
@@ -492,9 +494,9 @@ def load_scorer(
     tokenizer: str | None = None,
 ) -> Scorer:
     """Scorer for a checkpoint file, a run folder, an exported HF folder, a ``.gguf`` / HF subword model, or
-    ``teacher`` / ``smollm2`` (the offline SmolLM2-135M teacher). ``segmenter`` (byteified models): ``learned``
-    (the model's boundary predictor) or ``tokenizer`` (the source tokenizer's token ends; ``tokenizer`` = its
-    path, default the checkpoint's ``byteify.source`` or the offline SmolLM2)."""
+    ``teacher`` / ``smollm2`` (the offline SmolLM2-135M teacher). ``segmenter`` (byteified models):
+    ``learned`` (the model's boundary predictor) or ``tokenizer`` (the source tokenizer's token ends;
+    ``tokenizer`` = its path, default the checkpoint's ``byteify.source`` or the offline SmolLM2)."""
     if segmenter not in SEGMENTERS:
         raise OptionError(f"segmenter must be one of {list(SEGMENTERS)}, got {segmenter!r}")
     scorer = _load_scorer(spec, device=device, batch_size=batch_size, seq_len=seq_len, name=name)

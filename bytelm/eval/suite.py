@@ -1,5 +1,5 @@
-"""The evaluation suite behind ``bytelm-eval`` and ``scripts/report.py``: options, one run, text output, and the
-command line that reproduces a result."""
+"""The evaluation suite behind ``bytelm-eval`` and ``scripts/report.py``: options, one run, text output, and
+the command line that reproduces a result."""
 
 from __future__ import annotations
 
@@ -101,7 +101,10 @@ def format_text(res: dict[str, Any]) -> str:
     lines = [f"{m['name']} ({m['kind']}, {m['params']:,} parameters)"]
     if "bpb" in res:
         e = res["bpb"]
-        s = f"  held-out English: {e['bpb']:.4f} bpb over {e['bytes']:,} bytes, {e['bytes_per_s']:,.0f} bytes/s"
+        s = (
+            f"  held-out English: {e['bpb']:.4f} bpb over {e['bytes']:,} bytes, "
+            f"{e['bytes_per_s']:,.0f} bytes/s"
+        )
         if "bytes_per_word" in e:
             s += f", {e['bytes_per_word']:.2f} bytes/word"
         if "kept_ratio" in e:

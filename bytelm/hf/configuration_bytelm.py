@@ -1,10 +1,10 @@
 """Hugging Face configuration of every bytelm model (flat, hierarchical, MrT5, byteified).
 
-One ``PretrainedConfig`` subclass holds all fields of ``bytelm.models.config.ModelConfig`` (``gate`` as a plain
-dict) so ``config.json`` alone rebuilds the model. ``rope_scaling`` (a transplanted source's RoPE scaling) is
-stored as the dict ``bytelm_rope_scaling``: transformers 5 treats ``rope_scaling`` as a deprecated alias of its
-own ``rope_parameters`` and would rewrite it. A ``config.json`` written before a field existed rebuilds with
-that field's ``ModelConfig`` default. ``num_hidden_layers`` (which ``generate()`` reads),
+One ``PretrainedConfig`` subclass holds all fields of ``bytelm.models.config.ModelConfig`` (``gate`` as a
+plain dict) so ``config.json`` alone rebuilds the model. ``rope_scaling`` (a transplanted source's RoPE
+scaling) is stored as the dict ``bytelm_rope_scaling``: transformers 5 treats ``rope_scaling`` as a deprecated
+alias of its own ``rope_parameters`` and would rewrite it. A ``config.json`` written before a field existed
+rebuilds with that field's ``ModelConfig`` default. ``num_hidden_layers`` (which ``generate()`` reads),
 ``hidden_size``, ``num_attention_heads`` and ``max_position_embeddings`` (which lm-evaluation-harness reads)
 are aliases of ``n_layers`` / ``d_model`` / ``n_heads`` / ``max_seq_len``.
 
@@ -78,7 +78,8 @@ class BytelmConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def to_model_config(self) -> ModelConfig:
-        """The bytelm ``ModelConfig`` these fields describe (a field missing from an older config: its default)."""
+        """The bytelm ``ModelConfig`` these fields describe (a field missing from an older config: its
+        default)."""
         gate_names = {f.name for f in fields(GateConfig)}
         gate = GateConfig(**{k: v for k, v in (self.gate or {}).items() if k in gate_names})
         rope = _rope_dict(getattr(self, "bytelm_rope_scaling", None))

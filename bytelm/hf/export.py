@@ -46,7 +46,8 @@ HF_DIR = Path(__file__).resolve().parent
 ENTRY_FILES = ("modeling_bytelm.py", "configuration_bytelm.py", "tokenization_bytelm.py")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # third-party packages the shipped code may import at module level (transformers needs all of them anyway);
-# any other non-stdlib import (flash_attn, ...) is wrapped in try/except so transformers' import check allows it
+# any other non-stdlib import (flash_attn, ...) is wrapped in try/except so transformers' import check allows
+# it
 _REQUIRED = {"torch", "numpy", "regex", "transformers", "tokenizers", "safetensors", "huggingface_hub"}
 _BYTELM_IMPORT = re.compile(r"from\s+bytelm((?:\.\w+)+)\s+import")
 
@@ -442,9 +443,9 @@ def model_card(
         f"# {name}",
         "",
         f"A bytelm model: {spec.description or arch}. {n_params / 1e6:.2f}M parameters, weights in {dtype}.",
-        f"The vocabulary is raw bytes: ids 0-255 are the UTF-8 bytes, PAD={PAD_ID}, BOS={BOS_ID}, EOS={EOS_ID} (the embedding "
-        f"table has {model_cfg.vocab_size} rows; ids above {EOS_ID} are never generated). No tokenizer training, "
-        "no out-of-vocabulary text.",
+        f"The vocabulary is raw bytes: ids 0-255 are the UTF-8 bytes, PAD={PAD_ID}, BOS={BOS_ID}, "
+        f"EOS={EOS_ID} (the embedding table has {model_cfg.vocab_size} rows; ids above {EOS_ID} are never "
+        "generated). No tokenizer training, no out-of-vocabulary text.",
         "",
     ]
     if source:
@@ -467,7 +468,8 @@ def model_card(
         "",
         "The tokenizer maps text to its UTF-8 bytes and back; `AutoTokenizer.from_pretrained(path)` without "
         "`trust_remote_code` loads the same vocabulary from `tokenizer.json` (transformers may first ask "
-        "whether to run the model's custom code for the config; the answer does not matter for the tokenizer).",
+        "whether to run the model's custom code for the config; the answer does not matter for the "
+        "tokenizer).",
         "",
         "Generation keeps bytelm's own KV cache"
         + spec.card_generation

@@ -7,8 +7,8 @@ bit. This file is copied into every exported folder with its ``bytelm`` imports 
 
 Generation (``model.generate``) runs transformers' own loop (logits processors, sampling, stopping criteria,
 streamers, pipelines) on top of **bytelm's own KV-cache objects**: ``BytelmCache`` sits in ``generate``'s
-``cache`` slot and holds one bytelm cache per batch row (or one batched cache for the flat model when no row is
-padded). The hierarchical model's cache (``HierCache``) decides word boundaries online exactly as bytelm's
+``cache`` slot and holds one bytelm cache per batch row (or one batched cache for the flat model when no row
+is padded). The hierarchical model's cache (``HierCache``) decides word boundaries online exactly as bytelm's
 generator does, so the word-level state is bytelm's, not a re-implementation. The byteified model's
 (``ByteifiedCache``) is fed (byte, boundary-bit) symbols: the prompt's bits come from its segmenter except the
 last byte's, which its fused head decides, and each sampled byte takes the bit the head prefers for it; the
@@ -56,7 +56,8 @@ IGNORE_INDEX = -100
 @dataclass
 class BytelmCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus, for a byteified model (fused (byte, boundary) head), the fused logits
-    (B, T, 2V: ``[:V]`` the byte continues its patch, ``[V:]`` it ends it) and the boundary bits used (B, T)."""
+    (B, T, 2V: ``[:V]`` the byte continues its patch, ``[V:]`` it ends it) and the boundary bits used (B,
+    T)."""
 
     fused_logits: torch.Tensor | None = None
     boundary_bits: torch.Tensor | None = None
@@ -86,7 +87,8 @@ def _right_padded(m: torch.Tensor) -> bool:
 
 class BytelmCache:
     """bytelm's decoding state for ``generate()``: one bytelm cache per row, or one batched cache (flat model,
-    no padding). ``seen`` counts the ids of the (padded) batch already fed, so each step feeds only new ids."""
+    no padding). ``seen`` counts the ids of the (padded) batch already fed, so each step feeds only new
+    ids."""
 
     is_compileable = False
     is_croppable = False
@@ -144,7 +146,8 @@ class BytelmPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.model = build_model(config.to_model_config(), init=False)  # weights: the checkpoint's
         self.model.init_weights()  # type: ignore[operator]
-        # parameters the bytelm module freezes at construction (a byteified model's source embeddings and head)
+        # parameters the bytelm module freezes at construction
+        # (a byteified model's source embeddings and head)
         self._frozen_names = tuple(n for n, p in self.model.named_parameters() if not p.requires_grad)
         self.post_init()
 
@@ -153,8 +156,8 @@ class BytelmPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """transformers' ``from_pretrained``; parameters that the bytelm module freezes stay frozen (transformers'
-        loader puts new, trainable parameters in their place)."""
+        """transformers' ``from_pretrained``; parameters that the bytelm module freezes stay frozen
+        (transformers' loader puts new, trainable parameters in their place)."""
         model = super().from_pretrained(*args, **kwargs)
         frozen = set(getattr(model, "_frozen_names", ()))
         for name, p in model.model.named_parameters():
@@ -179,8 +182,8 @@ class BytelmPreTrainedModel(PreTrainedModel):
         self.model.lm_head = value
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``generate``, with bytelm's sampling default: no top-k filter unless ``top_k`` is given
-        (transformers' own default is 50), so ``do_sample=True`` samples as bytelm's generator does."""
+        """transformers' ``generate``, with bytelm's sampling default: no top-k filter unless ``top_k`` is
+        given (transformers' own default is 50), so ``do_sample=True`` samples as bytelm's generator does."""
         gc = kwargs.get("generation_config") or self.generation_config
         do_sample = kwargs.get("do_sample", gc.do_sample)
         if do_sample and "top_k" not in kwargs and gc.top_k is None:
@@ -204,7 +207,8 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
     def __init__(self, config: BytelmConfig) -> None:
         if get_spec(config.arch).seq2seq:
             raise ValueError(
-                f"{config.arch!r} is an encoder-decoder: load it with AutoModelForSeq2SeqLM (BytelmForSeq2SeqLM)"
+                f"{config.arch!r} is an encoder-decoder: load it with AutoModelForSeq2SeqLM "
+                "(BytelmForSeq2SeqLM)"
             )
         super().__init__(config)
 
@@ -294,13 +298,14 @@ class BytelmForCausalLM(BytelmPreTrainedModel, GenerationMixin):
     ) -> Any:
         """A byteified model without a cache (docs/byteify.md, "Scoring through transformers").
 
-        - ``segment=True`` or ``patch_end=`` (B, T) bool: one parallel forward with the model's segmenter's bits
-          (or the given ones, e.g. the source tokenizer's token ends): ``logits`` are the fused (B, T, 2V) symbols
-          and ``boundary_bits`` the bits used; the joint cross-entropy of (byte, bit) is the honest score
-          (``labels`` give it as ``loss``);
-        - default: every byte's bit is the one the fused head prefers after the bytes before it (no lookahead),
-          row by row through the cache, so ``logits`` (B, T, V), the bit summed out, form a causal next-byte
-          distribution that any client (lm-evaluation-harness, a plain cross-entropy) may score as is."""
+        - ``segment=True`` or ``patch_end=`` (B, T) bool: one parallel forward with the model's segmenter's
+          bits (or the given ones, e.g. the source tokenizer's token ends): ``logits`` are the fused (B, T,
+          2V) symbols and ``boundary_bits`` the bits used; the joint cross-entropy of (byte, bit) is the
+          honest score (``labels`` give it as ``loss``);
+        - default: every byte's bit is the one the fused head prefers after the bytes before it (no
+          lookahead), row by row through the cache, so ``logits`` (B, T, V), the bit summed out, form a causal
+          next-byte distribution that any client (lm-evaluation-harness, a plain cross-entropy) may score as
+          is."""
         B, T = input_ids.shape
         m = _mask_rows(attention_mask, T)
         if segment or patch_end is not None:

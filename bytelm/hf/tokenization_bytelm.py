@@ -1,4 +1,5 @@
-"""Byte tokenizer for exported bytelm models: ids 0-255 are the UTF-8 bytes themselves, PAD=256, BOS=257, EOS=258.
+"""Byte tokenizer for exported bytelm models: ids 0-255 are the UTF-8 bytes themselves, PAD=256, BOS=257,
+EOS=258.
 
 Two tokenizers with identical ids are saved with every export:
 
@@ -139,7 +140,8 @@ class ByteTokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ) -> str:
         """Bytes are decoded together (a character split across ids comes out whole); invalid UTF-8 becomes
-        U+FFFD (``errors='replace'``), or the raw bytes as lone surrogates with ``errors='surrogateescape'``."""
+        U+FFFD (``errors='replace'``), or the raw bytes as lone surrogates with
+        ``errors='surrogateescape'``."""
         ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
         out: list[str] = []
         run = bytearray()

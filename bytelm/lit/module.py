@@ -85,7 +85,8 @@ class ByteLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Built here (not in __init__) so sharded strategies can construct it under their init context:
-        ZeRO-3 partitions it as it is built, FSDP2 shards every Block then the root (bytelm.lit.strategies)."""
+        ZeRO-3 partitions it as it is built, FSDP2 shards every Block then the root
+        (bytelm.lit.strategies)."""
         if self.model is None:
             from bytelm.lit.strategies import build_model_for
 
@@ -104,9 +105,9 @@ class ByteLMModule(L.LightningModule):
         )
 
     def _train_forward(self, batch: dict[str, torch.Tensor]):
-        """The training forward. ``trainer.compile`` compiles it (``bytelm.models.compile``) from the second step
-        on: the first runs eagerly, so it logs the attention backends it chose and an error in the model shows a
-        plain traceback. Validation always runs eagerly."""
+        """The training forward. ``trainer.compile`` compiles it (``bytelm.models.compile``) from the second
+        step on: the first runs eagerly, so it logs the attention backends it chose and an error in the model
+        shows a plain traceback. Validation always runs eagerly."""
         if self.cfg.trainer.compile and self._eager_train_steps > 0:
             if self._compiled is None:
                 from bytelm.models.compile import compile_forward
@@ -237,9 +238,9 @@ class ByteLMModule(L.LightningModule):
         """Count and report a non-finite loss and skip its optimizer step.
 
         One process: return None; Lightning then skips backward, every gradient stays None and the optimizer
-        changes nothing. Several processes: Lightning refuses None (the ranks' collectives must match), so every
-        rank backpropagates ``loss * NaN`` and ``on_before_optimizer_step`` drops the gradients (DeepSpeed keeps
-        its own gradient buffers: there its check for NaN/inf gradients skips the step).
+        changes nothing. Several processes: Lightning refuses None (the ranks' collectives must match), so
+        every rank backpropagates ``loss * NaN`` and ``on_before_optimizer_step`` drops the gradients
+        (DeepSpeed keeps its own gradient buffers: there its check for NaN/inf gradients skips the step).
         """
         self.bad_steps += 1
         msg = f"non-finite loss at step {self.global_step}; optimizer step skipped ({self.bad_steps} so far)"

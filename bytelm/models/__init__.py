@@ -1,7 +1,8 @@
 """Pure-torch models. This package never imports lightning, deepspeed, hydra or wandb (a test checks it).
 
-``build_model`` is loaded on first access (PEP 562): importing ``bytelm.models.config`` (which every config import
-does) then does not load every model class; ``bytelm.models.build`` itself imports them at module level.
+``build_model`` is loaded on first access (PEP 562): importing ``bytelm.models.config`` (which every config
+import does) then does not load every model class; ``bytelm.models.build`` itself imports them at module
+level.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
-"""One attention entry point for every bytelm model: a backend chosen per stack, metadata built once per forward.
+"""One attention entry point for every bytelm model: a backend chosen per stack, metadata built once per
+forward.
 
 Backends (``model.attn_backend``; the names are ``ATTN_BACKENDS``):
-- ``auto`` (default): flash-attn varlen on CUDA when it is installed and the compute dtype is fp16/bf16; on CUDA
-  otherwise SDPA where its mask has no query dimension (plain causal, per-key bias/padding only), else flex
-  (and SDPA with a dense mask when flex cannot run either); SDPA off CUDA. Chosen per stack (a stack that
+- ``auto`` (default): flash-attn varlen on CUDA when it is installed and the compute dtype is fp16/bf16; on
+  CUDA otherwise SDPA where its mask has no query dimension (plain causal, per-key bias/padding only), else
+  flex (and SDPA with a dense mask when flex cannot run either); SDPA off CUDA. Chosen per stack (a stack that
   needs MrT5's per-key bias cannot use flash) and logged once.
 - ``sdpa``: ``F.scaled_dot_product_attention``; runs everything, everywhere. Packed documents, sliding windows
   and causal masks with a bias need a dense (B, 1, Tq, Tk) additive mask: built once per stack.
-- ``flash``: flash-attn 2 (``flash_attn_varlen_func`` with ``cu_seqlens`` for packed documents); CUDA, fp16/bf16,
-  no additive bias, no padding mask, no null key. Never allocates a Tq x Tk tensor.
+- ``flash``: flash-attn 2 (``flash_attn_varlen_func`` with ``cu_seqlens`` for packed documents); CUDA,
+  fp16/bf16, no additive bias, no padding mask, no null key. Never allocates a Tq x Tk tensor.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` (mask_mod: causal, window, documents,
   padding) and a ``score_mod`` for the per-key bias; softmax1 from its log-sum-exp. Compiled on CUDA (a fused
   kernel, no Tq x Tk tensor); on CPU it runs forward only (no backward there) and unfused.
@@ -66,7 +67,7 @@ def parse_backend(name: str | Backend) -> Backend:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {list(ATTN_BACKENDS)}") from None
 
 
-# ----------------------------------------------------------------------------------------------- flash-attn hook
+# -------------------------------------------------------------------------------------------- flash-attn hook
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ _flash_cache: list[FlashKernels | None] = []
 
 def load_flash() -> FlashKernels | None:
     """flash-attn's kernels, or None when it is not installed. The one place bytelm imports flash-attn: tests
-    replace this hook with a pure-torch reference (``bytelm.models.attention_ref``) to run the flash path on CPU."""
+    replace this hook with a pure-torch reference (``bytelm.models.attention_ref``) to run the flash path on
+    CPU."""
     if not _flash_cache:
         try:
             from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -131,7 +133,10 @@ def why_not(backend: Backend, n: Needs) -> str | None:
         if n.device not in k.devices:
             return f"flash-attn needs CUDA tensors, these are on {n.device}"
         if n.dtype not in k.dtypes:
-            return f"flash-attn needs fp16/bf16, the compute dtype is {n.dtype} (train with bf16-mixed precision)"
+            return (
+                f"flash-attn needs fp16/bf16, the compute dtype is {n.dtype} (train with bf16-mixed "
+                "precision)"
+            )
         if n.key_bias:
             return "flash-attn cannot add a per-key bias (MrT5's delete gate)"
         if n.null_key:

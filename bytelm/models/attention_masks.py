@@ -1,6 +1,6 @@
 """Attention masks and per-batch attention metadata, one function per backend (``attention.stack_meta`` calls
-them once per stack and forward): SDPA's dense additive mask, flash-attn's ``cu_seqlens``, flex's ``BlockMask``.
-Memory of each: docs/scaling.md (checked by scripts/bench_attention_memory.py)."""
+them once per stack and forward): SDPA's dense additive mask, flash-attn's ``cu_seqlens``, flex's
+``BlockMask``. Memory of each: docs/scaling.md (checked by scripts/bench_attention_memory.py)."""
 
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ replacing ``bytelm.models.attention.load_flash``::
     monkeypatch.setattr(attention, "load_flash", lambda: REFERENCE)
 
 Same signatures and semantics as flash-attn 2 (layout (B, T, H, hd) / (N, H, hd); ``causal`` aligned to the
-bottom right, i.e. query i of Lq sees keys <= i + Lk - Lq; ``window_size=(left, right)``, -1 = unbounded; fewer
-KV heads than query heads). It works one segment (document) at a time, so it never allocates a T x T tensor
-for a row of T bytes split into shorter documents: a test that finds one has found it in the layer code.
+bottom right, i.e. query i of Lq sees keys <= i + Lk - Lq; ``window_size=(left, right)``, -1 = unbounded;
+fewer KV heads than query heads). It works one segment (document) at a time, so it never allocates a T x T
+tensor for a row of T bytes split into shorter documents: a test that finds one has found it in the layer
+code.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def ref_flash_attn_varlen_func(
     window_size: tuple[int, int] = (-1, -1),
     **_: object,
 ) -> torch.Tensor:
-    """flash_attn_varlen_func: (Nq, H, hd), (Nk, KV, hd) packed segments -> (Nq, H, hd), segment by segment."""
+    """flash_attn_varlen_func: (Nq, H, hd), (Nk, KV, hd) packed segments -> (Nq, H, hd), segment by
+    segment."""
     assert dropout_p == 0.0
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     assert max(b - a for a, b in zip(cq[:-1], cq[1:], strict=True)) <= max_seqlen_q

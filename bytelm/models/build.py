@@ -1,5 +1,5 @@
-"""``build_model``: the model ``cfg.arch`` names. A module file of its own (not the package ``__init__``) so the
-Hugging Face export ships it with the modelling code and both build models the same way."""
+"""``build_model``: the model ``cfg.arch`` names. A module file of its own (not the package ``__init__``) so
+the Hugging Face export ships it with the modelling code and both build models the same way."""
 
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ next byte ``c``, with ``M(s)`` the total probability of the tokens whose bytes s
 
 The 2 x 256 values sum to 1, and over a whole patch the product telescopes to ``p(token)``: with the source
 tokenizer's segmentation a byteified model whose decoder adds nothing scores every text exactly as the source
-model does (docs/byteify.md, "The fused head and its exact prior"). With a byte-sorted vocabulary each ``M`` is
-a range of prefix sums, so one LM-head matmul per *patch* (not per byte) serves every byte of the next patch.
+model does (docs/byteify.md, "The fused head and its exact prior"). With a byte-sorted vocabulary each ``M``
+is a range of prefix sums, so one LM-head matmul per *patch* (not per byte) serves every byte of the next
+patch.
 
 Special tokens of the source (``None`` in the vocabulary table) spell no bytes and are left out of ``p``: the
 ratios above renormalise them away. bytelm's own specials (BOS/EOS/PAD) get a small constant log-prior on the

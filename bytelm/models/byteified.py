@@ -1,31 +1,32 @@
 """A byteified subword LM: the source model's decoder blocks are the backbone of a hierarchical byte model.
 
-docs/byteify.md (Bolmo, HAT-from-Llama). ``bytelm.distill.byteify`` builds it from any Llama-family Hugging Face
-model (weights mapped into bytelm's own blocks by ``bytelm.distill.transplant``) and trains it in two stages;
-this file is the pure-torch model. Bytes -> patches -> source blocks -> (byte, boundary) symbols:
+docs/byteify.md (Bolmo, HAT-from-Llama). ``bytelm.distill.byteify`` builds it from any Llama-family Hugging
+Face model (weights mapped into bytelm's own blocks by ``bytelm.distill.transplant``) and trains it in two
+stages; this file is the pure-torch model. Bytes -> patches -> source blocks -> (byte, boundary) symbols:
 
 - **Encoder input** = byte embedding + a projection of the source's embedding of the *longest vocabulary token
   that ends at this byte* (the "expanded" embedding; bytes <= t only). The source vocabulary travels with the
   model as two buffers (``vocab_bytes``, ``vocab_offsets``), so an exported folder needs no tokenizer.
 - **Segmentation** (which bytes end a patch) comes from a *segmenter*, which may look ahead: the boundary
-  predictor (``chunker=gate``; its logit for byte t reads the encoder states of bytes t..t+``boundary_lookahead``),
-  given ends (``patch_end=``: the source tokenizer's token ends, stage 1 and the ``tokenizer`` segmenter of
-  ``bytelm.eval``), or HAT words (``chunker=words``, the ablation). Specials and the size cap
-  ``max_word_bytes`` always end a patch.
-- **Fused head, no delay.** The decoder predicts at byte t the symbol of byte t+1: (byte, ends-its-patch?), 2 x V
-  outputs (``[:V]`` continues, ``[V:]`` ends). A patch is ready *at its own last byte*: that byte already reads
-  the patch's backbone output, so the next patch's first byte is predicted from it. Because every boundary bit
-  is predicted and scored, the segmenter's lookahead leaks nothing: the score is the joint cross-entropy of the
-  (byte, bit) symbols, an upper bound on the byte NLL whatever chose the bits (``joint_logprobs``). Where the
-  size cap forces the next byte to end its patch, the "continues" half is masked.
+  predictor (``chunker=gate``; its logit for byte t reads the encoder states of bytes
+  t..t+``boundary_lookahead``), given ends (``patch_end=``: the source tokenizer's token ends, stage 1 and the
+  ``tokenizer`` segmenter of ``bytelm.eval``), or HAT words (``chunker=words``, the ablation). Specials and
+  the size cap ``max_word_bytes`` always end a patch.
+- **Fused head, no delay.** The decoder predicts at byte t the symbol of byte t+1: (byte, ends-its-patch?), 2
+  x V outputs (``[:V]`` continues, ``[V:]`` ends). A patch is ready *at its own last byte*: that byte already
+  reads the patch's backbone output, so the next patch's first byte is predicted from it. Because every
+  boundary bit is predicted and scored, the segmenter's lookahead leaks nothing: the score is the joint
+  cross-entropy of the (byte, bit) symbols, an upper bound on the byte NLL whatever chose the bits
+  (``joint_logprobs``). Where the size cap forces the next byte to end its patch, the "continues" half is
+  masked.
 - **Patch vectors** = the projected encoder state at the patch's last byte; with ``patch_token_embed`` (the
   default) it is a correction, starting at zero, added to the source embedding of the patch's token (the
   longest vocabulary token that ends at the patch's last byte and starts inside the patch: the patch itself
   when it is a token). A special (BOS/EOS/PAD) is a patch whose vector is the source's document-start
   embedding.
 - **Sink.** The source always saw its start token at position 0. A row that begins inside a document gets a
-  virtual first patch with that embedding (its output is the context before the first patch); a row that begins
-  with a special masks it.
+  virtual first patch with that embedding (its output is the context before the first patch); a row that
+  begins with a special masks it.
 - **Exact prior** (``lm_prior``, the default). The logits are ``prior_scale * log P_prior + residual``:
   ``P_prior`` is the source LM head on the context patch's backbone output turned exactly into (byte, bit)
   probabilities (``bytelm.models.byte_prior``), the residual head starts at zero. With the tokenizer's
@@ -102,7 +103,8 @@ class BoundaryPredictor(nn.Module):
 
 
 class PatchPooling(LastPooling):
-    """``LastPooling`` with a bias, indexed by each patch's last byte: (B, T, d_byte), (B, W) -> (B, W, d_model)."""
+    """``LastPooling`` with a bias, indexed by each patch's last byte: (B, T, d_byte), (B, W) -> (B, W,
+    d_model)."""
 
     def __init__(self, d_byte: int, d_model: int) -> None:
         super().__init__(d_byte, d_model, bias=True)
@@ -117,9 +119,10 @@ def joint_logprobs(
     targets: torch.Tensor,  # (B, T) next ids, IGNORE where nothing is predicted
     closed: torch.Tensor,  # (B, T) bool: the byte ends its patch (the bits used)
 ) -> torch.Tensor:  # (B, T) fp32 log-prob of each target symbol, 0 where ignored
-    """Log-probability of each target *symbol*: (byte t+1, bit t+1) where byte t+1 is the next input (its bit is
-    known), else the byte with its bit summed out (the row's last position, a padded continuation). Summed over
-    a text this is the joint log-likelihood of its bytes and the bits used, a lower bound on log P(bytes)."""
+    """Log-probability of each target *symbol*: (byte t+1, bit t+1) where byte t+1 is the next input (its bit
+    is known), else the byte with its bit summed out (the row's last position, a padded continuation). Summed
+    over a text this is the joint log-likelihood of its bytes and the bits used, a lower bound on log
+    P(bytes)."""
     V = logits.shape[-1] // 2
     lf = logits.float()
     logz = torch.logsumexp(lf, -1)  # (B, T)
@@ -144,8 +147,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
     def __init__(self, cfg: ModelConfig) -> None:
         if cfg.source_vocab <= 0:
             raise ValueError(
-                "model.arch=byteified needs the source model's vocabulary (model.source_vocab > 0); build it with "
-                "bytelm.distill.byteify.build_byteified, which fills the source fields"
+                "model.arch=byteified needs the source model's vocabulary (model.source_vocab > 0); build "
+                "it with bytelm.distill.byteify.build_byteified, which fills the source fields"
             )
         if cfg.chunker not in ("gate", "words"):
             raise ValueError(
@@ -196,7 +199,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         blob = b"".join(t or b"" for t in table)
         if len(blob) != self.cfg.source_vocab_bytes:
             raise ValueError(
-                f"vocabulary holds {len(blob)} bytes, model.source_vocab_bytes is {self.cfg.source_vocab_bytes}"
+                f"vocabulary holds {len(blob)} bytes, model.source_vocab_bytes is "
+                f"{self.cfg.source_vocab_bytes}"
             )
         lens = torch.tensor([len(t or b"") for t in table], dtype=torch.long)
         with torch.no_grad():
@@ -270,8 +274,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         return self.source_embed.weight[self.cfg.source_start_id].to(dtype).expand(batch, 1, -1)  # (B, 1, D)
 
     def prior(self, table: torch.Tensor, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """(..., 2V) exact (byte, bit) log-prior: ``rows`` index the context vectors ``table`` (R, D), ``nodes``
-        (same shape) the trie node of the open patch's bytes (``bytelm.models.byte_prior``)."""
+        """(..., 2V) exact (byte, bit) log-prior: ``rows`` index the context vectors ``table`` (R, D),
+        ``nodes`` (same shape) the trie node of the open patch's bytes (``bytelm.models.byte_prior``)."""
         flat = fused_log_prior(
             self.trie, self.head_weight(), table, rows.reshape(-1), nodes.reshape(-1), self.cfg.vocab_size
         )
@@ -294,7 +298,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         return nxt_len >= cap
 
     def fuse(self, residual: torch.Tensor, prior: torch.Tensor | None, forced: torch.Tensor) -> torch.Tensor:
-        """Fused logits (..., 2V) = prior_scale * prior + residual, the "continues" half masked where forced."""
+        """Fused logits (..., 2V) = prior_scale * prior + residual, the "continues" half masked where
+        forced."""
         logits = residual if prior is None else residual + self.prior_scale * prior.to(residual.dtype)
         V = self.cfg.vocab_size
         half = torch.arange(logits.shape[-1], device=logits.device) < V  # (2V,) the "continues" half
@@ -306,8 +311,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         self, input_ids: torch.Tensor, h: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Patch ends chosen by the model's own segmenter: ``(ends (B, T) bool, boundary logits or None)``.
-        ``chunker=gate``: boundary logit > ``boundary_threshold`` (needs the encoder states ``h``; computed when
-        not given); ``words``: the last byte of every HAT word."""
+        ``chunker=gate``: boundary logit > ``boundary_threshold`` (needs the encoder states ``h``; computed
+        when not given); ``words``: the last byte of every HAT word."""
         if self.cfg.chunker == "words":
             ws = self.word_starts_batch(input_ids, doc_ids)
             return torch.cat([ws[:, 1:], torch.zeros_like(ws[:, :1])], 1), None
@@ -332,8 +337,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         )
 
     def _boundary_only(self, ids: torch.Tensor, h: torch.Tensor, ends: torch.Tensor | None) -> ModelOutput:
-        """The boundary phase's forward: no backbone, no decoder; ``loss`` = BCE of the boundary logits against
-        ``ends`` (so ``train/bpb`` reads as bits per byte of the boundary labels)."""
+        """The boundary phase's forward: no backbone, no decoder; ``loss`` = BCE of the boundary logits
+        against ``ends`` (so ``train/bpb`` reads as bits per byte of the boundary labels)."""
         if ends is None:
             raise ValueError("boundary_only=True needs patch_end (the token ends the predictor learns)")
         b_logits = self.boundary(h)

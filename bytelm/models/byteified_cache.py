@@ -1,4 +1,5 @@
-"""KV-cached decoding of the byteified model (``bytelm.models.byteified``): (byte, bit) pairs in, fused logits out.
+"""KV-cached decoding of the byteified model (``bytelm.models.byteified``): (byte, bit) pairs in, fused logits
+out.
 
 The cache holds the three stacks' KV caches and the open patch. Each byte arrives with its boundary bit:
 
@@ -56,7 +57,8 @@ class ByteifiedCache:
 
 
 class ByteifiedDecoding:
-    """Cached decoding for ``ByteifiedLM`` (mixed in; uses its encoder, pooling, backbone, decoder and prior)."""
+    """Cached decoding for ``ByteifiedLM`` (mixed in; uses its encoder, pooling, backbone, decoder and
+    prior)."""
 
     cfg: Any
 
@@ -151,8 +153,9 @@ class ByteifiedDecoding:
     def _feed(
         self, cache: ByteifiedCache, new: list[int], h: torch.Tensor, bits: list[bool], p0: int
     ) -> torch.Tensor:
-        """Apply the patch rules to bytes whose encoder states ``h`` (1, n, d) are computed, run the decoder over
-        them; returns fused logits (1, n, 2V). The encoder already holds these bytes; ``cache.ids`` does not."""
+        """Apply the patch rules to bytes whose encoder states ``h`` (1, n, d) are computed, run the decoder
+        over them; returns fused logits (1, n, 2V). The encoder already holds these bytes; ``cache.ids``
+        does not."""
         m: Any = self
         dev = h.device
         trie = m.trie
@@ -216,8 +219,8 @@ class ByteifiedDecoding:
         return logits
 
     def _close_patch(self, cache: ByteifiedCache, t: int, dev: torch.device, special: bool = False) -> None:
-        """Pool the open patch (ending at byte t) or a special's patch, run one backbone step; its output is the
-        context from byte t on."""
+        """Pool the open patch (ending at byte t) or a special's patch, run one backbone step; its output is
+        the context from byte t on."""
         m: Any = self
         if special or cache.last_h is None:
             vec = m.sink(1, m.embed.weight.dtype)

@@ -50,7 +50,8 @@ def causal_center(h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch
 
 
 def run_lengths(starts: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool chunk starts (position 0 must be a start) -> (B, T) long 1-based offset inside the chunk."""
+    """(B, T) bool chunk starts (position 0 must be a start) -> (B, T) long 1-based offset inside the
+    chunk."""
     T = starts.shape[1]
     pos = torch.arange(T, device=starts.device).expand_as(starts)
     last_start = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), 1).values
@@ -71,8 +72,8 @@ def gate_closed(
     max_len: int | None,
     doc_ids: torch.Tensor | None = None,  # (B, T)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(closed, word_start)``, both (B, T) bool: bytes that end a chunk (gate keep, special, size cap) and the
-    chunk starts they imply (after each closed byte, at specials, at document starts)."""
+    """``(closed, word_start)``, both (B, T) bool: bytes that end a chunk (gate keep, special, size cap) and
+    the chunk starts they imply (after each closed byte, at specials, at document starts)."""
     return close_chunks(ids, tau_del < G, max_len, doc_ids)
 
 
@@ -97,11 +98,11 @@ def close_chunks(
 
 
 def _cap(closed: torch.Tensor, special: torch.Tensor, doc_start: torch.Tensor, max_len: int) -> torch.Tensor:
-    """The size cap as a scan over T (the rule, read sequentially): each byte whose chunk reaches ``max_len`` bytes
-    closes it, and the next chunk starts after it. ``close_chunks`` computes the same in one step: a cap only
-    cuts the run between two other chunk starts into pieces of ``max_len``, so the capped bytes are those whose
-    1-based offset from the last other start is a multiple of ``max_len`` (no host sync, no loop: compiles).
-    Kept as the reference the tests compare with."""
+    """The size cap as a scan over T (the rule, read sequentially): each byte whose chunk reaches ``max_len``
+    bytes closes it, and the next chunk starts after it. ``close_chunks`` computes the same in one step: a cap
+    only cuts the run between two other chunk starts into pieces of ``max_len``, so the capped bytes are those
+    whose 1-based offset from the last other start is a multiple of ``max_len`` (no host sync, no loop:
+    compiles). Kept as the reference the tests compare with."""
     closed = closed.clone()
     B, T = closed.shape
     length = torch.zeros(B, dtype=torch.long, device=closed.device)
@@ -116,9 +117,9 @@ def _cap(closed: torch.Tensor, special: torch.Tensor, doc_start: torch.Tensor, m
 
 def keep_scale(G: torch.Tensor, k: float, gate_closed_bytes: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """Straight-through factor for each chunk vector, (B, W, 1): value 1, gradient of the keep probability
-    ``p = 1 - G / k`` of the chunk's closing byte when the gate closed it (1 with no gradient for chunks closed
-    by a special, the size cap or a document end). This is how the task loss reaches the gate: a chunk vector
-    the backbone finds useful raises the keep probability of the byte that produced it.
+    ``p = 1 - G / k`` of the chunk's closing byte when the gate closed it (1 with no gradient for chunks
+    closed by a special, the size cap or a document end). This is how the task loss reaches the gate: a chunk
+    vector the backbone finds useful raises the keep probability of the byte that produced it.
 
     G: (B, T); gate_closed_bytes: (B, T) bool, G > tau_del; end: (B, W) exclusive chunk ends (T for padding).
     """

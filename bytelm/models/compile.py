@@ -1,12 +1,13 @@
-"""``torch.compile`` of a bytelm model's training forward (``trainer.compile=true``; bytelm.lit.module calls it).
+"""``torch.compile`` of a bytelm model's training forward (``trainer.compile=true``; bytelm.lit.module calls
+it).
 
 What makes the forwards compile whole (``torch._dynamo.explain`` finds no graph break; tests/test_compile.py):
 - no host work in the training forward: word starts come from the data layer (``batch["word_start"]``; the
-  splitter runs only when they are missing and is excluded from compilation), the learned chunker's size cap is
-  vectorised, attention metadata on the CPU/SDPA path is tensor ops;
+  splitter runs only when they are missing and is excluded from compilation), the learned chunker's size cap
+  is vectorised, attention metadata on the CPU/SDPA path is tensor ops;
 - the one data-dependent shape, the hierarchical model's word count ``W``, is captured as an unbacked size
-  (``capture_scalar_outputs``) instead of a graph break, so the backbone runs inside the same graph and batches
-  with another ``W`` reuse it.
+  (``capture_scalar_outputs``) instead of a graph break, so the backbone runs inside the same graph and
+  batches with another ``W`` reuse it.
 The flash path's ``cu_seqlens`` (one host sync, ``attention.varlen_info``) is a graph break per stack where it
 runs (CUDA); the flex path's block mask is built by a compiled ``create_block_mask`` inside the graph.
 
@@ -53,8 +54,8 @@ class CompiledForward:
 def compile_forward(
     model: nn.Module, arch: str, backend: str | Callable[..., Any] = "inductor", fullgraph: bool = False
 ) -> CompiledForward | None:
-    """The compiled training forward of ``model`` (``cfg.model.arch`` = ``arch``), or None (with a warning) for
-    architectures that are not compiled (module docstring)."""
+    """The compiled training forward of ``model`` (``cfg.model.arch`` = ``arch``), or None (with a warning)
+    for architectures that are not compiled (module docstring)."""
     if not get_spec(arch).compilable:
         log.warning(
             "trainer.compile: model.arch=%s is not compiled (its forward does host work every step, "

@@ -17,7 +17,8 @@ from bytelm.data.bytes import PADDED_VOCAB
 
 
 class RegisteredArchs(Sequence[str]):
-    """``model.arch``'s allowed values: the kinds registered now (``bytelm.models.registry``), read when checked."""
+    """``model.arch``'s allowed values: the kinds registered now (``bytelm.models.registry``), read when
+    checked."""
 
     @staticmethod
     def _names() -> tuple[str, ...]:
@@ -103,8 +104,8 @@ class ModelConfig:
     )
     init_std: float = 0.02
     activation_checkpointing: bool = False
-    # Llama-family backbone details: bytelm's own models keep the defaults; a transplanted source model sets them
-    # from its config (bytelm.distill.transplant.source_fields). They apply to the backbone stack only.
+    # Llama-family backbone details: bytelm's own models keep the defaults; a transplanted source model sets
+    # them from its config (bytelm.distill.transplant.source_fields). They apply to the backbone stack only.
     n_kv_heads: int = 0  # 0 = n_heads; fewer = grouped-query attention
     head_dim: int = 0  # 0 = d_model // n_heads
     mlp_hidden: int = 0  # 0 = swiglu_hidden(d_model, mlp_ratio)
@@ -153,7 +154,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # a config rebuilt from a flat dict (HF export's config.json) carries the nested scaling as a dict
-        # (HF's PretrainedConfig may add its own keys such as rope_type / rope_theta to it: those are not ours)
+        # (HF's PretrainedConfig may add its own keys such as rope_type / rope_theta to it: those are not
+        # ours)
         if isinstance(self.rope_scaling, dict):
             names = {f.name for f in fields(RopeScalingConfig)}
             self.rope_scaling = RopeScalingConfig(

@@ -1,11 +1,11 @@
 """Training FLOPs per byte and parameter counts, for equal-compute comparisons and MFU.
 
 Per unit of a stack (a byte for byte-level stacks, a word for the backbone), training costs
-``6 * N`` FLOPs for the ``N`` matmul weights the unit touches (forward 2N, backward 4N) plus ``12 * L * d * ctx``
-for attention over ``ctx`` keys in ``L`` layers of width ``d`` (Kaplan et al. / PaLM convention: the full
-context, causal masking not halved). The embedding lookup costs nothing; the output head is a matmul and
-counts; norm gains are ignored. For the hierarchical model, per-word costs are divided by the number of bytes
-per word, so the backbone's share of a byte shrinks with longer words.
+``6 * N`` FLOPs for the ``N`` matmul weights the unit touches (forward 2N, backward 4N) plus
+``12 * L * d * ctx`` for attention over ``ctx`` keys in ``L`` layers of width ``d`` (Kaplan et al. / PaLM
+convention: the full context, causal masking not halved). The embedding lookup costs nothing; the output head
+is a matmul and counts; norm gains are ignored. For the hierarchical model, per-word costs are divided by the
+number of bytes per word, so the backbone's share of a byte shrinks with longer words.
 """
 
 from __future__ import annotations

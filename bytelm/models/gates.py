@@ -3,11 +3,12 @@
 Formulas (docs/design.md#mrt5-delete-gate, after "MrT5: Dynamic Token Merging for Efficient Byte-level
 Language Models"):
 
-- gate: ``G = k * sigmoid(-(RMSNorm(h) @ w + b))`` with ``k = -30``, ``w`` xavier, ``b = +1``, so ``G`` lies in
-  ``(k, 0)``: near 0 keeps a position, near ``k`` deletes it. At init ``G`` is near ``-30 * sigmoid(-1) = -8.1``
-  (keep side), but ``RMSNorm(h) @ w`` has a spread of about ``sqrt(2)`` under xavier, so a measurable share of
-  positions already falls below ``tau_del`` at init: about a quarter on isotropic inputs, 5-50% (by seed and
-  text) inside a freshly initialised MrT5. Padding positions are forced to ``k``.
+- gate: ``G = k * sigmoid(-(RMSNorm(h) @ w + b))`` with ``k = -30``, ``w`` xavier, ``b = +1``, so ``G`` lies
+  in ``(k, 0)``: near 0 keeps a position, near ``k`` deletes it. At init ``G`` is near
+  ``-30 * sigmoid(-1) = -8.1`` (keep side), but ``RMSNorm(h) @ w`` has a spread of about ``sqrt(2)`` under
+  xavier, so a measurable share of positions already falls below ``tau_del`` at init: about a quarter on
+  isotropic inputs, 5-50% (by seed and text) inside a freshly initialised MrT5. Padding positions are forced
+  to ``k``.
 - soft deletion (training): ``G`` is an additive per-key bias on attention scores;
 - hard deletion (inference): keep positions with ``G > tau_del`` and compact them (:func:`hard_delete`);
 - regulariser ``alpha * mean(G)`` over real positions, with ``alpha`` from :class:`PIController`.
@@ -112,7 +113,8 @@ def hard_delete(
 
 def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
     """``x`` summed over the ranks of the default process group (``x`` itself on one process). Plain
-    ``torch.distributed``, so the model code stays free of Lightning; works under DDP, ZeRO and FSDP2 alike."""
+    ``torch.distributed``, so the model code stays free of Lightning; works under DDP, ZeRO and FSDP2
+    alike."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -129,17 +131,18 @@ class PIController(nn.Module):
         err = delta - r;  p = 0.9 p + 0.1 kp err;  i = i + ki err;  alpha = max(alpha_min, p + i)
 
     ``alpha_min = 0`` is the paper's controller (the regulariser only ever pushes toward deletion); a negative
-    ``alpha_min`` makes it two-sided (a ratio above ``delta`` gives a negative ``alpha`` that rewards keeping).
-    The new ``alpha`` is used from the *next* step (the current step's regulariser uses the value before the
-    update); everything starts at 0. State lives in fp32 buffers (kept fp32 even if the model is cast to
-    bf16), so it is part of ``model.state_dict()`` and checkpoints resume it exactly. Updates are tensor ops (no
-    host sync) that replace the buffers with new tensors rather than write into them (``current_alpha``).
+    ``alpha_min`` makes it two-sided (a ratio above ``delta`` gives a negative ``alpha`` that rewards
+    keeping). The new ``alpha`` is used from the *next* step (the current step's regulariser uses the value
+    before the update); everything starts at 0. State lives in fp32 buffers (kept fp32 even if the model is
+    cast to bf16), so it is part of ``model.state_dict()`` and checkpoints resume it exactly. Updates are
+    tensor ops (no host sync) that replace the buffers with new tensors rather than write into them
+    (``current_alpha``).
 
     Several processes: the models call :meth:`observe`, which sums the deleted and real position counts over
     the ranks of the default process group (one ``all_reduce`` of two numbers, when ``torch.distributed`` is
     initialised with more than one rank) before updating, so ``r`` is the deletion ratio of the *global* batch
-    and every rank holds the same state and ``alpha`` under every strategy (DDP broadcasts buffers from rank 0,
-    ZeRO and FSDP2 do not: the controller must not rely on that). Every rank calls it once per training
+    and every rank holds the same state and ``alpha`` under every strategy (DDP broadcasts buffers from rank
+    0, ZeRO and FSDP2 do not: the controller must not rely on that). Every rank calls it once per training
     forward, so the collectives match.
     """
 
@@ -173,8 +176,8 @@ class PIController(nn.Module):
         err = self.target - r
         p = 0.9 * self.p + 0.1 * self.kp * err
         i = self.i + self.ki * err
-        # new tensors, not in-place updates: the step's regulariser holds the old alpha for its backward, and a
-        # compiled backward may read that buffer again after the forward (see current_alpha)
+        # new tensors, not in-place updates: the step's regulariser holds the old alpha for its backward, and
+        # a compiled backward may read that buffer again after the forward (see current_alpha)
         new = {"p": p, "i": i, "alpha": torch.clamp(p + i, min=self.alpha_min), "steps": self.steps + 1}
         for name, value in new.items():
             self._buffers[name] = value
@@ -182,8 +185,8 @@ class PIController(nn.Module):
 
     @torch.no_grad()
     def observe(self, G: torch.Tensor, tau_del: float, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Advance one step with the deletion ratio of the global batch: ``G`` (B, T) gate values of this rank's
-        batch, ``pad_mask`` (B, T) True = real position. Returns the new ``alpha``."""
+        """Advance one step with the deletion ratio of the global batch: ``G`` (B, T) gate values of this
+        rank's batch, ``pad_mask`` (B, T) True = real position. Returns the new ``alpha``."""
         valid = torch.ones_like(G, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         counts = torch.stack(
             [deleted_mask(G, tau_del, valid).sum(), valid.sum()]
@@ -192,11 +195,11 @@ class PIController(nn.Module):
         return self.update(counts[0] / counts[1].clamp(min=1.0))
 
     def current_alpha(self) -> torch.Tensor:
-        """``alpha`` (the value set by the previous step) for this step's regulariser. :meth:`update` replaces the
-        buffers with new tensors instead of writing into them, so the tensor returned here keeps its value until
-        this step's backward: a compiled backward may read it from the buffer after the forward (torch.compile's
-        partitioner recomputes ``alpha.clone()`` from its input, which an in-place update would have changed by
-        then; tests/test_compile.py)."""
+        """``alpha`` (the value set by the previous step) for this step's regulariser. :meth:`update` replaces
+        the buffers with new tensors instead of writing into them, so the tensor returned here keeps its value
+        until this step's backward: a compiled backward may read it from the buffer after the forward
+        (torch.compile's partitioner recomputes ``alpha.clone()`` from its input, which an in-place update
+        would have changed by then; tests/test_compile.py)."""
         return self.alpha
 
     def reset(self) -> None:

@@ -1,7 +1,7 @@
 """KV-cached byte generation for every bytelm model.
 
-A model takes part by offering ``new_cache()`` and ``forward(ids, cache=cache)`` that returns the logits of the
-new positions only. Four caches, one per model kind:
+A model takes part by offering ``new_cache()`` and ``forward(ids, cache=cache)`` that returns the logits of
+the new positions only. Four caches, one per model kind:
 
 - flat: a list of per-layer ``KVCache`` (``bytelm.models.layers``);
 - hierarchical: a ``HierCache`` (``bytelm.models.hier_cache``) that also decides word boundaries online,
@@ -139,8 +139,8 @@ def sample_symbol(
     generator: torch.Generator | None = None,
     allow_eos: bool = True,
 ) -> tuple[int, bool]:
-    """One (byte, ends-its-patch) symbol of a fused head: the byte sampled from the head's distribution with the
-    bit summed out (``sample_next``'s filters), then the bit the head prefers for that byte. This is what
+    """One (byte, ends-its-patch) symbol of a fused head: the byte sampled from the head's distribution with
+    the bit summed out (``sample_next``'s filters), then the bit the head prefers for that byte. This is what
     ``transformers``' generation loop does with an exported model, so both give the same bytes for a seed."""
     V = logits.shape[-1] // 2
     marg = torch.logaddexp(logits[:V].float(), logits[V:].float())  # (V,)

@@ -8,7 +8,8 @@ and runs one backbone step once it is ready. With the learned chunker the gate's
 byte by the rules of ``bytelm.models.chunking``. The result equals the full forward (tested to 1e-4; see
 hierarchical.py's docstring for the splitter properties this relies on).
 
-``CachedDecoding`` is a mixin of ``HierarchicalByteLM`` (and so of ``ByteifiedLM``, which overrides the cache).
+``CachedDecoding`` is a mixin of ``HierarchicalByteLM`` (and so of ``ByteifiedLM``, which overrides the
+cache).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ _CONTEXT = 16  # bytes before a word that starts with a combining mark, re-split
 
 
 def _context_start(ids: list[int], base: int) -> int:
-    """Where to start re-splitting so that the word at ``base`` is split with up to ``_CONTEXT`` bytes before it
-    when it starts with a combining mark (or other ignorable character), which may be glued to those bytes; the
-    context starts at a character and after any special."""
+    """Where to start re-splitting so that the word at ``base`` is split with up to ``_CONTEXT`` bytes before
+    it when it starts with a combining mark (or other ignorable character), which may be glued to those bytes;
+    the context starts at a character and after any special."""
     head = [i for i in ids[base : base + 4] if i < 256]
     if not head or ids[base] >= 256 or not _starts_with_ignorable(bytes(head)):
         return base
@@ -147,15 +148,15 @@ class CachedDecoding:
         return self._decode_cached(h, cos, sin, pos, cache, starts, ready_at)
 
     def _words_cached(self, cache: HierCache) -> tuple[list[int], list[int]]:
-        """Word starts (oldest pending first) and the ready times of the words that became ready, by the rules of
-        ``layout_words(decided=True)`` applied to the bytes seen so far.
+        """Word starts (oldest pending first) and the ready times of the words that became ready, by the rules
+        of ``layout_words(decided=True)`` applied to the bytes seen so far.
 
-        The bytes from the rule word (before the size cap) that holds the oldest unready word are re-split; only
-        complete characters are split (incomplete UTF-8 stays in the current word), so the size cap never cuts
-        inside a character that later bytes complete. ``decision_times`` on the same bytes says when each word
-        end is decided; it reads no byte past the time it returns, so on a prefix it gives the full forward's
-        times wherever they are <= the last byte. A word that starts with a combining mark is split with a few
-        bytes before it (whether the mark is glued to them decides its words)."""
+        The bytes from the rule word (before the size cap) that holds the oldest unready word are re-split;
+        only complete characters are split (incomplete UTF-8 stays in the current word), so the size cap never
+        cuts inside a character that later bytes complete. ``decision_times`` on the same bytes says when each
+        word end is decided; it reads no byte past the time it returns, so on a prefix it gives the full
+        forward's times wherever they are <= the last byte. A word that starts with a combining mark is split
+        with a few bytes before it (whether the mark is glued to them decides its words)."""
         base, last = cache.anchor, cache.length - 1
         done = cache.length - pending_utf8(cache.ids)
         ctx = _context_start(cache.ids, base) if base < done else base
@@ -187,8 +188,8 @@ class CachedDecoding:
     def _gate_chunks_cached(
         self, new_ids: torch.Tensor, h: torch.Tensor, cache: HierCache
     ) -> tuple[list[int], list[int]]:
-        """Chunk starts (oldest pending first, then one per closed chunk) and ready times for the new bytes, by
-        the rules of ``bytelm.models.chunking.gate_closed`` applied online."""
+        """Chunk starts (oldest pending first, then one per closed chunk) and ready times for the new bytes,
+        by the rules of ``bytelm.models.chunking.gate_closed`` applied online."""
         assert self.gate is not None
         hg = h
         if self.cfg.gate.center:  # running mean over the document, as causal_center in the full forward
@@ -224,8 +225,8 @@ class CachedDecoding:
         starts: list[int],
         ready_at: list[int],
     ) -> ModelOutput:
-        """Pool the chunks that became ready (``starts[:k+1]`` bound them), run the backbone on them and decode
-        the new bytes; each byte sees the latest chunk with ready time <= its position."""
+        """Pool the chunks that became ready (``starts[:k+1]`` bound them), run the backbone on them and
+        decode the new bytes; each byte sees the latest chunk with ready time <= its position."""
         dev = h.device
         k = len(ready_at)
         prev = self.first_word.view(1, -1) if cache.ctx is None else cache.ctx  # (1, D)
@@ -249,7 +250,8 @@ class CachedDecoding:
         return ModelOutput(logits=self.lm_head(self.norm(y)))
 
     def _pool_span(self, cache: HierCache, starts: list[int], k: int) -> torch.Tensor:
-        """Pool the ``k`` words ``[starts[i], starts[i+1])`` from the buffered encoder outputs -> (1, k, D)."""
+        """Pool the ``k`` words ``[starts[i], starts[i+1])`` from the buffered encoder outputs -> (1, k,
+        D)."""
         assert cache.buf is not None
         dev = cache.buf.device
         span = starts[k] - cache.pend_start

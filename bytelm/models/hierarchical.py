@@ -12,27 +12,27 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
   a special starts a new word, whatever ``word_start`` says. So a PAD run at the end of a row is a run of
   one-byte words after every real word; the stacks are causal, so it cannot affect anything before it.
 - **When does a byte see a word?** Only once the bytes seen so far *decide* where the word ends
-  (docs/hierarchical.md). A word ``w`` whose successor starts at ``s`` is *ready* at ``r_w``, the position from which
-  no later byte can move or remove that end (``word_layout.decision_times``; running max over words, so words
-  become ready in order). Byte ``t`` receives the backbone output of the latest word with ``r_w <= t`` in its
-  own document, or the learned first-word vector when there is none. Usually ``r_w`` is the last byte of the
-  first character at ``s``: for ASCII this is exactly "bytes of word w get the output of word w-1", and a word
-  opening with a multi-byte character hands the newer vector to its bytes only from that character's last byte
-  on (earlier, it would tell position ``s`` that the *next* bytes complete a character that starts a word).
-  Later than that where the splitter needs more bytes: an invalid UTF-8 sequence is settled only when the byte
-  that breaks it arrives (``E3 80`` before ``C3``), and two splitter rules look further ahead (a combining mark
-  after U+00A0 removes the end of a single space before it; ``1⁄2`` is one word). Reading a word earlier leaked
-  later bytes into earlier predictions and made cached generation disagree with the full forward (both were
-  found and are now tests: tests/test_causality_property.py). The last word of a document is ready at the next
-  document's start (never used).
+  (docs/hierarchical.md). A word ``w`` whose successor starts at ``s`` is *ready* at ``r_w``, the position
+  from which no later byte can move or remove that end (``word_layout.decision_times``; running max over
+  words, so words become ready in order). Byte ``t`` receives the backbone output of the latest word with
+  ``r_w <= t`` in its own document, or the learned first-word vector when there is none. Usually ``r_w`` is
+  the last byte of the first character at ``s``: for ASCII this is exactly "bytes of word w get the output of
+  word w-1", and a word opening with a multi-byte character hands the newer vector to its bytes only from that
+  character's last byte on (earlier, it would tell position ``s`` that the *next* bytes complete a character
+  that starts a word). Later than that where the splitter needs more bytes: an invalid UTF-8 sequence is
+  settled only when the byte that breaks it arrives (``E3 80`` before ``C3``), and two splitter rules look
+  further ahead (a combining mark after U+00A0 removes the end of a single space before it; ``1⁄2`` is one
+  word). Reading a word earlier leaked later bytes into earlier predictions and made cached generation
+  disagree with the full forward (both were found and are now tests: tests/test_causality_property.py). The
+  last word of a document is ready at the next document's start (never used).
 - **Pooling query positions.** The learned query sits at the word's first byte and keys at their byte
   positions, so RoPE sees the within-word offset (0, 1, 2, ...) and the pooled vector does not depend on
   where the word is in the row (packed documents give the same result as alone). Because the query is one
   shared vector, the scores are per-byte quantities and the within-word softmax is a segment softmax
   (scatter max / index_add): O(T * D), no (W, max_word_len) padding.
-- **The decoder's one key.** Cross-attending to exactly one key has softmax weight 1, so it reduces to a linear
-  map of that key; we apply ``Linear(d_model, d_byte)`` to the word vector and add it to the residual stream
-  (first decoder layer, or every layer with ``decoder_cross='all'``, one projection per layer).
+- **The decoder's one key.** Cross-attending to exactly one key has softmax weight 1, so it reduces to a
+  linear map of that key; we apply ``Linear(d_model, d_byte)`` to the word vector and add it to the residual
+  stream (first decoder layer, or every layer with ``decoder_cross='all'``, one projection per layer).
 - **Learned chunks** (``chunker='gate'``, ``bytelm/models/chunking.py``): the MrT5 delete gate reads the
   encoder output (minus its running mean with ``gate.center``); a kept byte closes its chunk, and the chunk
   is ready *at* that byte (the decision used bytes up to it only), so ``layout_words(closed=...)`` makes it
@@ -43,9 +43,9 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
 - **Cached decoding** (``new_cache()``, ``forward(ids, cache=...)``, batch 1, one document; ``hier_cache.py``)
   decides words online with the same splitter and the same ready rule (``decision_times`` on the bytes it has
   gives the full forward's ready times up to the last byte), and equals the full forward (tested to 1e-4).
-- **Attention metadata** is built once per forward for each of the three stacks (``attention.stack_meta``): the
-  byte encoder and decoder share one when their windows agree (same bytes, same documents), the backbone has
-  its own over words (documents of words: ``WordLayout.word_doc``).
+- **Attention metadata** is built once per forward for each of the three stacks (``attention.stack_meta``):
+  the byte encoder and decoder share one when their windows agree (same bytes, same documents), the backbone
+  has its own over words (documents of words: ``WordLayout.word_doc``).
 - **torch.compile**: the training forward has no host work but the word count ``W``, a data-dependent shape
   that ``bytelm.models.compile`` captures as an unbacked size (no graph break; tests/test_compile.py); word
   starts come from the data layer (``batch["word_start"]``), and the learned chunker's size cap is vectorised
@@ -87,7 +87,8 @@ from bytelm.models.word_layout import (
 
 log = logging.getLogger(__name__)
 
-__all__ = [  # the layout, pooling and cache names live in word_layout.py / hier_cache.py; importable from here too
+# the layout, pooling and cache names live in word_layout.py / hier_cache.py; importable from here too
+__all__ = [
     "_CHAR_LEN",
     "HierCache",
     "HierarchicalByteLM",
@@ -205,8 +206,8 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
         doc_ids: torch.Tensor | None = None,
         window: int = 0,
     ) -> torch.Tensor:
-        """Run a stack; ``inject[i]`` (if given) is added before block i (decoder context). ``meta``: the stack's
-        attention metadata, built here from ``doc_ids`` / ``window`` / the caches when not given."""
+        """Run a stack; ``inject[i]`` (if given) is added before block i (decoder context). ``meta``: the
+        stack's attention metadata, built here from ``doc_ids`` / ``window`` / the caches when not given."""
         if meta is None:
             meta = self._meta(x, stack, doc_ids=doc_ids, window=window, caches=caches)
         for i, blk in enumerate(blocks):
@@ -263,8 +264,8 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
     ) -> torch.Tensor:
         """(B, W, D) patch/word vectors -> backbone outputs (B, W, D). positions (W,) or (B, W) word positions
         (default arange(W)); n_blocks: run only the first n blocks (Bolmo's stage-1 encoder loss); norm: apply
-        the final norm (only when all blocks ran). With ``caches`` the words continue after the cached ones, at
-        ``positions`` (default: from the cache length)."""
+        the final norm (only when all blocks ran). With ``caches`` the words continue after the cached ones,
+        at ``positions`` (default: from the cache length)."""
         n = len(self.backbone) if n_blocks is None else n_blocks
         if not 0 <= n <= len(self.backbone):
             raise ValueError(f"n_blocks={n_blocks} outside 0..{len(self.backbone)}")
@@ -341,8 +342,8 @@ class HierarchicalByteLM(CachedDecoding, nn.Module):
             alpha = self.controller.current_alpha()  # value set by the previous step
             metrics.update(gate_stats(G, self.cfg.gate.tau_del, byte_mask, alpha))
             if self.training:
-                # the regulariser trains the gate only (its input detached; same value as G): through the encoder
-                # it shifts every byte's gate together and the ratio swings (docs/mrt5.md, measured)
+                # the regulariser trains the gate only (its input detached; same value as G): through the
+                # encoder it shifts every byte's gate together and the ratio swings (docs/mrt5.md, measured)
                 assert hg is not None
                 aux = alpha * masked_mean(self.gate(hg.detach(), byte_mask), byte_mask)
                 self.controller.observe(

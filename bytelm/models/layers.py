@@ -43,11 +43,12 @@ def rope_inv_freq(
     scaling: RopeScalingConfig | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """(head_dim // 2,) fp32 inverse frequencies ``theta ** (-2i / head_dim)``, scaled as a Llama-family source
-    model scales them: ``linear`` divides every frequency by ``factor`` (= positions / factor); ``llama3``
-    (Llama 3.1) leaves high frequencies (wavelength < original_max_position / high_freq_factor) alone, divides
-    low ones (wavelength > original_max_position / low_freq_factor) by ``factor`` and interpolates in between
-    with ``s = (original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``:
+    """(head_dim // 2,) fp32 inverse frequencies ``theta ** (-2i / head_dim)``, scaled as a Llama-family
+    source model scales them: ``linear`` divides every frequency by ``factor`` (= positions / factor);
+    ``llama3`` (Llama 3.1) leaves high frequencies (wavelength < original_max_position / high_freq_factor)
+    alone, divides low ones (wavelength > original_max_position / low_freq_factor) by ``factor`` and
+    interpolates in between with
+    ``s = (original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``:
     ``(1 - s) * f / factor + s * f``."""
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
@@ -136,9 +137,10 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE and an optional KV cache.
 
     Grouped-query attention when ``n_kv_heads < n_heads``: the fused projection's rows are
-    ``[q (H*hd); k (KV*hd); v (KV*hd)]``, the cache stores the KV heads, and ``attend`` serves them as they are
-    (flash, flex) or expanded to H heads (SDPA) with the HF ``repeat_kv`` convention (query head h reads kv head h // (H // KV)). With the
-    defaults (KV = H, hd = dim // H, no bias) names and shapes are those of every earlier bytelm checkpoint."""
+    ``[q (H*hd); k (KV*hd); v (KV*hd)]``, the cache stores the KV heads, and ``attend`` serves them as they
+    are (flash, flex) or expanded to H heads (SDPA) with the HF ``repeat_kv`` convention (query head h reads
+    kv head h // (H // KV)). With the defaults (KV = H, hd = dim // H, no bias) names and shapes are those of
+    every earlier bytelm checkpoint."""
 
     def __init__(
         self,

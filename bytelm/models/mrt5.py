@@ -26,9 +26,9 @@ plain next-byte CE whose bits-per-byte are directly comparable with the flat and
 continuation bytes, and it is exactly the generation task (continue a prefix). Span corruption would need
 its own noising pipeline and its loss (sentinel spans) is not comparable as bpb.
 
-softmax1: the encoder blocks from ``gate.layer`` on and the decoder's cross-attention (the layers the gate bias
-reaches) use softmax1, an always-present null key with score 0 and value 0 (``attend(null_key=True)``), as the
-paper does: a plain softmax is invariant to a uniform shift of ``G``, so the task loss could not resist
+softmax1: the encoder blocks from ``gate.layer`` on and the decoder's cross-attention (the layers the gate
+bias reaches) use softmax1, an always-present null key with score 0 and value 0 (``attend(null_key=True)``),
+as the paper does: a plain softmax is invariant to a uniform shift of ``G``, so the task loss could not resist
 "delete a bit more everywhere"; with the null key, lower ``G`` moves attention onto the null key and the
 loss pushes back. ``gate.softmax1`` applies with ``gate_enabled=False`` too, so the gate-off twin is the
 same network. With softmax1 the paper's ``b = +1`` start (``G`` near -8) already gives almost all attention to
@@ -252,8 +252,9 @@ class MrT5(nn.Module):
         x = self.embed(prefix_ids)  # (B, T, D)
         key_mask, key_bias = pad_mask, None
         G, kept_idx = None, None
-        # attention metadata, once per forward: one for the blocks before the gate (padding mask only), one for
-        # the gate's block and later ones (+ gate bias G, softmax1; a shorter sequence after hard deletion)
+        # attention metadata, once per forward: one for the blocks before the gate (padding mask only), one
+        # for the gate's block and later ones (+ gate bias G, softmax1; a shorter sequence after hard
+        # deletion)
         meta = self._meta(x, "mrt5 encoder", causal=False, key_mask=key_mask) if self.gate_layer > 0 else None
         for i, blk in enumerate(self.encoder):
             if i == self.gate_layer:

@@ -1,9 +1,9 @@
 """The model registry: one ``ModelSpec`` per model kind (``model.arch``), and the only place that knows them.
 
 Everything the rest of bytelm needs to know about a kind is a field of its spec: training, evaluation, export
-and distillation read the spec of ``cfg.model.arch`` (``get_spec``) and never branch on its name. Adding a kind
-is one ``register_model(ModelSpec(...))`` call (docs/extending.md); the built-in kinds are registered at the
-end of this module, so importing ``bytelm.models`` (or anything below it) registers them.
+and distillation read the spec of ``cfg.model.arch`` (``get_spec``) and never branch on its name. Adding a
+kind is one ``register_model(ModelSpec(...))`` call (docs/extending.md); the built-in kinds are registered at
+the end of this module, so importing ``bytelm.models`` (or anything below it) registers them.
 
 This module is pure Python + torch (no lightning, deepspeed, hydra or wandb), and it is shipped inside every
 exported Hugging Face folder (``bytelm.models.build`` imports it), so:
@@ -49,7 +49,8 @@ class ModelSpec:
     """What bytelm knows about one model kind. Only ``arch`` and ``model`` are required.
 
     The class must take a ``ModelConfig`` and provide ``init_weights()``, ``forward(input_ids, targets=,
-    doc_ids=, word_start=, **batch_keys) -> ModelOutput`` and, for generation, ``new_cache()`` (docs/extending.md).
+    doc_ids=, word_start=, **batch_keys) -> ModelOutput`` and, for generation, ``new_cache()``
+    (docs/extending.md).
     """
 
     arch: str  # the model.arch value
@@ -145,7 +146,8 @@ def get_spec(arch: str) -> ModelSpec:
 
 # ------------------------------------------------------------------------------------------ built-in kinds
 # Each class is imported by a function (not here), so the registry loads no model; the imports are plain
-# ``from bytelm.models.<module> import`` statements so the exported folder's copy rewrites them to its own files.
+# ``from bytelm.models.<module> import`` statements so the exported folder's copy rewrites them to its own
+# files.
 
 
 def _flat() -> type:
@@ -223,11 +225,12 @@ BUILTIN_SPECS = (
         arch="byteified",
         model=_byteified,
         description=(
-            "a byteified subword LM: a hierarchical byte-level LM whose backbone is a source LM's transplanted "
-            "decoder blocks, with a byte encoder (plus the source's embedding of the longest vocabulary token "
-            "ending at each byte), a learned patch-boundary predictor and a byte decoder whose fused head "
-            "predicts (byte, ends-the-patch) symbols from the source LM head's exact prior; the source "
-            "vocabulary and its frozen embeddings ship in the weights, so no subword tokenizer is needed"
+            "a byteified subword LM: a hierarchical byte-level LM whose backbone is a source LM's "
+            "transplanted decoder blocks, with a byte encoder (plus the source's embedding of the longest "
+            "vocabulary token ending at each byte), a learned patch-boundary predictor and a byte decoder "
+            "whose fused head predicts (byte, ends-the-patch) symbols from the source LM head's exact "
+            "prior; the source vocabulary and its frozen embeddings ship in the weights, so no subword "
+            "tokenizer is needed"
         ),
         compilable=False,  # its forward walks the source vocabulary's trie on the host every step
         batch_keys=("patch_end", "context", "probe_blocks", "boundary_only"),

@@ -22,12 +22,13 @@ class VocabTrie:
     """Vocabulary byte-trie over sorted tokens, built once on CPU and moved to the device with ``to``.
 
     Inner nodes are the prefixes that some token extends (the root is node 0). Each inner node has one *edge*
-    per distinct next byte; an edge covers the range ``[edge_lo, edge_hi)`` of the byte-sorted tokens that start
-    with ``prefix + byte`` (including a token equal to it). Tensors: ``order`` (V',) token ids sorted by bytes;
-    ``node_lo``/``node_hi`` (K,) range of each node's tokens; ``child_first``/``child_count`` (K,) its edges as
-    consecutive edge ids; ``edge_byte``/``edge_lo``/``edge_hi`` (E,); ``edge_xhi`` (E,): ``[edge_lo, edge_xhi)`` are
-    the tokens *equal* to ``prefix + byte`` (empty when none is); ``token_ptr`` (V+1,) and ``token_nodes``:
-    the node of prefix ``v[:d]`` (d < len(v)) is ``token_nodes[token_ptr[v] + d]``; ``token_len`` (V,).
+    per distinct next byte; an edge covers the range ``[edge_lo, edge_hi)`` of the byte-sorted tokens that
+    start with ``prefix + byte`` (including a token equal to it). Tensors: ``order`` (V',) token ids sorted by
+    bytes; ``node_lo``/``node_hi`` (K,) range of each node's tokens; ``child_first``/``child_count`` (K,) its
+    edges as consecutive edge ids; ``edge_byte``/``edge_lo``/``edge_hi`` (E,); ``edge_xhi`` (E,):
+    ``[edge_lo, edge_xhi)`` are the tokens *equal* to ``prefix + byte`` (empty when none is); ``token_ptr``
+    (V+1,) and ``token_nodes``: the node of prefix ``v[:d]`` (d < len(v)) is
+    ``token_nodes[token_ptr[v] + d]``; ``token_len`` (V,).
     """
 
     def __init__(self, table: Sequence[bytes | None]) -> None:
@@ -142,8 +143,9 @@ class VocabTrie:
     def masses_from_cumsum(
         self, cum: torch.Tensor, row_of: torch.Tensor, nodes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``byte_masses`` from prefix sums of probabilities already in byte order: cum (R, V'+1) with a leading
-        zero column, row_of (M,) the row of each query, nodes (M,). Returns (M, 256) and (M,) in cum's dtype."""
+        """``byte_masses`` from prefix sums of probabilities already in byte order: cum (R, V'+1) with a
+        leading zero column, row_of (M,) the row of each query, nodes (M,). Returns (M, 256) and (M,) in cum's
+        dtype."""
         M = row_of.shape[0]
         dtype, rows = cum.dtype, row_of
         q, e = self._query_edges(nodes)
@@ -157,9 +159,9 @@ class VocabTrie:
     def fused_masses(
         self, cum: torch.Tensor, row_of: torch.Tensor, nodes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For M open prefixes ``s`` (trie ``nodes``) and next bytes ``c``: ``p(s + c)`` (the mass of the token
-        that *is* ``s + c``: the patch ends with ``c``), ``M(s + c) - p(s + c)`` (tokens that go on after
-        ``s + c``: the patch continues) and their total over ``c``, ``M'(s) = M(s) - p(s)``.
+        """For M open prefixes ``s`` (trie ``nodes``) and next bytes ``c``: ``p(s + c)`` (the mass of the
+        token that *is* ``s + c``: the patch ends with ``c``), ``M(s + c) - p(s + c)`` (tokens that go on
+        after ``s + c``: the patch continues) and their total over ``c``, ``M'(s) = M(s) - p(s)``.
 
         cum (R, V'+1) prefix sums of probabilities in byte order (leading zero column); row_of (M,) the row of
         each query. Returns end (M, 256), cont (M, 256) and total (M,) in cum's dtype."""
@@ -187,8 +189,9 @@ class VocabTrie:
     ) -> torch.Tensor:
         """Naive within-token next-byte log-probs for M queries.
 
-        next_logprobs (R, V) teacher next-token log-probs; rows (M,) which row each query uses; nodes (M,) trie
-        node of the prefix emitted inside the token. Returns (M, 256) fp32 log-probs (-inf for impossible bytes).
+        next_logprobs (R, V) teacher next-token log-probs; rows (M,) which row each query uses; nodes (M,)
+        trie node of the prefix emitted inside the token. Returns (M, 256) fp32 log-probs (-inf for impossible
+        bytes).
         """
         out, total = self.byte_masses(next_logprobs, rows, nodes, dtype)
         denom = out.sum(-1, keepdim=True) if renormalize else total[:, None]
@@ -203,7 +206,7 @@ class VocabTrie:
             }
         return self._prefix_nodes.get(prefix)
 
-    # ------------------------------------------------------------------------------ byte-by-byte walking (CPU)
+    # ----------------------------------------------------------------------------- byte-by-byte walking (CPU)
     def _children(self) -> dict[int, dict[int, int]]:
         """``children[node][byte]``: the inner node of ``prefix + byte`` (absent when no token extends it)."""
         if self._child_map is None:
@@ -219,11 +222,11 @@ class VocabTrie:
         return self._child_map
 
     def open_nodes(self, ids: Sequence[int], closed: Sequence[bool]) -> list[int]:
-        """For each position ``t`` of one row: the trie node of the *open patch's bytes after byte t* (what the
-        prediction at ``t`` continues): the root (0) after a byte that closes its patch or a special, else the
-        node of the bytes since the patch began. Where no token strictly extends those bytes the walk restarts
-        at the current byte, as if a token began there (the prior then reads that pseudo-token), and at the
-        root if no token extends that byte either. Uses bytes and patch ends up to ``t`` only."""
+        """For each position ``t`` of one row: the trie node of the *open patch's bytes after byte t* (what
+        the prediction at ``t`` continues): the root (0) after a byte that closes its patch or a special, else
+        the node of the bytes since the patch began. Where no token strictly extends those bytes the walk
+        restarts at the current byte, as if a token began there (the prior then reads that pseudo-token), and
+        at the root if no token extends that byte either. Uses bytes and patch ends up to ``t`` only."""
         out: list[int] = []
         cur = 0
         for t, tok in enumerate(ids):
@@ -257,8 +260,9 @@ class VocabTrie:
 
     def longest_suffix_tokens(self, ids: Sequence[int], starts: Sequence[bool] | None = None) -> list[int]:
         """For each byte ``t`` of one row: the id of the longest vocabulary token whose bytes end at ``t`` and
-        lie inside ``t``'s segment (a segment begins at ``starts[j]`` and after a special), -1 for specials and
-        where no token matches (Bolmo's / tokenkit's "expanded" input ids). Causal: uses bytes <= t only."""
+        lie inside ``t``'s segment (a segment begins at ``starts[j]`` and after a special), -1 for specials
+        and where no token matches (Bolmo's / tokenkit's "expanded" input ids). Causal: uses bytes <= t
+        only."""
         root = self._suffix_trie()
         n = len(ids)
         seg_start = [0] * n

@@ -71,8 +71,9 @@ _CHAR_LEN = utf8_char_len(torch.arange(257)).tolist()  # lookup for the cached p
 
 
 def pending_utf8(ids: Sequence[int]) -> int:
-    """Number of bytes (0-3) at the end of ``ids`` that begin a UTF-8 character later bytes may still complete,
-    as an incremental UTF-8 decoder holds them back (an invalid sequence is not pending: its bytes are final)."""
+    """Number of bytes (0-3) at the end of ``ids`` that begin a UTF-8 character later bytes may still
+    complete, as an incremental UTF-8 decoder holds them back (an invalid sequence is not pending: its bytes
+    are final)."""
     for j in range(1, min(4, len(ids)) + 1):
         b = ids[-j]
         if b >= 256:  # a special: no byte after it is pending unless it is a lead found before this one
@@ -116,11 +117,12 @@ def char_emit_times(ids: torch.Tensor, doc_start: torch.Tensor | None = None) ->
     splitter reads: complete characters, and the bytes of an invalid sequence one by one.
 
     A valid character is emitted at its last byte. An invalid sequence (a lead byte with fewer valid
-    continuation bytes than it announces, e.g. ``E3 80`` before ``C3``) is emitted when the byte that breaks it
-    arrives, so its bytes are settled *later* than their own positions: until then they may still be the start
-    of a character. Stray continuation bytes, other invalid bytes, ASCII and specials are emitted at once. A
-    document start (and a special) breaks a sequence, as the end of a text does. Python's decoder (which the
-    splitter uses) takes the maximal valid prefix of a sequence as one error, so that is what is modelled."""
+    continuation bytes than it announces, e.g. ``E3 80`` before ``C3``) is emitted when the byte that breaks
+    it arrives, so its bytes are settled *later* than their own positions: until then they may still be the
+    start of a character. Stray continuation bytes, other invalid bytes, ASCII and specials are emitted at
+    once. A document start (and a special) breaks a sequence, as the end of a text does. Python's decoder
+    (which the splitter uses) takes the maximal valid prefix of a sequence as one error, so that is what is
+    modelled."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device).expand(B, T)
     cont = (ids >= 0x80) & (ids < 0xC0)
@@ -128,8 +130,9 @@ def char_emit_times(ids: torch.Tensor, doc_start: torch.Tensor | None = None) ->
         cont = cont & ~doc_start
     n = utf8_char_len(ids)  # (B, T) bytes a lead byte announces (1 for anything else)
     b1 = _ahead(ids, 1, 0)
-    # no overlong forms or code points past U+10FFFF; ED A0..BF (a surrogate) counts as a valid prefix: Python's
-    # decoder waits for the third byte before it rejects the whole sequence (at the same time as a valid one)
+    # no overlong forms or code points past U+10FFFF; ED A0..BF (a surrogate) counts as a valid prefix:
+    # Python's decoder waits for the third byte before it rejects the whole sequence (at the same time as a
+    # valid one)
     second_ok = ~(
         ((ids == 0xE0) & (b1 < 0xA0)) | ((ids == 0xF0) & (b1 < 0x90)) | ((ids == 0xF4) & (b1 > 0x8F))
     )
@@ -149,17 +152,18 @@ def char_emit_times(ids: torch.Tensor, doc_start: torch.Tensor | None = None) ->
 def decision_times(
     ids: torch.Tensor, word_start: torch.Tensor, doc_start: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B, T) long: for a word start at ``s``, the position from which the bytes seen so far decide that a word
-    ends at ``s`` (``_NEVER``: not within the row). A word may be read from that position on, never before.
+    """(B, T) long: for a word start at ``s``, the position from which the bytes seen so far decide that a
+    word ends at ``s`` (``_NEVER``: not within the row). A word may be read from that position on, never
+    before.
 
-    Usually that is when the first character at ``s`` is emitted (``char_emit_times``: for valid UTF-8 its last
-    byte). The rule-based splitter looks further ahead in two places, where a later character can still remove
-    the word end at ``s`` (the only two: tests/test_causality_property.py checks every pair of its character
-    classes):
+    Usually that is when the first character at ``s`` is emitted (``char_emit_times``: for valid UTF-8 its
+    last byte). The rule-based splitter looks further ahead in two places, where a later character can still
+    remove the word end at ``s`` (the only two: tests/test_causality_property.py checks every pair of its
+    character classes):
 
     - U+0009, U+00A0, U+2007 or U+202F right after a single-space word (whitespace that is neither U+0020-like
-      nor a line break): a combining mark after it (for U+202F also a letter or digit) makes it part of a word,
-      which the space then joins (``_after_single_space``);
+      nor a line break): a combining mark after it (for U+202F also a letter or digit) makes it part of a
+      word, which the space then joins (``_after_single_space``);
     - U+2044 FRACTION SLASH, a UAX #29 separator that is not punctuation: ``1⁄2`` is one word, ``1⁄`` two
       (``_after_fraction_slash``).
 
@@ -231,9 +235,9 @@ def layout_words(
 ) -> WordLayout:
     """Vectorised word bookkeeping for the training path (one host sync for W).
 
-    Ready times: with ``decided`` (the hierarchical model) a word is ready when its end is decided by the bytes
-    seen so far (``decision_times``: the splitter's lookahead, invalid UTF-8 settled late); without it, the
-    older rule "the next word's first character is complete, its length read from its lead byte", which
+    Ready times: with ``decided`` (the hierarchical model) a word is ready when its end is decided by the
+    bytes seen so far (``decision_times``: the splitter's lookahead, invalid UTF-8 settled late); without it,
+    the older rule "the next word's first character is complete, its length read from its lead byte", which
     ByteifiedLM still uses (with invalid UTF-8 or the splitter's lookahead it lets a word be read too early).
     ``closed`` (learned chunker): a word whose last byte is closed is ready at that byte itself (the gate
     decided the end from the bytes up to it)."""
