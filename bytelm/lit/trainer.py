@@ -127,6 +127,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal
+    from bytelm.lit.liveness import RankHeartbeat
     from bytelm.lit.strategies import AtomicCheckpointIO
     from bytelm.lit.throughput import throughput_monitor
 
@@ -150,6 +151,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
         throughput_monitor(),
         DataStatsCallback(every=max(1, t.log_every)),
         StopOnSignal(grace_s=t.stop_grace_s),
+        RankHeartbeat(),  # several ranks: a failed collective names the lost ranks (bytelm.lit.liveness)
     ]
     if t.save_last:
         cbs.append(SaveLastOnEnd(out / "checkpoints"))
