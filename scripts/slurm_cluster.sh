@@ -200,6 +200,8 @@ start_common() {
   mkdir -p "$DIR"
   DIR="$(cd "$DIR" && pwd)"
   [[ ! -f "$DIR/pids" ]] || die "a cluster is already running in $DIR (stop it first)"
+  # slurmd's job sockets are DIR/spool/NODE/NODE_JOBID.STEPID: a Unix socket path has at most 108 bytes
+  ((${#DIR} <= 60)) || die "folder path too long for slurmd's sockets (${#DIR} > 60 characters): $DIR"
   mkdir -p "$DIR/munge" "$DIR/state" "$DIR/spool" "$DIR/run" "$DIR/log"
   chmod 700 "$DIR/munge"
   echo "export SLURM_CONF=$DIR/slurm.conf" >"$DIR/env"
@@ -336,11 +338,12 @@ cmd_test() {
   if ((rc != 0 && rc != 3)); then return "$rc"; fi
   # rc 3: cannot install here; the tests then skip, each with that reason (pytest -rs prints it)
   cd "$ROOT"
-  # the tests start the cluster in this folder and stop it; the trap stops it too if pytest itself is killed
+  # the tests start the clusters in this folder (the two-node one in DIR/two-nodes) and stop them; the trap
+  # stops them too (daemons, namespaces, links) if pytest itself is killed
   local dir
   dir="$(mktemp -d "${TMPDIR:-/tmp}/bytelm-slurm.XXXXXX")"
   # shellcheck disable=SC2064
-  trap "cmd_stop '$dir' >/dev/null 2>&1 || true" EXIT
+  trap "cmd_stop '$dir/two-nodes' >/dev/null 2>&1 || true; cmd_stop '$dir' >/dev/null 2>&1 || true" EXIT
   rc=0
   # the real-Slurm tests live in tests/test_slurm*.py (collecting the whole suite for -m slurm takes ~20 s)
   BYTELM_SLURM_DIR="$dir" "${PY:-python3}" -m pytest -q -rs -m slurm --durations=0 tests/test_slurm*.py "$@" || rc=$?

@@ -136,7 +136,15 @@ class RequeueOnSignal(L.Callback):
         path = self.ckpt_dir / "last.ckpt"
         trainer.save_checkpoint(str(path))
         self.saved, self.saved_step = path, trainer.global_step
-        log.warning("signal %d: checkpoint %s at step %d", self.signum, path, trainer.global_step)
+        log.warning(
+            "signal %d: rank %d (host %s, node %d) saved its part of %s at step %d",
+            self.signum,
+            trainer.global_rank,
+            socket.gethostname(),
+            trainer.node_rank,
+            path,
+            trainer.global_step,
+        )
         if trainer.is_global_zero:
             print(f"[bytelm] signal {self.signum}: saved {path} at step {trainer.global_step}", flush=True)
             if self.requeue:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -94,6 +95,8 @@ class RankHeartbeat(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.store_timeout_s + 1)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -101,11 +104,22 @@ class RankHeartbeat(L.Callback):
         if self._world < 2 or not isinstance(exception, RuntimeError) or self._thread is None:
             self._stop.set()
             return
-        result: list[str] = []
-        worker = threading.Thread(target=lambda: result.append(self._diagnose()), daemon=True)
-        worker.start()
-        worker.join(self.probe + 2 * self.store_timeout_s + 2)
-        self._stop.set()
+        # srun ends the other tasks (SIGTERM) as soon as one fails: hold a SIGTERM back for the few seconds the
+        # diagnosis takes (Lightning's handler would raise inside it), the run is ending with an error anyway
+        held: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, lambda s, f: held.append(s)) if main else None
+        try:
+            result: list[str] = []
+            worker = threading.Thread(target=lambda: result.append(self._diagnose()), daemon=True)
+            worker.start()
+            worker.join(self.probe + 2 * self.store_timeout_s + 2)
+            self._stop.set()
+            if self._thread is not None:  # not left inside a store call when the interpreter exits
+                self._thread.join(self.store_timeout_s + 1)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         if result:
             self.diagnosis = result[0]
         else:

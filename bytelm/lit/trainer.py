@@ -147,11 +147,13 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     from bytelm.lit.data import DataStatsCallback
 
     cbs: list[Any] = [
+        # first: with several ranks, a failed collective names the lost ranks (bytelm.lit.liveness) before the
+        # other callbacks' on_exception (StopOnSignal's gives SIGTERM back to Lightning's raising handler)
+        RankHeartbeat(),
         ckpt,
         throughput_monitor(),
         DataStatsCallback(every=max(1, t.log_every)),
         StopOnSignal(grace_s=t.stop_grace_s),
-        RankHeartbeat(),  # several ranks: a failed collective names the lost ranks (bytelm.lit.liveness)
     ]
     if t.save_last:
         cbs.append(SaveLastOnEnd(out / "checkpoints"))
