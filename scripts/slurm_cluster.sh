@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A throwaway one-node Slurm cluster on this host (munged + slurmctld + slurmd, everything in one folder),
-# for trying bytelm's Slurm scripts and for the `slurm`-marked tests (`make test-slurm`).
+# A throwaway Slurm cluster on this host (munged + slurmctld + one slurmd, or two in network namespaces with
+# start2; everything in one folder), for trying bytelm's Slurm scripts and for the `slurm`-marked tests
+# (`make test-slurm`).
 #
 #   scripts/slurm_cluster.sh install         # apt-get install slurm-wlm munge (root; only when missing)
 #   scripts/slurm_cluster.sh start DIR       # write DIR/slurm.conf, start the daemons, wait for the node idle
@@ -20,7 +21,8 @@
 # private /24 that exists only here (10.213.X.0/24, X free); the other ends join a bridge in the host's
 # namespace, which holds slurmctld (and sbatch/scontrol of whoever submits) at 10.213.X.1. Node names resolve
 # through iproute2's per-namespace hosts files (/etc/netns/NAME/hosts, bind-mounted over /etc/hosts in the
-# slurmd's own mount namespace, as `ip netns exec` does); the host's own files are untouched. munged is shared (one socket on the shared disk).
+# slurmd's own mount namespace, as `ip netns exec` does); the host's own files are untouched. munged is shared
+# (one socket on the shared disk).
 # Every namespace, link, /etc/netns folder and daemon is recorded in DIR/net and DIR/pids and removed by
 # `stop` by name or pid, along with any process still inside the namespaces (job steps).
 set -euo pipefail
@@ -362,5 +364,5 @@ case "${1:-}" in
   start2) shift; cmd_start2 "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   test) shift; cmd_test "$@" ;;
-  *) sed -n '2,26p' "$0"; exit 2 ;;
+  *) sed -n '2,28p' "$0"; exit 2 ;;
 esac

@@ -7,14 +7,15 @@ and hostname of its own on this host (veth pairs on a bridge, slurmctld on the b
 - DDP: ``sbatch --nodes=2 --ntasks-per-node=1``: world size 2 from Slurm's variables, rank r on node r (its
   hostname, ``SLURM_NODEID``), ``MASTER_ADDR`` = the first node's *name* (resolved through the namespace's
   hosts file); final val bpb and every (step, rank) batch and loss equal a local 2-process run's;
-- FSDP2 and ZeRO-3 the same, each node holding about half the parameters (its shard);
+- ZeRO-3 and FSDP2 the same, each node holding about half the parameters (its shard);
 - node failure: rank 1's process on node 2 is killed mid-run: the job fails within
   ``trainer.collective_timeout_s``, its log names the lost rank; requeued (``scontrol requeue``), it resumes
   from ``last.ckpt`` and ends with the uninterrupted run's val bpb and batches;
 - network partition: node 2's link goes down mid-run: the collective times out, rank 0 names rank 1 (node 2)
   as lost, the job ends instead of hanging; with the link back, the requeued job resumes and matches;
-- preemption (``scancel --signal=USR1 --full``) of a two-node FSDP2 job: each rank saves its part once, at the
-  same step, into one ``last.ckpt`` (shards from both nodes); the restart resumes from it and matches.
+- preemption (``scancel --signal=USR1 --full``) of a two-node FSDP2 job (the FSDP2 test): each rank saves its
+  part once, at the same step, into one ``last.ckpt`` (shards from both nodes); the restart resumes from it
+  and matches the DDP runs.
 
 Every wait has a deadline; the cluster is stopped whatever happens (by pid and by name).
 """
@@ -37,7 +38,8 @@ from test_slurm_cluster import CLUSTER, CPU_JOB, DONE, ROOT, SBATCH, Cluster, _f
 pytestmark = pytest.mark.slurm
 
 STEPS, VAL_EVERY, CKPT_EVERY = 12, 4, 4
-TIMEOUT_S = 20  # trainer.collective_timeout_s of the fault runs
+TIMEOUT_S = 20  # trainer.collective_timeout_s of every run (it also bounds the start-up rendezvous)
+SLEEP_S = 0.3  # trainer.step_sleep_s of the runs a fault hits mid-run (numerics unchanged)
 # hat_tiny at the debug=cpu size (as tests/test_slurm_cluster.py), last.ckpt every 4 steps so a failed run
 # has something to resume from (checkpointing changes no numerics)
 TRAIN = [
@@ -312,8 +314,20 @@ def test_ddp_on_two_nodes_matches_a_local_two_process_run(two, ddp_ref):
     )
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
-def test_sharded_strategies_on_two_nodes_hold_a_shard_per_node(two, ddp_ref, strategy, tmp_path):
+def _shards(batches: dict[tuple[int, int], Any]) -> str:
+    """Each node holds about half the model's parameters (its ZeRO-3 / FSDP2 shard), not all of them."""
+    stored = {r["rank"]: (r["stored"], r["full"]) for r in batches.values()}
+    full = stored[0][1]
+    for rank, (local, whole) in stored.items():
+        assert whole == full and 0.3 * full < local <= 0.6 * full, (rank, local, whole)
+    assert stored[0][0] + stored[1][0] >= full
+    return f"shards {stored[0][0]} + {stored[1][0]} of {full} elements"
+
+
+def test_deepspeed_zero3_on_two_nodes_holds_a_shard_per_node_and_matches(two, ddp_ref, tmp_path):
+    """ZeRO-3 across the two nodes (FSDP2: the preemption test below) trains the local DDP run's batches to
+    the same val bpb."""
+    strategy = "deepspeed_zero3"
     t0 = time.monotonic()
     jobid, log = two.train(tmp_path, strategy)
     info = two.wait(jobid, lambda i: i.get("JobState") in DONE, 420, "finished", log)
@@ -321,11 +335,7 @@ def test_sharded_strategies_on_two_nodes_hold_a_shard_per_node(two, ddp_ref, str
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
     batches = _batches(tmp_path / "batches.jsonl")
     _placement(two, batches)
-    stored = {r["rank"]: (r["stored"], r["full"]) for r in batches.values()}
-    full = stored[0][1]
-    for rank, (local, whole) in stored.items():  # each node holds about half the model, not all of it
-        assert whole == full and 0.3 * full < local <= 0.6 * full, (rank, local, whole)
-    assert stored[0][0] + stored[1][0] >= full
+    shards = _shards(batches)
     step, bpb = _final(text)
     ref_step, ref_bpb = _final(ddp_ref["local_log"])  # the same numbers as DDP (same init, same batches)
     assert step == ref_step == STEPS
@@ -333,7 +343,7 @@ def test_sharded_strategies_on_two_nodes_hold_a_shard_per_node(two, ddp_ref, str
     worst = _same(batches, ddp_ref["local_batches"], 1e-4)
     print(
         f"{strategy} on two nodes ({time.monotonic() - t0:.0f} s): val bpb {bpb!r} vs local DDP {ref_bpb!r}; "
-        f"shards {stored[0][0]} + {stored[1][0]} of {full} elements; max |loss diff| {worst:.1e}"
+        f"{shards}; max |loss diff| {worst:.1e}"
     )
 
 
@@ -378,7 +388,7 @@ LOST = r"lost rank\(s\): 1 \(host {node}, node 1\)"
 def test_node_failure_fails_the_job_fast_names_the_rank_and_resumes(two, ddp_ref, tmp_path):
     n2 = two.nodes[1]
     t0 = time.monotonic()
-    jobid, log = two.train(tmp_path, "ddp", "trainer.step_sleep_s=0.5")
+    jobid, log = two.train(tmp_path, "ddp", f"trainer.step_sleep_s={SLEEP_S}")
     pid = _wait_step(two, jobid, log, tmp_path / "batches.jsonl", CKPT_EVERY + 2)
     # rank 1 is a process in node 2's namespace: kill it as a dying node would
     assert _sh("ip", "netns", "identify", str(pid)).strip() == n2["ns"]
@@ -403,7 +413,7 @@ def test_node_failure_fails_the_job_fast_names_the_rank_and_resumes(two, ddp_ref
 def test_network_partition_times_out_names_the_rank_and_resumes(two, ddp_ref, tmp_path):
     n2 = two.nodes[1]
     t0 = time.monotonic()
-    jobid, log = two.train(tmp_path, "ddp", "trainer.step_sleep_s=0.5")
+    jobid, log = two.train(tmp_path, "ddp", f"trainer.step_sleep_s={SLEEP_S}")
     _wait_step(two, jobid, log, tmp_path / "batches.jsonl", CKPT_EVERY + 2)
     _sh("ip", "link", "set", n2["veth"], "down")  # node 2 is cut off from node 1 and from slurmctld
     cut = time.monotonic()
@@ -436,9 +446,11 @@ def test_network_partition_times_out_names_the_rank_and_resumes(two, ddp_ref, tm
     _resumed(two, jobid, log, tmp_path, ddp_ref, t0)
 
 
-def test_preempted_two_node_job_checkpoints_once_per_rank_into_one_last_ckpt(two, ddp_ref, tmp_path):
+def test_fsdp2_on_two_nodes_preempted_checkpoints_once_per_rank_into_one_last_ckpt(two, ddp_ref, tmp_path):
+    """FSDP2 across the two nodes, preempted mid-run: each rank saves its shard once into one last.ckpt; the
+    restart resumes from it and ends with the DDP runs' val bpb and batches (each node holding its shard)."""
     t0 = time.monotonic()
-    jobid, log = two.train(tmp_path, "fsdp2", "trainer.step_sleep_s=0.5")
+    jobid, log = two.train(tmp_path, "fsdp2", f"trainer.step_sleep_s={SLEEP_S}")
     _wait_step(two, jobid, log, tmp_path / "batches.jsonl", VAL_EVERY + 1)
     two.run("scancel", "--signal=USR1", "--full", jobid)
     two.wait(jobid, lambda i: i.get("Restarts") == "1", 300, "requeued", log)
@@ -461,3 +473,4 @@ def test_preempted_two_node_job_checkpoints_once_per_rank_into_one_last_ckpt(two
     print(f"preemption: both ranks saved their shard of last.ckpt at step {at} ({shards}); Restarts=1")
     text = _resumed(two, jobid, log, tmp_path, ddp_ref, t0)
     assert text.count("] - signal 10: rank") == 2
+    print(f"  {_shards(_batches(tmp_path / 'batches.jsonl'))}")
