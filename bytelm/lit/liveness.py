@@ -94,15 +94,21 @@ class RankHeartbeat(L.Callback):
             self._stop.wait(self.interval)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        """Stop beating; wait for the thread to leave any store call (a daemon thread still inside one when the
+        interpreter exits aborts the process: "terminate called without an active exception")."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.store_timeout_s + 1)
+            self._thread = None
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if self._world < 2 or not isinstance(exception, RuntimeError) or self._thread is None:
-            self._stop.set()
+            self._end()
             return
         # srun ends the other tasks (SIGTERM) as soon as one fails: hold a SIGTERM back for the few seconds the
         # diagnosis takes (Lightning's handler would raise inside it), the run is ending with an error anyway
@@ -114,9 +120,7 @@ class RankHeartbeat(L.Callback):
             worker = threading.Thread(target=lambda: result.append(self._diagnose()), daemon=True)
             worker.start()
             worker.join(self.probe + 2 * self.store_timeout_s + 2)
-            self._stop.set()
-            if self._thread is not None:  # not left inside a store call when the interpreter exits
-                self._thread.join(self.store_timeout_s + 1)
+            self._end()
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous)

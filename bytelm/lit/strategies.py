@@ -253,7 +253,7 @@ def stored_numel(model: nn.Module) -> tuple[int, int]:
     for p in model.parameters():
         if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
             local += p.ds_tensor.numel()
-            full += int(p.ds_numel)
+            full += int(getattr(p, "ds_numel"))  # noqa: B009
         elif hasattr(p, "to_local"):  # FSDP2 DTensor shard
             local += p.to_local().numel()
             full += p.numel()
