@@ -1,13 +1,13 @@
 """Which rank was lost: heartbeats through the rendezvous store, read when a collective fails.
 
-A collective that fails because a rank died or its node dropped off the network says little about who is gone:
-gloo raises "Application timeout caused pair closure" or "Connection closed by peer" on every surviving rank,
-and under Slurm the first task to exit is the one ``srun`` reports, which is usually a survivor. ``RankHeartbeat``
-(installed whenever a run has more than one rank) makes the error name the lost ranks:
+A collective that fails because a rank died or its node dropped off the network says little about who is
+gone: gloo raises "Application timeout caused pair closure" or "Connection closed by peer" on every surviving
+rank, and under Slurm the first task to exit is the one ``srun`` reports, which is usually a survivor.
+``RankHeartbeat`` (installed whenever a run has more than one rank) makes the error name the lost ranks:
 
 - every rank keeps a counter ``bytelm/alive/<rank>`` in the job's rendezvous store (the c10d TCPStore at
-  ``MASTER_ADDR:MASTER_PORT``, on the first node) ticking every ``interval`` seconds from a daemon thread, over a
-  store connection of its own with a short timeout, and records its host and node rank once;
+  ``MASTER_ADDR:MASTER_PORT``, on the first node) ticking every ``interval`` seconds from a daemon thread,
+  over a store connection of its own with a short timeout, and records its host and node rank once;
 - when training raises on a rank, that rank reads every counter twice, ``probe`` seconds apart: a rank whose
   counter did not move is lost (its process is gone, or its node cannot reach the store's node); the verdict
   is printed (``[bytelm] rank 0 (host n1, node 0): ... lost rank(s): 1 (host n2, node 1) ...``) and
@@ -15,8 +15,8 @@ and under Slurm the first task to exit is the one ``srun`` reports, which is usu
 - a rank that cannot reach the store itself (cut off from the first node) says so: from its side rank 0 is
   the one lost.
 
-The diagnosis runs only after the collective has already failed (``trainer.collective_timeout_s``), in a thread
-with a deadline, so it adds at most a few seconds and never hangs.
+The diagnosis runs only after the collective has already failed (``trainer.collective_timeout_s``), in a
+thread with a deadline, so it adds at most a few seconds and never hangs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ PREFIX = "bytelm/alive/"
 
 
 class LostRanksError(RuntimeError):
-    """A collective failed and these ranks were found lost (no heartbeat); the collective's error is the cause."""
+    """A collective failed and these ranks were found lost (no heartbeat); the collective's error is its
+    cause."""
 
 
 def _store(timeout_s: float) -> Any:
@@ -97,8 +98,8 @@ class RankHeartbeat(L.Callback):
         self._end()
 
     def _end(self) -> None:
-        """Stop beating; wait for the thread to leave any store call (a daemon thread still inside one when the
-        interpreter exits aborts the process: "terminate called without an active exception")."""
+        """Stop beating; wait for the thread to leave any store call (a daemon thread still inside one when
+        the interpreter exits aborts the process: "terminate called without an active exception")."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.store_timeout_s + 1)
@@ -110,8 +111,8 @@ class RankHeartbeat(L.Callback):
         if self._world < 2 or not isinstance(exception, RuntimeError) or self._thread is None:
             self._end()
             return
-        # srun ends the other tasks (SIGTERM) as soon as one fails: hold a SIGTERM back for the few seconds the
-        # diagnosis takes (Lightning's handler would raise inside it), the run is ending with an error anyway
+        # srun ends the other tasks (SIGTERM) as soon as one fails: hold a SIGTERM back for the few seconds
+        # the diagnosis takes (Lightning's handler would raise inside it); the run ends with an error anyway
         held: list[int] = []
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, lambda s, f: held.append(s)) if main else None
@@ -128,7 +129,8 @@ class RankHeartbeat(L.Callback):
             self.diagnosis = result[0]
         else:
             self.diagnosis = self._unreachable("no answer")
-        msg = f"[bytelm] rank {self._rank} ({self._me}): {type(exception).__name__} ({exception}); {self.diagnosis}"
+        what = f"{type(exception).__name__} ({exception})"
+        msg = f"[bytelm] rank {self._rank} ({self._me}): {what}; {self.diagnosis}"
         log.error(msg)
         print(msg, file=sys.stderr, flush=True)
 
@@ -136,7 +138,8 @@ class RankHeartbeat(L.Callback):
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         self.lost = [0] if self._rank != 0 else []
         return (
-            f"lost rank(s): 0 (the rendezvous store on {where}, rank 0's node, is unreachable from here: {why}); "
+            f"lost rank(s): 0 (the rendezvous store on {where}, rank 0's node, is unreachable from here: "
+            f"{why}); "
             "this node is cut off from the first one"
         )
 
