@@ -3,7 +3,7 @@
 # start2; everything in one folder), for trying bytelm's Slurm scripts and for the `slurm`-marked tests
 # (`make test-slurm`).
 #
-#   scripts/slurm_cluster.sh install         # apt-get install slurm-wlm munge (root; only when missing)
+#   scripts/slurm_cluster.sh install         # apt-get install slurm-wlm munge iproute2 (root; when missing)
 #   scripts/slurm_cluster.sh start DIR       # write DIR/slurm.conf, start the daemons, wait for the node idle
 #   source DIR/env                           # SLURM_CONF=DIR/slurm.conf: sbatch, srun, squeue, ... use it
 #   scripts/slurm_cluster.sh stop DIR        # stop the daemons this script started (pids in DIR/pids)
@@ -33,17 +33,20 @@ START_TIMEOUT="${BYTELM_SLURM_START_TIMEOUT:-60}"
 
 die() { echo "slurm_cluster: $*" >&2; exit 1; }
 
-have_slurm() {
+have() {
   local b
-  for b in munged mungekey slurmctld slurmd sbatch srun scontrol sinfo squeue scancel; do
+  for b in "$@"; do
     command -v "$b" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$b" >/dev/null 2>&1 || return 1
   done
 }
+have_slurm() { have munged mungekey slurmctld slurmd sbatch srun scontrol sinfo squeue scancel; }
+# the two-node cluster also needs iproute2 (ip) and util-linux (nsenter, unshare)
+have_netns() { have ip nsenter unshare; }
 
 cmd_install() {
   export PATH="$PATH:/usr/sbin:/sbin"
-  if have_slurm; then
-    echo "slurm_cluster: slurm-wlm and munge are installed ($(slurmctld -V))"
+  if have_slurm && have_netns; then
+    echo "slurm_cluster: slurm-wlm, munge and iproute2 are installed ($(slurmctld -V))"
     return 0
   fi
   if [[ "$(id -u)" != 0 ]]; then
@@ -55,17 +58,18 @@ cmd_install() {
     return 3
   fi
   local t0=$SECONDS
-  echo "slurm_cluster: installing slurm-wlm and munge (apt-get)"
+  echo "slurm_cluster: installing slurm-wlm, munge and iproute2 (apt-get)"
   if ! timeout 600 apt-get update -qq; then
     echo "slurm_cluster: cannot install slurm-wlm/munge: apt-get update failed (no package index?)" >&2
     return 3
   fi
   if ! DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends \
-      slurm-wlm munge >/dev/null; then
+      slurm-wlm munge iproute2 util-linux >/dev/null; then
     echo "slurm_cluster: cannot install slurm-wlm/munge: apt-get install failed" >&2
     return 3
   fi
   have_slurm || { echo "slurm_cluster: slurm-wlm installed but its commands are missing" >&2; return 3; }
+  have_netns || echo "slurm_cluster: iproute2/util-linux installed but ip, nsenter or unshare is missing" >&2
   echo "slurm_cluster: installed $(slurmctld -V) in $((SECONDS - t0)) s"
 }
 
@@ -282,7 +286,7 @@ free_subnet() {
 cmd_start2() {
   start_common "${1:?usage: slurm_cluster.sh start2 DIR}"
   local dir="$DIR" host cpus id x br i ns node veth nodes="" hosts
-  command -v ip >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1 || die "needs ip (iproute2) and unshare"
+  have_netns || die "needs ip (iproute2), nsenter and unshare (util-linux): scripts/slurm_cluster.sh install"
   host="$(hostname -s)"
   cpus="${BYTELM_SLURM_CPUS:-2}"
   # names unique to this cluster (several may run side by side): interface names have at most 15 characters

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +54,17 @@ TRAIN = [
     "logger.kind=none",
 ]
 ALL = [(s, r) for s in range(1, STEPS + 1) for r in range(2)]
+
+
+def _why_no_two_nodes() -> str | None:
+    reason = _why_no_cluster()
+    if reason:
+        return reason
+    path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+    missing = [b for b in ("ip", "nsenter", "unshare") if shutil.which(b, path=path) is None]
+    if missing:
+        return f"iproute2/util-linux not installed ({', '.join(missing)} missing): `scripts/slurm_cluster.sh install`"
+    return None
 
 
 def _names() -> tuple[set[str], set[str], set[str]]:
@@ -162,7 +174,7 @@ def _ns_pids(ns: str) -> list[int]:
 def test_stopping_the_cluster_leaves_no_namespace_link_or_process_behind(tmp_path_factory):
     """A cluster of its own with a job step on both nodes (sleep): stop removes the namespaces, veth pairs,
     bridge and /etc/netns folders it made and ends every daemon and job process, by pid and by name."""
-    reason = _why_no_cluster()
+    reason = _why_no_two_nodes()
     if reason:
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("cleanup")  # a short path: slurmd's socket paths must fit 108 bytes
@@ -201,7 +213,7 @@ def _cmd(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    reason = _why_no_cluster()
+    reason = _why_no_two_nodes()
     if reason:
         pytest.skip(reason)
     base = os.environ.get("BYTELM_SLURM_DIR")

@@ -73,6 +73,9 @@ class RankHeartbeat(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rank, self._world = trainer.global_rank, trainer.world_size
+        # one store update per rank and interval: keep the first node's store under ~200 updates a second
+        self.interval = max(self.interval, self._world / 200)
+        self.probe = max(self.probe, 3 * self.interval)
         self._me = f"host {socket.gethostname()}, node {trainer.node_rank}"
         if self._world < 2 or self._thread is not None:
             return
