@@ -88,9 +88,8 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
         log.info("resuming from %s", ckpt_path)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    except (
-        RuntimeError
-    ) as e:  # a failed collective: name the ranks that were lost, if any (bytelm.lit.liveness)
+    except RuntimeError as e:
+        # a failed collective: name the ranks that were lost, if any (bytelm.lit.liveness)
         from bytelm.lit.liveness import LostRanksError, RankHeartbeat
 
         beat = next((c for c in trainer.callbacks if isinstance(c, RankHeartbeat)), None)  # type: ignore[attr-defined]
