@@ -37,7 +37,7 @@ test-slow: setup  ## slow tests (longer training runs, heavier multi-process run
 test-distributed: setup  ## only the multi-process strategy tests (gloo on CPU)
 	$(PY) -m pytest -q -m "distributed and not gpu"
 
-test-slurm: setup  ## real Slurm on this host (root): installs slurm-wlm + munge if missing, one-node cluster, pytest -m slurm
+test-slurm: setup  ## real Slurm on this host (root): installs slurm-wlm + munge if missing, one-node and two-node (network namespaces) clusters, pytest -m slurm
 	PY=$(PY) bash scripts/slurm_cluster.sh test
 
 lint: setup  ## ruff check, ruff format --check, mypy (what CI runs before the tests)

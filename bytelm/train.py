@@ -84,7 +84,16 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except RuntimeError as e:
+        # a failed collective: name the ranks that were lost, if any (bytelm.lit.liveness)
+        from bytelm.lit.liveness import LostRanksError, RankHeartbeat
+
+        beat = next((c for c in trainer.callbacks if isinstance(c, RankHeartbeat)), None)  # type: ignore[attr-defined]
+        if beat is not None and beat.lost:
+            raise LostRanksError(f"rank {trainer.global_rank}: {beat.diagnosis}") from e
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     from bytelm.lit.callbacks import StopOnSignal
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,7 +136,15 @@ class RequeueOnSignal(L.Callback):
         path = self.ckpt_dir / "last.ckpt"
         trainer.save_checkpoint(str(path))
         self.saved, self.saved_step = path, trainer.global_step
-        log.warning("signal %d: checkpoint %s at step %d", self.signum, path, trainer.global_step)
+        log.warning(
+            "signal %d: rank %d (host %s, node %d) saved its part of %s at step %d",
+            self.signum,
+            trainer.global_rank,
+            socket.gethostname(),
+            trainer.node_rank,
+            path,
+            trainer.global_step,
+        )
         if trainer.is_global_zero:
             print(f"[bytelm] signal {self.signum}: saved {path} at step {trainer.global_step}", flush=True)
             if self.requeue:
@@ -163,10 +172,13 @@ class RequeueOnSignal(L.Callback):
 class BatchLog(L.Callback):
     """``trainer.batch_log``: one JSON line per training batch and rank, appended (a requeued run continues
     the file): ``step`` (global step after it), ``batch_idx``, ``rank``, ``world``, ``env`` (the cluster
-    environment, e.g. SLURMEnvironment), ``sha1`` of the batch's ``input_ids`` and the ``loss``."""
+    environment, e.g. SLURMEnvironment), ``sha1`` of the batch's ``input_ids`` and the ``loss``; where it ran:
+    ``node`` (node rank), ``host``, ``pid``, ``master`` (``MASTER_ADDR``); and ``stored`` / ``full``, the
+    parameter elements this rank holds (its ZeRO-3 / FSDP2 shard) and the whole model's."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._numel: tuple[int, int] | None = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -186,7 +198,16 @@ class BatchLog(L.Callback):
             ).__name__,  # None: single device
             "sha1": hashlib.sha1(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
             "loss": None if loss is None else float(loss),
+            "node": trainer.node_rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "master": os.environ.get("MASTER_ADDR"),
         }
+        if self._numel is None:
+            from bytelm.lit.strategies import stored_numel
+
+            self._numel = stored_numel(pl_module)
+        rec["stored"], rec["full"] = self._numel
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:  # one short line per write: appends from several ranks do not mix
             f.write(json.dumps(rec) + "\n")

@@ -248,6 +248,23 @@ def make_strategy(cfg: Config) -> Any:
 # ---------------------------------------------------------------------------------------- sharded model build
 
 
+def stored_numel(model: nn.Module) -> tuple[int, int]:
+    """(parameter elements this rank stores, elements of the full model): a ZeRO-3 partition or an FSDP2
+    ``DTensor`` shard counts its local part only."""
+    local = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+            local += p.ds_tensor.numel()
+            full += int(getattr(p, "ds_numel"))  # noqa: B009
+        elif hasattr(p, "to_local"):  # FSDP2 DTensor shard
+            local += p.to_local().numel()
+            full += p.numel()
+        else:
+            local += p.numel()
+            full += p.numel()
+    return local, full
+
+
 def strategy_kind(strategy: Any) -> str:
     """'zero3', 'fsdp2' or 'plain' (everything that holds whole parameters on each rank)."""
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:

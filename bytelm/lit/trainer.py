@@ -128,6 +128,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     out.mkdir(parents=True, exist_ok=True)
     from bytelm.lit.callbacks import RequeueOnSignal, SaveLastOnEnd, StopOnSignal
     from bytelm.lit.checkpoint_io import AtomicCheckpointIO
+    from bytelm.lit.liveness import RankHeartbeat
     from bytelm.lit.throughput import throughput_monitor
 
     ckpt = ModelCheckpoint(  # keep-last-k by step; last.ckpt is what ckpt_path=last resumes from first
@@ -146,6 +147,9 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
     from bytelm.lit.data import DataStatsCallback
 
     cbs: list[Any] = [
+        # first: with several ranks, a failed collective names the lost ranks (bytelm.lit.liveness) before the
+        # other callbacks' on_exception (StopOnSignal's gives SIGTERM back to Lightning's raising handler)
+        RankHeartbeat(),
         ckpt,
         throughput_monitor(),
         DataStatsCallback(every=max(1, t.log_every)),
