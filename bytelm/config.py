@@ -54,7 +54,8 @@ class SourceConfig:
     """One corpus (docs/data.md). ``data.source`` picks the reader; a mixture lists several of these."""
 
     source: str = choice("shakespeare", *SOURCES)  # mixture: the weighted components in data.mixture
-    label: str = ""  # validation report group ("" = the source's own: shakespeare, files, ...; chatterbot keeps languages)
+    # validation report group ("" = the source's own: shakespeare, files, ...; chatterbot keeps languages)
+    label: str = ""
     # files: files, globs or folders; prepared: prepared folders; pysource: source roots ([] = the stdlib)
     paths: list[str] = field(default_factory=list)
     val_paths: list[str] = field(default_factory=list)  # files: validation files ([] = hold out val_fraction)
@@ -129,8 +130,8 @@ class TrainerConfig:
     )
     max_bad_steps: int = 100  # stop the run after this many skipped steps (0 = never)
     requeue_on_signal: bool = True  # on Slurm: SIGUSR1 -> checkpoint at the step boundary, requeue, exit
-    # a collective (all-reduce, all-gather, barrier, ...) that waits longer than this raises instead of hanging,
-    # under every strategy (the process-group timeout); replaces strategy.timeout_min
+    # a collective (all-reduce, all-gather, barrier, ...) that waits longer than this raises instead of
+    # hanging, under every strategy (the process-group timeout); replaces strategy.timeout_min
     collective_timeout_s: float = 1800.0
     # SIGTERM / SIGINT: stop at the next step boundary with checkpoints/last.ckpt; a run still alive this many
     # seconds after the signal (stuck in a collective, a rank gone) exits at once, as does a second signal
@@ -155,9 +156,10 @@ class LoggerConfig:
     kind: str = choice(
         "wandb", "wandb", "csv", "tensorboard", "none", "custom"
     )  # wandb: offline without WANDB_API_KEY
-    # the Lightning logger class, built with hydra.utils.instantiate. "" = the kind's class (WandbLogger, CSVLogger,
-    # TensorBoardLogger) with bytelm's arguments; set it to use a subclass of that class, or with kind=custom any
-    # logger class (lightning.pytorch.loggers.MLFlowLogger, ...) configured through kwargs alone
+    # the Lightning logger class, built with hydra.utils.instantiate. "" = the kind's class (WandbLogger,
+    # CSVLogger, TensorBoardLogger) with bytelm's arguments; set it to use a subclass of that class, or with
+    # kind=custom any logger class (lightning.pytorch.loggers.MLFlowLogger, ...) configured through kwargs
+    # alone
     _target_: str = ""
     # any other argument of that class, passed through unchanged: logger.kwargs.log_model=true
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -189,8 +191,9 @@ class StrategyConfig:
     timeout_min: int | None = (
         None  # deprecated: trainer.collective_timeout_s (if set, it wins, with a warning)
     )
-    # any other argument of the Lightning strategy class (DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy),
-    # passed through and winning over bytelm's values: strategy.kwargs.static_graph=true
+    # any other argument of the Lightning strategy class (DDPStrategy, DeepSpeedStrategy,
+    # ModelParallelStrategy), passed through and winning over bytelm's values:
+    # strategy.kwargs.static_graph=true
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -234,7 +237,8 @@ class ByteifyConfig:
 
     Stage 1: backbone frozen, patches = the teacher tokenizer's token ends, the decoder conditioned on the
     teacher's final hidden states; losses ``ce + encoder_weight * encoder + alm_weight * alm +
-    boundary_weight * boundary``. Stage 2: the student's own path end to end (predicted patches, own backbone).
+    boundary_weight * boundary``. Stage 2: the student's own path end to end (predicted patches, own
+    backbone).
     """
 
     source: str | None = (
@@ -334,8 +338,8 @@ def validate(cfg: Config) -> Config:
     )
     if not ok:
         raise ValueError(
-            f"trainer.devices={devices!r} is not valid; use a number of devices (2), a list of indices ([0,1]), "
-            "'auto', '-1' (all) or '0,1'"
+            f"trainer.devices={devices!r} is not valid; use a number of devices (2), "
+            "a list of indices ([0,1]), 'auto', '-1' (all) or '0,1'"
         )
     if cfg.byteify.stage not in (0, 1, 2):
         raise ValueError(f"byteify.stage={cfg.byteify.stage!r} is not valid; choose 0, 1 or 2")

@@ -31,7 +31,8 @@ def steps_for_flops(cfg: Config) -> int:
 
 
 def resolve_ckpt_path(cfg: Config) -> str | None:
-    """``ckpt_path=last`` resumes from the newest valid checkpoint in the run folder (None if there is none)."""
+    """``ckpt_path=last`` resumes from the newest valid checkpoint in the run folder (None if there is
+    none)."""
     if cfg.ckpt_path in (None, ""):
         return None
     if cfg.ckpt_path != "last":
@@ -67,7 +68,8 @@ def run(cfg: Config, callbacks: list[Any] | None = None, **trainer_overrides: An
     if spec.objective is not None:  # the kind's own losses (byteified: the source model is the teacher)
         if cfg.distill.kind != "none":
             raise ValueError(
-                f"model.arch={cfg.model.arch} brings its own teacher losses (byteified: byteify.*); set distill=none"
+                f"model.arch={cfg.model.arch} brings its own teacher losses "
+                "(byteified: byteify.*); set distill=none"
             )
         resolve(spec.objective)(module, cfg)
     elif (
@@ -167,7 +169,8 @@ def main() -> None:
         datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     except ImportError:  # pragma: no cover
         pass
-    register_configs()  # again: model kinds registered after this module was imported are valid model.arch values
+    # again: model kinds registered after this module was imported are valid model.arch values
+    register_configs()
     _hydra_main()
 
 

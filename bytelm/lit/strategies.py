@@ -1,12 +1,12 @@
 """Strategies by name (``conf/strategy/``) and the sharded model build they need.
 
-``make_strategy(cfg)`` returns the Lightning strategy for ``deepspeed_zero1|2|3`` and ``fsdp2`` (``single`` and
-``ddp`` are built in ``bytelm.lit.trainer``). ``build_model_for(cfg, strategy)`` is what
+``make_strategy(cfg)`` returns the Lightning strategy for ``deepspeed_zero1|2|3`` and ``fsdp2`` (``single``
+and ``ddp`` are built in ``bytelm.lit.trainer``). ``build_model_for(cfg, strategy)`` is what
 ``ByteLMModule.configure_model`` calls: it builds the model the way the strategy needs it.
 
-- ZeRO-3: Lightning calls ``configure_model`` inside ``deepspeed.zero.Init``, so every parameter is partitioned
-  as soon as its module is built; ``init_weights`` then runs with each parameter gathered on its own while it
-  is initialised (``sharded_init``): no rank ever holds the full model.
+- ZeRO-3: Lightning calls ``configure_model`` inside ``deepspeed.zero.Init``, so every parameter is
+  partitioned as soon as its module is built; ``init_weights`` then runs with each parameter gathered on its
+  own while it is initialised (``sharded_init``): no rank ever holds the full model.
 - FSDP2: the model is built on the meta device, ``fully_shard`` is applied to every ``Block`` and then to the
   root, the shards are materialised on the device and initialised one full parameter at a time.
 
@@ -86,7 +86,8 @@ def collective_timeout(cfg: Config) -> timedelta:
 
 
 def swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` (file or folder) by ``tmp`` with renames, so a reader never sees half a checkpoint."""
+    """Replace ``final`` (file or folder) by ``tmp`` with renames, so a reader never sees half a
+    checkpoint."""
     if tmp.is_file():
         os.replace(tmp, final)
         return
@@ -378,7 +379,8 @@ def build_model_for(cfg: Config, strategy: Any = None) -> nn.Module:
     if spec.complete_config is not None:  # e.g. byteified: shapes come from the source model: fill them
         resolve(spec.complete_config)(cfg)
     deferred = kind == "zero3" or (kind == "fsdp2" and cfg.strategy.deferred_init)
-    spec.model_class()  # import its module outside the meta-device context below: module-level tensors need data
+    # import its module outside the meta-device context below: module-level tensors need data
+    spec.model_class()
     with torch.random.fork_rng(devices=[]):  # constructor's default inits: not part of the seeded stream
         if kind == "fsdp2" and deferred:
             with torch.device("meta"):

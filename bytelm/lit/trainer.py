@@ -37,8 +37,8 @@ LOGGER_CLASSES = {
 
 
 def logger_arguments(cfg: Config) -> dict[str, Any]:
-    """bytelm's arguments for the logger ``logger.kind`` names (the run folder, W&B's project/name/offline ...);
-    ``logger.kwargs`` is added on top by ``build_logger``."""
+    """bytelm's arguments for the logger ``logger.kind`` names (the run folder, W&B's project/name/offline
+    ...); ``logger.kwargs`` is added on top by ``build_logger``."""
     lc, out = cfg.logger, str(Path(cfg.trainer.out_dir))
     if lc.kind == "csv":
         return {"save_dir": out, "name": "csv"}
@@ -140,8 +140,9 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, **overrides: 
         monitor="step",
         mode="max",
         save_last=t.save_last,
-        # last.ckpt is overwritten, never versioned: after RequeueOnSignal wrote it, Lightning's save of "last" at
-        # the stop would otherwise go to last-v1.ckpt (and ckpt_path=last resume from that, not last.ckpt)
+        # last.ckpt is overwritten, never versioned: after RequeueOnSignal wrote it, Lightning's save of
+        # "last" at the stop would otherwise go to last-v1.ckpt (and ckpt_path=last resume from that, not
+        # last.ckpt)
         enable_version_counter=False,
     )
     from bytelm.lit.data import DataStatsCallback
