@@ -94,8 +94,12 @@ class BoundaryPredictor(nn.Module):
             else nn.Linear(n_in, 1)
         )
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """``real`` (B, T) bool: False at padding, which reads as zeros like the row's end (a right-padded row
+        gets the bits it gets alone)."""
         x = self.norm(h)  # (B, T, d)
+        if real is not None:
+            x = x * real.unsqueeze(-1).to(x.dtype)
         parts = [x]
         for k in range(1, self.lookahead + 1):
             parts.append(torch.cat([x[:, k:], torch.zeros_like(x[:, :k])], 1)[:, : x.shape[1]])
@@ -318,7 +322,7 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
             return torch.cat([ws[:, 1:], torch.zeros_like(ws[:, :1])], 1), None
         if h is None:
             h = self.encode(input_ids, doc_ids)
-        b_logits = self.boundary(h)
+        b_logits = self.boundary(h, input_ids != PAD_ID)
         return b_logits.detach() > self.cfg.boundary_threshold, b_logits
 
     def encode(
@@ -341,7 +345,7 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         against ``ends`` (so ``train/bpb`` reads as bits per byte of the boundary labels)."""
         if ends is None:
             raise ValueError("boundary_only=True needs patch_end (the token ends the predictor learns)")
-        b_logits = self.boundary(h)
+        b_logits = self.boundary(h, ids != PAD_ID)
         loss, _ = _boundary_bce(b_logits, ids, ends.bool())
         return ModelOutput(logits=b_logits.unsqueeze(-1), loss=loss, hidden={"boundary_logits": b_logits})
 
@@ -371,7 +375,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         h = self.encode(input_ids, doc_ids, expanded)  # (B, T, d)
         if boundary_only:
             return self._boundary_only(input_ids, h, patch_end)
-        b_logits = self.boundary(h) if self.cfg.chunker == "gate" else None  # also the boundary loss's input
+        # also the boundary loss's input
+        b_logits = self.boundary(h, input_ids != PAD_ID) if self.cfg.chunker == "gate" else None
         if patch_end is not None:
             ends = patch_end.bool()
         elif b_logits is not None:
