@@ -666,8 +666,9 @@ def test_config_errors_name_the_key(tiny_source, override, needle):
 
 
 def test_padding_reads_as_the_row_end_for_the_segmenter():
-    """A right-padded row gets the bits and logits it gets alone, whatever the lookahead: the boundary predictor
-    reads padding as the zeros past a row's end (it looks up to ``boundary_lookahead`` bytes ahead)."""
+    """A right-padded row gets the bits and logits it gets alone, whatever the lookahead: the boundary
+    predictor reads padding as the zeros past a row's end (it looks up to ``boundary_lookahead`` bytes
+    ahead)."""
     from bytelm.data.bytes import PAD_ID
 
     m = small_model(HAND, boundary_lookahead=6, boundary_hidden=8)
