@@ -194,6 +194,40 @@ def _batches(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
     return out
 
 
+def beside_local_run(
+    train: list[str], local_out: Path, env: dict[str, str], job: Any, timeout: float
+) -> tuple[Any, str]:
+    """Start a local 2-process run of ``train`` (no Slurm: Lightning launches the second process; batch log
+    in ``local_out``), run ``job()`` meanwhile, then wait for the local run; returns (``job()``'s result, the
+    local run's output). The local run is killed if ``job()`` raises, and must have exited 0."""
+    local = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bytelm.train",
+            *train,
+            f"trainer.out_dir={local_out / 'run'}",
+            f"trainer.batch_log={local_out / 'batches.jsonl'}",
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in env.items() if k != "SLURM_CONF"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        result = job()
+        local_log, _ = local.communicate(timeout=timeout)
+    finally:
+        if local.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(local.pid, signal.SIGKILL)
+            local.communicate()
+    assert local.returncode == 0, local_log[-4000:]
+    return result, local_log
+
+
 def _same_batches(got: dict[tuple[int, int], Any], ref: dict[tuple[int, int], Any]) -> float:
     """Same steps, same batches (sha1 of input_ids) on every rank, same losses; returns max |loss diff|."""
     assert sorted(got) == sorted(ref)
@@ -233,39 +267,18 @@ def plain_job(cluster, tmp_path_factory):
     same config started at the same time (no Slurm: Lightning launches the second process)."""
     out = tmp_path_factory.mktemp("plain")
     local_out = tmp_path_factory.mktemp("local")
-    local_env = {k: v for k, v in cluster.env.items() if k != "SLURM_CONF"}
     t0 = time.monotonic()
-    local = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bytelm.train",
-            *TRAIN,
-            "trainer.devices=2",
-            "ckpt_path=last",
-            f"trainer.out_dir={local_out / 'run'}",
-            f"trainer.batch_log={local_out / 'batches.jsonl'}",
-        ],
-        cwd=ROOT,
-        env=local_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+
+    def job() -> tuple[str, Path, dict[str, str], float]:
         jobid, log = _train_job(cluster, out)
         info = cluster.wait(jobid, lambda i: i.get("JobState") in DONE, 480, "finished", log)
-        job_s = time.monotonic() - t0
-        local_log, _ = local.communicate(timeout=480)
-    finally:
-        if local.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(local.pid, signal.SIGKILL)
-            local.communicate()
+        return jobid, log, info, time.monotonic() - t0
+
+    (jobid, log, info, job_s), local_log = beside_local_run(
+        [*TRAIN, "trainer.devices=2", "ckpt_path=last"], local_out, cluster.env, job, 480
+    )
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
-    assert local.returncode == 0, local_log[-4000:]
     print(f"plain job {jobid}: {job_s:.0f} s (a local 2-process run alongside)")
     return {
         "jobid": jobid,

@@ -34,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_slurm_cluster import CLUSTER, CPU_JOB, DONE, ROOT, SBATCH, Cluster, _final, _why_no_cluster
+from test_slurm_cluster import (
+    CLUSTER,
+    CPU_JOB,
+    DONE,
+    ROOT,
+    SBATCH,
+    Cluster,
+    _final,
+    _why_no_cluster,
+    beside_local_run,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -280,27 +290,18 @@ def ddp_ref(two, tmp_path_factory):
     run of the same config (no Slurm: Lightning launches the second process)."""
     out = tmp_path_factory.mktemp("ddp2")
     local_out = tmp_path_factory.mktemp("ddp_local")
-    local_env = {k: v for k, v in two.env.items() if k != "SLURM_CONF"}
     t0 = time.monotonic()
-    local = subprocess.Popen(
-        [sys.executable, "-m", "bytelm.train", *TRAIN, "strategy=ddp", "trainer.devices=2",
-         f"trainer.out_dir={local_out / 'run'}", f"trainer.batch_log={local_out / 'batches.jsonl'}"],
-        cwd=ROOT, env=local_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
+
+    def job() -> tuple[str, Path, dict[str, str], float]:
         jobid, log = two.train(out, "ddp")
         info = two.wait(jobid, lambda i: i.get("JobState") in DONE, 420, "finished", log)
-        job_s = time.monotonic() - t0
-        local_log, _ = local.communicate(timeout=420)
-    finally:
-        if local.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(local.pid, 9)
-            local.communicate()
+        return jobid, log, info, time.monotonic() - t0
+
+    (jobid, log, info, job_s), local_log = beside_local_run(
+        [*TRAIN, "strategy=ddp", "trainer.devices=2"], local_out, two.env, job, 420
+    )
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
-    assert local.returncode == 0, local_log[-4000:]
     print(f"two-node DDP job {jobid}: {job_s:.0f} s (a local 2-process run alongside)")
     return {
         "jobid": jobid,
