@@ -276,6 +276,37 @@ def test_encoder_loss_decreases_on_a_repeated_batch(tiny_source):
     assert max(enc[-3:]) < 0.5 * enc[0], enc  # a wide margin (about 3x measured): it at least halves
 
 
+def test_word_patch_ablation_trains_on_the_patches_it_is_scored_with(tiny_source):
+    """``model.chunker=words``: stage 1 gives the model its own word patches (``segment``, what evaluation
+    uses), each word's last byte holding the teacher state of the last token ending in it; not the token ends
+    (the bug behind an ablation row that trained to ~2.9 bpb and scored 6.6)."""
+    from bytelm.lit.strategies import build_model_for
+
+    cfg = byteify_cfg(tiny_source, "model.chunker=words")
+    torch.manual_seed(0)
+    model = build_model_for(cfg).train()
+    obj = ByteifyObjective(cfg).train()
+    text = b"Words, not tokens: caf\xc3\xa9 na\xc3\xafve \xe6\x97\xa5\xe6\x9c\xac and long_words_here"
+    ids = torch.tensor([[BOS_ID, *text[:47]], list(text[5:53])])
+    batch = {"input_ids": ids}
+    obj.prepare(batch)
+    own, _ = model.segment(ids)
+    real = ids < 256
+    assert torch.equal(batch["patch_end"][:, :-1] & real[:, :-1], own[:, :-1] & real[:, :-1])
+    token_ends = obj.token_ends(ids, None)
+    assert not torch.equal(batch["patch_end"] & real, token_ends & real)  # the text has multi-token words
+    # the context sits at word ends: every position holding a teacher state ends a patch (a row's last byte
+    # always does)
+    tt = obj.targets(ids, None)
+    start = tt.start_ctx.float()
+    ctx = batch["context"].view(-1, start.shape[0]).float()
+    held = (ctx - start).abs().amax(-1) > 0
+    closes = batch["patch_end"].clone()
+    closes[:, -1] = True
+    assert bool(closes.reshape(-1)[held].all())
+    assert int(held.sum()) > 8
+
+
 class Record(L.Callback):
     """Per-step losses, extra metrics and the model's weights at the start and the end of training."""
 

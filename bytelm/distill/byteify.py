@@ -401,7 +401,9 @@ class ByteifyObjective(torch.nn.Module):
         if self.c.stage != 1:
             return
         if self.words:  # ablation: word patches get the teacher state of the last token ending in the word
-            tt = self._patch_targets = word_targets(tt, ids, doc_ids, self.max_word_bytes)
+            tt, word_ends = word_targets(tt, ids, doc_ids, self.max_word_bytes)
+            self._patch_targets = tt
+            self._ends = word_ends.to(dev)  # the patches the model makes itself (``segment``), not tokens
         else:
             self._patch_targets = tt
         D = tt.ctx.shape[-1]
@@ -506,18 +508,22 @@ class ByteifyObjective(torch.nn.Module):
 
 def word_targets(
     tt: TokenTargets, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_word_bytes: int
-) -> TokenTargets:
+) -> tuple[TokenTargets, torch.Tensor]:
     """Token targets moved to word patches (the HAT-word ablation): each word's last byte gets the states of
     the last teacher token that ends inside the word (docs/design.md#latent-alignment: bytelm's word-level
-    adaptation of Bolmo's latent alignment); words with no token ending inside them get none."""
+    adaptation of Bolmo's latent alignment); words with no token ending inside them get none. Also returns
+    the (B, T) bool word ends the model's own ``segment`` makes (byte t ends a word when t+1 starts one), the
+    ``patch_end`` of stage 1: training must use the patches that evaluation uses."""
     from bytelm.models.hierarchical import split_word_starts
 
     B, T = ids.shape
     a = ids.cpu().numpy()
     d = doc_ids.cpu().numpy() if doc_ids is not None else [None] * B
     ends = []
+    word_ends = torch.zeros(B, T, dtype=torch.bool)
     for r in range(B):
         ws = split_word_starts(a[r], max_word_bytes, d[r])
+        word_ends[r, :-1] = torch.from_numpy(ws[1:].astype(bool))
         e = [int(x) - 1 for x in ws.nonzero()[0][1:]] + [T - 1]
         ends += [r * T + x for x in e if a[r, x] < 256]
     wend = torch.tensor(ends, dtype=torch.long)
@@ -539,7 +545,7 @@ def word_targets(
         space=tt.space[idx],
         start_ctx=tt.start_ctx,
         start_probe=tt.start_probe,
-    )
+    ), word_ends
 
 
 def attach_byteify(module: torch.nn.Module, cfg: Config) -> ByteifyObjective:
