@@ -399,7 +399,10 @@ def main(argv: list[str] | None = None) -> None:
             (
                 "words:words",
                 lambda: load_scorer(
-                    result["runs"]["words"]["ckpt"], batch_size=4, name="byteified, word patches (stage 1)"
+                    result["runs"]["words"]["ckpt"],
+                    batch_size=4,
+                    name="byteified, word patches (stage 1)",
+                    seq_len=args.eval_seq_len,
                 ),
             )
         )

@@ -307,13 +307,17 @@ def test_joint_logprobs_equal_a_naive_loop():
             assert float(got[b, t]) == pytest.approx(want, abs=1e-5), (b, t)
 
 
-@pytest.mark.parametrize("chunker", ["gate", "words"])
-def test_generation_with_cache_equals_full_forwards(chunker):
+SEGMENTERS = [("gate", "threshold"), ("gate", "vocab"), ("words", "threshold")]
+
+
+@pytest.mark.parametrize("chunker,decode", SEGMENTERS)
+def test_generation_with_cache_equals_full_forwards(chunker, decode):
     """Sampled generation (byte, then the head's bit) is the same with the cache and with full forwards over
-    the same bits, for learned patches and for word patches (the ablation generates too)."""
+    the same bits, for learned patches (either boundary decoder) and for word patches (the ablation generates
+    too)."""
     from bytelm.models.generate import generate
 
-    m = small_model(HAND, chunker=chunker, max_word_bytes=5)
+    m = small_model(HAND, chunker=chunker, max_word_bytes=5, boundary_decode=decode)
     randomise_residual(m, 4)
     for prompt in (b"abc ab", "\u00e9t\u00e9 c".encode()):
         a = generate(m, prompt, max_new_bytes=20, temperature=1.0, seed=7, use_cache=True)
@@ -339,29 +343,31 @@ ADVERSARIAL = [
 ]
 
 
-@pytest.mark.parametrize("chunker", ["gate", "words"])
-def test_joint_scoring_is_causal_on_adversarial_bytes(chunker):
+@pytest.mark.parametrize("chunker,decode", SEGMENTERS)
+def test_joint_scoring_is_causal_on_adversarial_bytes(chunker, decode):
     """Change byte t of random adversarial rows: with the given bits fixed, no logit before t moves; with the
     model's own segmenter (the boundary predictor, or HAT words: both look ahead), no logit moves before the
     first position whose byte *or* bit differs, so no symbol's distribution ever reads a later byte (its own
     bit is part of the symbol). The word-patch ablation once leaked exactly here (its prior read whether the
     next byte starts a word)."""
     rng = random.Random(11)
-    m = small_model(HAND, max_word_bytes=6, boundary_lookahead=2, chunker=chunker)
+    m = small_model(HAND, max_word_bytes=6, boundary_lookahead=2, chunker=chunker, boundary_decode=decode)
     randomise_residual(m, 1)
     with torch.no_grad():  # a boundary predictor that fires about a third of the time (unused with words)
         m.boundary.mlp.weight.normal_(0, 2.0)
         m.boundary.mlp.bias.fill_(-0.5)
+    # the vocab decoder's lattice needs runs of vocabulary bytes for a later byte to move an earlier bit
+    pool = ADVERSARIAL + list(b"abcabcabcab") * (decode == "vocab")
     moved = 0
     for _ in range(12):
-        ids = [rng.choice(ADVERSARIAL) for _ in range(rng.randint(8, 24))]
+        ids = [rng.choice(pool) for _ in range(rng.randint(8, 24))]
         x = torch.tensor([ids])
         pe = torch.tensor([[rng.random() < 0.3 for _ in ids]])
         with torch.no_grad():
             base_given, base_own = m(x, patch_end=pe), m(x)
         for t in rng.sample(range(len(ids)), 3):
             y = x.clone()
-            y[0, t] = rng.choice([v for v in ADVERSARIAL if v != ids[t]])
+            y[0, t] = rng.choice([v for v in pool if v != ids[t]])
             with torch.no_grad():
                 given, own = m(y, patch_end=pe), m(y)
             if t > 0:

@@ -11,7 +11,9 @@ stages; this file is the pure-torch model. Bytes -> patches -> source blocks -> 
   predictor (``chunker=gate``; its logit for byte t reads the encoder states of bytes
   t..t+``boundary_lookahead``), given ends (``patch_end=``: the source tokenizer's token ends, stage 1 and the
   ``tokenizer`` segmenter of ``bytelm.eval``), or HAT words (``chunker=words``, the ablation). Specials and
-  the size cap ``max_word_bytes`` always end a patch.
+  the size cap ``max_word_bytes`` always end a patch. The predictor's logits become ends by
+  ``boundary_decode``: ``threshold`` (each byte on its own) or ``vocab`` (the most likely segmentation into
+  source vocabulary tokens, ``bytelm.models.vocab_segment``: no patch the source never saw).
 - **Fused head, no delay.** The decoder predicts at byte t the symbol of byte t+1: (byte, ends-its-patch?), 2
   x V outputs (``[:V]`` continues, ``[V:]`` ends). A patch is ready *at its own last byte*: that byte already
   reads the patch's backbone output, so the next patch's first byte is predicted from it. Because every
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +60,7 @@ from bytelm.models.chunking import close_chunks, doc_starts, run_lengths
 from bytelm.models.config import ModelConfig, ModelOutput
 from bytelm.models.hierarchical import HierarchicalByteLM
 from bytelm.models.layers import RMSNorm
+from bytelm.models.vocab_segment import vocab_segment_row
 from bytelm.models.vocab_trie import VocabTrie
 from bytelm.models.word_layout import LastPooling, layout_words
 
@@ -153,6 +157,10 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
             raise ValueError(
                 "model.arch=byteified needs the source model's vocabulary (model.source_vocab > 0); build "
                 "it with bytelm.distill.byteify.build_byteified, which fills the source fields"
+            )
+        if cfg.boundary_decode not in ("threshold", "vocab"):
+            raise ValueError(
+                f"model.boundary_decode must be 'threshold' or 'vocab', got {cfg.boundary_decode!r}"
             )
         if cfg.chunker not in ("gate", "words"):
             raise ValueError(
@@ -323,7 +331,23 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         if h is None:
             h = self.encode(input_ids, doc_ids)
         b_logits = self.boundary(h, input_ids != PAD_ID)
-        return b_logits.detach() > self.cfg.boundary_threshold, b_logits
+        return self.decode_boundaries(input_ids, b_logits, doc_ids), b_logits
+
+    def decode_boundaries(
+        self, ids: torch.Tensor, b_logits: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) bool patch ends from boundary logits (B, T): ``boundary_decode=threshold``: each logit
+        against ``boundary_threshold``; ``vocab``: the most likely segmentation into source tokens
+        (``bytelm.models.vocab_segment``)."""
+        if self.cfg.boundary_decode == "threshold":
+            return b_logits.detach() > self.cfg.boundary_threshold
+        lg = b_logits.detach().float().cpu().numpy()
+        docs = doc_ids.cpu().tolist() if doc_ids is not None else [None] * ids.shape[0]
+        rows = [
+            vocab_segment_row(r, lr, self.trie, self.cfg.max_word_bytes or 0, self.cfg.boundary_patch_cost, d)
+            for r, lr, d in zip(ids.cpu().tolist(), lg, docs, strict=True)
+        ]
+        return torch.from_numpy(np.stack(rows)).to(ids.device)
 
     def encode(
         self,
@@ -380,7 +404,7 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         if patch_end is not None:
             ends = patch_end.bool()
         elif b_logits is not None:
-            ends = b_logits.detach() > self.cfg.boundary_threshold
+            ends = self.decode_boundaries(input_ids, b_logits, doc_ids)
         else:  # word patches: the splitter runs only when no ends are given
             ends = self.segment(input_ids, h, doc_ids)[0]
         closed, word_start = close_chunks(input_ids, ends, self.cfg.max_word_bytes, doc_ids)

@@ -126,7 +126,8 @@ class ByteifiedDecoding:
                 seg = m.word_starts_row(cache.ids[cache.seg_start :] + new)[-n:]
                 bits[: n - 1] = [bool(x) for x in seg[1:]]
             else:
-                bits[: n - 1] = (m.boundary(h)[0, : n - 1] > m.cfg.boundary_threshold).tolist()
+                ends = m.decode_boundaries(new_ids, m.boundary(h))  # (1, n)
+                bits[: n - 1] = ends[0, : n - 1].tolist()
             first = self._feed(cache, new[:-1], h[:, :-1], bits[:-1], p0)
         bits[-1] = self.preferred_bit(cache.last_logits, new[-1]) if new[-1] < 256 else True
         last = self._feed(cache, new[-1:], h[:, -1:], bits[-1:], p0 + n - 1)

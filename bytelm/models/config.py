@@ -149,8 +149,12 @@ class ModelConfig:
         1  # boundary predictor: the decision for byte t reads the states of bytes t..t+this
     )
     boundary_threshold: float = (
-        0.0  # a patch ends where the boundary logit exceeds this (< 0: more, shorter patches)
+        0.0  # boundary_decode=threshold: a patch ends where the logit exceeds this (< 0: shorter patches)
     )
+    # how the boundary logits become patch ends: each byte against boundary_threshold, or the most likely
+    # segmentation into source vocabulary tokens (bytelm/models/vocab_segment.py)
+    boundary_decode: str = choice("threshold", "threshold", "vocab")
+    boundary_patch_cost: float = 2.0  # boundary_decode=vocab: nats charged per patch (> 0: fewer patches)
 
     def __post_init__(self) -> None:
         # a config rebuilt from a flat dict (HF export's config.json) carries the nested scaling as a dict

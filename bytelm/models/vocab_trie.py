@@ -95,6 +95,7 @@ class VocabTrie:
         self._prefix_nodes: dict[bytes, int] | None = None
         self._child_map: dict[int, dict[int, int]] | None = None
         self._rtrie: dict[int, list] | None = None
+        self._token_set: set[bytes] | None = None
         self.order = as_long(np.asarray(ids, dtype=np.int64))
         self.node_lo, self.node_hi = as_long(node_lo), as_long(node_hi)
         self.child_first = as_long(np.cumsum(counts) - counts)
@@ -240,6 +241,29 @@ class VocabTrie:
         kids = self._children()
         nxt = kids.get(node, {}).get(byte)
         return nxt if nxt is not None else kids.get(0, {}).get(byte, 0)
+
+    def token_lengths(self, ids: Sequence[int], i: int, limit: int) -> tuple[list[int], int]:
+        """Walking ``ids`` from ``i`` (at most ``limit`` bytes, stopping at a special): the lengths ``k`` for
+        which ``ids[i:i+k]`` is a vocabulary token, and the largest ``k`` for which it is a token or a prefix
+        of one (0 if not even ``ids[i]`` is). The lattice of ``bytelm.models.vocab_segment``."""
+        if self._token_set is None:
+            self._token_set = {tb for tb in self._table if tb}
+        kids, tokens = self._children(), self._token_set
+        found: list[int] = []
+        node, reach = 0, 0
+        for j in range(i, min(len(ids), i + limit)):
+            b = ids[j]
+            if b >= 256:
+                break
+            k = j - i + 1
+            if bytes(ids[i : j + 1]) in tokens:
+                found.append(k)
+                reach = k
+            nxt = kids.get(node, {}).get(b)
+            if nxt is None:  # no token strictly extends ids[i:j+1]
+                break
+            node, reach = nxt, k
+        return found, reach
 
     def _suffix_trie(self) -> dict[int, list]:
         """Reversed-token trie: ``node[byte] = [children, token id or -1]``, walked from a byte backwards."""
