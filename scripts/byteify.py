@@ -39,6 +39,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
+# byte models read each evaluated text from its start, as the teacher's chunks do (bytelm.eval's default
+# tiling cuts texts wherever a row ends: +2.2% on the held-out works at step 0 in the third run)
+PACKING = "documents"
 STAGE_LR = {
     0: 2e-3,
     1: 1e-3,
@@ -114,7 +117,9 @@ def byteified_scorer(
     from bytelm.eval.scoring import ByteScorer, load_scorer, tokenizer_segmenter
 
     if spec is not None:
-        return load_scorer(spec, batch_size=4, name=name, segmenter=segmenter, seq_len=seq_len)
+        return load_scorer(
+            spec, batch_size=4, name=name, segmenter=segmenter, seq_len=seq_len, packing=PACKING
+        )
     if seq_len is not None:
         cfg_overrides = [*cfg_overrides, f"data.seq_len={seq_len}"]
     from bytelm.config import load_config
@@ -124,7 +129,7 @@ def byteified_scorer(
     cfg = load_config(["experiment=byteify_smollm2", *cfg_overrides])
     model = build_model_for(cfg).eval()
     seg = tokenizer_segmenter(load_source_once(cfg.byteify.source)[1]) if segmenter == "tokenizer" else None
-    return ByteScorer.from_config(model, cfg, batch_size=4, name=name, segmenter=seg)
+    return ByteScorer.from_config(model, cfg, batch_size=4, name=name, segmenter=seg, packing=PACKING)
 
 
 def boundary_table(scorer: Any, max_bytes: int) -> dict[str, dict[str, float]]:
@@ -403,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
                     batch_size=4,
                     name="byteified, word patches (stage 1)",
                     seq_len=args.eval_seq_len,
+                    packing=PACKING,
                 ),
             )
         )
@@ -411,7 +417,10 @@ def main(argv: list[str] | None = None) -> None:
             (
                 "hat_tiny",
                 lambda: load_scorer(
-                    result["runs"]["hat_tiny"]["ckpt"], batch_size=4, name="hat_tiny from scratch"
+                    result["runs"]["hat_tiny"]["ckpt"],
+                    batch_size=4,
+                    name="hat_tiny from scratch",
+                    packing=PACKING,
                 ),
             )
         )

@@ -24,6 +24,7 @@ from bytelm.errors import OptionError
 from bytelm.eval.bpb import evaluate_bpb
 from bytelm.eval.multilingual import SPLITS
 from bytelm.eval.noise import KINDS
+from bytelm.eval.scoring import PACKINGS
 from bytelm.eval.suite import TASK_NAMES, EvalOptions, format_text, reproduce_command, run_suite
 
 __all__ = ["evaluate_bpb", "main", "build_parser", "options_from_args", "csv_list"]
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --segmenter tokenizer: the source model's folder or .gguf (default: the checkpoint's "
         "byteify.source)",
     )
+    p.add_argument(
+        "--packing",
+        choices=PACKINGS,
+        default="tiles",
+        help="byte models: 'tiles' cuts the packed texts every --seq-len bytes as training validation does; "
+        "'documents' starts rows at text starts, as a subword model reads each text (compare with a teacher)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     add_debug_flag(p)
@@ -133,9 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         name=args.name,
         segmenter=args.segmenter,
         tokenizer=args.tokenizer,
+        packing=args.packing,
     )
     res = run_suite(scorer, opts, progress=args.progress)
-    res["command"] = reproduce_command(args.model, opts)
+    extra = [] if args.packing == "tiles" else ["--packing", args.packing]
+    res["command"] = reproduce_command(args.model, opts, extra)
     if args.json:
         print(json.dumps(res))
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -338,6 +339,34 @@ class TiledWindows(Dataset):
         if over > 0:  # the tail past the limit is not evaluated
             row["targets"][self.seq_len - over :] = IGNORE
         return row
+
+
+class DocumentRows(Dataset):
+    """Evaluation rows that start at document starts: documents in order, as many whole ones per row as fit
+    (``BOS doc EOS`` each); a document longer than a row is tiled from its own start, like a subword model's
+    chunks of the same text. Every byte is scored once, and no document is cut at a place that depends on
+    the documents before it (``TiledWindows`` cuts wherever a row ends). Rows are padded."""
+
+    def __init__(self, docs: Sequence[Document], seq_len: int, **corpus_kw: Any) -> None:
+        self.seq_len = seq_len
+        bins: list[list[Document]] = []
+        used = seq_len + 2  # ids in the open bin (starts "full": the first document opens one)
+        for d in docs:
+            n = len(d.data) + 2
+            if used + n > seq_len + 1:  # a row holds seq_len inputs = seq_len + 1 stream ids
+                bins.append([])
+                used = 0
+            bins[-1].append(d)
+            used += n
+        self.tiles = [TiledWindows(PackedCorpus(b, quiet=True, **corpus_kw), seq_len) for b in bins]
+        self.index = [(k, i) for k, t in enumerate(self.tiles) for i in range(len(t))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        k, j = self.index[i]
+        return self.tiles[k][j]
 
 
 class GroupedTiles(Dataset):

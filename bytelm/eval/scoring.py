@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bytelm.data.bytes import BOS_ID, PAD_ID
-from bytelm.data.packed import IGNORE, PackedCorpus, TiledWindows
+from bytelm.data.packed import IGNORE, DocumentRows, PackedCorpus, TiledWindows
 from bytelm.data.shakespeare import Document
 from bytelm.errors import OptionError
 from bytelm.lit.metrics import bits_per_byte, byte_nll_sum
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 TEACHER_ALIASES = ("teacher", "smollm2")
 _NOT_METRICS = ("nll_sum", "n_bytes", "prefix_len", "encoder_len", "target_logprobs")
 SEGMENTERS = ("learned", "tokenizer")  # where a byteified model's patches end when it is scored
+PACKINGS = ("tiles", "documents")  # how ByteScorer.corpus_nll cuts texts into rows
 
 
 @dataclass
@@ -114,10 +115,17 @@ class ByteScorer:
         invalid_utf8: str = "keep",
         name: str = "model",
         segmenter: Any = None,
+        packing: str = "tiles",
     ) -> None:
         """``segmenter`` (models with a fused (byte, boundary) head only): None = the model's own (the learned
         boundary predictor), or ``f(ids, doc_ids) -> (B, T) bool`` patch ends (e.g. the source tokenizer's,
-        ``tokenizer_segmenter``). Either way the score is the joint (byte, bit) cross-entropy."""
+        ``tokenizer_segmenter``). Either way the score is the joint (byte, bit) cross-entropy.
+        ``packing`` (``corpus_nll``): ``tiles`` packs the texts as training validation does and cuts rows
+        every ``seq_len`` ids; ``documents`` starts rows at text starts (``DocumentRows``), as a subword
+        model's chunks of each text do: the protocol to compare with ``TeacherScorer``."""
+        if packing not in PACKINGS:
+            raise OptionError(f"packing must be one of {list(PACKINGS)}, got {packing!r}")
+        self.packing = packing
         self.model = model.eval()
         self.segmenter = segmenter
         self.arch, self.kind = arch, arch if native else "hf-bytes"
@@ -157,6 +165,7 @@ class ByteScorer:
             "kind": self.kind,
             "params": count_parameters(self.model),
             "seq_len": self.seq_len,
+            "packing": self.packing,
             "source": self.source,
         }
 
@@ -187,13 +196,17 @@ class ByteScorer:
         docs = [Document(f"text{i}", t) for i, t in enumerate(texts) if t]
         if not docs:
             return CorpusResult(0.0, 0, 0.0)
-        corpus = PackedCorpus(
-            docs,
+        kw: dict[str, Any] = dict(
             invalid_utf8=self.invalid_utf8,
             words=self.words and self.native,
             max_word_bytes=self.max_word_bytes,
         )
-        ds = TiledWindows(corpus, self.seq_len, max_ids)
+        if self.packing == "documents":
+            if max_ids:
+                raise OptionError("corpus_nll(max_ids=...) applies to packing='tiles' only")
+            ds: Any = DocumentRows(docs, self.seq_len, **kw)
+        else:
+            ds = TiledWindows(PackedCorpus(docs, **kw), self.seq_len, max_ids)
         nll, n = 0.0, 0
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -492,14 +505,21 @@ def load_scorer(
     name: str | None = None,
     segmenter: str = "learned",
     tokenizer: str | None = None,
+    packing: str = "tiles",
 ) -> Scorer:
     """Scorer for a checkpoint file, a run folder, an exported HF folder, a ``.gguf`` / HF subword model, or
     ``teacher`` / ``smollm2`` (the offline SmolLM2-135M teacher). ``segmenter`` (byteified models):
     ``learned`` (the model's boundary predictor) or ``tokenizer`` (the source tokenizer's token ends;
-    ``tokenizer`` = its path, default the checkpoint's ``byteify.source`` or the offline SmolLM2)."""
+    ``tokenizer`` = its path, default the checkpoint's ``byteify.source`` or the offline SmolLM2).
+    ``packing`` (byte models): ``tiles`` or ``documents`` (``ByteScorer``); a subword model always reads
+    each text from its start."""
     if segmenter not in SEGMENTERS:
         raise OptionError(f"segmenter must be one of {list(SEGMENTERS)}, got {segmenter!r}")
+    if packing not in PACKINGS:
+        raise OptionError(f"packing must be one of {list(PACKINGS)}, got {packing!r}")
     scorer = _load_scorer(spec, device=device, batch_size=batch_size, seq_len=seq_len, name=name)
+    if isinstance(scorer, ByteScorer):
+        scorer.packing = packing
     if segmenter == "tokenizer":
         if not isinstance(scorer, ByteScorer) or not scorer.fused:
             raise OptionError(
