@@ -139,8 +139,8 @@ class TrainerConfig:
     # debug: append one JSON line per training batch and rank (step, rank, world size, cluster environment,
     # sha1 of the batch's input_ids, loss; node rank, host, pid, MASTER_ADDR, stored parameter elements) to
     # this file; comparing two runs' files shows they trained on the same batches (e.g. a preempted + requeued
-    # run against an uninterrupted one, tests/test_slurm_cluster.py; where each rank ran:
-    # tests/test_slurm_two_nodes.py)
+    # run against an uninterrupted one, tests/slurm/test_slurm_cluster.py; where each rank ran:
+    # tests/slurm/test_slurm_two_nodes.py)
     batch_log: str | None = None
     # debug: sleep this many seconds after every training step, so that a test's preemption signal reliably
     # lands mid-run on a fast machine (numerics unchanged)

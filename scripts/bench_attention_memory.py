@@ -14,8 +14,8 @@ Kernels add their own: flash and flex keep the log-sum-exp, ``4*B*H*T`` bytes; S
 the mask as it is (no T x T scores).
 
 Measured on CPU with a dispatch mode that follows every storage the metadata code allocates (live bytes and
-their peak), at sizes small enough for the dense mask; the test (tests/test_attention_memory.py) holds the
-formula to the measurement.
+their peak), at sizes small enough for the dense mask; the test (tests/models/test_attention_memory.py) holds
+the formula to the measurement.
 
     python scripts/bench_attention_memory.py            # measured vs formula at small sizes
                                                         # + the table at B=8

@@ -276,7 +276,7 @@ def check_strategies(a: argparse.Namespace, dev: torch.device, deadline: float, 
     for name in STRATEGIES:
         if dev.type != "cuda" and name != "single":
             res[name] = skip(
-                name, "ZeRO / FSDP2 on one GPU need CUDA (their CPU runs: tests/test_distributed.py)"
+                name, "ZeRO / FSDP2 on one GPU need CUDA (their CPU runs: tests/train/test_distributed.py)"
             )
             continue
         left = deadline - time.monotonic()

@@ -79,7 +79,7 @@ step gpu_tests "${OUT}/pytest-gpu.log" "${PY}" -m pytest -m "gpu and not distrib
   --junitxml="${OUT}/pytest-gpu.xml"
 if [[ "${FULL:-0}" == 1 ]]; then
   step distributed_cuda "${OUT}/pytest-distributed-cuda.log" "${PY}" -m pytest -m "gpu and distributed" -v -rs -s \
-    tests/test_distributed.py --junitxml="${OUT}/pytest-distributed-cuda.xml"
+    tests/train/test_distributed.py --junitxml="${OUT}/pytest-distributed-cuda.xml"
   step bench_models "${OUT}/bench_models.log" "${PY}" scripts/bench_models.py --device cuda \
     --out "${OUT}/bench_models.json"
 fi

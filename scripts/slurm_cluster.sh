@@ -351,8 +351,8 @@ cmd_test() {
   # shellcheck disable=SC2064
   trap "cmd_stop '$dir/two-nodes' >/dev/null 2>&1 || true; cmd_stop '$dir' >/dev/null 2>&1 || true" EXIT
   rc=0
-  # the real-Slurm tests live in tests/test_slurm*.py (collecting the whole suite for -m slurm takes ~20 s)
-  BYTELM_SLURM_DIR="$dir" "${PY:-python3}" -m pytest -q -rs -m slurm --durations=0 tests/test_slurm*.py "$@" || rc=$?
+  # the real-Slurm tests live in tests/slurm/test_slurm*.py (collecting the whole suite for -m slurm takes ~20 s)
+  BYTELM_SLURM_DIR="$dir" "${PY:-python3}" -m pytest -q -rs -m slurm --durations=0 tests/slurm/test_slurm*.py "$@" || rc=$?
   if ((rc == 0)); then
     rm -rf "$dir"
   else

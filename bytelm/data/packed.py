@@ -59,7 +59,7 @@ def word_start_bits_many(datas: Sequence[bytes], max_word_bytes: int) -> list[np
     """``word_start_bits`` of many documents, split together (joined by newlines, in batches of ~1 MB).
 
     A newline always ends a word and starts another (UAX #29 WB3a/b; it is whitespace, which nothing joins),
-    so each document gets exactly the words it gets alone (tests/test_data_stream.py checks it on the
+    so each document gets exactly the words it gets alone (tests/data/test_data_stream.py checks it on the
     embedded corpora and on adversarial input), at a fraction of the per-call cost for short documents.
     """
     from bytelm.data.words import word_ends

@@ -46,8 +46,8 @@ class OnlineWordSplitter:
     prefix of the text differently from the whole text. Two such cases exist: U+2044 FRACTION SLASH, the only
     UAX #29 separator that is not punctuation (``"1\u20442"`` is one word, ``"1\u2044"`` two), and a
     whitespace character other than U+0020 that carries a combining mark right after a single space
-    (``" \t\u0301"`` is one word, ``" \t"`` two). Real text is not affected (``tests/test_words.py`` checks
-    the embedded corpora byte by byte).
+    (``" \t\u0301"`` is one word, ``" \t"`` two). Real text is not affected (``tests/data/test_words.py``
+    checks the embedded corpora byte by byte).
     """
 
     def __init__(self, max_word_bytes: int | None = DEFAULT_MAX_WORD_BYTES) -> None:

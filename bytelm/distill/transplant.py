@@ -7,7 +7,7 @@ packed documents, activation checkpointing, ZeRO / FSDP2 sharding, KV-cached gen
 its own modelling code), with no transformers import in ``bytelm/models`` and no second cache or mask
 convention. The cost is this file: a name map and the few Llama-family details the blocks had to learn
 (grouped-query attention, head width, MLP width, norm eps, q/k/v biases, linear / llama3 RoPE scaling, a
-sliding window), each tested against the source model's own hidden states (tests/test_transplant.py).
+sliding window), each tested against the source model's own hidden states (tests/byteify/test_transplant.py).
 
 Supported: ``model_type`` llama (SmolLM2 is one), mistral and qwen2 with ``silu`` MLPs and the RoPE types
 default, linear and llama3. Anything the blocks cannot reproduce exactly is an error naming the value.

@@ -5,9 +5,9 @@ Lightning measures (windowed, validation time excluded, rank 0) and logs ``train
 (training seconds so far) and, when the module has ``flops_per_batch`` and the device's peak is known,
 ``train/device/flops_per_sec`` and ``train/device/mfu``; with several devices also the totals without
 ``device/``. ``flops_per_batch`` is ``bytelm.models.flops.flops_per_byte`` times the bytes of one device's
-batch (the formula is checked against torch's FLOP counter in tests/test_flops.py). The peak FLOP/s per device
-come from Lightning's table (``get_available_flops``: H100/H200/A100/L4/... by name and dtype; None on CPUs),
-so bytelm keeps no GPU table of its own. Words per second are ``items_per_sec`` over the logged
+batch (the formula is checked against torch's FLOP counter in tests/models/test_flops.py). The peak FLOP/s per
+device come from Lightning's table (``get_available_flops``: H100/H200/A100/L4/... by name and dtype; None on
+CPUs), so bytelm keeps no GPU table of its own. Words per second are ``items_per_sec`` over the logged
 ``train/bytes_per_word``.
 
 Like bytelm's earlier monitor, Lightning's synchronises CUDA once per logged step on rank 0, so the rate is

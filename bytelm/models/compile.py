@@ -1,7 +1,8 @@
 """``torch.compile`` of a bytelm model's training forward (``trainer.compile=true``; bytelm.lit.module calls
 it).
 
-What makes the forwards compile whole (``torch._dynamo.explain`` finds no graph break; tests/test_compile.py):
+What makes the forwards compile whole (``torch._dynamo.explain`` finds no graph break;
+tests/models/test_compile.py):
 - no host work in the training forward: word starts come from the data layer (``batch["word_start"]``; the
   splitter runs only when they are missing and is excluded from compilation), the learned chunker's size cap
   is vectorised, attention metadata on the CPU/SDPA path is tensor ops;

@@ -199,7 +199,7 @@ class PIController(nn.Module):
         the buffers with new tensors instead of writing into them, so the tensor returned here keeps its value
         until this step's backward: a compiled backward may read it from the buffer after the forward
         (torch.compile's partitioner recomputes ``alpha.clone()`` from its input, which an in-place update
-        would have changed by then; tests/test_compile.py)."""
+        would have changed by then; tests/models/test_compile.py)."""
         return self.alpha
 
     def reset(self) -> None:

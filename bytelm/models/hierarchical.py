@@ -6,7 +6,7 @@ vector per word is pooled; a wide causal backbone runs over word vectors (most p
 narrow layers decode every byte from the encoder's byte activations plus exactly one word vector: the backbone
 output of the *previous* word.
 
-Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_generate.py):
+Choices worth knowing (all tested in tests/models/test_hierarchical.py and tests/models/test_generate.py):
 
 - **Specials are words of their own.** BOS/EOS/PAD (ids >= 256) each form a one-byte word, and the byte after
   a special starts a new word, whatever ``word_start`` says. So a PAD run at the end of a row is a run of
@@ -23,8 +23,8 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
   settled only when the byte that breaks it arrives (``E3 80`` before ``C3``), and two splitter rules look
   further ahead (a combining mark after U+00A0 removes the end of a single space before it; ``1⁄2`` is one
   word). Reading a word earlier leaked later bytes into earlier predictions and made cached generation
-  disagree with the full forward (both were found and are now tests: tests/test_causality_property.py). The
-  last word of a document is ready at the next document's start (never used).
+  disagree with the full forward (both were found and are now tests: tests/models/test_causality_property.py).
+  The last word of a document is ready at the next document's start (never used).
 - **Pooling query positions.** The learned query sits at the word's first byte and keys at their byte
   positions, so RoPE sees the within-word offset (0, 1, 2, ...) and the pooled vector does not depend on
   where the word is in the row (packed documents give the same result as alone). Because the query is one
@@ -47,9 +47,9 @@ Choices worth knowing (all tested in tests/test_hierarchical.py and tests/test_g
   the byte encoder and decoder share one when their windows agree (same bytes, same documents), the backbone
   has its own over words (documents of words: ``WordLayout.word_doc``).
 - **torch.compile**: the training forward has no host work but the word count ``W``, a data-dependent shape
-  that ``bytelm.models.compile`` captures as an unbacked size (no graph break; tests/test_compile.py); word
-  starts come from the data layer (``batch["word_start"]``), and the learned chunker's size cap is vectorised
-  (``chunking.close_chunks``).
+  that ``bytelm.models.compile`` captures as an unbacked size (no graph break; tests/models/test_compile.py);
+  word starts come from the data layer (``batch["word_start"]``), and the learned chunker's size cap is
+  vectorised (``chunking.close_chunks``).
 
 Files: this one holds the model; ``word_layout.py`` the splitter glue, the word layout and the two poolings;
 ``hier_cache.py`` cached decoding.

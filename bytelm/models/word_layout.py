@@ -158,8 +158,8 @@ def decision_times(
 
     Usually that is when the first character at ``s`` is emitted (``char_emit_times``: for valid UTF-8 its
     last byte). The rule-based splitter looks further ahead in two places, where a later character can still
-    remove the word end at ``s`` (the only two: tests/test_causality_property.py checks every pair of its
-    character classes):
+    remove the word end at ``s`` (the only two: tests/models/test_causality_property.py checks every pair of
+    its character classes):
 
     - U+0009, U+00A0, U+2007 or U+202F right after a single-space word (whitespace that is neither U+0020-like
       nor a line break): a combining mark after it (for U+202F also a letter or digit) makes it part of a

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_byteify.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_byteify.py"
 
 
 def load_script():

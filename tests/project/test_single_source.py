@@ -11,7 +11,7 @@ from bytelm.data import bytes as byte_ids
 from bytelm.hf.configuration_bytelm import BytelmConfig
 from bytelm.models.config import GateConfig, ModelConfig, RopeScalingConfig
 
-PKG = Path(__file__).resolve().parent.parent / "bytelm"
+PKG = Path(__file__).resolve().parents[2] / "bytelm"
 NAMES = {"PAD_ID", "BOS_ID", "EOS_ID", "VOCAB_SIZE", "PADDED_VOCAB", "_PAD", "_BOS", "_EOS"}
 
 

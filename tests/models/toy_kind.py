@@ -1,5 +1,5 @@
-"""A toy model kind for tests/test_registry.py: a bigram byte LM (next-byte logits from the current byte
-only).
+"""A toy model kind for tests/models/test_registry.py: a bigram byte LM (next-byte logits from the current
+byte only).
 
 A module of its own, importing only torch and ``bytelm.models`` module files, because ``bytelm.hf.export``
 ships the module of a kind registered outside bytelm with the exported folder (docs/extending.md).

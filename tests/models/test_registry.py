@@ -1,6 +1,7 @@
 """The model registry (bytelm.models.registry): every kind is one ModelSpec; a kind registered from a test
-(the bigram toy of tests/toy_kind.py, no bytelm file touched) trains with the real entry point, is evaluated
-by bytelm.eval, exported with bytelm.hf.export and reloaded through transformers with the same logits."""
+(the bigram toy of tests/models/toy_kind.py, no bytelm file touched) trains with the real entry point, is
+evaluated by bytelm.eval, exported with bytelm.hf.export and reloaded through transformers with the same
+logits."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from bytelm.models.registry import (
     unregister_model,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY = ModelSpec(
     arch="bigram",
     model=BigramByteLM,
@@ -164,7 +165,11 @@ def test_cli_accepts_a_kind_registered_after_importing_train(tmp_path):
         "sys.argv = ['bytelm-train', 'experiment=flat_tiny', 'model.arch=bigram', '--cfg', 'job']\n"
         "bytelm.train.main()\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "models")]),
+        OMP_NUM_THREADS="1",
+    )
     res = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

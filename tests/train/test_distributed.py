@@ -7,9 +7,9 @@ over 2 and 3 ranks, and in batches too), and its validation bpb matches the sing
 failure: runs use a short collective timeout (``trainer.collective_timeout_s``), a rank that stalls makes the
 run fail within it, SIGTERM ends a run within seconds (with ``last.ckpt``), also one stuck in a collective.
 
-Each run is a subprocess (``python tests/test_distributed.py OUT overrides...``; Lightning starts the other
-ranks by running the same command again) in a session of its own, killed as a whole on timeout, so the test
-process stays free of process groups and no rank outlives its test.
+Each run is a subprocess (``python tests/train/test_distributed.py OUT overrides...``; Lightning starts the
+other ranks by running the same command again) in a session of its own, killed as a whole on timeout, so the
+test process stays free of process groups and no rank outlives its test.
 Run alone: ``pytest -m distributed`` (all of them, slow ones included); the default suite runs ddp, ZeRO-3 and
 FSDP2 (``-m "distributed and not slow"``).
 """
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
+ROOT = HERE.parents[2]
 STEPS, CKPT_AT, GLOBAL_BATCH, VAL_EVERY = 6, 3, 6, 2
 # 37 validation rows of 64 bytes: 19/18 rows (7/6 batches of 3) on 2 ranks, 13/12/12 (7/6/6 batches of 2) on 3
 VAL_BYTES = 2340

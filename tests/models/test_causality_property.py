@@ -5,8 +5,8 @@ A model kind is one entry of ``KINDS``: how to build a tiny model through bytelm
 row positions its logits belong to, and how to run it cached. Adding a kind is adding an entry; every test
 below then covers it. The byteified model predicts (byte, boundary) symbols whose bits a segmenter may choose
 with lookahead, so its property is stated over symbols and lives with its exact prior in
-tests/test_byteify_model.py (``test_joint_scoring_is_causal_on_adversarial_bytes``: the same adversarial
-bytes, learned and word patches).
+tests/byteify/test_byteify_model.py (``test_joint_scoring_is_causal_on_adversarial_bytes``: the same
+adversarial bytes, learned and word patches).
 
 The byte sequences are seeded and adversarial for a word splitter: specials (BOS/EOS), invalid and truncated
 UTF-8, 2/3/4-byte characters, combining marks (U+0300-U+036F, U+0332), U+00A0, CJK, Cyrillic, runs of spaces

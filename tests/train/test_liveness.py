@@ -1,6 +1,6 @@
 """``RankHeartbeat`` (bytelm.lit.liveness) without a cluster: ranks tick counters in a real TCPStore; when a
 collective fails, the failing rank names the ranks whose counter stopped, or says the store is unreachable.
-(On a real two-node Slurm cluster: tests/test_slurm_two_nodes.py.)"""
+(On a real two-node Slurm cluster: tests/slurm/test_slurm_two_nodes.py.)"""
 
 from __future__ import annotations
 

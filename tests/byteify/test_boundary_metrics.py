@@ -14,7 +14,7 @@ import torch
 from bytelm.eval.boundary import boundary_report, boundary_scores, grouped_boundary_scores
 from bytelm.eval.boundary_baselines import BASELINES, pretokenizer_rule, space_punct_rule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def naive(pred, true, mask=None) -> dict[str, float]:

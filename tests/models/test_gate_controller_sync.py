@@ -16,7 +16,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
+ROOT = HERE.parents[2]
 STEPS, ROWS_PER_RANK, T, WORLD = 6, 2, 40, 2
 TEXT = (
     b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
@@ -28,7 +28,7 @@ SIZES = {"hier_gate": dict(n_layers=1, d_byte=16, encoder_layers=1), "mrt5": dic
 
 
 def build(kind: str) -> torch.nn.Module:
-    from conftest import tiny_model  # also in the rank subprocesses (this file's folder is their sys.path[0])
+    from conftest import tiny_model  # also in the rank subprocesses (tests/ is on their PYTHONPATH)
 
     from bytelm.models.config import GateConfig
 
@@ -62,7 +62,7 @@ def run_steps(m: torch.nn.Module, rows_of_step) -> dict[str, float]:
 
 @pytest.mark.parametrize("kind", ["hier_gate", "mrt5"])
 def test_controller_state_is_global_and_identical_on_every_rank(kind, tmp_path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     init = tmp_path / "pg_init"
     procs = [
         subprocess.Popen(

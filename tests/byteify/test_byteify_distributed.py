@@ -2,9 +2,9 @@
 a split that does not divide evenly over the ranks, resumes exactly, and stage 2 starts from the stage-1
 checkpoint (sharded folder) and trains the backbone.
 
-Each run is a subprocess (``python tests/test_byteify_distributed.py OUT overrides...``; Lightning starts rank
-1 by running the same command again) in its own session, killed with its children when it overruns: a hang is
-a failure, never a wait. Collectives time out too (``trainer.collective_timeout_s``).
+Each run is a subprocess (``python tests/byteify/test_byteify_distributed.py OUT overrides...``; Lightning
+starts rank 1 by running the same command again) in its own session, killed with its children when it
+overruns: a hang is a failure, never a wait. Collectives time out too (``trainer.collective_timeout_s``).
 Default suite: FSDP2 (one representative case); ZeRO-3 runs with ``-m distributed`` / ``make test-slow``.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
+ROOT = HERE.parents[2]
 TIMEOUT = 300  # seconds per launch (2 processes); a tiny run takes well under a minute
 SEQ_LEN, PER_RANK_BATCH = 64, 2
 # validation rows = ceil(val_max_bytes / seq_len), dealt out as range(rank, n, world):

@@ -51,8 +51,8 @@ pytestmark = pytest.mark.slurm
 STEPS, VAL_EVERY, CKPT_EVERY = 12, 4, 4
 TIMEOUT_S = 20  # trainer.collective_timeout_s of every run (it also bounds the start-up rendezvous)
 SLEEP_S = 0.3  # trainer.step_sleep_s of the runs a fault hits mid-run (numerics unchanged)
-# hat_tiny at the debug=cpu size (as tests/test_slurm_cluster.py), last.ckpt every 4 steps so a failed run
-# has something to resume from (checkpointing changes no numerics)
+# hat_tiny at the debug=cpu size (as tests/slurm/test_slurm_cluster.py), last.ckpt every 4 steps so a failed
+# run has something to resume from (checkpointing changes no numerics)
 TRAIN = [
     "experiment=hat_tiny",
     "debug=cpu",

@@ -1,7 +1,7 @@
 """DistillObjective (bytelm.distill.objective): distillation as ``ByteLMModule.extra_loss``.
 
 Teacher: a 2-layer, width-32 random ``LlamaForCausalLM`` with the real SmolLM2 tokenizer (as in
-tests/test_distill_teacher.py), so everything runs in seconds. Batches come from the real data module.
+tests/distill/test_distill_teacher.py), so everything runs in seconds. Batches come from the real data module.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Slurm without a cluster (fast): the sbatch template for 1 and 4 nodes (bash -n, and executed with fake
 srun/scontrol), rank and world size from faked Slurm variables, SIGUSR1 -> checkpoint + requeue -> the
 requeued run resumes from it with the next batches, a SIGUSR1 before training is not fatal, and the
-hydra/launcher=slurm config composes. tests/test_slurm_cluster.py runs the same against a real one-node Slurm
-(``make test-slurm``)."""
+hydra/launcher=slurm config composes. tests/slurm/test_slurm_cluster.py runs the same against a real one-node
+Slurm (``make test-slurm``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "train.sbatch"
 
 

@@ -4,12 +4,13 @@ Scanned: the docstrings and comments of ``bytelm/**/*.py``, ``scripts/*.py`` and
 comments of the Hydra tree (``bytelm/conf/**/*.yaml``) and every tracked ``*.md`` file. Checked:
 
 - repository paths (``docs/design.md``, ``bytelm/models/flat.py``, ``scripts/demo.py``,
-  ``tests/test_words.py``, ``slurm/train.sbatch``; ``conf/...`` means ``bytelm/conf/...``) and relative
+  ``tests/data/test_words.py``, ``slurm/train.sbatch``; ``conf/...`` means ``bytelm/conf/...``) and relative
   Markdown links exist; a ``#fragment`` on a Markdown file names one of its headings (GitHub's anchors);
 - dotted names (``bytelm.models.flat.FlatByteLM``) import (the longest module prefix) and resolve (``getattr``
   for the rest).
 
-Globs (``tests/test_data_*.py``), placeholders in angle brackets and URLs are not references and are skipped.
+Globs (``tests/data/test_data_*.py``), placeholders in angle brackets and URLs are not references and are
+skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tokenize
 from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PATH_RE = re.compile(r"(?<![\w./~:-])((?:bytelm|docs|scripts|tests|slurm|conf)/[\w./#*?{}<>$-]*[\w/*}>])")
 NAME_RE = re.compile(r"(?<![\w./-])(bytelm(?:\.[A-Za-z_]\w*)+)")

@@ -16,7 +16,7 @@ import pytest
 from bytelm.cli.errors import EXIT_USER_ERROR, add_debug_flag, cli_main
 from bytelm.errors import OptionError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
