@@ -343,11 +343,20 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
             return b_logits.detach() > self.cfg.boundary_threshold
         lg = b_logits.detach().float().cpu().numpy()
         docs = doc_ids.cpu().tolist() if doc_ids is not None else [None] * ids.shape[0]
-        rows = [
-            vocab_segment_row(r, lr, self.trie, self.cfg.max_word_bytes or 0, self.cfg.boundary_patch_cost, d)
-            for r, lr, d in zip(ids.cpu().tolist(), lg, docs, strict=True)
-        ]
-        return torch.from_numpy(np.stack(rows)).to(ids.device)
+        out = np.ones(tuple(ids.shape), dtype=bool)  # right padding: patches of their own
+        for b, (r, d) in enumerate(zip(ids.cpu().tolist(), docs, strict=True)):
+            n = len(r)
+            while n and r[n - 1] == PAD_ID:  # a right-padded row gets the ends it gets alone
+                n -= 1
+            out[b, :n] = vocab_segment_row(
+                r[:n],
+                lg[b, :n],
+                self.trie,
+                self.cfg.max_word_bytes or 0,
+                self.cfg.boundary_patch_cost,
+                None if d is None else d[:n],
+            )
+        return torch.from_numpy(out).to(ids.device)
 
     def encode(
         self,

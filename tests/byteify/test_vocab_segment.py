@@ -159,3 +159,35 @@ def test_a_byteified_model_with_the_vocab_decoder_makes_only_vocabulary_patches(
             s = t + 1
     assert torch.equal(ends[0, :-1], out.hidden["closed"][0, :-1])  # forward uses the same decoder
     assert int((logits > 0).sum()) > int(ends.sum())  # ...the vocab decoder merges into tokens
+
+
+def test_a_right_padded_row_gets_the_ends_it_gets_alone(tiny_source):
+    import torch
+
+    from bytelm.config import load_config
+    from bytelm.data.bytes import PAD_ID
+    from bytelm.lit.strategies import build_model_for
+
+    cfg = load_config(
+        [
+            "experiment=byteify_smollm2",
+            "debug=cpu",
+            f"byteify.source={tiny_source}",
+            "model.boundary_decode=vocab",
+        ]
+    )
+    m = build_model_for(cfg).eval()
+    short = list(b"a row that stops inside a wor")
+    longer = list(b"another row, a little longer than it")
+    ids = torch.full((2, len(longer)), PAD_ID)
+    ids[0, : len(short)] = torch.tensor(short)
+    ids[1] = torch.tensor(longer)
+    with torch.no_grad():
+        last = m.boundary.mlp[-1] if isinstance(m.boundary.mlp, torch.nn.Sequential) else m.boundary.mlp
+        last.weight.zero_()
+        last.bias.fill_(-5.0)  # every byte prefers to continue: alone, the last patch stays open
+        batch, _ = m.segment(ids)
+        alone, _ = m.segment(ids[:1, : len(short)])
+    assert not bool(alone[0, -1])
+    assert torch.equal(batch[0, : len(short)], alone[0])
+    assert bool(batch[0, len(short) :].all())  # padding: patches of their own
