@@ -39,8 +39,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-# byte models read each evaluated text from its start, as the teacher's chunks do (bytelm.eval's default
-# tiling cuts texts wherever a row ends: +2.2% on the held-out works at step 0 in the third run)
+# byte models read each evaluated text in the teacher's windows (bytelm.eval's default tiling cuts texts
+# wherever a row ends: +2.2% on the held-out works at step 0 in the third run)
 PACKING = "documents"
 STAGE_LR = {
     0: 2e-3,
@@ -370,10 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, Any]] = [
         (
             "teacher",
-            lambda: load_scorer(
+            lambda: load_scorer(  # the windows DocumentRows gives the byte rows (BOS + seq_len - 1 bytes)
                 "teacher",
-                seq_len=args.eval_seq_len,
-                name=f"SmolLM2-135M (teacher, {args.eval_seq_len}-byte windows)",
+                seq_len=args.eval_seq_len - 1,
+                name=f"SmolLM2-135M (teacher, {args.eval_seq_len - 1}-byte windows)",
             ),
         )
     ]

@@ -38,3 +38,26 @@ def decode_bytes(ids: list[int] | torch.Tensor) -> bytes:
 def decode(ids: list[int] | torch.Tensor, errors: str = "replace") -> str:
     """Byte ids to text. Invalid UTF-8 becomes U+FFFD by default (``errors='strict'`` raises instead)."""
     return decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+def utf8_cut(data: bytes, n: int) -> int:
+    """Largest cut ``<= n`` that does not split a UTF-8 character (``n`` itself if no lead byte is near)."""
+    if n >= len(data):
+        return len(data)
+    for k in range(n, max(n - 3, 0) - 1, -1):
+        if not 0x80 <= data[k] < 0xC0:  # not a continuation byte: a character starts here
+            return k if k > 0 else n
+    return n
+
+
+def text_chunks(data: bytes, chunk_bytes: int) -> list[bytes]:
+    """``data`` cut into consecutive pieces of at most ``chunk_bytes`` bytes at character boundaries (a piece
+    is cut inside a character only where no boundary is near): how a long text is read in independent
+    windows, by a subword teacher (``TeacherScorer``) and by ``DocumentRows`` alike."""
+    out, i = [], 0
+    while i < len(data):
+        j = utf8_cut(data, i + chunk_bytes)
+        j = j if j > i else min(len(data), i + chunk_bytes)
+        out.append(data[i:j])
+        i = j
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID, text_chunks
 from bytelm.data.documents import Document, InputStats, clean_document
 
 log = logging.getLogger(__name__)
@@ -343,15 +343,22 @@ class TiledWindows(Dataset):
 
 class DocumentRows(Dataset):
     """Evaluation rows that start at document starts: documents in order, as many whole ones per row as fit
-    (``BOS doc EOS`` each); a document longer than a row is tiled from its own start, like a subword model's
-    chunks of the same text. Every byte is scored once, and no document is cut at a place that depends on
-    the documents before it (``TiledWindows`` cuts wherever a row ends). Rows are padded."""
+    (``BOS doc EOS`` each). A document longer than a row is read as independent pieces of at most
+    ``seq_len - 1`` bytes cut at character boundaries (``text_chunks``), each with its own BOS: exactly the
+    windows a subword model with ``chunk_bytes = seq_len - 1`` reads (``TeacherScorer``). Every byte is
+    scored once, and no text is cut at a place that depends on the texts before it (``TiledWindows`` cuts
+    wherever a row ends). Rows are padded."""
 
     def __init__(self, docs: Sequence[Document], seq_len: int, **corpus_kw: Any) -> None:
         self.seq_len = seq_len
+        pieces = [
+            Document(d.name, c, d.group, d.error)
+            for d in docs
+            for c in (text_chunks(d.data, seq_len - 1) if len(d.data) > seq_len - 1 else [d.data])
+        ]
         bins: list[list[Document]] = []
         used = seq_len + 2  # ids in the open bin (starts "full": the first document opens one)
-        for d in docs:
+        for d in pieces:
             n = len(d.data) + 2
             if used + n > seq_len + 1:  # a row holds seq_len inputs = seq_len + 1 stream ids
                 bins.append([])

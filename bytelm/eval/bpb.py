@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from bytelm.data.bytes import utf8_cut
 from bytelm.eval.noise import DEFAULT_LEVELS, KINDS, noise_documents
-from bytelm.eval.scoring import ByteScorer, CorpusResult, Scorer, utf8_cut
+from bytelm.eval.scoring import ByteScorer, CorpusResult, Scorer
 
 REPORTED_METRICS = ("bytes_per_word", "kept_ratio")  # model metrics worth a column
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bytelm.data.bytes import BOS_ID, PAD_ID
+from bytelm.data.bytes import BOS_ID, PAD_ID, text_chunks
 from bytelm.data.packed import IGNORE, DocumentRows, PackedCorpus, TiledWindows
 from bytelm.data.shakespeare import Document
 from bytelm.errors import OptionError
@@ -83,16 +83,6 @@ def count_parameters(model: torch.nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
-    return n
-
-
-def utf8_cut(data: bytes, n: int) -> int:
-    """Largest cut ``<= n`` that does not split a UTF-8 character (``n`` itself if no lead byte is near)."""
-    if n >= len(data):
-        return len(data)
-    for k in range(n, max(n - 3, 0) - 1, -1):
-        if not 0x80 <= data[k] < 0xC0:  # not a continuation byte: a character starts here
-            return k if k > 0 else n
     return n
 
 
@@ -328,15 +318,7 @@ class TeacherScorer:
         }
 
     def _chunks(self, texts: Sequence[bytes]) -> list[bytes]:
-        out = []
-        for t in texts:
-            i = 0
-            while i < len(t):
-                j = utf8_cut(t, i + self.chunk_bytes)
-                j = j if j > i else min(len(t), i + self.chunk_bytes)
-                out.append(t[i:j])
-                i = j
-        return out
+        return [c for t in texts for c in text_chunks(t, self.chunk_bytes)]
 
     @torch.no_grad()
     def corpus_nll(self, texts: Sequence[bytes], *, progress: bool = False) -> CorpusResult:

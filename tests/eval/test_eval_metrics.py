@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from bytelm.data.bytes import PADDED_VOCAB
+from bytelm.data.bytes import PADDED_VOCAB, utf8_cut
 from bytelm.eval.bpb import take_bytes
 from bytelm.eval.cute import Item, score_items
-from bytelm.eval.scoring import ByteScorer, TeacherScorer, utf8_cut
+from bytelm.eval.scoring import ByteScorer, TeacherScorer
 from bytelm.models.config import ModelOutput
 
 LN3, LN2 = math.log(3.0), math.log(2.0)

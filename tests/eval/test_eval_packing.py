@@ -1,7 +1,7 @@
 """``ByteScorer(packing="documents")`` (bytelm.data.packed.DocumentRows, docs/eval.md): rows start at
-text starts, every byte is scored once, no text shorter than a row is cut, a long text is tiled from its own
-start; so a document-masked model's corpus NLL is the sum of its texts' NLLs in any order, which the default
-tiling (cuts wherever a row ends) does not give."""
+text starts, every byte is scored once, no text shorter than a row is cut, a long text is read in the windows
+a subword teacher reads; so a document-masked model's corpus NLL is the sum of its texts' NLLs in any order,
+which the default tiling (cuts wherever a row ends) does not give."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 import pytest
 from conftest import tiny_model
 
-from bytelm.data.bytes import BOS_ID
+from bytelm.data.bytes import BOS_ID, EOS_ID, text_chunks
 from bytelm.data.packed import IGNORE, DocumentRows
 from bytelm.data.shakespeare import Document
 from bytelm.errors import OptionError
@@ -28,20 +28,30 @@ def texts(seed: int) -> list[bytes]:
     return out
 
 
-def test_document_rows_score_every_byte_once_and_cut_only_long_texts():
+def test_document_rows_read_each_text_in_the_teachers_windows():
+    """Every row starts with a BOS; the texts between BOS and EOS are, in order, the windows a subword
+    teacher reads (``text_chunks`` of ``seq_len - 1`` bytes at character boundaries); every byte is scored
+    once."""
     data = texts(0)
+    data.append("é".encode() * 40)  # 80 bytes: its window ends before a split character
     rows = DocumentRows([Document(f"t{i}", t) for i, t in enumerate(data)], SEQ)
-    scored, continued = 0, 0
+    scored, read = 0, []
     for k in range(len(rows)):
-        r = rows[k]
-        ids, tgt = r["input_ids"], r["targets"]
-        assert ids.shape == (SEQ,)
-        if int(ids[0]) != BOS_ID:  # only the long text continues in a row of its own, from its own start
-            assert set(int(i) for i in ids if i < 256) == {ord("x")}
-            continued += 1
+        ids, tgt = rows[k]["input_ids"].tolist(), rows[k]["targets"]
+        assert len(ids) == SEQ and ids[0] == BOS_ID
         scored += int(((tgt != IGNORE) & (tgt < 256)).sum())
+        cur: list[int] = []
+        for i in [*ids, EOS_ID]:
+            if i >= 256:
+                if cur:
+                    read.append(bytes(cur))
+                cur = []
+            else:
+                cur.append(i)
     assert scored == sum(len(t) for t in data)
-    assert continued == 2  # 150 bytes after a BOS: rows of 64 ids cut it twice
+    assert read == [c for t in data for c in text_chunks(t, SEQ - 1)]
+    assert [len(c) for c in text_chunks(b"x" * 150, SEQ - 1)] == [63, 63, 24]
+    assert text_chunks("é".encode() * 40, SEQ - 1)[0] == "é".encode() * 31  # 62 bytes: no split character
 
 
 @pytest.mark.parametrize("kind", ["flat", "hierarchical"])
