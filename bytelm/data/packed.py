@@ -352,9 +352,7 @@ class DocumentRows(Dataset):
     def __init__(self, docs: Sequence[Document], seq_len: int, **corpus_kw: Any) -> None:
         self.seq_len = seq_len
         pieces = [
-            Document(d.name, c, d.group, d.error)
-            for d in docs
-            for c in (text_chunks(d.data, seq_len - 1) if len(d.data) > seq_len - 1 else [d.data])
+            Document(d.name, c, d.group, d.error) for d in docs for c in text_chunks(d.data, seq_len - 1)
         ]
         bins: list[list[Document]] = []
         used = seq_len + 2  # ids in the open bin (starts "full": the first document opens one)

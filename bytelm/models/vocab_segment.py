@@ -12,7 +12,7 @@ with ``l_t`` the boundary logits and ``c`` = ``boundary_patch_cost`` (nats per p
 longer patches, as BPE's merges do). Dynamic programming over the token lattice (``VocabTrie.token_lengths``):
 O(T x longest token) per row. Rules: a special is a patch of its own; no patch spans two documents or exceeds
 ``max_word_bytes``; a single byte is always allowed (a vocabulary without byte fallback stays feasible); the
-row's last patch may stop inside a token (the row cut it), its last bit then decided as the others. It is a
+row's last patch may stop inside a token (the row cut it; its last bit is then "continues"). It is a
 segmenter, so looking at the whole row is allowed: the fused head pays for every bit it chooses.
 """
 

@@ -11,7 +11,9 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
+from bytelm.data.bytes import PAD_ID
 from bytelm.models.vocab_segment import vocab_segment_row
 from bytelm.models.vocab_trie import VocabTrie
 
@@ -127,9 +129,8 @@ def test_patch_cost_prefers_fewer_patches_and_strong_logits_win():
     assert score_of(ends, ids, logits.tolist(), 0.0) == pytest.approx(log_sig(-9.0) + 4 * log_sig(9.0))
 
 
-def test_a_byteified_model_with_the_vocab_decoder_makes_only_vocabulary_patches(tiny_source):
-    import torch
-
+def constant_logit_model(tiny_source, logit: float):
+    """A byteified model with the vocab decoder whose boundary predictor outputs ``logit`` at every byte."""
     from bytelm.config import load_config
     from bytelm.lit.strategies import build_model_for
 
@@ -142,12 +143,18 @@ def test_a_byteified_model_with_the_vocab_decoder_makes_only_vocabulary_patches(
         ]
     )
     m = build_model_for(cfg).eval()
+    last = m.boundary.mlp[-1] if isinstance(m.boundary.mlp, torch.nn.Sequential) else m.boundary.mlp
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(logit)
+    return m
+
+
+def test_a_byteified_model_with_the_vocab_decoder_makes_only_vocabulary_patches(tiny_source):
+    m = constant_logit_model(tiny_source, 1.0)  # the threshold decoder would end a patch at every byte...
     text = "Vocabulary patches: caf\u00e9, na\u00efve, \u65e5\u672c\u8a9e and  two  spaces.".encode()
     ids = torch.tensor([list(text)])
     with torch.no_grad():
-        last = m.boundary.mlp[-1] if isinstance(m.boundary.mlp, torch.nn.Sequential) else m.boundary.mlp
-        last.weight.zero_()
-        last.bias.fill_(1.0)  # every logit 1: the threshold decoder would end a patch at every byte...
         ends, logits = m.segment(ids)
         out = m(ids)
     tokens = {t for t in m.trie._table if t}
@@ -162,30 +169,15 @@ def test_a_byteified_model_with_the_vocab_decoder_makes_only_vocabulary_patches(
 
 
 def test_a_right_padded_row_gets_the_ends_it_gets_alone(tiny_source):
-    import torch
-
-    from bytelm.config import load_config
-    from bytelm.data.bytes import PAD_ID
-    from bytelm.lit.strategies import build_model_for
-
-    cfg = load_config(
-        [
-            "experiment=byteify_smollm2",
-            "debug=cpu",
-            f"byteify.source={tiny_source}",
-            "model.boundary_decode=vocab",
-        ]
-    )
-    m = build_model_for(cfg).eval()
+    m = constant_logit_model(
+        tiny_source, -5.0
+    )  # every byte prefers to continue: alone, the last patch stays open
     short = list(b"a row that stops inside a wor")
     longer = list(b"another row, a little longer than it")
     ids = torch.full((2, len(longer)), PAD_ID)
     ids[0, : len(short)] = torch.tensor(short)
     ids[1] = torch.tensor(longer)
     with torch.no_grad():
-        last = m.boundary.mlp[-1] if isinstance(m.boundary.mlp, torch.nn.Sequential) else m.boundary.mlp
-        last.weight.zero_()
-        last.bias.fill_(-5.0)  # every byte prefers to continue: alone, the last patch stays open
         batch, _ = m.segment(ids)
         alone, _ = m.segment(ids[:1, : len(short)])
     assert not bool(alone[0, -1])
