@@ -12,8 +12,8 @@ The cache holds the three stacks' KV caches and the open patch. Each byte arrive
 - not given, ``causal=True`` (the ``causal_bits`` of ``ByteifiedLM.forward``): every byte takes the head's
   preferred bit, no segmenter at all, so the byte marginals are an honest causal byte distribution.
 
-A byte whose bit is set closes its patch at once: pooled, one backbone step, and that output is the context of
-the byte itself (no delay). A special closes the open patch and then a patch of its own; the size cap closes a
+A byte whose bit is set closes its patch at once: pooled and run through the backbone, and that output is the
+context of the byte itself (no delay); the patches that close within one call share one backbone forward. A special closes the open patch and then a patch of its own; the size cap closes a
 patch at ``max_word_bytes``. The rules are those of the full forward, which the cached logits equal given the
 same bits (tests/byteify/test_byteify_model.py).
 """
@@ -47,6 +47,7 @@ class ByteifiedCache:
     ctx_cum: torch.Tensor | None = (
         None  # (1, V'+1) its head's prefix sums (prior_cumsum): one matmul per patch
     )
+    ctx_inj: list[torch.Tensor] | None = None  # its decoder injections (ctx_proj), (1, d) per decoder layer
     node: int = 0  # trie node of the open patch's bytes (VocabTrie.open_nodes)
     seg_start: int = 0  # start of the current segment (after the latest special), for expanded ids
     last_logits: torch.Tensor | None = None  # (2V,) fused logits of the latest position
@@ -156,21 +157,19 @@ class ByteifiedDecoding:
     ) -> torch.Tensor:
         """Apply the patch rules to bytes whose encoder states ``h`` (1, n, d) are computed, run the decoder
         over them; returns fused logits (1, n, 2V). The encoder already holds these bytes; ``cache.ids``
-        does not."""
+        does not.
+
+        The patches that close among the new bytes go through the backbone together, in one cached forward
+        (and their prior's prefix sums in one head matmul): a prompt of P patches costs one backbone call, not
+        P. Each byte reads the latest patch closed at or before it, as in the full forward."""
         m: Any = self
         dev = h.device
         trie = m.trie
         cap = m.cfg.max_word_bytes or 0
+        pending: list[torch.Tensor] = []  # (1, 1, D) patch vectors waiting for the backbone, in order
         if p0 == 0 and new and new[0] < 256:  # a row that starts inside a document: the sink comes first
-            self._set_ctx(
-                cache,
-                m.run_backbone(
-                    m.sink(1, h.dtype), torch.zeros(1, dtype=torch.long, device=dev), caches=cache.backbone
-                )[:, -1],
-            )
-            cache.n_words = 1
-        ctx_rows: list[torch.Tensor] = []
-        cums: list[torch.Tensor | None] = []
+            pending.append(m.sink(1, h.dtype))
+        reads: list[int] = []  # per byte: the pending patch it reads, -1 = the context before this call
         nodes: list[int] = []
         forced: list[bool] = []
         for j, tok in enumerate(new):
@@ -178,8 +177,8 @@ class ByteifiedDecoding:
             cache.ids.append(tok)
             if tok >= 256:
                 if cache.plen > 0:  # a special ends the open patch (ready at the special)
-                    self._close_patch(cache, t - 1, dev)
-                self._close_patch(cache, t, dev, special=True)
+                    pending.append(self._close_patch(cache, t - 1, dev))
+                pending.append(self._close_patch(cache, t, dev, special=True))
                 cache.seg_start = t + 1
                 closed = True
             else:
@@ -188,40 +187,49 @@ class ByteifiedDecoding:
                 cache.node = trie.open_step(cache.node, tok)
                 closed = bits[j] or (cap > 0 and cache.plen >= cap)
                 if closed:
-                    self._close_patch(cache, t, dev)
+                    pending.append(self._close_patch(cache, t, dev))
             cache.bits.append(closed)
-            ctx_rows.append(cache.ctx[0] if cache.ctx is not None else m.first_word)
-            cums.append(cache.ctx_cum)
+            reads.append(len(pending) - 1)
             nodes.append(cache.node)
             forced.append(cap > 0 and (1 if closed else cache.plen + 1) >= cap)
-        table = torch.stack(ctx_rows).unsqueeze(0)  # (1, n, D)
+        old_row = cache.ctx if cache.ctx is not None else m.first_word.view(1, -1)  # (1, D)
+        old_cum = cache.ctx_cum
+        # the decoder's context injections (one (1, d) per decoder layer) of the old context, kept per patch
+        old_inj = cache.ctx_inj if cache.ctx_inj is not None else [p(old_row) for p in m.ctx_proj]
+        rows, inj, new_cum = old_row, old_inj, None  # context rows: 0 = the old context, 1 + r = pending r
+        if pending:
+            pos = torch.arange(cache.n_words, cache.n_words + len(pending), device=dev)
+            z = m.run_backbone(torch.cat(pending, 1), pos, caches=cache.backbone)[0]  # (k, D)
+            cache.n_words += len(pending)
+            new_cum = prior_cumsum(trie, m.head_weight(), z) if m.cfg.lm_prior else None  # (k, V'+1)
+            new_inj = [p(z) for p in m.ctx_proj]  # each (k, d)
+            rows = torch.cat([old_row.to(z.dtype), z])
+            inj = [torch.cat([o, x]) for o, x in zip(old_inj, new_inj, strict=True)]
+            cache.ctx, cache.ctx_inj = z[-1:], [x[-1:] for x in new_inj]
+            cache.ctx_cum = None if new_cum is None else new_cum[-1:]
+        idx = torch.tensor([r + 1 for r in reads], device=dev)  # (n,) context row of each byte
         cos, sin = m._byte_rope(torch.arange(p0, p0 + len(new), device=dev))
-        y = m._run(m.decoder, h, cos, sin, caches=cache.dec, inject=[p(table) for p in m.ctx_proj])
+        inject = [x.index_select(0, idx).unsqueeze(0) for x in inj]  # each (1, n, d)
+        y = m._run(m.decoder, h, cos, sin, caches=cache.dec, inject=inject)
         prior = None
         if m.cfg.lm_prior:
-            if any(
-                c is None for c in cums
-            ):  # no context yet (cannot happen after the sink): the full computation
-                prior = m.prior(table[0], torch.arange(len(new), device=dev), torch.tensor(nodes, device=dev))
+            node_t = torch.tensor(nodes, device=dev)
+            if any(r < 0 for r in reads) and old_cum is None:  # no context yet (not after the sink)
+                prior = m.prior(rows, idx, node_t)
             else:  # the prefix sums of each patch, computed once when it closed
-                uniq: dict[int, int] = {}
-                row_of = [uniq.setdefault(id(c), len(uniq)) for c in cums]
-                cum = torch.cat([c for c in {id(c): c for c in cums}.values() if c is not None], 0)  # type: ignore[misc]
-                prior = fused_from_cumsum(
-                    m.trie,
-                    cum,
-                    torch.tensor(row_of, device=dev),
-                    torch.tensor(nodes, device=dev),
-                    m.cfg.vocab_size,
-                )
+                parts = [c for c in (old_cum, new_cum) if c is not None]
+                shift = 0 if old_cum is not None else 1  # without old prefix sums no byte reads row 0
+                prior = fused_from_cumsum(m.trie, torch.cat(parts, 0), idx - shift, node_t, m.cfg.vocab_size)
             prior = prior.unsqueeze(0)
         logits = m.fuse(m.lm_head(m.norm(y)), prior, torch.tensor([forced], device=dev))  # (1, n, 2V)
         cache.last_logits = logits[0, -1]
         return logits
 
-    def _close_patch(self, cache: ByteifiedCache, t: int, dev: torch.device, special: bool = False) -> None:
-        """Pool the open patch (ending at byte t) or a special's patch, run one backbone step; its output is
-        the context from byte t on."""
+    def _close_patch(
+        self, cache: ByteifiedCache, t: int, dev: torch.device, special: bool = False
+    ) -> torch.Tensor:
+        """The vector (1, 1, D) of the open patch (ending at byte t) or of a special's patch, for the
+        backbone; resets the open patch."""
         m: Any = self
         if special or cache.last_h is None:
             vec = m.sink(1, m.embed.weight.dtype)
@@ -234,13 +242,5 @@ class ByteifiedDecoding:
                 tok = m.patch_tokens(patch, [True] + [False] * (len(patch) - 1))[-1]
                 if tok >= 0:
                     vec = vec + m.source_embed.weight[tok].to(vec.dtype)
-        pos = torch.tensor([cache.n_words], device=dev)
-        self._set_ctx(cache, m.run_backbone(vec, pos, caches=cache.backbone)[:, -1])  # (1, D)
-        cache.n_words += 1
         cache.patch_start, cache.plen, cache.node, cache.last_h = t + 1, 0, 0, None
-
-    def _set_ctx(self, cache: ByteifiedCache, ctx: torch.Tensor) -> None:
-        """A new context patch (1, D), with its head's prefix sums for the prior of the bytes that read it."""
-        m: Any = self
-        cache.ctx = ctx
-        cache.ctx_cum = prior_cumsum(m.trie, m.head_weight(), ctx) if m.cfg.lm_prior else None
+        return vec
