@@ -183,27 +183,39 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
     """requires_grad by stage (module docstring). With word patches (the ablation) the boundary predictor has
     no loss and stays frozen (DDP refuses parameters that get no gradient)."""  # noqa: D401
     words = getattr(getattr(model, "cfg", None), "chunker", "gate") == "words"
+    seg_frozen = bool(getattr(model, "segmenter_frozen", False))  # the segmenter is a frozen snapshot
     for name, p in model.named_parameters():
         train = True
-        if c.stage == 0:  # the boundary phase: what the boundary logits read, nothing else
+        if name.startswith("segmenter."):  # the segmenter's own encoder: a copy, never trained
+            train = False
+        elif c.stage == 0:  # the boundary phase: what the boundary logits read, nothing else
             train = name.startswith(("embed.", "encoder.", "expand_proj.", "boundary."))
         elif name.startswith(("source_embed.", "source_head.", "first_word")):
             train = False
         elif is_backbone(name):
             train = c.stage == 2 and not c.freeze_backbone
         elif name.startswith("boundary."):
-            train = (c.stage == 1 or c.train_boundary) and not words
+            train = (c.stage == 1 or c.train_boundary) and not words and not seg_frozen
         p.requires_grad_(train)
 
 
-def init_from_checkpoint(model: torch.nn.Module, path: str, kind: str = "plain") -> None:
-    """Load the model weights of a (stage-1) checkpoint: a Lightning ``.ckpt`` file or a DeepSpeed/FSDP2
-    checkpoint folder (consolidated with ``bytelm.checkpoint``)."""
+def init_from_checkpoint(model: torch.nn.Module, path: str, kind: str = "plain", stage: int = 1) -> None:
+    """Load the model weights of a checkpoint: a Lightning ``.ckpt`` file or a DeepSpeed/FSDP2 checkpoint
+    folder (consolidated with ``bytelm.checkpoint``). A model with its own segmenter encoder
+    (``model.segmenter_encoder``) that starts stage 1 or 2 from a boundary-phase checkpoint freezes it here:
+    the segmenter gets a copy of the encoder the boundary phase trained (``segmenter_snapshot``), and later
+    training moves the shared encoder only."""
     from bytelm.checkpoint import consolidated_state_dict
+    from bytelm.models.byteified import segmenter_snapshot
 
     if not Path(path).exists():
         raise FileNotFoundError(f"byteify.init_from={path!r} does not exist")
-    state, _ = consolidated_state_dict(path)
+    state, ck_cfg = consolidated_state_dict(path)
+    ready = state.get("segmenter_ready")
+    from_phase0 = ck_cfg.byteify.stage == 0 and (ready is None or not bool(ready.sum()))
+    if stage >= 1 and from_phase0 and getattr(model, "segmenter", None) is not None:
+        state = {**state, **segmenter_snapshot(state)}
+        log.info("byteify: the segmenter's encoder is frozen as %s left it", path)
     load_tensors(model, state, kind)
     log.info("byteify: initialised from %s (%d tensors)", path, len(state))
 
@@ -570,7 +582,7 @@ def load_pretrained(model: torch.nn.Module, cfg: Config, kind: str = "plain") ->
     (or a stage-1 run's weights, ``byteify.init_from``), then which parts train (``byteify.train_*``)."""
     load_tensors(model, source_tensors(cfg), kind)
     if cfg.byteify.init_from:
-        init_from_checkpoint(model, cfg.byteify.init_from, kind)
+        init_from_checkpoint(model, cfg.byteify.init_from, kind, cfg.byteify.stage)
     set_trainable(model, cfg.byteify)
 
 

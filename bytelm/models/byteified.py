@@ -110,6 +110,21 @@ class BoundaryPredictor(nn.Module):
         return self.mlp(torch.cat(parts, -1)).squeeze(-1).float()  # (B, T)
 
 
+SEGMENTER_COPIES = ("embed.", "expand_proj.", "encoder.")  # what the segmenter's own encoder copies
+
+
+def segmenter_snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors that freeze a model's segmenter (``model.segmenter_encoder``), from a state dict: copies
+    of the shared byte embedding, expansion projection and encoder under ``segmenter.`` and
+    ``segmenter_ready`` = 1. Applied to a state dict (not to modules) so it loads into plain, ZeRO-3 and
+    FSDP2 parameters alike."""
+    snap = {f"segmenter.{k}": v.clone() for k, v in state.items() if k.startswith(SEGMENTER_COPIES)}
+    if not any(k.startswith("segmenter.encoder.") for k in snap):
+        raise ValueError("segmenter snapshot: the state dict holds no encoder.* tensors to copy")
+    snap["segmenter_ready"] = torch.ones(1)
+    return snap
+
+
 class PatchPooling(LastPooling):
     """``LastPooling`` with a bias, indexed by each patch's last byte: (B, T, d_byte), (B, W) -> (B, W,
     d_model)."""
@@ -188,6 +203,21 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         self.vocab_offsets: torch.Tensor
         self.register_buffer("vocab_bytes", torch.zeros(cfg.source_vocab_bytes, dtype=torch.uint8))
         self.register_buffer("vocab_offsets", torch.zeros(cfg.source_vocab + 1, dtype=torch.long))
+        # the segmenter's own byte embedding + encoder (cfg.segmenter_encoder): frozen, filled from the encoder
+        # by ``segmenter_snapshot`` when stage 1 starts; until ``segmenter_ready`` is set the predictor reads
+        # the shared encoder
+        self.segmenter: nn.ModuleDict | None = None
+        self.segmenter_ready: torch.Tensor
+        if cfg.segmenter_encoder and cfg.chunker == "gate":
+            self.segmenter = nn.ModuleDict(
+                {
+                    "embed": copy.deepcopy(self.embed),
+                    "expand_proj": copy.deepcopy(self.expand_proj),
+                    "encoder": copy.deepcopy(self.encoder),
+                }
+            )
+            self.segmenter.requires_grad_(False)
+            self.register_buffer("segmenter_ready", torch.zeros(1))  # (1,): 1 once the snapshot is in
         self._max_token = 1
         self._trie: VocabTrie | None = None
         self._trie_key: tuple[int, int] | None = None
@@ -244,11 +274,14 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
 
     # -- pieces shared by the full and the cached path -----------------------------------------------------
 
-    def embed_bytes(self, ids: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
-        """Byte embedding + projected source embedding of ``expanded`` (B, T) ids (-1: none) -> (B, T, d)."""
+    def embed_bytes(self, ids: torch.Tensor, expanded: torch.Tensor, segmenter: bool = False) -> torch.Tensor:
+        """Byte embedding + projected source embedding of ``expanded`` (B, T) ids (-1: none) -> (B, T, d);
+        ``segmenter``: the segmenter's own copies of the two."""
         special = ids >= 256
         ex = torch.where(special, self.cfg.source_start_id, expanded)
         e = self.source_embed(ex.clamp(min=0)) * (ex >= 0).unsqueeze(-1).to(self.source_embed.weight.dtype)
+        if segmenter and self.segmenter is not None:
+            return self.segmenter["embed"](ids) + self.segmenter["expand_proj"](e)
         return self.embed(ids) + self.expand_proj(e)
 
     def expanded_ids(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -328,9 +361,7 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         if self.cfg.chunker == "words":
             ws = self.word_starts_batch(input_ids, doc_ids)
             return torch.cat([ws[:, 1:], torch.zeros_like(ws[:, :1])], 1), None
-        if h is None:
-            h = self.encode(input_ids, doc_ids)
-        b_logits = self.boundary(h, input_ids != PAD_ID)
+        b_logits = self.boundary_logits(input_ids, h, doc_ids)
         return self.decode_boundaries(input_ids, b_logits, doc_ids), b_logits
 
     def decode_boundaries(
@@ -363,22 +394,44 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         input_ids: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         expanded: torch.Tensor | None = None,
+        segmenter: bool = False,
     ) -> torch.Tensor:
-        """(B, T, d) encoder states."""
+        """(B, T, d) encoder states (``segmenter``: of the segmenter's own encoder)."""
         cos, sin = self._byte_rope(torch.arange(input_ids.shape[1], device=input_ids.device))
         if expanded is None:
             expanded = self.expanded_ids(input_ids, doc_ids)
-        x = self.embed_bytes(input_ids, expanded)
+        x = self.embed_bytes(input_ids, expanded, segmenter)
+        stack = self.segmenter["encoder"] if segmenter and self.segmenter is not None else self.encoder
         return self._run(
-            self.encoder, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window
+            stack, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window
         )
+
+    @property
+    def segmenter_frozen(self) -> bool:
+        """The boundary predictor reads the segmenter's own (frozen) encoder, not the shared one."""
+        return self.segmenter is not None and bool(self.segmenter_ready.item() > 0)
+
+    def boundary_logits(
+        self,
+        input_ids: torch.Tensor,
+        h: torch.Tensor | None,
+        doc_ids: torch.Tensor | None = None,
+        expanded: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) boundary logits: the predictor over the shared encoder's states ``h`` (B, T, d), or over the
+        segmenter's own encoder once it is frozen (``segmenter_frozen``; ``h`` is then not read)."""
+        if self.segmenter_frozen:
+            h = self.encode(input_ids, doc_ids, expanded, segmenter=True)
+        elif h is None:
+            h = self.encode(input_ids, doc_ids, expanded)
+        return self.boundary(h, input_ids != PAD_ID)
 
     def _boundary_only(self, ids: torch.Tensor, h: torch.Tensor, ends: torch.Tensor | None) -> ModelOutput:
         """The boundary phase's forward: no backbone, no decoder; ``loss`` = BCE of the boundary logits
         against ``ends`` (so ``train/bpb`` reads as bits per byte of the boundary labels)."""
         if ends is None:
             raise ValueError("boundary_only=True needs patch_end (the token ends the predictor learns)")
-        b_logits = self.boundary(h, ids != PAD_ID)
+        b_logits = self.boundary_logits(ids, h)
         loss, _ = _boundary_bce(b_logits, ids, ends.bool())
         return ModelOutput(logits=b_logits.unsqueeze(-1), loss=loss, hidden={"boundary_logits": b_logits})
 
@@ -405,11 +458,15 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         B, T = input_ids.shape
         dev = input_ids.device
         cos, sin = self._byte_rope(torch.arange(T, device=dev))
+        if expanded is None:
+            expanded = self.expanded_ids(input_ids, doc_ids)
         h = self.encode(input_ids, doc_ids, expanded)  # (B, T, d)
         if boundary_only:
             return self._boundary_only(input_ids, h, patch_end)
         # also the boundary loss's input
-        b_logits = self.boundary(h, input_ids != PAD_ID) if self.cfg.chunker == "gate" else None
+        b_logits = (
+            self.boundary_logits(input_ids, h, doc_ids, expanded) if self.cfg.chunker == "gate" else None
+        )
         if patch_end is not None:
             ends = patch_end.bool()
         elif b_logits is not None:

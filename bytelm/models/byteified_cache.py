@@ -127,7 +127,12 @@ class ByteifiedDecoding:
                 seg = m.word_starts_row(cache.ids[cache.seg_start :] + new)[-n:]
                 bits[: n - 1] = [bool(x) for x in seg[1:]]
             else:
-                ends = m.decode_boundaries(new_ids, m.boundary(h))  # (1, n)
+                if m.segmenter_frozen:  # its own encoder over the row so far (the cache holds the shared one's)
+                    row = torch.tensor([cache.ids + new], device=new_ids.device)
+                    logits = m.boundary_logits(row, None)[:, -n:]
+                else:
+                    logits = m.boundary(h)
+                ends = m.decode_boundaries(new_ids, logits)  # (1, n)
                 bits[: n - 1] = ends[0, : n - 1].tolist()
             first = self._feed(cache, new[:-1], h[:, :-1], bits[:-1], p0)
         bits[-1] = self.preferred_bit(cache.last_logits, new[-1]) if new[-1] < 256 else True

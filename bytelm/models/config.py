@@ -155,6 +155,10 @@ class ModelConfig:
     # segmentation into source vocabulary tokens (bytelm/models/vocab_segment.py)
     boundary_decode: str = choice("threshold", "threshold", "vocab")
     boundary_patch_cost: float = 2.0  # boundary_decode=vocab: nats charged per patch (> 0: fewer patches)
+    # byteified, chunker=gate: the boundary predictor reads its own copy of the byte embedding and encoder, a
+    # frozen snapshot of the encoder taken when stage 1 starts from a boundary-phase checkpoint, so later
+    # stages cannot move the boundaries (docs/byteify.md, "Segmenters")
+    segmenter_encoder: bool = False
 
     def __post_init__(self) -> None:
         # a config rebuilt from a flat dict (HF export's config.json) carries the nested scaling as a dict
