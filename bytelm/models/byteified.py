@@ -203,9 +203,9 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         self.vocab_offsets: torch.Tensor
         self.register_buffer("vocab_bytes", torch.zeros(cfg.source_vocab_bytes, dtype=torch.uint8))
         self.register_buffer("vocab_offsets", torch.zeros(cfg.source_vocab + 1, dtype=torch.long))
-        # the segmenter's own byte embedding + encoder (cfg.segmenter_encoder): frozen, filled from the encoder
-        # by ``segmenter_snapshot`` when stage 1 starts; until ``segmenter_ready`` is set the predictor reads
-        # the shared encoder
+        # the segmenter's own byte embedding + encoder (cfg.segmenter_encoder): frozen, filled from the
+        # encoder by ``segmenter_snapshot`` when stage 1 starts; until ``segmenter_ready`` is set the
+        # predictor reads the shared encoder
         self.segmenter: nn.ModuleDict | None = None
         self.segmenter_ready: torch.Tensor
         if cfg.segmenter_encoder and cfg.chunker == "gate":
@@ -401,7 +401,9 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
         if expanded is None:
             expanded = self.expanded_ids(input_ids, doc_ids)
         x = self.embed_bytes(input_ids, expanded, segmenter)
-        stack = self.segmenter["encoder"] if segmenter and self.segmenter is not None else self.encoder
+        stack = self.encoder
+        if segmenter and self.segmenter is not None:
+            stack = self.segmenter["encoder"]  # type: ignore[assignment]  # a ModuleList, like the encoder
         return self._run(
             stack, x, cos, sin, stack="byte encoder", doc_ids=doc_ids, window=self.cfg.encoder_window
         )

@@ -13,8 +13,9 @@ The cache holds the three stacks' KV caches and the open patch. Each byte arrive
   preferred bit, no segmenter at all, so the byte marginals are an honest causal byte distribution.
 
 A byte whose bit is set closes its patch at once: pooled and run through the backbone, and that output is the
-context of the byte itself (no delay); the patches that close within one call share one backbone forward. A special closes the open patch and then a patch of its own; the size cap closes a
-patch at ``max_word_bytes``. The rules are those of the full forward, which the cached logits equal given the
+context of the byte itself (no delay); the patches that close within one call share one backbone forward. A
+special closes the open patch and then a patch of its own; the size cap closes a patch at ``max_word_bytes``.
+The rules are those of the full forward, which the cached logits equal given the
 same bits (tests/byteify/test_byteify_model.py).
 """
 
@@ -127,7 +128,7 @@ class ByteifiedDecoding:
                 seg = m.word_starts_row(cache.ids[cache.seg_start :] + new)[-n:]
                 bits[: n - 1] = [bool(x) for x in seg[1:]]
             else:
-                if m.segmenter_frozen:  # its own encoder over the row so far (the cache holds the shared one's)
+                if m.segmenter_frozen:  # its own encoder over the row so far (the cache holds the shared's)
                     row = torch.tensor([cache.ids + new], device=new_ids.device)
                     logits = m.boundary_logits(row, None)[:, -n:]
                 else:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from bytelm.data.bytes import BOS_ID, EOS_ID
+from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID
 from bytelm.data.packed import IGNORE
 from bytelm.models.byte_prior import PRIOR_FLOOR, SPECIAL_LOGP
 from bytelm.models.byteified import ByteifiedLM, joint_logprobs
@@ -516,6 +516,42 @@ def test_prompt_prefill_without_bits_rolls_back_the_last_byte(byteified):
         a = generate(m, TEXT.encode()[:20], max_new_bytes=24, temperature=1.0, seed=5, use_cache=True)
         b = generate(m, TEXT.encode()[:20], max_new_bytes=24, temperature=1.0, seed=5, use_cache=False)
         assert a == b and len(a) > 0
+    finally:
+        m.load_state_dict(saved)
+
+
+def test_frozen_segmenter_reads_its_own_encoder_in_every_path(byteified):
+    """``model.segmenter_encoder``: after the snapshot the boundary logits come from the segmenter's own
+    copy of the encoder, so training the shared encoder leaves them unchanged; the full forward, ``segment``
+    and the cached prompt path agree on the bits, and cached logits equal the full forward's."""
+    from bytelm.models.byteified import segmenter_snapshot
+
+    m, _ = byteified
+    assert m.segmenter is not None and not m.segmenter_frozen  # built from the source: not frozen yet
+    saved = {k: v.clone() for k, v in m.state_dict().items()}
+    try:
+        randomise_residual(m, 4)
+        ids = [BOS_ID, *TEXT.encode()[:36]]
+        x = torch.tensor([ids])
+        set_boundary_rate(m, x, 0.3)
+        with torch.no_grad():
+            before = m.segment(x)[1]
+            m.load_state_dict(segmenter_snapshot(m.state_dict()), strict=False)
+            assert m.segmenter_frozen
+            assert torch.allclose(m.segment(x)[1], before, atol=1e-5)  # a copy: the same logits
+            for p in m.encoder.parameters():  # "stage 1" moves the shared encoder
+                p.add_(0.5 * torch.randn_like(p))
+            frozen = m.segment(x)[1]
+            assert torch.allclose(frozen, before, atol=1e-5)
+            shared = m.boundary(m.encode(x), x != PAD_ID)
+            assert (shared - before).abs().max() > 1e-2  # what the shared encoder would have given now
+            bits = m.segment(x)[0]
+            full = m(x, patch_end=bits)
+            assert torch.equal(full.hidden["boundary_logits"], frozen)
+            cache = m.new_cache()
+            got = m(x, cache=cache).logits  # the prompt path: the segmenter's bits for all but the last byte
+            assert cache.bits[:-1] == full.hidden["closed"][0, :-1].tolist()
+            assert (got[:, :-1] - full.logits[:, :-1]).abs().max() < 1e-4
     finally:
         m.load_state_dict(saved)
 
