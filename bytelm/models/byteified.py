@@ -225,6 +225,8 @@ class ByteifiedLM(ByteifiedDecoding, HierarchicalByteLM):  # type: ignore[misc]
     def init_weights(self) -> None:
         super().init_weights()
         nn.init.ones_(self.prior_scale)
+        if self.segmenter is not None:  # a meta-device build materialises buffers uninitialised
+            self.segmenter_ready.zero_()
         nn.init.zeros_(self.lm_head.weight)  # the prior alone at step 0
         nn.init.zeros_(self.pool.proj.bias)
         if self.cfg.patch_token_embed:
