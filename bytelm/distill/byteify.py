@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from bytelm.config import ByteifyConfig, Config
 from bytelm.distill.alm import STUDENT_SPACE_IDS, alm_chunk_loss
 from bytelm.distill.teacher import Teacher
+from bytelm.models.byteified import SEGMENTER_COPIES, segmenter_snapshot
 from bytelm.models.config import RopeScalingConfig
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
         if name.startswith("segmenter."):  # the segmenter's own encoder: a copy, never trained
             train = False
         elif c.stage == 0:  # the boundary phase: what the boundary logits read, nothing else
-            train = name.startswith(("embed.", "encoder.", "expand_proj.", "boundary."))
+            train = name.startswith((*SEGMENTER_COPIES, "boundary."))
         elif name.startswith(("source_embed.", "source_head.", "first_word")):
             train = False
         elif is_backbone(name):
@@ -206,7 +207,6 @@ def init_from_checkpoint(model: torch.nn.Module, path: str, kind: str = "plain",
     the segmenter gets a copy of the encoder the boundary phase trained (``segmenter_snapshot``), and later
     training moves the shared encoder only."""
     from bytelm.checkpoint import consolidated_state_dict
-    from bytelm.models.byteified import segmenter_snapshot
 
     if not Path(path).exists():
         raise FileNotFoundError(f"byteify.init_from={path!r} does not exist")

@@ -15,8 +15,8 @@ The cache holds the three stacks' KV caches and the open patch. Each byte arrive
 A byte whose bit is set closes its patch at once: pooled and run through the backbone, and that output is the
 context of the byte itself (no delay); the patches that close within one call share one backbone forward. A
 special closes the open patch and then a patch of its own; the size cap closes a patch at ``max_word_bytes``.
-The rules are those of the full forward, which the cached logits equal given the
-same bits (tests/byteify/test_byteify_model.py).
+The rules are those of the full forward, which the cached logits equal given the same bits
+(tests/byteify/test_byteify_model.py).
 """
 
 from __future__ import annotations

@@ -539,8 +539,9 @@ def test_frozen_segmenter_reads_its_own_encoder_in_every_path(byteified):
             m.load_state_dict(segmenter_snapshot(m.state_dict()), strict=False)
             assert m.segmenter_frozen
             assert torch.allclose(m.segment(x)[1], before, atol=1e-5)  # a copy: the same logits
+            g = torch.Generator().manual_seed(5)
             for p in m.encoder.parameters():  # "stage 1" moves the shared encoder
-                p.add_(0.5 * torch.randn_like(p))
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
             frozen = m.segment(x)[1]
             assert torch.allclose(frozen, before, atol=1e-5)
             shared = m.boundary(m.encode(x), x != PAD_ID)
