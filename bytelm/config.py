@@ -259,6 +259,9 @@ class ByteifyConfig:
     boundary_weight: float = 4.0  # BCE of the boundary predictor against token ends (Bolmo: 4)
     backbone_lr_mult: float = 0.5  # stage 2: backbone learning rate / local models' (Bolmo: half)
     freeze_backbone: bool = False  # stage 2: keep the backbone frozen
+    freeze: list[str] = field(
+        default_factory=list
+    )  # parameter-name prefixes kept frozen on top of the stage's rules (e.g. [pool.]); each must match
     train_boundary: bool = (
         True  # stage 2: keep the boundary loss (Bolmo's stage 2: ce + 4 x boundary BCE), so the
     )

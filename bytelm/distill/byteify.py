@@ -17,7 +17,7 @@ that needs the source model and its tokenizer:
   the backbone; stage 2 trains it (at ``backbone_lr_mult`` of the learning rate) unless
   ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 and, with ``byteify.train_boundary``
   (the default), in stage 2 (never with word patches, ``chunker=words``, where it has no loss); the source
-  embeddings never train;
+  embeddings never train; ``byteify.freeze`` (parameter-name prefixes) keeps more frozen in any stage;
 - ``ByteifyObjective``: the losses against the teacher (= the source model, frozen). Stage 1: ``encoder``
   (patch vectors through the first k frozen blocks vs the teacher's hidden state after block k at the same
   token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` between the fused
@@ -185,6 +185,13 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
     no loss and stays frozen (DDP refuses parameters that get no gradient)."""  # noqa: D401
     words = getattr(getattr(model, "cfg", None), "chunker", "gate") == "words"
     seg_frozen = bool(getattr(model, "segmenter_frozen", False))  # the segmenter is a frozen snapshot
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [f for f in c.freeze if not any(n.startswith(f) for n in names)]
+    if unknown:
+        raise ValueError(
+            f"byteify.freeze: {unknown} match no parameter of the model (prefixes of names such as "
+            f"{names[:3]}; `python -m bytelm.train ... --cfg job` lists the model)"
+        )
     for name, p in model.named_parameters():
         train = True
         if name.startswith("segmenter."):  # the segmenter's own encoder: a copy, never trained
@@ -197,6 +204,8 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
             train = c.stage == 2 and not c.freeze_backbone
         elif name.startswith("boundary."):
             train = (c.stage == 1 or c.train_boundary) and not words and not seg_frozen
+        if name.startswith(tuple(c.freeze)):
+            train = False
         p.requires_grad_(train)
 
 

@@ -12,7 +12,6 @@ passes it to every block of the stack. ``KVCache`` holds one layer's keys and va
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +68,26 @@ def rope_inv_freq(
     raise ValueError(f"unsupported rope scaling kind {kind!r} (none | linear | llama3)")
 
 
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScalingConfig | None, device: torch.device
+) -> torch.Tensor:
+    """``rope_inv_freq`` memoised per (shape, scaling, device): cached decoding asks for one position at a
+    time, and rebuilding the table costs more than the rotation."""
+    key = (
+        head_dim,
+        float(theta),
+        None if scaling is None else tuple(sorted(vars(scaling).items())),
+        str(device),
+    )
+    inv = _INV_FREQ.get(key)
+    if inv is None:
+        inv = _INV_FREQ[key] = rope_inv_freq(head_dim, theta, scaling, device)
+    return inv
+
+
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float = 10000.0, scaling: RopeScalingConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +98,7 @@ def rope_cos_sin(
     word index and the keys at byte positions, and KV-cached decoding continues from an offset. ``scaling``
     (a transplanted source model's ``rope_scaling``) rescales the frequencies (``rope_inv_freq``).
     """
-    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
+    inv_freq = _cached_inv_freq(head_dim, theta, scaling, positions.device)
     pos = positions.to(torch.float32)
     if pos.dim() == 1:
         pos = pos.unsqueeze(0)
@@ -90,6 +109,9 @@ def rope_cos_sin(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dim. x: (B, H, T, hd)."""
     half = x.shape[-1] // 2
+    if x.dtype == torch.float32:  # no casts (fewer ops: cached decoding is dispatch-bound on CPU)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
@@ -112,25 +134,48 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
-@dataclass
 class KVCache:
-    """Keys and values of one attention layer for the positions processed so far. k, v: (B, KV, S, hd)
-    (the KV heads: with grouped-query attention fewer than the query heads)."""
+    """Keys and values of one attention layer for the positions processed so far. ``k``, ``v``: (B, KV, S, hd)
+    (the KV heads: with grouped-query attention fewer than the query heads).
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    Stored in buffers with spare room along S (doubled when full), so appending one position writes it in
+    place instead of copying the whole cache (``torch.cat`` per step made decoding quadratic in copies);
+    ``k`` / ``v`` are views of the filled part."""
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._n = 0
+        if k is not None and v is not None:
+            self.append(k, v)
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self._n]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self._n]
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else int(self.k.shape[2])
+        return self._n
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None or self.v is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        """Add (B, KV, T, hd) keys and values; returns the whole cache's (B, KV, S + T, hd) views."""
+        n, t = self._n, k.shape[2]
+        if self._k is None or self._v is None or n + t > self._k.shape[2]:
+            cap = max(64, 2 * (n + t))
+            nk = k.new_empty(*k.shape[:2], cap, k.shape[3])
+            nv = v.new_empty(*v.shape[:2], cap, v.shape[3])
+            if self._k is not None and self._v is not None and n:
+                nk[:, :, :n] = self._k[:, :, :n]
+                nv[:, :, :n] = self._v[:, :, :n]
+            self._k, self._v = nk, nv
+        self._k[:, :, n : n + t] = k
+        self._v[:, :, n : n + t] = v
+        self._n = n + t
+        return self._k[:, :, : self._n], self._v[:, :, : self._n]
 
 
 class SelfAttention(nn.Module):
@@ -176,11 +221,10 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, KV, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(B, T, H + 2 * KV, hd)
+        qk = apply_rope(qkv[:, :, : H + KV].transpose(1, 2), cos, sin)  # (B, H + KV, T, hd): one rotation
+        q, k = qk[:, :H], qk[:, H:]  # (B, H, T, hd), (B, KV, T, hd)
+        v = qkv[:, :, H + KV :].transpose(1, 2)
         q_offset = 0
         if cache is not None:
             q_offset = cache.length

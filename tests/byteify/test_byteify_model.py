@@ -712,6 +712,11 @@ def test_set_trainable_per_stage_and_backbone_lr(byteified):
         assert any(id(p) in backbone for g in groups for p in g["params"])
         set_trainable(m, ByteifyConfig(stage=2, freeze_backbone=True, train_boundary=True))
         assert trains("backbone.") == {False} and trains("boundary.") == {True}
+        set_trainable(m, ByteifyConfig(stage=2, freeze=["pool.", "encoder."]))  # on top of the stage
+        assert trains("pool.") == {False} and trains("encoder.") == {False}
+        assert trains("decoder.") == {True} and trains("backbone.") == {True}
+        with pytest.raises(ValueError, match=r"byteify.freeze.*'pol\.'"):  # a misspelt prefix is named
+            set_trainable(m, ByteifyConfig(stage=2, freeze=["pol."]))
     finally:
         set_trainable(m, ByteifyConfig(stage=1))
 
