@@ -12,6 +12,7 @@ passes it to every block of the stack. ``KVCache`` holds one layer's keys and va
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -134,48 +135,47 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+@dataclass
 class KVCache:
     """Keys and values of one attention layer for the positions processed so far. ``k``, ``v``: (B, KV, S, hd)
     (the KV heads: with grouped-query attention fewer than the query heads).
 
     Stored in buffers with spare room along S (doubled when full), so appending one position writes it in
     place instead of copying the whole cache (``torch.cat`` per step made decoding quadratic in copies);
-    ``k`` / ``v`` are views of the filled part."""
+    ``k`` / ``v`` are views of the filled part. A dataclass, so code that selects batch rows of every tensor
+    in a cache (beam search in the Hugging Face export) reaches the buffers."""
 
-    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._n = 0
-        if k is not None and v is not None:
-            self.append(k, v)
+    kbuf: torch.Tensor | None = None  # (B, KV, capacity, hd)
+    vbuf: torch.Tensor | None = None
+    n: int = 0  # positions filled
 
     @property
     def k(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self._n]
+        return None if self.kbuf is None else self.kbuf[:, :, : self.n]
 
     @property
     def v(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self._n]
+        return None if self.vbuf is None else self.vbuf[:, :, : self.n]
 
     @property
     def length(self) -> int:
-        return self._n
+        return self.n
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add (B, KV, T, hd) keys and values; returns the whole cache's (B, KV, S + T, hd) views."""
-        n, t = self._n, k.shape[2]
-        if self._k is None or self._v is None or n + t > self._k.shape[2]:
+        n, t = self.n, k.shape[2]
+        if self.kbuf is None or self.vbuf is None or n + t > self.kbuf.shape[2]:
             cap = max(64, 2 * (n + t))
             nk = k.new_empty(*k.shape[:2], cap, k.shape[3])
             nv = v.new_empty(*v.shape[:2], cap, v.shape[3])
-            if self._k is not None and self._v is not None and n:
-                nk[:, :, :n] = self._k[:, :, :n]
-                nv[:, :, :n] = self._v[:, :, :n]
-            self._k, self._v = nk, nv
-        self._k[:, :, n : n + t] = k
-        self._v[:, :, n : n + t] = v
-        self._n = n + t
-        return self._k[:, :, : self._n], self._v[:, :, : self._n]
+            if self.kbuf is not None and self.vbuf is not None and n:
+                nk[:, :, :n] = self.kbuf[:, :, :n]
+                nv[:, :, :n] = self.vbuf[:, :, :n]
+            self.kbuf, self.vbuf = nk, nv
+        self.kbuf[:, :, n : n + t] = k
+        self.vbuf[:, :, n : n + t] = v
+        self.n = n + t
+        return self.kbuf[:, :, : self.n], self.vbuf[:, :, : self.n]
 
 
 class SelfAttention(nn.Module):
