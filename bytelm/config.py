@@ -262,6 +262,10 @@ class ByteifyConfig:
     freeze: list[str] = field(
         default_factory=list
     )  # parameter-name prefixes kept frozen on top of the stage's rules (e.g. [pool.]); each must match
+    train_only: list[str] = field(
+        default_factory=list
+    )  # when set, only parameters with these name prefixes train (within the stage's rules; make byteify's
+    # stage 2: [pool.], the patch projection the backbone reads); each must match
     train_boundary: bool = (
         True  # stage 2: keep the boundary loss (Bolmo's stage 2: ce + 4 x boundary BCE), so the
     )

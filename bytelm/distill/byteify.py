@@ -17,7 +17,8 @@ that needs the source model and its tokenizer:
   the backbone; stage 2 trains it (at ``backbone_lr_mult`` of the learning rate) unless
   ``byteify.freeze_backbone``; the boundary predictor trains in stage 1 and, with ``byteify.train_boundary``
   (the default), in stage 2 (never with word patches, ``chunker=words``, where it has no loss); the source
-  embeddings never train; ``byteify.freeze`` (parameter-name prefixes) keeps more frozen in any stage;
+  embeddings never train; ``byteify.freeze`` (parameter-name prefixes) keeps more frozen in any stage, and
+  ``byteify.train_only`` trains only the parameters it names (``make byteify``'s stage 2: ``[pool.]``);
 - ``ByteifyObjective``: the losses against the teacher (= the source model, frozen). Stage 1: ``encoder``
   (patch vectors through the first k frozen blocks vs the teacher's hidden state after block k at the same
   token, ``||s - t||_2 / sqrt(d)``), ``alm`` (binarised ALM at temperature ``alm_tau`` between the fused
@@ -186,12 +187,13 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
     words = getattr(getattr(model, "cfg", None), "chunker", "gate") == "words"
     seg_frozen = bool(getattr(model, "segmenter_frozen", False))  # the segmenter is a frozen snapshot
     names = [n for n, _ in model.named_parameters()]
-    unknown = [f for f in c.freeze if not any(n.startswith(f) for n in names)]
-    if unknown:
-        raise ValueError(
-            f"byteify.freeze: {unknown} match no parameter of the model (prefixes of names such as "
-            f"{names[:3]}; `python -m bytelm.train ... --cfg job` lists the model)"
-        )
+    for key in ("freeze", "train_only"):
+        unknown = [f for f in getattr(c, key) if not any(n.startswith(f) for n in names)]
+        if unknown:
+            raise ValueError(
+                f"byteify.{key}: {unknown} match no parameter of the model (prefixes of names such as "
+                f"{names[:3]})"
+            )
     for name, p in model.named_parameters():
         train = True
         if name.startswith("segmenter."):  # the segmenter's own encoder: a copy, never trained
@@ -204,7 +206,7 @@ def set_trainable(model: torch.nn.Module, c: ByteifyConfig) -> None:
             train = c.stage == 2 and not c.freeze_backbone
         elif name.startswith("boundary."):
             train = (c.stage == 1 or c.train_boundary) and not words and not seg_frozen
-        if name.startswith(tuple(c.freeze)):
+        if name.startswith(tuple(c.freeze)) or (c.train_only and not name.startswith(tuple(c.train_only))):
             train = False
         p.requires_grad_(train)
 

@@ -717,6 +717,11 @@ def test_set_trainable_per_stage_and_backbone_lr(byteified):
         assert trains("decoder.") == {True} and trains("backbone.") == {True}
         with pytest.raises(ValueError, match=r"byteify.freeze.*'pol\.'"):  # a misspelt prefix is named
             set_trainable(m, ByteifyConfig(stage=2, freeze=["pol."]))
+        set_trainable(m, ByteifyConfig(stage=2, freeze_backbone=True, train_only=["pool.", "backbone."]))
+        trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+        assert trainable == {"pool"}  # within the stage's rules: the frozen backbone stays frozen
+        with pytest.raises(ValueError, match=r"byteify.train_only.*'decoders\.'"):
+            set_trainable(m, ByteifyConfig(stage=2, train_only=["decoders."]))
     finally:
         set_trainable(m, ByteifyConfig(stage=1))
 
