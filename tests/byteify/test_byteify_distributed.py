@@ -139,7 +139,29 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
         assert all(math.isfinite(v) for v in rec["losses"].values())
         assert rec["changed"]["backbone."] and rec["changed"]["boundary."]  # stage 2 keeps the boundary loss
     check_validated(c, 1)
-    print(f"{strategy}: stage 1 {a['wall']:.0f}s, resume {b['wall']:.0f}s, stage 2 {c['wall']:.0f}s")
+
+    d = launch(  # make byteify's stage 2: only the patch projection trains, the rest frozen on every rank
+        tmp_path / "d",
+        byteify_args(
+            tiny_source,
+            strategy,
+            "trainer.max_steps=2",
+            "trainer.ckpt_every=1000",
+            "trainer.val_every=1000",
+            "byteify.stage=2",
+            f"byteify.init_from={ck / 'last.ckpt'}",
+            "byteify.freeze_backbone=true",
+            "byteify.train_only=[pool.]",
+        ),
+    )
+    for r in range(2):
+        changed = d["ranks"][r]["changed"]
+        assert all(math.isfinite(v) for v in d["ranks"][r]["losses"].values())
+        assert changed["pool."] and not any(v for k, v in changed.items() if k != "pool."), changed
+    print(
+        f"{strategy}: stage 1 {a['wall']:.0f}s, resume {b['wall']:.0f}s, stage 2 {c['wall']:.0f}s, "
+        f"stage 2 on the projection {d['wall']:.0f}s"
+    )
 
 
 @pytest.mark.slow
@@ -160,7 +182,7 @@ def test_validation_with_different_batch_counts_per_rank(strategy, tiny_source, 
 
 
 # --------------------------------------------------------------------------------- the subprocess side
-PREFIXES = ("backbone.", "boundary.", "encoder.", "source_embed.", "decoder.")
+PREFIXES = ("backbone.", "boundary.", "encoder.", "source_embed.", "decoder.", "pool.")
 
 
 def _local(p: Any) -> Any:
