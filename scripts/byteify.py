@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2-steps", type=int, default=40, help="stage-2 training steps")
     p.add_argument(
         "--stage2-train",
-        choices=("pool", "local", "all"),
+        choices=tuple(STAGE2_TRAIN),
         default="pool",
         help="what stage 2 trains: pool = the patch projection the backbone reads, nothing else (the "
         "default: the only choice measured no worse than stage 1 on every held-out set, docs/byteify.md); "

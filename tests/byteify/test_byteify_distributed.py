@@ -147,7 +147,8 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
             strategy,
             "trainer.max_steps=2",
             "trainer.ckpt_every=1000",
-            "trainer.val_every=1000",
+            "trainer.val_every=2",
+            f"data.val_max_bytes={VAL_UNEVEN_ROWS}",
             "byteify.stage=2",
             f"byteify.init_from={ck / 'last.ckpt'}",
             "byteify.freeze_backbone=true",
@@ -158,6 +159,7 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
         changed = d["ranks"][r]["changed"]
         assert all(math.isfinite(v) for v in d["ranks"][r]["losses"].values())
         assert changed["pool."] and not any(v for k, v in changed.items() if k != "pool."), changed
+    check_validated(d, 1)
     print(
         f"{strategy}: stage 1 {a['wall']:.0f}s, resume {b['wall']:.0f}s, stage 2 {c['wall']:.0f}s, "
         f"stage 2 on the projection {d['wall']:.0f}s"
