@@ -174,7 +174,7 @@ def backbone_steps(model: Any, prompt: bytes, n: int) -> tuple[bytes, int, int, 
 
     h = model.register_forward_hook(hook, with_kwargs=True)
     try:
-        out = generate(model, prompt, n, temperature=0, min_new_bytes=n)
+        out = generate(model, prompt, n, temperature=0, min_new_bytes=n, draft=False)
     finally:
         h.remove()
     return out, seen[-1] - seen[0], len(seen) - 1, seen[-1]
@@ -183,6 +183,7 @@ def backbone_steps(model: Any, prompt: bytes, n: int) -> tuple[bytes, int, int, 
 def bench_generation(
     args: argparse.Namespace, model: Any, teacher: TeacherGen, prompts: list[tuple[str, str]]
 ) -> dict[str, Any]:
+    from bytelm.models.byteified_draft import iter_greedy_drafted
     from bytelm.models.generate import generate
 
     n = args.new_bytes
@@ -193,11 +194,17 @@ def bench_generation(
         ids = teacher.prompt_ids(pb)
         k, toks = teacher.tokens_for(ids, n)
         out, steps, fed, words = backbone_steps(model, pb, n)
+        stats: dict[str, int] = {}
+        drafted = bytes(
+            b for b, _ in iter_greedy_drafted(model, list(pb), max_new_bytes=n, min_new_bytes=n, stats=stats)
+        )
         rows[name] = {
             "prompt": text,
             "prompt_bytes": len(pb),
             "prompt_tokens": int(ids.shape[1] - 1),
             "byteified_bytes": len(out),
+            "drafted_equals_plain": drafted == out,
+            "draft_stats": stats,
             "byteified_text": out.decode("utf-8", "replace"),
             "backbone_steps": steps,
             "bytes_fed": fed,
@@ -212,23 +219,31 @@ def bench_generation(
             "teacher_cpu_s": [],
         }
         rows[name]["teacher_tokens_per_byte"] = k / max(rows[name]["teacher_bytes"], 1)
+    who_all = ("byteified", "plain", "teacher")
+    for r in rows.values():
+        r["plain_bytes"] = r["byteified_bytes"]
+        r["plain_wall_s"], r["plain_cpu_s"] = [], []
     for rep in range(args.repeats):
         for name, text in prompts:
             pb = text.encode("utf-8")
             r = rows[name]
             ids = teacher.prompt_ids(pb)
-            order = ("byteified", "teacher") if rep % 2 == 0 else ("teacher", "byteified")
+            order = who_all[rep % 3 :] + who_all[: rep % 3]  # each variant first, middle and last in turn
             for who in order:
-                if who == "byteified":
-                    out, w, c = timed(lambda pb=pb: generate(model, pb, n, temperature=0, min_new_bytes=n))
-                    assert len(out) == r["byteified_bytes"]
-                else:
+                if who == "teacher":
                     toks, w, c = timed(lambda ids=ids, r=r: teacher.generate(ids, r["teacher_tokens"]))
                     assert len(toks) == r["teacher_tokens"]
+                else:
+                    out, w, c = timed(
+                        lambda pb=pb, d=who == "byteified": generate(
+                            model, pb, n, temperature=0, min_new_bytes=n, draft=d
+                        )
+                    )
+                    assert len(out) == r["byteified_bytes"]
                 r[f"{who}_wall_s"].append(w)
                 r[f"{who}_cpu_s"].append(c)
     for r in rows.values():
-        for who in ("byteified", "teacher"):
+        for who in who_all:
             nb = r[f"{who}_bytes"]
             r[f"{who}_wall_median_s"] = statistics.median(r[f"{who}_wall_s"])
             r[f"{who}_bytes_per_s"] = nb / r[f"{who}_wall_median_s"]
@@ -237,15 +252,22 @@ def bench_generation(
         r["teacher_bytes_per_token"] = r["teacher_bytes"] / max(r["teacher_tokens"], 1)
         r["ratio_wall"] = r["byteified_bytes_per_s"] / r["teacher_bytes_per_s"]
         r["ratio_cpu"] = r["byteified_bytes_per_cpu_s"] / r["teacher_bytes_per_cpu_s"]
+        r["plain_ratio_wall"] = r["plain_bytes_per_s"] / r["teacher_bytes_per_s"]
     # all prompts together: per repeat, total bytes / total time of each model; medians over repeats
     tot: dict[str, Any] = {}
-    for who in ("byteified", "teacher"):
+    for who in who_all:
         nb = sum(r[f"{who}_bytes"] for r in rows.values())
         for kind in ("wall", "cpu"):
             per_rep = [sum(r[f"{who}_{kind}_s"][i] for r in rows.values()) for i in range(args.repeats)]
             tot[f"{who}_bytes_per_{'s' if kind == 'wall' else 'cpu_s'}"] = nb / statistics.median(per_rep)
     tot["ratio_wall"] = tot["byteified_bytes_per_s"] / tot["teacher_bytes_per_s"]
     tot["ratio_cpu"] = tot["byteified_bytes_per_cpu_s"] / tot["teacher_bytes_per_cpu_s"]
+    tot["plain_ratio_wall"] = tot["plain_bytes_per_s"] / tot["teacher_bytes_per_s"]
+    tot["draft_over_plain_wall"] = tot["byteified_bytes_per_s"] / tot["plain_bytes_per_s"]
+    for k in ("calls", "drafted", "accepted"):
+        tot[k] = sum(r["draft_stats"][k] for r in rows.values())
+    tot["calls_per_byte"] = tot["calls"] / max(sum(r["byteified_bytes"] for r in rows.values()), 1)
+    tot["draft_acceptance"] = tot["accepted"] / max(tot["drafted"], 1)
     tot["patches_per_byte"] = sum(r["backbone_steps"] for r in rows.values()) / max(
         sum(r["bytes_fed"] for r in rows.values()), 1
     )
@@ -387,17 +409,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{' (checkpoint ' + args.checkpoint + ')' if args.checkpoint else ' (untrained byteified model)'}"
     )
     print(
-        f"{'prompt':<13} {'byteified B/s':>13} {'teacher B/s':>12} {'tok/s':>7} {'B/tok':>6} "
-        f"{'ratio wall':>10} {'ratio cpu':>9} {'patches/B':>9} {'tokens/B':>8}"
+        f"{'prompt':<13} {'drafted B/s':>11} {'plain B/s':>9} {'teacher B/s':>11} {'tok/s':>6} {'B/tok':>5} "
+        f"{'ratio wall':>10} {'plain':>6} {'ratio cpu':>9} {'patches/B':>9} {'tokens/B':>8} {'accepted':>8}"
     )
     for name, r in [*gen["prompts"].items(), ("all", gen["total"])]:
-        tps = f"{r['teacher_tokens_per_s']:>7.1f}" if "teacher_tokens_per_s" in r else f"{'':>7}"
-        bpt = f"{r['teacher_bytes_per_token']:>6.2f}" if "teacher_bytes_per_token" in r else f"{'':>6}"
+        tps = f"{r['teacher_tokens_per_s']:>6.1f}" if "teacher_tokens_per_s" in r else f"{'':>6}"
+        bpt = f"{r['teacher_bytes_per_token']:>5.2f}" if "teacher_bytes_per_token" in r else f"{'':>5}"
+        st = r.get("draft_stats", r)
+        acc = f"{st['accepted']}/{st['drafted']}"
         print(
-            f"{name:<13} {r['byteified_bytes_per_s']:>13.1f} {r['teacher_bytes_per_s']:>12.1f} {tps} {bpt} "
-            f"{r['ratio_wall']:>9.2f}x {r['ratio_cpu']:>8.2f}x {r['patches_per_byte']:>9.3f} "
-            f"{r['teacher_tokens_per_byte']:>8.3f}"
+            f"{name:<13} {r['byteified_bytes_per_s']:>11.1f} {r['plain_bytes_per_s']:>9.1f} "
+            f"{r['teacher_bytes_per_s']:>11.1f} {tps} {bpt} {r['ratio_wall']:>9.2f}x "
+            f"{r['plain_ratio_wall']:>5.2f}x {r['ratio_cpu']:>8.2f}x {r['patches_per_byte']:>9.3f} "
+            f"{r['teacher_tokens_per_byte']:>8.3f} {acc:>8}"
         )
+    if not all(r["drafted_equals_plain"] for r in gen["prompts"].values()):
+        print("WARNING: drafted greedy output differs from plain greedy output (a floating-point tie)")
     if train is not None:
         print(
             f"\nStage-1 training step (fwd + bwd + AdamW), batch {train['batch_size']} x {train['seq_len']} "

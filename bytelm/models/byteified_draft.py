@@ -1,0 +1,184 @@
+"""Greedy generation of the byteified model with each patch drafted by its prior and verified in one pass.
+
+A byte inside a patch costs the local stacks only (the backbone runs when a patch closes), and on a CPU that
+cost is mostly per-call overhead: one position or eight through the two encoder and two decoder layers take
+about the same time. The fused head's prior (``bytelm.models.byte_prior``) is a free draft model: from the
+latest closed patch's prefix sums it gives, with no network at all, the source model's own next-byte
+distribution inside the open patch. So greedy decoding runs in rounds:
+
+1. the target symbol after everything fed so far comes from the cached logits (exact, as plain decoding);
+2. if it continues its patch, the prior's greedy chain drafts the bytes after it, up to (not including) the
+   byte the prior expects to end the patch (``draft_patch``);
+3. the target byte and its draft go through the cache in one call, every byte with the bit "continues"; row i
+   of the result is the model's prediction after byte i, so draft byte i + 1 is accepted while it is exactly
+   the model's greedy symbol (byte *and* bit "continues");
+4. at the first mismatch the cache is rewound to the accepted bytes (``rewind``: only local KV rows and the
+   open patch's state change, since no patch closed inside the call) and the next round starts from the
+   model's own symbol there.
+
+The output is the model's greedy output (the verification compares against the same argmax that plain
+decoding takes; chunked and single-position arithmetic may differ in the last float bit, which can only matter
+at an exact tie). A round that accepts its whole draft costs two calls for a patch (the chunk, then the byte
+that closes it, which runs the backbone) instead of one call per byte. docs/byteify.md, "Speed".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bytelm.data.bytes import EOS_ID
+from bytelm.models.byteified_cache import ByteifiedCache
+
+DEFAULT_MAX_DRAFT = 15  # draft bytes per round: longer than almost every source token
+
+
+@dataclass(frozen=True)
+class OpenMark:
+    """What feeding bytes that all continue the open patch changes in a ``ByteifiedCache`` (``rewind``)."""
+
+    length: int
+    kv: tuple[int, ...]  # filled positions of the encoder's and the decoder's KV caches
+    plen: int
+    node: int
+    n_words: int
+
+
+def mark(cache: ByteifiedCache) -> OpenMark:
+    return OpenMark(
+        length=cache.length,
+        kv=tuple(c.n for c in (*cache.enc, *cache.dec)),
+        plen=cache.plen,
+        node=cache.node,
+        n_words=cache.n_words,
+    )
+
+
+def rewind(
+    model: Any,
+    cache: ByteifiedCache,
+    at: OpenMark,
+    keep: int,
+    h: torch.Tensor,  # (1, n, d) encoder states of the bytes fed since ``at``
+    logits: torch.Tensor,  # (n, 2V) their fused logits
+) -> None:
+    """Forget all but the first ``keep`` (>= 1) bytes fed since ``at``. Valid only when no patch closed in
+    between (the backbone and the decoder's context are then untouched), which ``feed_open`` guarantees."""
+    if cache.n_words != at.n_words:
+        raise RuntimeError("rewind across a closed patch: the backbone cache cannot be rewound")
+    if not 1 <= keep <= cache.length - at.length:
+        raise ValueError(f"keep={keep} outside 1..{cache.length - at.length}")
+    for c, n in zip((*cache.enc, *cache.dec), at.kv, strict=True):
+        c.n = n + keep
+    kept = cache.ids[at.length : at.length + keep]
+    del cache.ids[at.length + keep :], cache.bits[at.length + keep :]
+    node = at.node
+    for b in kept:
+        node = model.trie.open_step(node, b)
+    cache.plen, cache.node = at.plen + keep, node
+    cache.last_h, cache.last_logits = h[0, keep - 1], logits[keep - 1]
+
+
+def feed_open(model: Any, cache: ByteifiedCache, data: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed bytes that all continue the open patch (none reaches the size cap); returns their encoder states
+    (1, n, d) and fused logits (n, 2V)."""
+    cap = model.cfg.max_word_bytes or 0
+    if any(b >= 256 for b in data) or (cap and cache.plen + len(data) >= cap):
+        raise ValueError("feed_open takes bytes that continue the open patch below the size cap")
+    dev = model.embed.weight.device
+    p0 = cache.length
+    h = model._encode_new(torch.tensor([data], device=dev), cache)
+    logits = model._feed(cache, data, h, [False] * len(data), p0)[0]
+    return h, logits
+
+
+def draft_patch(model: Any, cache: ByteifiedCache, first: int, max_len: int) -> list[int]:
+    """The prior's greedy bytes after ``first`` (a byte that continues the open patch), each one that it
+    expects to continue the patch too: the chain stops before the byte it expects to end the patch, at the
+    size cap, or after ``max_len`` bytes. The prior reads the latest closed patch's prefix sums; no network
+    runs. Greedy as ``sample_symbol`` is: the byte of highest marginal, then its more likely bit."""
+    cum = cache.ctx_cum
+    cap = model.cfg.max_word_bytes or 0
+    if cum is None or max_len <= 0:
+        return []
+    if cap:  # every fed byte must stay below the cap: plen + 1 (first) + len(out) < cap
+        max_len = min(max_len, cap - cache.plen - 2)
+    trie = model.trie.to(cum.device)
+    node = trie.open_step(cache.node, first)
+    row = torch.zeros(1, dtype=torch.long, device=cum.device)
+    out: list[int] = []
+    while len(out) < max_len:
+        end, cont, total = trie.fused_masses(cum, row, torch.tensor([node], device=cum.device))
+        if float(total[0]) <= 0.0:
+            break
+        c = int((end[0] + cont[0]).argmax())
+        if end[0, c] > cont[0, c]:
+            break
+        out.append(c)
+        node = trie.open_step(node, c)
+    return out
+
+
+@torch.no_grad()
+def iter_greedy_drafted(
+    model: Any,
+    ids: list[int],
+    *,
+    max_new_bytes: int,
+    min_new_bytes: int = 0,
+    max_draft: int = DEFAULT_MAX_DRAFT,
+    stats: dict[str, int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Greedy generation (``temperature=0``) of a fused-head model with drafted patches (module docstring);
+    yields ``(byte, logits)`` like ``iter_generate``. ``stats`` (optional) counts ``calls``, ``drafted`` and
+    ``accepted`` bytes."""
+    from bytelm.models.generate import sample_symbol
+
+    dev = model.embed.weight.device
+    st = stats if stats is not None else {}
+    for k in ("calls", "drafted", "accepted"):
+        st.setdefault(k, 0)
+    cache = model.new_cache()
+    model(torch.tensor([ids], device=dev), cache=cache)  # the prompt: bits from prompt_bits' rules
+    st["calls"] += 1
+    done = 0
+    while done < max_new_bytes:
+        logits = cache.last_logits
+        assert logits is not None
+        byte, bit = sample_symbol(logits, temperature=0, allow_eos=done >= min_new_bytes)
+        if byte == EOS_ID:
+            return
+        draft = []
+        if not bit and byte < 256:
+            draft = draft_patch(model, cache, byte, min(max_draft, max_new_bytes - done - 1))
+        if not draft:
+            yield byte, logits
+            done += 1
+            model(
+                torch.tensor([[byte]], device=dev),
+                cache=cache,
+                patch_end=torch.tensor([[bit]], device=dev),
+            )
+            st["calls"] += 1
+            continue
+        at = mark(cache)
+        chunk = [byte, *draft]
+        h, rows = feed_open(model, cache, chunk)  # rows[i]: the prediction after chunk[i]
+        st["calls"] += 1
+        st["drafted"] += len(draft)
+        yield byte, logits
+        done += 1
+        keep = 1
+        for i, d in enumerate(draft):
+            b2, bit2 = sample_symbol(rows[i], temperature=0, allow_eos=done >= min_new_bytes)
+            if b2 != d or bit2:
+                break
+            yield d, rows[i]
+            done += 1
+            keep += 1
+        st["accepted"] += keep - 1
+        if keep < len(chunk):
+            rewind(model, cache, at, keep, h, rows)

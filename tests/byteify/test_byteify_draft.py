@@ -1,0 +1,120 @@
+"""Drafted greedy generation of the byteified model (bytelm.models.byteified_draft): the same bytes and logits
+as plain one-byte-per-call greedy decoding, drafts accepted and rejected part-way, the cache rewound exactly.
+
+float64 models, so that chunked and single-position arithmetic cannot flip an argmax at a near-tie.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_byteify_model import HAND, SEGMENTERS, randomise_residual, small_model
+
+from bytelm.models.byteified_draft import draft_patch, feed_open, iter_greedy_drafted, mark, rewind
+from bytelm.models.generate import generate, iter_generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = (b"abc ab", "\u00e9t\u00e9 c".encode(), b"ca", b"zz b")
+
+
+def model(chunker: str = "gate", decode: str = "threshold", residual: float = 3.5, cap: int = 5):
+    """``residual`` scales a random residual head: 1 leaves the prior in charge (drafts accepted), 3.5
+    overrules it often (drafts rejected part-way)."""
+    m = small_model(HAND, chunker=chunker, max_word_bytes=cap, boundary_decode=decode).double()
+    randomise_residual(m, 5)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(residual)
+    return m
+
+
+def run_both(m, prompt: bytes, n: int = 40, min_new: int = 0):
+    stats: dict[str, int] = {}
+    drafted = list(iter_greedy_drafted(m, list(prompt), max_new_bytes=n, min_new_bytes=min_new, stats=stats))
+    plain = list(
+        iter_generate(m, list(prompt), max_new_bytes=n, temperature=0, draft=False, min_new_bytes=min_new)
+    )
+    return drafted, plain, stats
+
+
+@pytest.mark.parametrize("chunker,decode", SEGMENTERS)
+def test_drafted_greedy_generation_equals_plain_greedy(chunker, decode):
+    m = model(chunker, decode)
+    total: dict[str, int] = {}
+    for prompt in PROMPTS:
+        drafted, plain, stats = run_both(m, prompt)
+        assert [b for b, _ in drafted] == [b for b, _ in plain] and len(plain) > 0  # EOS may end both
+        for (_, a), (_, b) in zip(drafted, plain, strict=True):  # each byte's row: the one it came from
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        for k, v in stats.items():
+            total[k] = total.get(k, 0) + v
+    assert total["drafted"] > 0
+    # the public entry point takes the drafted path for greedy cached generation
+    greedy = generate(m, PROMPTS[0], 40, temperature=0)
+    assert greedy == generate(m, PROMPTS[0], 40, temperature=0, draft=False)
+
+
+def test_drafts_are_accepted_and_rejected_and_save_calls():
+    """With the prior in charge every draft byte is the model's own greedy byte (fewer calls than bytes);
+    with a strong residual drafts fail part-way, the cache is rewound, and the bytes still match."""
+    for residual, partial in ((1.0, False), (3.5, True)):
+        m = model(residual=residual)
+        total = {"calls": 0, "drafted": 0, "accepted": 0}
+        n_bytes = 0
+        for prompt in PROMPTS:
+            drafted, plain, stats = run_both(m, prompt)
+            assert [b for b, _ in drafted] == [b for b, _ in plain]
+            n_bytes += len(plain)
+            for k in total:
+                total[k] += stats[k]
+        if partial:
+            assert 0 < total["accepted"] < total["drafted"]
+        else:
+            assert total["accepted"] == total["drafted"] > 0
+            assert total["calls"] < n_bytes  # one call per drafted patch instead of one per byte
+
+
+def test_min_new_bytes_and_the_byte_budget_hold_with_drafts():
+    m = model(residual=1.0)
+    for n in (1, 2, 7):
+        drafted, plain, _ = run_both(m, b"abc ab", n=n, min_new=n)
+        assert [b for b, _ in drafted] == [b for b, _ in plain] and len(drafted) == n
+
+
+def test_rewind_restores_the_cache_of_the_kept_bytes():
+    """Feeding three continuing bytes and rewinding to the first leaves the cache that fed the first alone:
+    the same state and, for everything fed after, the same logits."""
+    m = model(residual=1.0, cap=8)
+    prompt = torch.tensor([list(b"ab ca")])
+    a, b = m.new_cache(), m.new_cache()
+    m(prompt, cache=a)
+    m(prompt, cache=b)
+    at = mark(a)
+    h, rows = feed_open(m, a, list(b"abc"))
+    rewind(m, a, at, 1, h, rows)
+    feed_open(m, b, list(b"a"))
+    for key in ("ids", "bits", "plen", "node", "n_words", "patch_start"):
+        assert getattr(a, key) == getattr(b, key), key
+    assert [c.n for c in (*a.enc, *a.dec)] == [c.n for c in (*b.enc, *b.dec)]
+    torch.testing.assert_close(a.last_logits, b.last_logits, rtol=0, atol=1e-9)
+    for byte, bit in ((ord("b"), False), (ord("c"), True), (ord(" "), False)):
+        x, e = torch.tensor([[byte]]), torch.tensor([[bit]])
+        torch.testing.assert_close(m(x, cache=a, patch_end=e).logits, m(x, cache=b, patch_end=e).logits)
+
+
+def test_draft_and_rewind_reject_what_they_cannot_do():
+    m = model(residual=1.0, cap=5)
+    c = m.new_cache()
+    m(torch.tensor([list(b"ab ca")]), cache=c)
+    with pytest.raises(ValueError, match="continue the open patch"):
+        feed_open(m, c, [ord("a"), 257])
+    with pytest.raises(ValueError, match="continue the open patch"):
+        feed_open(m, c, list(b"abcab"))  # would reach the size cap of 5
+    assert len(draft_patch(m, c, ord("a"), 50)) <= 5 - c.plen - 2  # the draft stops below the cap
+    at = mark(c)
+    h, rows = feed_open(m, c, [ord("a")])
+    with pytest.raises(ValueError, match="keep=0"):
+        rewind(m, c, at, 0, h, rows)
+    m(torch.tensor([[ord("b")]]), cache=c, patch_end=torch.tensor([[True]]))  # closes a patch
+    with pytest.raises(RuntimeError, match="closed patch"):
+        rewind(m, c, at, 1, h, rows)
