@@ -264,8 +264,8 @@ def bench_generation(
     tot["ratio_cpu"] = tot["byteified_bytes_per_cpu_s"] / tot["teacher_bytes_per_cpu_s"]
     tot["plain_ratio_wall"] = tot["plain_bytes_per_s"] / tot["teacher_bytes_per_s"]
     tot["draft_over_plain_wall"] = tot["byteified_bytes_per_s"] / tot["plain_bytes_per_s"]
-    for k in ("calls", "drafted", "accepted"):
-        tot[k] = sum(r["draft_stats"][k] for r in rows.values())
+    for key in ("calls", "drafted", "accepted"):
+        tot[key] = sum(r["draft_stats"][key] for r in rows.values())
     tot["calls_per_byte"] = tot["calls"] / max(sum(r["byteified_bytes"] for r in rows.values()), 1)
     tot["draft_acceptance"] = tot["accepted"] / max(tot["drafted"], 1)
     tot["patches_per_byte"] = sum(r["backbone_steps"] for r in rows.values()) / max(
