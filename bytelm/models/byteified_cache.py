@@ -52,6 +52,9 @@ class ByteifiedCache:
     node: int = 0  # trie node of the open patch's bytes (VocabTrie.open_nodes)
     seg_start: int = 0  # start of the current segment (after the latest special), for expanded ids
     last_logits: torch.Tensor | None = None  # (2V,) fused logits of the latest position
+    # a prompt's last patch run through the backbone ahead of its bit (``_forward_cached``): its output (1, D),
+    # prefix sums (1, V'+1) or None, decoder injections; the backbone cache already holds its position
+    ahead: tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]] | None = None
 
     @property
     def length(self) -> int:
@@ -135,7 +138,10 @@ class ByteifiedDecoding:
                     logits = m.boundary(h)
                 ends = m.decode_boundaries(new_ids, logits)  # (1, n)
                 bits[: n - 1] = ends[0, : n - 1].tolist()
-            first = self._feed(cache, new[:-1], h[:, :-1], bits[:-1], p0)
+            # the patch the last byte would close goes through the backbone with the others (one call): its
+            # bit is known only from the logits below, and the backbone is causal, so it is dropped if unused
+            ahead = (new[-1], h[0, -1]) if new[-1] < 256 else None
+            first = self._feed(cache, new[:-1], h[:, :-1], bits[:-1], p0, ahead=ahead)
         bits[-1] = self.preferred_bit(cache.last_logits, new[-1]) if new[-1] < 256 else True
         last = self._feed(cache, new[-1:], h[:, -1:], bits[-1:], p0 + n - 1)
         return ModelOutput(logits=torch.cat([first, last], 1) if n > 1 else last)
@@ -159,7 +165,13 @@ class ByteifiedDecoding:
         return m._run(m.encoder, x, cos, sin, caches=cache.enc, window=m.cfg.encoder_window)
 
     def _feed(
-        self, cache: ByteifiedCache, new: list[int], h: torch.Tensor, bits: list[bool], p0: int
+        self,
+        cache: ByteifiedCache,
+        new: list[int],
+        h: torch.Tensor,
+        bits: list[bool],
+        p0: int,
+        ahead: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Apply the patch rules to bytes whose encoder states ``h`` (1, n, d) are computed, run the decoder
         over them; returns fused logits (1, n, 2V). The encoder already holds these bytes; ``cache.ids``
@@ -167,7 +179,11 @@ class ByteifiedDecoding:
 
         The patches that close among the new bytes go through the backbone together, in one cached forward
         (and their prior's prefix sums in one head matmul): a prompt of P patches costs one backbone call, not
-        P. Each byte reads the latest patch closed at or before it, as in the full forward."""
+        P. Each byte reads the latest patch closed at or before it, as in the full forward.
+
+        ``ahead`` = (next byte, its encoder state (d,)): also run the patch that this byte would close through
+        the backbone, after the patches of this call, and keep the result in ``cache.ahead``. The next call
+        uses it if that byte does close its patch, and otherwise drops the position from the backbone cache."""
         m: Any = self
         dev = h.device
         trie = m.trie
@@ -198,17 +214,35 @@ class ByteifiedDecoding:
             reads.append(len(pending) - 1)
             nodes.append(cache.node)
             forced.append(cap > 0 and (1 if closed else cache.plen + 1) >= cap)
+        held, cache.ahead = cache.ahead, None
+        if held is not None:  # run ahead by the previous call: this call's only patch must be that one
+            if len(pending) != 1 or len(new) != 1 or new[0] >= 256 or not cache.bits[-1]:
+                for c in cache.backbone:
+                    c.n -= 1
+                held = None
+        extra = []
+        if ahead is not None:
+            patch = cache.ids[cache.patch_start :] + [ahead[0]]
+            extra.append(self._patch_vector(patch, ahead[1], dev))
         old_row = cache.ctx if cache.ctx is not None else m.first_word.view(1, -1)  # (1, D)
         old_cum = cache.ctx_cum
         # the decoder's context injections (one (1, d) per decoder layer) of the old context, kept per patch
         old_inj = cache.ctx_inj if cache.ctx_inj is not None else [p(old_row) for p in m.ctx_proj]
         rows, inj, new_cum = old_row, old_inj, None  # context rows: 0 = the old context, 1 + r = pending r
-        if pending:
-            pos = torch.arange(cache.n_words, cache.n_words + len(pending), device=dev)
-            z = m.run_backbone(torch.cat(pending, 1), pos, caches=cache.backbone)[0]  # (k, D)
-            cache.n_words += len(pending)
+        if held is not None:
+            z, new_cum, new_inj = held
+            cache.n_words += 1
+        elif pending or extra:
+            pos = torch.arange(cache.n_words, cache.n_words + len(pending) + len(extra), device=dev)
+            z = m.run_backbone(torch.cat(pending + extra, 1), pos, caches=cache.backbone)[0]  # (k, D)
             new_cum = prior_cumsum(trie, m.head_weight(), z) if m.cfg.lm_prior else None  # (k, V'+1)
             new_inj = [p(z) for p in m.ctx_proj]  # each (k, d)
+            if extra:  # the last row is the run-ahead patch: kept for the next call
+                cache.ahead = (z[-1:], None if new_cum is None else new_cum[-1:], [x[-1:] for x in new_inj])
+                z, new_inj = z[:-1], [x[:-1] for x in new_inj]
+                new_cum = None if new_cum is None or not pending else new_cum[:-1]
+            cache.n_words += len(pending)
+        if pending:
             rows = torch.cat([old_row.to(z.dtype), z])
             inj = [torch.cat([o, x]) for o, x in zip(old_inj, new_inj, strict=True)]
             cache.ctx, cache.ctx_inj = z[-1:], [x[-1:] for x in new_inj]
@@ -240,13 +274,17 @@ class ByteifiedDecoding:
         if special or cache.last_h is None:
             vec = m.sink(1, m.embed.weight.dtype)
         else:
-            vec = m.pool(
-                cache.last_h.view(1, 1, -1), torch.zeros(1, 1, dtype=torch.long, device=dev)
-            )  # (1, 1, D)
-            if m.cfg.patch_token_embed:
-                patch = cache.ids[cache.patch_start : t + 1]
-                tok = m.patch_tokens(patch, [True] + [False] * (len(patch) - 1))[-1]
-                if tok >= 0:
-                    vec = vec + m.source_embed.weight[tok].to(vec.dtype)
+            vec = self._patch_vector(cache.ids[cache.patch_start : t + 1], cache.last_h, dev)
         cache.patch_start, cache.plen, cache.node, cache.last_h = t + 1, 0, 0, None
+        return vec
+
+    def _patch_vector(self, patch: list[int], last_h: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """The backbone input (1, 1, D) of a patch of bytes ``patch`` whose last byte's encoder state is
+        ``last_h`` (d,)."""
+        m: Any = self
+        vec = m.pool(last_h.view(1, 1, -1), torch.zeros(1, 1, dtype=torch.long, device=dev))  # (1, 1, D)
+        if m.cfg.patch_token_embed:
+            tok = m.patch_tokens(patch, [True] + [False] * (len(patch) - 1))[-1]
+            if tok >= 0:
+                vec = vec + m.source_embed.weight[tok].to(vec.dtype)
         return vec

@@ -520,6 +520,44 @@ def test_prompt_prefill_without_bits_rolls_back_the_last_byte(byteified):
         m.load_state_dict(saved)
 
 
+def test_prompt_without_bits_runs_the_backbone_once_whatever_its_last_bit(byteified, monkeypatch):
+    """The patch that a prompt's last byte would close goes through the backbone with the prompt's other
+    patches, before the head decides that byte's bit: one backbone call whether the byte closes its patch
+    (the result is used) or not (the position is dropped from the backbone cache); the logits, and those of
+    the bytes fed after, equal the full forward's."""
+    m, _ = byteified
+    saved = {k: v.clone() for k, v in m.state_dict().items()}
+    calls: list[int] = []
+    real = m.run_backbone
+
+    def counting(words, *a, **kw):
+        calls.append(int(words.shape[1]))
+        return real(words, *a, **kw)
+
+    monkeypatch.setattr(m, "run_backbone", counting)
+    outcomes = set()
+    try:
+        randomise_residual(m, 3)
+        set_boundary_rate(m, torch.tensor([[BOS_ID, *TEXT.encode()[:40]]]), 0.3)
+        with torch.no_grad():
+            for k in range(14, 40, 2):
+                ids = [BOS_ID, *TEXT.encode()[:k]]
+                bits = m.prompt_bits(ids)
+                calls.clear()
+                cache = m.new_cache()
+                got = m(torch.tensor([ids]), cache=cache).logits
+                assert len(calls) == 1 and cache.bits == bits, (k, calls)
+                assert all(c.n == cache.n_words for c in cache.backbone)
+                nxt = torch.tensor([[ord("e")]])
+                got = torch.cat([got, m(nxt, cache=cache, patch_end=torch.tensor([[False]])).logits], 1)
+                full = m(torch.tensor([[*ids, ord("e")]]), patch_end=torch.tensor([[*bits, False]])).logits
+                assert (got - full).abs().max() < 1e-4, k
+                outcomes.add(bits[-1])
+        assert outcomes == {True, False}
+    finally:
+        m.load_state_dict(saved)
+
+
 def test_frozen_segmenter_reads_its_own_encoder_in_every_path(byteified):
     """``model.segmenter_encoder``: after the snapshot the boundary logits come from the segmenter's own
     copy of the encoder, so training the shared encoder leaves them unchanged; the full forward, ``segment``
