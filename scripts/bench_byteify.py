@@ -79,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tiny sizes (debug=cpu model and batches, 2 prompts, 8 bytes, 1 repeat): a smoke test",
     )
     p.add_argument("--no-train", action="store_true", help="skip the stage-1 step rows")
+    p.add_argument(
+        "--layout",
+        choices=("kmajor", "pytorch"),
+        default="kmajor",
+        help="weight storage of the byteified model while generating: kmajor = bytelm.models.decode_layout "
+        "(what bytelm-generate does on CPU), pytorch = as trained. The teacher runs both ways (rows teacher "
+        "and teacher_kmajor), so its rate with the byteified model's layout is always reported",
+    )
     p.add_argument("--out", default="out/bench_byteify.json", help="JSON report")
     p.add_argument(
         "overrides",
@@ -113,12 +121,13 @@ def timed(fn: Any) -> tuple[Any, float, float]:
 class TeacherGen:
     """The source model generating through ``transformers`` (greedy, KV cache), bytes counted per token."""
 
-    def __init__(self, hf_model: Any, tokenizer: Any) -> None:
+    def __init__(self, hf_model: Any, tokenizer: Any, kmajor_model: Any = None) -> None:
         from bytelm.distill.teacher import Teacher
 
         t = Teacher(hf_model, tokenizer)
         self.model, self.tok, self.table, self.start = hf_model, tokenizer, t.table, t.start_id
         self.pad = t.pad_id
+        self.kmajor_model = kmajor_model  # the same teacher with bytelm's decode layout (or None)
 
     def prompt_ids(self, prompt: bytes) -> torch.Tensor:
         ids = self.tok(prompt.decode("utf-8"), add_special_tokens=False, split_special_tokens=True)[
@@ -126,8 +135,9 @@ class TeacherGen:
         ]
         return torch.tensor([[self.start, *ids]])
 
-    def generate(self, ids: torch.Tensor, k: int) -> list[int]:
-        out = self.model.generate(
+    def generate(self, ids: torch.Tensor, k: int, kmajor: bool = False) -> list[int]:
+        model = self.kmajor_model if kmajor else self.model
+        out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
@@ -219,19 +229,26 @@ def bench_generation(
             "teacher_cpu_s": [],
         }
         rows[name]["teacher_tokens_per_byte"] = k / max(rows[name]["teacher_bytes"], 1)
-    who_all = ("byteified", "plain", "teacher")
+        rows[name]["teacher_kmajor_same_tokens"] = teacher.generate(ids, k, kmajor=True) == toks
+    who_all = ("byteified", "plain", "teacher", "teacher_kmajor")
     for r in rows.values():
         r["plain_bytes"] = r["byteified_bytes"]
-        r["plain_wall_s"], r["plain_cpu_s"] = [], []
+        r["teacher_kmajor_bytes"] = r["teacher_bytes"]
+        for who in ("plain", "teacher_kmajor"):
+            r[f"{who}_wall_s"], r[f"{who}_cpu_s"] = [], []
     for rep in range(args.repeats):
         for name, text in prompts:
             pb = text.encode("utf-8")
             r = rows[name]
             ids = teacher.prompt_ids(pb)
-            order = who_all[rep % 3 :] + who_all[: rep % 3]  # each variant first, middle and last in turn
+            order = who_all[rep % 4 :] + who_all[: rep % 4]  # each variant in each place in turn
             for who in order:
-                if who == "teacher":
-                    toks, w, c = timed(lambda ids=ids, r=r: teacher.generate(ids, r["teacher_tokens"]))
+                if who.startswith("teacher"):
+                    toks, w, c = timed(
+                        lambda ids=ids, r=r, km=who == "teacher_kmajor": teacher.generate(
+                            ids, r["teacher_tokens"], kmajor=km
+                        )
+                    )
                     assert len(toks) == r["teacher_tokens"]
                 else:
                     out, w, c = timed(
@@ -253,6 +270,7 @@ def bench_generation(
         r["ratio_wall"] = r["byteified_bytes_per_s"] / r["teacher_bytes_per_s"]
         r["ratio_cpu"] = r["byteified_bytes_per_cpu_s"] / r["teacher_bytes_per_cpu_s"]
         r["plain_ratio_wall"] = r["plain_bytes_per_s"] / r["teacher_bytes_per_s"]
+        r["ratio_same_layout"] = r["byteified_bytes_per_s"] / r["teacher_kmajor_bytes_per_s"]
     # all prompts together: per repeat, total bytes / total time of each model; medians over repeats
     tot: dict[str, Any] = {}
     for who in who_all:
@@ -263,6 +281,7 @@ def bench_generation(
     tot["ratio_wall"] = tot["byteified_bytes_per_s"] / tot["teacher_bytes_per_s"]
     tot["ratio_cpu"] = tot["byteified_bytes_per_cpu_s"] / tot["teacher_bytes_per_cpu_s"]
     tot["plain_ratio_wall"] = tot["plain_bytes_per_s"] / tot["teacher_bytes_per_s"]
+    tot["ratio_same_layout"] = tot["byteified_bytes_per_s"] / tot["teacher_kmajor_bytes_per_s"]
     tot["draft_over_plain_wall"] = tot["byteified_bytes_per_s"] / tot["plain_bytes_per_s"]
     for key in ("calls", "drafted", "accepted"):
         tot[key] = sum(r["draft_stats"][key] for r in rows.values())
@@ -391,7 +410,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = ckpt_model if ckpt_model is not None else module.model
     assert isinstance(model, ByteifiedLM)
     hf_model, tok = load_source_once(cfg.byteify.source)
-    teacher = TeacherGen(hf_model, tok)
+    import copy
+
+    from bytelm.models.decode_layout import decode_layout, prefer_kmajor
+
+    teacher_km = copy.deepcopy(hf_model)
+    prefer_kmajor(teacher_km)
+    teacher = TeacherGen(hf_model, tok, teacher_km)
+    if args.layout == "kmajor":  # on a copy when the model is the stage-1 rows' model too
+        model = model if ckpt_model is not None else copy.deepcopy(model)
+        decode_layout(model)
     prompts = [PROMPTS[0], PROMPTS[-1]] if args.quick else PROMPTS
 
     gen = bench_generation(args, model, teacher, prompts)
@@ -409,8 +437,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{' (checkpoint ' + args.checkpoint + ')' if args.checkpoint else ' (untrained byteified model)'}"
     )
     print(
-        f"{'prompt':<13} {'drafted B/s':>11} {'plain B/s':>9} {'teacher B/s':>11} {'tok/s':>6} {'B/tok':>5} "
-        f"{'ratio wall':>10} {'plain':>6} {'ratio cpu':>9} {'patches/B':>9} {'tokens/B':>8} {'accepted':>8}"
+        f"byteified layout: {args.layout}; 'teacher' = transformers as shipped, 'teacher km' = the same "
+        "teacher with bytelm.models.decode_layout; 'vs km' = drafted / teacher km (the same kernels)"
+    )
+    print(
+        f"{'prompt':<13} {'drafted B/s':>11} {'plain B/s':>9} {'teacher B/s':>11} {'teacher km':>10} "
+        f"{'tok/s':>6} {'B/tok':>5} {'ratio wall':>10} {'plain':>6} {'vs km':>6} {'ratio cpu':>9} "
+        f"{'patches/B':>9} {'tokens/B':>8} {'accepted':>8}"
     )
     for name, r in [*gen["prompts"].items(), ("all", gen["total"])]:
         tps = f"{r['teacher_tokens_per_s']:>6.1f}" if "teacher_tokens_per_s" in r else f"{'':>6}"
@@ -419,8 +452,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         acc = f"{st['accepted']}/{st['drafted']}"
         print(
             f"{name:<13} {r['byteified_bytes_per_s']:>11.1f} {r['plain_bytes_per_s']:>9.1f} "
-            f"{r['teacher_bytes_per_s']:>11.1f} {tps} {bpt} {r['ratio_wall']:>9.2f}x "
-            f"{r['plain_ratio_wall']:>5.2f}x {r['ratio_cpu']:>8.2f}x {r['patches_per_byte']:>9.3f} "
+            f"{r['teacher_bytes_per_s']:>11.1f} {r['teacher_kmajor_bytes_per_s']:>10.1f} {tps} {bpt} "
+            f"{r['ratio_wall']:>9.2f}x {r['plain_ratio_wall']:>5.2f}x {r['ratio_same_layout']:>5.2f}x "
+            f"{r['ratio_cpu']:>8.2f}x {r['patches_per_byte']:>9.3f} "
             f"{r['teacher_tokens_per_byte']:>8.3f} {acc:>8}"
         )
     if not all(r["drafted_equals_plain"] for r in gen["prompts"].values()):
@@ -448,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "new_bytes": args.new_bytes,
             "repeats": args.repeats,
             "train_repeats": args.train_repeats,
+            "layout": args.layout,
             "d_model": m.d_model,
             "n_layers": m.n_layers,
             "d_byte": m.d_byte,

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward each byte (slow)")
+    p.add_argument(
+        "--no-decode-layout",
+        action="store_true",
+        help="keep PyTorch's weight storage on CPU (default: tall weights stored transposed, which CPU "
+        "decoding reads faster; bytelm.models.decode_layout)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_debug_flag(p)
     return p
@@ -51,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     from bytelm.models.generate import stream
 
     model, _ = load_model(args.ckpt, args.device)
+    if not args.no_decode_layout:
+        from bytelm.models.decode_layout import decode_layout
+
+        decode_layout(model)
     stop = parse_stop(args.stop) if args.stop else None
     sys.stdout.write(args.prompt)
     for piece in stream(

@@ -52,8 +52,8 @@ class ByteifiedCache:
     node: int = 0  # trie node of the open patch's bytes (VocabTrie.open_nodes)
     seg_start: int = 0  # start of the current segment (after the latest special), for expanded ids
     last_logits: torch.Tensor | None = None  # (2V,) fused logits of the latest position
-    # a prompt's last patch run through the backbone ahead of its bit (``_forward_cached``): its output (1, D),
-    # prefix sums (1, V'+1) or None, decoder injections; the backbone cache already holds its position
+    # a prompt's last patch, run through the backbone ahead of its bit (``_forward_cached``): its output
+    # (1, D), prefix sums (1, V'+1) or None, decoder injections; the backbone cache holds its position
     ahead: tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]] | None = None
 
     @property
@@ -181,9 +181,10 @@ class ByteifiedDecoding:
         (and their prior's prefix sums in one head matmul): a prompt of P patches costs one backbone call, not
         P. Each byte reads the latest patch closed at or before it, as in the full forward.
 
-        ``ahead`` = (next byte, its encoder state (d,)): also run the patch that this byte would close through
-        the backbone, after the patches of this call, and keep the result in ``cache.ahead``. The next call
-        uses it if that byte does close its patch, and otherwise drops the position from the backbone cache."""
+        ``ahead`` = (next byte, its encoder state (d,)): also run the patch that this byte would close
+        through the backbone, after the patches of this call, and keep the result in ``cache.ahead``. The
+        next call uses it if that byte does close its patch, and otherwise drops the position from the
+        backbone cache."""
         m: Any = self
         dev = h.device
         trie = m.trie
@@ -215,11 +216,11 @@ class ByteifiedDecoding:
             nodes.append(cache.node)
             forced.append(cap > 0 and (1 if closed else cache.plen + 1) >= cap)
         held, cache.ahead = cache.ahead, None
-        if held is not None:  # run ahead by the previous call: this call's only patch must be that one
-            if len(pending) != 1 or len(new) != 1 or new[0] >= 256 or not cache.bits[-1]:
-                for c in cache.backbone:
-                    c.n -= 1
-                held = None
+        # run ahead by the previous call: used if this call's only patch is that one, else dropped
+        if held is not None and (len(pending) != 1 or len(new) != 1 or new[0] >= 256 or not cache.bits[-1]):
+            for c in cache.backbone:
+                c.n -= 1
+            held = None
         extra = []
         if ahead is not None:
             patch = cache.ids[cache.patch_start :] + [ahead[0]]
