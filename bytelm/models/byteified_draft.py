@@ -7,19 +7,21 @@ latest closed patch's prefix sums it gives, with no network at all, the source m
 distribution inside the open patch. So greedy decoding runs in rounds:
 
 1. the target symbol after everything fed so far comes from the cached logits (exact, as plain decoding);
-2. if it continues its patch, the prior's greedy chain drafts the bytes after it, up to (not including) the
-   byte the prior expects to end the patch (``draft_patch``);
-3. the target byte and its draft go through the cache in one call, every byte with the bit "continues"; row i
-   of the result is the model's prediction after byte i, so draft byte i + 1 is accepted while it is exactly
-   the model's greedy symbol (byte *and* bit "continues");
-4. at the first mismatch the cache is rewound to the accepted bytes (``rewind``: only local KV rows and the
-   open patch's state change, since no patch closed inside the call) and the next round starts from the
-   model's own symbol there.
+2. if it continues its patch, the prior's greedy chain drafts the bytes after it and the byte it expects to
+   end the patch (``draft_patch``);
+3. the target byte and the drafted bytes that continue go through the cache in one call, every byte with the
+   bit "continues", and the drafted end byte through the encoder only (``feed_open``); row i of the result
+   is the model's prediction after byte i, so draft byte i + 1 is accepted while it is exactly the model's
+   greedy symbol (byte *and* bit);
+4. if the whole draft, end included, is accepted, the end byte closes the patch with its encoder state
+   already computed (``close_with``: the backbone runs); at the first mismatch the cache is rewound to the
+   accepted bytes (``rewind``: only local KV rows and the open patch's state change, since no patch closed
+   inside the call) and the next round starts from the model's own symbol there.
 
 The output is the model's greedy output (the verification compares against the same argmax that plain
 decoding takes; chunked and single-position arithmetic may differ in the last float bit, which can only matter
-at an exact tie). A round that accepts its whole draft costs two calls for a patch (the chunk, then the byte
-that closes it, which runs the backbone) instead of one call per byte. docs/byteify.md, "Speed".
+at an exact tie). A round that accepts its whole draft costs one pass of the local stacks over the patch and
+one backbone step, instead of one call per byte. docs/byteify.md, "Speed".
 """
 
 from __future__ import annotations
@@ -82,44 +84,61 @@ def rewind(
     cache.last_h, cache.last_logits = h[0, keep - 1], logits[keep - 1]
 
 
-def feed_open(model: Any, cache: ByteifiedCache, data: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def feed_open(
+    model: Any, cache: ByteifiedCache, data: list[int], then: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed bytes that all continue the open patch (none reaches the size cap); returns their encoder states
-    (1, n, d) and fused logits (n, 2V)."""
+    (1, n, d) and fused logits (n, 2V). ``then``: also run the encoder (only) over one more byte, the one
+    expected to close the patch: its state is the last row of the result (1, n + 1, d), ready for
+    ``close_with``, and ``rewind`` drops it from the encoder's cache if it does not come."""
     cap = model.cfg.max_word_bytes or 0
     if any(b >= 256 for b in data) or (cap and cache.plen + len(data) >= cap):
         raise ValueError("feed_open takes bytes that continue the open patch below the size cap")
+    if then is not None and not 0 <= then < 256:
+        raise ValueError(f"then={then}: a byte (0..255) closes a patch here, not a special")
     dev = model.embed.weight.device
     p0 = cache.length
-    h = model._encode_new(torch.tensor([data], device=dev), cache)
-    logits = model._feed(cache, data, h, [False] * len(data), p0)[0]
+    both = data if then is None else [*data, then]
+    h = model._encode_new(torch.tensor([both], device=dev), cache)
+    logits = model._feed(cache, data, h[:, : len(data)], [False] * len(data), p0)[0]
     return h, logits
 
 
-def draft_patch(model: Any, cache: ByteifiedCache, first: int, max_len: int) -> list[int]:
+def close_with(model: Any, cache: ByteifiedCache, byte: int, h: torch.Tensor) -> torch.Tensor:
+    """Feed ``byte`` as the end of the open patch, its encoder state ``h`` (1, 1, d) already computed and in
+    the encoder's cache (``feed_open(..., then=byte)``): the patch goes through the backbone; returns the
+    byte's fused logits (2V,)."""
+    return model._feed(cache, [byte], h, [True], cache.length)[0, -1]
+
+
+def draft_patch(model: Any, cache: ByteifiedCache, first: int, max_len: int) -> tuple[list[int], int | None]:
     """The prior's greedy bytes after ``first`` (a byte that continues the open patch), each one that it
-    expects to continue the patch too: the chain stops before the byte it expects to end the patch, at the
-    size cap, or after ``max_len`` bytes. The prior reads the latest closed patch's prefix sums; no network
-    runs. Greedy as ``sample_symbol`` is: the byte of highest marginal, then its more likely bit."""
+    expects to continue the patch too, and the byte it expects to end the patch (None if the chain stopped
+    first: at the size cap or after ``max_len`` bytes). The prior reads the latest closed patch's prefix
+    sums; no network runs. Greedy as ``sample_symbol`` is: the byte of highest marginal, then its more likely
+    bit."""
     cum = cache.ctx_cum
     cap = model.cfg.max_word_bytes or 0
     if cum is None or max_len <= 0:
-        return []
+        return [], None
     if cap:  # every fed byte must stay below the cap: plen + 1 (first) + len(out) < cap
         max_len = min(max_len, cap - cache.plen - 2)
     trie = model.trie.to(cum.device)
     node = trie.open_step(cache.node, first)
     row = torch.zeros(1, dtype=torch.long, device=cum.device)
     out: list[int] = []
-    while len(out) < max_len:
+    while len(out) <= max_len:
         end, cont, total = trie.fused_masses(cum, row, torch.tensor([node], device=cum.device))
         if float(total[0]) <= 0.0:
             break
         c = int((end[0] + cont[0]).argmax())
         if end[0, c] > cont[0, c]:
+            return out, c
+        if len(out) == max_len:
             break
         out.append(c)
         node = trie.open_step(node, c)
-    return out
+    return out, None
 
 
 @torch.no_grad()
@@ -151,10 +170,11 @@ def iter_greedy_drafted(
         byte, bit = sample_symbol(logits, temperature=0, allow_eos=done >= min_new_bytes)
         if byte == EOS_ID:
             return
-        draft = []
-        if not bit and byte < 256:
-            draft = draft_patch(model, cache, byte, min(max_draft, max_new_bytes - done - 1))
-        if not draft:
+        draft: list[int] = []
+        end = None
+        if not bit and byte < 256 and max_new_bytes - done > 1:
+            draft, end = draft_patch(model, cache, byte, min(max_draft, max_new_bytes - done - 2))
+        if not draft and end is None:
             yield byte, logits
             done += 1
             model(
@@ -166,9 +186,10 @@ def iter_greedy_drafted(
             continue
         at = mark(cache)
         chunk = [byte, *draft]
-        h, rows = feed_open(model, cache, chunk)  # rows[i]: the prediction after chunk[i]
+        # rows[i]: the prediction after chunk[i]; h has one more row, the encoder state of ``end``
+        h, rows = feed_open(model, cache, chunk, then=end)
         st["calls"] += 1
-        st["drafted"] += len(draft)
+        st["drafted"] += len(draft) + (end is not None)
         yield byte, logits
         done += 1
         keep = 1
@@ -180,5 +201,14 @@ def iter_greedy_drafted(
             done += 1
             keep += 1
         st["accepted"] += keep - 1
-        if keep < len(chunk):
+        if keep == len(chunk) and end is not None and done < max_new_bytes:
+            b2, bit2 = sample_symbol(rows[-1], temperature=0, allow_eos=done >= min_new_bytes)
+            if b2 == end and bit2:  # the drafted end: its encoder pass is done, the backbone runs now
+                yield end, rows[-1]
+                done += 1
+                close_with(model, cache, end, h[:, -1:])
+                st["calls"] += 1
+                st["accepted"] += 1
+                continue
+        if keep < len(chunk) or end is not None:
             rewind(model, cache, at, keep, h, rows)

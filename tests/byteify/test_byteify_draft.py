@@ -10,7 +10,14 @@ import pytest
 import torch
 from test_byteify_model import HAND, SEGMENTERS, randomise_residual, small_model
 
-from bytelm.models.byteified_draft import draft_patch, feed_open, iter_greedy_drafted, mark, rewind
+from bytelm.models.byteified_draft import (
+    close_with,
+    draft_patch,
+    feed_open,
+    iter_greedy_drafted,
+    mark,
+    rewind,
+)
 from bytelm.models.generate import generate, iter_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,18 +88,20 @@ def test_min_new_bytes_and_the_byte_budget_hold_with_drafts():
         assert [b for b, _ in drafted] == [b for b, _ in plain] and len(drafted) == n
 
 
-def test_rewind_restores_the_cache_of_the_kept_bytes():
-    """Feeding three continuing bytes and rewinding to the first leaves the cache that fed the first alone:
-    the same state and, for everything fed after, the same logits."""
+@pytest.mark.parametrize("keep,then", [(1, None), (2, ord(" ")), (3, ord(" "))])
+def test_rewind_restores_the_cache_of_the_kept_bytes(keep, then):
+    """Feeding three continuing bytes (and, with ``then``, a closing byte through the encoder only) and
+    rewinding to the first ``keep`` leaves the cache that fed those bytes alone: the same state and, for
+    everything fed after, the same logits."""
     m = model(residual=1.0, cap=8)
     prompt = torch.tensor([list(b"ab ca")])
     a, b = m.new_cache(), m.new_cache()
     m(prompt, cache=a)
     m(prompt, cache=b)
     at = mark(a)
-    h, rows = feed_open(m, a, list(b"abc"))
-    rewind(m, a, at, 1, h, rows)
-    feed_open(m, b, list(b"a"))
+    h, rows = feed_open(m, a, list(b"abc"), then=then)
+    rewind(m, a, at, keep, h, rows)
+    feed_open(m, b, list(b"abc")[:keep])
     for key in ("ids", "bits", "plen", "node", "n_words", "patch_start"):
         assert getattr(a, key) == getattr(b, key), key
     assert [c.n for c in (*a.enc, *a.dec)] == [c.n for c in (*b.enc, *b.dec)]
@@ -100,6 +109,22 @@ def test_rewind_restores_the_cache_of_the_kept_bytes():
     for byte, bit in ((ord("b"), False), (ord("c"), True), (ord(" "), False)):
         x, e = torch.tensor([[byte]]), torch.tensor([[bit]])
         torch.testing.assert_close(m(x, cache=a, patch_end=e).logits, m(x, cache=b, patch_end=e).logits)
+
+
+def test_close_with_a_precomputed_encoder_state_equals_feeding_the_byte():
+    m = model(residual=1.0, cap=8)
+    prompt = torch.tensor([list(b"ab ca")])
+    a, b = m.new_cache(), m.new_cache()
+    m(prompt, cache=a)
+    m(prompt, cache=b)
+    h, _ = feed_open(m, a, list(b"ab"), then=ord("c"))
+    got = close_with(m, a, ord("c"), h[:, -1:])
+    feed_open(m, b, list(b"ab"))
+    want = m(torch.tensor([[ord("c")]]), cache=b, patch_end=torch.tensor([[True]])).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    assert a.n_words == b.n_words and a.bits == b.bits and a.bits[-1]
+    x = torch.tensor([[ord(" ")]])
+    torch.testing.assert_close(m(x, cache=a).logits, m(x, cache=b).logits, rtol=0, atol=1e-9)
 
 
 def test_draft_and_rewind_reject_what_they_cannot_do():
@@ -110,7 +135,10 @@ def test_draft_and_rewind_reject_what_they_cannot_do():
         feed_open(m, c, [ord("a"), 257])
     with pytest.raises(ValueError, match="continue the open patch"):
         feed_open(m, c, list(b"abcab"))  # would reach the size cap of 5
-    assert len(draft_patch(m, c, ord("a"), 50)) <= 5 - c.plen - 2  # the draft stops below the cap
+    inner, _ = draft_patch(m, c, ord("a"), 50)
+    assert len(inner) <= 5 - c.plen - 2  # the draft stops below the cap
+    with pytest.raises(ValueError, match="then=258"):
+        feed_open(m, c, [ord("a")], then=258)
     at = mark(c)
     h, rows = feed_open(m, c, [ord("a")])
     with pytest.raises(ValueError, match="keep=0"):
