@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the full forward each byte (slow)")
     p.add_argument(
+        "--draft",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="byteified models: draft each patch from the model's prior and verify it in one pass. auto: for "
+        "greedy decoding (the same bytes, faster); on: for sampling too (speculative sampling: exactly the "
+        "model's distribution, other bytes for a seed); off: one byte per step",
+    )
+    p.add_argument(
         "--no-decode-layout",
         action="store_true",
         help="keep PyTorch's weight storage on CPU (default: tall weights stored transposed, which CPU "
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         stop_bytes=stop,
         seed=args.seed,
         use_cache=not args.no_cache,
+        draft={"auto": None, "on": True, "off": False}[args.draft],
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from bytelm.data.bytes import EOS_ID
+from bytelm.data.bytes import EOS_ID, VOCAB_SIZE
 from bytelm.models.byteified_cache import ByteifiedCache
+from bytelm.models.generate import _filter_logits, sample_symbol
 
 DEFAULT_MAX_DRAFT = 15  # draft bytes per round: longer than almost every source token
 
@@ -111,51 +112,120 @@ def close_with(model: Any, cache: ByteifiedCache, byte: int, h: torch.Tensor) ->
     return model._feed(cache, [byte], h, [True], cache.length)[0, -1]
 
 
-def draft_patch(model: Any, cache: ByteifiedCache, first: int, max_len: int) -> tuple[list[int], int | None]:
-    """The prior's greedy bytes after ``first`` (a byte that continues the open patch), each one that it
-    expects to continue the patch too, and the byte it expects to end the patch (None if the chain stopped
-    first: at the size cap or after ``max_len`` bytes). The prior reads the latest closed patch's prefix
-    sums; no network runs. Greedy as ``sample_symbol`` is: the byte of highest marginal, then its more likely
-    bit."""
+@dataclass(frozen=True)
+class Sampling:
+    """How symbols are picked (``sample_symbol``'s arguments): ``temperature <= 0`` is greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def byte_probs(self, marginal: torch.Tensor, allow_eos: bool) -> torch.Tensor:
+        """(VOCAB_SIZE,) the distribution ``sample_next`` samples from, given byte marginal logits."""
+        x = marginal.float() / self.temperature
+        x = _filter_logits(x, top_k=self.top_k, top_p=self.top_p, allow_eos=allow_eos)
+        return torch.softmax(x, -1)
+
+    def uniform(self) -> float:
+        return float(torch.rand(1, generator=self.generator))
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+
+
+def _marginal(logits: torch.Tensor) -> torch.Tensor:
+    """(V,) byte logits with the bit summed out, from fused logits (2V,)."""
+    V = logits.shape[-1] // 2
+    return torch.logaddexp(logits[:V].float(), logits[V:].float())
+
+
+def draft_patch(
+    model: Any, cache: ByteifiedCache, first: int, max_len: int, how: Sampling | None = None
+) -> tuple[list[int], int | None, list[torch.Tensor]]:
+    """The prior's bytes after ``first`` (a byte that continues the open patch), each one that it expects to
+    continue the patch too, then the byte it expects to end the patch (None if the chain stopped first: at
+    the size cap or after ``max_len`` bytes), and the distribution each drafted byte was drawn from (sampling
+    only: (VOCAB_SIZE,) each). The prior reads the latest closed patch's prefix sums; no network runs. Greedy
+    as ``sample_symbol`` is: the byte of highest marginal, then its more likely bit; sampling draws the byte
+    from the prior's marginal under the same temperature and filters, then takes its more likely bit."""
+    how = how or Sampling()
     cum = cache.ctx_cum
     cap = model.cfg.max_word_bytes or 0
-    if cum is None or max_len <= 0:
-        return [], None
+    if cum is None or max_len < 0:
+        return [], None, []
     if cap:  # every fed byte must stay below the cap: plen + 1 (first) + len(out) < cap
         max_len = min(max_len, cap - cache.plen - 2)
     trie = model.trie.to(cum.device)
     node = trie.open_step(cache.node, first)
     row = torch.zeros(1, dtype=torch.long, device=cum.device)
     out: list[int] = []
+    qs: list[torch.Tensor] = []
     while len(out) <= max_len:
         end, cont, total = trie.fused_masses(cum, row, torch.tensor([node], device=cum.device))
         if float(total[0]) <= 0.0:
             break
-        c = int((end[0] + cont[0]).argmax())
+        mass = end[0] + cont[0]  # (256,)
+        if how.greedy:
+            c = int(mass.argmax())
+        else:
+            marg = torch.full((VOCAB_SIZE,), -torch.inf)
+            marg[:256] = mass.clamp(min=1e-300).log().float().cpu()
+            q = how.byte_probs(marg, allow_eos=False)
+            c = how.draw(q)
+            qs.append(q)
         if end[0, c] > cont[0, c]:
-            return out, c
+            return out, c, qs
         if len(out) == max_len:
             break
         out.append(c)
         node = trie.open_step(node, c)
-    return out, None
+    return out, None, qs[: len(out)]
+
+
+def _verify(
+    row: torch.Tensor, byte: int, closes: bool, q: torch.Tensor | None, how: Sampling, allow_eos: bool
+) -> tuple[bool, int, bool]:
+    """Check the drafted symbol (``byte``, ``closes``) against the model's fused logits ``row`` (2V,):
+    (accepted, the symbol to emit). Greedy: accepted iff it is the model's greedy symbol, else that symbol.
+    Sampling (speculative sampling, exact): the byte is kept with probability min(1, p / q), else replaced by
+    a draw from the normalised max(0, p - q); the bit is always the model's preferred bit for the byte, and
+    the symbol counts as accepted only if that bit is the drafted one."""
+    V = row.shape[-1] // 2
+    if how.greedy:
+        b, bit = sample_symbol(row, temperature=0, allow_eos=allow_eos)
+        return (b == byte and bit == closes), b, bit
+    assert q is not None
+    p = how.byte_probs(_marginal(row), allow_eos=allow_eos).cpu()
+    if how.uniform() * float(q[byte]) < float(p[byte]):
+        b = byte
+    else:
+        rest = (p - q).clamp(min=0.0)
+        b = how.draw(rest / rest.sum() if float(rest.sum()) > 0 else p)
+    bit = bool(row[V + b] > row[b])
+    return (b == byte and bit == closes), b, bit
 
 
 @torch.no_grad()
-def iter_greedy_drafted(
+def iter_drafted(
     model: Any,
     ids: list[int],
     *,
     max_new_bytes: int,
     min_new_bytes: int = 0,
+    how: Sampling | None = None,
     max_draft: int = DEFAULT_MAX_DRAFT,
     stats: dict[str, int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Greedy generation (``temperature=0``) of a fused-head model with drafted patches (module docstring);
-    yields ``(byte, logits)`` like ``iter_generate``. ``stats`` (optional) counts ``calls``, ``drafted`` and
-    ``accepted`` bytes."""
-    from bytelm.models.generate import sample_symbol
-
+    """Generation of a fused-head model with drafted patches (module docstring); yields ``(byte, logits)``
+    like ``iter_generate``. Greedy (the default ``how``) gives plain greedy decoding's bytes; sampling gives
+    samples of exactly the model's distribution (speculative sampling), though not the bytes plain sampling
+    draws for the same seed. ``stats`` (optional) counts ``calls``, ``drafted`` and ``accepted`` bytes."""
+    how = how or Sampling()
     dev = model.embed.weight.device
     st = stats if stats is not None else {}
     for k in ("calls", "drafted", "accepted"):
@@ -163,26 +233,34 @@ def iter_greedy_drafted(
     cache = model.new_cache()
     model(torch.tensor([ids], device=dev), cache=cache)  # the prompt: bits from prompt_bits' rules
     st["calls"] += 1
+
+    def feed(byte: int, bit: bool) -> None:
+        model(torch.tensor([[byte]], device=dev), cache=cache, patch_end=torch.tensor([[bit]], device=dev))
+        st["calls"] += 1
+
     done = 0
     while done < max_new_bytes:
         logits = cache.last_logits
         assert logits is not None
-        byte, bit = sample_symbol(logits, temperature=0, allow_eos=done >= min_new_bytes)
+        byte, bit = sample_symbol(
+            logits,
+            temperature=how.temperature,
+            top_k=how.top_k,
+            top_p=how.top_p,
+            generator=how.generator,
+            allow_eos=done >= min_new_bytes,
+        )
         if byte == EOS_ID:
             return
         draft: list[int] = []
-        end = None
+        end: int | None = None
+        qs: list[torch.Tensor] = []
         if not bit and byte < 256 and max_new_bytes - done > 1:
-            draft, end = draft_patch(model, cache, byte, min(max_draft, max_new_bytes - done - 2))
+            draft, end, qs = draft_patch(model, cache, byte, min(max_draft, max_new_bytes - done - 2), how)
         if not draft and end is None:
             yield byte, logits
             done += 1
-            model(
-                torch.tensor([[byte]], device=dev),
-                cache=cache,
-                patch_end=torch.tensor([[bit]], device=dev),
-            )
-            st["calls"] += 1
+            feed(byte, bit)
             continue
         at = mark(cache)
         chunk = [byte, *draft]
@@ -193,22 +271,46 @@ def iter_greedy_drafted(
         yield byte, logits
         done += 1
         keep = 1
-        for i, d in enumerate(draft):
-            b2, bit2 = sample_symbol(rows[i], temperature=0, allow_eos=done >= min_new_bytes)
-            if b2 != d or bit2:
+        fix: tuple[int, bool] | None = None  # the model's own symbol where the draft failed
+        closed = False
+        proposed = [(d, False) for d in draft] + ([(end, True)] if end is not None else [])
+        for i, (d, closes) in enumerate(proposed):
+            q = qs[i] if qs else None
+            ok, b, b_bit = _verify(rows[i], d, closes, q, how, allow_eos=done >= min_new_bytes)
+            if not ok:
+                fix = (b, b_bit)
                 break
             yield d, rows[i]
             done += 1
-            keep += 1
-        st["accepted"] += keep - 1
-        if keep == len(chunk) and end is not None and done < max_new_bytes:
-            b2, bit2 = sample_symbol(rows[-1], temperature=0, allow_eos=done >= min_new_bytes)
-            if b2 == end and bit2:  # the drafted end: its encoder pass is done, the backbone runs now
-                yield end, rows[-1]
-                done += 1
-                close_with(model, cache, end, h[:, -1:])
+            st["accepted"] += 1
+            if closes:  # the drafted end: its encoder pass is done, the backbone runs now
+                close_with(model, cache, d, h[:, -1:])
                 st["calls"] += 1
-                st["accepted"] += 1
-                continue
+                closed = True
+            else:
+                keep += 1
+        if closed:
+            continue
         if keep < len(chunk) or end is not None:
             rewind(model, cache, at, keep, h, rows)
+        if fix is not None:
+            if fix[0] == EOS_ID:
+                return
+            yield fix[0], rows[keep - 1]
+            done += 1
+            feed(*fix)
+
+
+def iter_greedy_drafted(
+    model: Any,
+    ids: list[int],
+    *,
+    max_new_bytes: int,
+    min_new_bytes: int = 0,
+    max_draft: int = DEFAULT_MAX_DRAFT,
+    stats: dict[str, int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``iter_drafted`` with greedy picks: the bytes and logits of plain greedy decoding."""
+    return iter_drafted(
+        model, ids, max_new_bytes=max_new_bytes, min_new_bytes=min_new_bytes, max_draft=max_draft, stats=stats
+    )

@@ -69,6 +69,7 @@ def test_generate_cli_defaults_are_the_library_defaults():
         assert params["max_new_bytes"].default == DEFAULT_MAX_NEW_BYTES
         assert params["temperature"].default == DEFAULT_TEMPERATURE
         assert params["top_k"].default == args.top_k and params["top_p"].default == args.top_p
+        assert params["draft"].default is None and args.draft == "auto"  # auto = None: drafts for greedy only
 
 
 def test_generate_stop_text():
