@@ -1,4 +1,4 @@
-"""Greedy generation of the byteified model with each patch drafted by its prior and verified in one pass.
+"""Generation of the byteified model with each patch drafted by its prior and verified in one pass.
 
 A byte inside a patch costs the local stacks only (the backbone runs when a patch closes), and on a CPU that
 cost is mostly per-call overhead: one position or eight through the two encoder and two decoder layers take
@@ -21,7 +21,13 @@ distribution inside the open patch. So greedy decoding runs in rounds:
 The output is the model's greedy output (the verification compares against the same argmax that plain
 decoding takes; chunked and single-position arithmetic may differ in the last float bit, which can only matter
 at an exact tie). A round that accepts its whole draft costs one pass of the local stacks over the patch and
-one backbone step, instead of one call per byte. docs/byteify.md, "Speed".
+one backbone step, instead of one call per byte.
+
+Sampling (``Sampling`` with a temperature) drafts by sampling the prior's chain under the same temperature and
+filters, and verifies by speculative sampling: a drafted byte with draft probability q and model probability
+p is kept with probability min(1, p / q), else replaced by a draw from the normalised max(0, p - q); the bit
+is always the model's preferred bit for the byte. The bytes then follow exactly the model's distribution, but
+are not those that one-byte-per-call sampling draws for the same seed. docs/byteify.md, "Speed".
 """
 
 from __future__ import annotations
