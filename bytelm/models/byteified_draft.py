@@ -39,8 +39,9 @@ from typing import Any
 import torch
 
 from bytelm.data.bytes import EOS_ID, VOCAB_SIZE
+from bytelm.models.byteified import fused_marginal
 from bytelm.models.byteified_cache import ByteifiedCache
-from bytelm.models.generate import _filter_logits, sample_symbol
+from bytelm.models.generate import sample_symbol, sampling_probs
 
 DEFAULT_MAX_DRAFT = 15  # draft bytes per round: longer than almost every source token
 
@@ -133,21 +134,15 @@ class Sampling:
 
     def byte_probs(self, marginal: torch.Tensor, allow_eos: bool) -> torch.Tensor:
         """(VOCAB_SIZE,) the distribution ``sample_next`` samples from, given byte marginal logits."""
-        x = marginal.float() / self.temperature
-        x = _filter_logits(x, top_k=self.top_k, top_p=self.top_p, allow_eos=allow_eos)
-        return torch.softmax(x, -1)
+        return sampling_probs(
+            marginal, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, allow_eos=allow_eos
+        )
 
     def uniform(self) -> float:
         return float(torch.rand(1, generator=self.generator))
 
     def draw(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
-
-
-def _marginal(logits: torch.Tensor) -> torch.Tensor:
-    """(V,) byte logits with the bit summed out, from fused logits (2V,)."""
-    V = logits.shape[-1] // 2
-    return torch.logaddexp(logits[:V].float(), logits[V:].float())
 
 
 def draft_patch(
@@ -206,7 +201,7 @@ def _verify(
         b, bit = sample_symbol(row, temperature=0, allow_eos=allow_eos)
         return (b == byte and bit == closes), b, bit
     assert q is not None
-    p = how.byte_probs(_marginal(row), allow_eos=allow_eos).cpu()
+    p = how.byte_probs(fused_marginal(row), allow_eos=allow_eos).cpu()
     if how.uniform() * float(q[byte]) < float(p[byte]):
         b = byte
     else:

@@ -37,15 +37,16 @@ def prefer_kmajor(model: nn.Module, *, min_numel: int = 1 << 14, extra: Sequence
     """Store every tall (out_features > in_features) ``nn.Linear`` weight of at least ``min_numel``
     elements, and each tensor of ``extra`` (e.g. a tied LM head that is an embedding table), transposed in
     memory. Returns how many tensors were re-stored. Shared (tied) parameters are re-stored once."""
+    tall = [
+        mod.weight
+        for mod in model.modules()
+        if isinstance(mod, nn.Linear)
+        and mod.out_features > mod.in_features
+        and mod.weight.numel() >= min_numel
+    ]
     done: set[int] = set()
     n = 0
-    for mod in model.modules():
-        tall = isinstance(mod, nn.Linear) and mod.out_features > mod.in_features
-        w = mod.weight if isinstance(mod, nn.Linear) else None
-        if tall and w is not None and w.numel() >= min_numel and id(w) not in done:
-            done.add(id(w))
-            n += _restore(w)
-    for t in extra:
+    for t in [*tall, *extra]:
         if id(t) not in done:
             done.add(id(t))
             n += _restore(t)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bytelm.data.bytes import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from bytelm.models.byteified import fused_marginal
 
 # the defaults of generate(), stream() and the bytelm-generate command (one place: they cannot drift apart)
 DEFAULT_MAX_NEW_BYTES = 256
@@ -69,8 +70,22 @@ def sample_next(
     """One id from ``logits``; ``temperature == 0`` is greedy. Top-k then top-p (nucleus) filtering."""
     if temperature <= 0:
         return int(_filter_logits(logits, allow_eos=allow_eos).argmax())
+    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, allow_eos=allow_eos)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def sampling_probs(
+    logits: torch.Tensor,  # (V,)
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allow_eos: bool = True,
+) -> torch.Tensor:  # (VOCAB_SIZE,)
+    """The distribution ``sample_next`` draws from at ``temperature > 0`` (the drafted decoding's
+    speculative sampling compares it with its draft's)."""
     x = _filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p, allow_eos=allow_eos)
-    return int(torch.multinomial(torch.softmax(x, -1).cpu(), 1, generator=generator))
+    return torch.softmax(x, -1)
 
 
 @torch.no_grad()
@@ -151,7 +166,7 @@ def sample_symbol(
     the bit summed out (``sample_next``'s filters), then the bit the head prefers for that byte. This is what
     ``transformers``' generation loop does with an exported model, so both give the same bytes for a seed."""
     V = logits.shape[-1] // 2
-    marg = torch.logaddexp(logits[:V].float(), logits[V:].float())  # (V,)
+    marg = fused_marginal(logits)  # (V,)
     byte = sample_next(
         marg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, allow_eos=allow_eos
     )
