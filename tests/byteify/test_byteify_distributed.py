@@ -119,19 +119,15 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
             assert abs(v - full[s]) < 1e-6, (strategy, r, s, v, full[s])
         assert b["ranks"][r]["end_sums"] == pytest.approx(a["ranks"][r]["end_sums"], rel=1e-6, abs=1e-9)
 
-    c = launch(
-        tmp_path / "c",
-        byteify_args(
-            tiny_source,
-            strategy,
-            "trainer.max_steps=2",
-            "trainer.ckpt_every=1000",
-            "trainer.val_every=2",
-            f"data.val_max_bytes={VAL_UNEVEN_ROWS}",
-            "byteify.stage=2",
-            f"byteify.init_from={ck / 'last.ckpt'}",
-        ),
-    )
+    stage2 = [  # two stage-2 steps from the stage-1 checkpoint, validated on the uneven split
+        "trainer.max_steps=2",
+        "trainer.ckpt_every=1000",
+        "trainer.val_every=2",
+        f"data.val_max_bytes={VAL_UNEVEN_ROWS}",
+        "byteify.stage=2",
+        f"byteify.init_from={ck / 'last.ckpt'}",
+    ]
+    c = launch(tmp_path / "c", byteify_args(tiny_source, strategy, *stage2))
     for r in range(2):
         rec = c["ranks"][r]
         # stage 2 starts from the stage-1 weights (same sharding: the same local shards)
@@ -143,16 +139,7 @@ def test_stage1_validates_resumes_exactly_and_stage2_continues(strategy, tiny_so
     d = launch(  # make byteify's stage 2: only the patch projection trains, the rest frozen on every rank
         tmp_path / "d",
         byteify_args(
-            tiny_source,
-            strategy,
-            "trainer.max_steps=2",
-            "trainer.ckpt_every=1000",
-            "trainer.val_every=2",
-            f"data.val_max_bytes={VAL_UNEVEN_ROWS}",
-            "byteify.stage=2",
-            f"byteify.init_from={ck / 'last.ckpt'}",
-            "byteify.freeze_backbone=true",
-            "byteify.train_only=[pool.]",
+            tiny_source, strategy, *stage2, "byteify.freeze_backbone=true", "byteify.train_only=[pool.]"
         ),
     )
     for r in range(2):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_byteify_model import HAND, SEGMENTERS, randomise_residual, small_model
 
+from bytelm.models.byteified import fused_marginal
 from bytelm.models.byteified_draft import (
     close_with,
     draft_patch,
@@ -154,8 +155,6 @@ def exact_distribution(m, prompt: bytes, n: int, how) -> dict[bytes, float]:
     top-k, by walking every path with one-byte-per-call cached decoding."""
     import copy
 
-    from bytelm.models.byteified_draft import _marginal
-
     out: dict[bytes, float] = {}
     cache = m.new_cache()
     with torch.no_grad():
@@ -166,7 +165,7 @@ def exact_distribution(m, prompt: bytes, n: int, how) -> dict[bytes, float]:
             out[prefix] = out.get(prefix, 0.0) + prob
             return
         row = c.last_logits
-        p = how.byte_probs(_marginal(row), allow_eos=False)
+        p = how.byte_probs(fused_marginal(row), allow_eos=False)
         V = row.shape[-1] // 2
         for b in torch.nonzero(p > 0).flatten().tolist():
             child = copy.deepcopy(c)
